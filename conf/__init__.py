@@ -1,0 +1,1 @@
+"""Hydra configs of moetron, importable as `moetron.conf` (groups are the sub-folders)."""

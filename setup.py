@@ -1,0 +1,32 @@
+"""moetron: a Megatron-style trainer for DeepSeek-V3-style models.
+
+Install torch first (pinned; on a CPU machine `pip install torch==2.13.0`), then `pip install -e .`.
+The package `moetron` is mapped from `src/`, and its Hydra configs (`moetron.conf`) from `conf/`.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ["comm", "precision", "parallel", "models", "models.deepseek_v3", "pipeline", "train", "plan"]
+
+setup(
+    name="moetron",
+    version="0.1.0",
+    description="DeepSeek-V3 training system on PyTorch: MLA, DeepSeekMoE, EP, DualPipe, FP8, ZeRO-1",
+    python_requires=">=3.10",
+    package_dir={"moetron": "src", "moetron.conf": "conf"},
+    packages=["moetron"]
+    + [f"moetron.{name}" for name in SUBPACKAGES]
+    + ["moetron.conf"],
+    package_data={"moetron.conf": ["*.yaml", "*/*.yaml"]},  # config groups are folders of yaml
+    install_requires=[
+        # torch is not pinned here: install the build for your machine first (see README).
+        "torch>=2.6",
+        "hydra-core>=1.3",
+        "wandb>=0.17",
+        "omegaconf>=2.3",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.57", "safetensors"],
+        # CUDA machines only; NVIDIA apex is built from source (see README), the PyPI "apex" is unrelated.
+        "gpu": ["transformer-engine[pytorch]", "nvidia-nccl-cu12"],
+    },
+)

@@ -1,0 +1,5 @@
+"""moetron: the DeepSeek-V3 training system on PyTorch, with pluggable parallelism.
+
+Layers import one way: comm, precision -> parallel -> models -> pipeline -> train; plan reads configs.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""Token dispatchers: move routed tokens to their experts and their outputs back.
+
+Contract (DESIGN.md), for every implementation:
+
+    dispatch(x_TH, topk_idx_TK, topk_weight_TK) -> (x_recv_SH, tokens_per_local_expert_E, handle)
+    combine(y_SH, handle) -> y_TH
+
+`x_recv_SH` holds one row per (token, chosen local expert), grouped by local expert in ascending
+order, `tokens_per_local_expert_E` the group sizes; `combine` weights each row by its gate and sums
+the rows of a token. Both are differentiable (gradients reach x and the gates).
+
+Shape legend: T tokens, H hidden, K experts per token, S received rows, E local experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LocalDispatchHandle:
+    token_idx_S: torch.Tensor  # source token of each received row
+    weight_S: torch.Tensor  # its gate
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """EP = 1: all experts are local, so dispatch is a permutation of token copies."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor):
+        K = topk_idx_TK.shape[1]
+        expert_of_row = topk_idx_TK.reshape(-1)
+        order_S = torch.argsort(expert_of_row, stable=True)
+        token_idx_S = order_S // K
+        tokens_per_expert_E = torch.bincount(expert_of_row, minlength=self.num_experts)
+        x_recv_SH = x_TH.index_select(0, token_idx_S)
+        weight_S = topk_weight_TK.reshape(-1).index_select(0, order_S)
+        return x_recv_SH, tokens_per_expert_E, LocalDispatchHandle(token_idx_S, weight_S, x_TH.shape[0])
+
+    def combine(self, y_SH: torch.Tensor, handle: LocalDispatchHandle) -> torch.Tensor:
+        # Gates are float32 (router precision); weight in float32, accumulate in the model dtype.
+        weighted_SH = (y_SH.float() * handle.weight_S.unsqueeze(-1)).to(y_SH.dtype)
+        y_TH = y_SH.new_zeros(handle.num_tokens, y_SH.shape[-1])
+        return y_TH.index_add(0, handle.token_idx_S, weighted_SH)

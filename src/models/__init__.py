@@ -1,0 +1,11 @@
+"""The model zoo. `build_model(cfg)` builds the architecture named by `cfg.arch`.
+
+    from moetron.models import build_model, load_preset
+    model = build_model(load_preset("tiny"))
+"""
+from __future__ import annotations
+
+from moetron.models.registry import build_model, register_model
+from moetron.models.deepseek_v3 import DeepSeekV3Config, load_preset
+
+__all__ = ["build_model", "register_model", "DeepSeekV3Config", "load_preset"]

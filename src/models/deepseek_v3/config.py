@@ -1,0 +1,112 @@
+"""Hyperparameters of a DeepSeek-V3-style model.
+
+Field names follow transformers' `DeepseekV3Config` where one exists, so a Hugging Face config maps
+field for field (see `moetron.models.hf`). Presets live in `conf/model/*.yaml` (`tiny`, `mini`,
+`v3_671b`) and load through `load_preset`, which rejects unknown keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+BALANCE_MODES = ("loss_free", "seq_aux", "aux_loss", "none")
+
+
+@dataclass
+class DeepSeekV3Config:
+    """Every hyperparameter of the model; report section numbers refer to arXiv 2412.19437."""
+
+    arch: str = "deepseek_v3"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # FFN width of the dense layers
+    moe_intermediate_size: int = 2048  # FFN width of one expert
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3  # layers [0, k) are dense, the rest MoE
+    num_attention_heads: int = 128
+    # Multi-head Latent Attention (section 2.1.1); q_lora_rank None means an uncompressed query.
+    q_lora_rank: Optional[int] = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    rope_interleave: bool = True  # DeepSeek's rotary layout: adjacent pairs rotate together
+    max_position_embeddings: int = 4096
+    # DeepSeekMoE (section 2.1.2)
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8  # expert groups for group-limited routing (nodes, under expert parallelism)
+    topk_group: int = 4  # groups a token may route to (M in the report)
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    # Load balancing: loss_free (bias, plus the complementary sequence-wise loss when
+    # seq_aux_alpha > 0, as DeepSeek-V3), seq_aux (sequence-wise loss only), aux_loss (the classic
+    # batch-wise auxiliary loss, the baseline of arXiv 2408.15664), none.
+    balance_mode: str = "loss_free"
+    bias_update_speed: float = 0.001  # u in b_i += u * sign(mean_load - load_i)
+    seq_aux_alpha: float = 1e-4
+    aux_loss_alpha: float = 1e-3
+    # Multi-Token Prediction (section 2.2)
+    num_nextn_predict_layers: int = 1  # D
+    mtp_loss_weight: float = 0.3  # lambda; the MTP loss is lambda / D * sum_k L^k
+    # Recomputation in backward instead of storing (section 3.2.3)
+    recompute_norm: bool = False
+    recompute_mla_up_proj: bool = False
+    recompute_swiglu: bool = False
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.006
+    tie_word_embeddings: bool = False
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    def validate(self) -> "DeepSeekV3Config":
+        """Raise ValueError naming the key and the fix for an inconsistent config."""
+        problems = []
+        if self.balance_mode not in BALANCE_MODES:
+            problems.append(f"model.balance_mode={self.balance_mode!r}: choose one of {BALANCE_MODES}")
+        if self.n_routed_experts % self.n_group:
+            problems.append(
+                f"model.n_group={self.n_group} must divide model.n_routed_experts={self.n_routed_experts}"
+            )
+        if not 1 <= self.topk_group <= self.n_group:
+            problems.append(f"model.topk_group={self.topk_group} must be in [1, model.n_group={self.n_group}]")
+        experts_reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+        if self.num_experts_per_tok > experts_reachable:
+            problems.append(
+                f"model.num_experts_per_tok={self.num_experts_per_tok} exceeds the {experts_reachable} experts "
+                f"in model.topk_group={self.topk_group} groups; raise topk_group or lower num_experts_per_tok"
+            )
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            problems.append("group-limited routing scores a group by its two best experts: use >= 2 experts per group")
+        if self.qk_rope_head_dim % 2:
+            problems.append(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary pairs)")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            problems.append(
+                f"model.first_k_dense_replace={self.first_k_dense_replace} must be in [0, num_hidden_layers]"
+            )
+        if problems:
+            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+        return self
+
+
+def load_preset(name: str, **overrides) -> DeepSeekV3Config:
+    """Load `conf/model/<name>.yaml` into a validated config; unknown keys raise an error naming them."""
+    preset_file = resources.files("moetron.conf").joinpath("model", f"{name}.yaml")
+    if not preset_file.is_file():
+        available = sorted(p.name.removesuffix(".yaml") for p in resources.files("moetron.conf").joinpath("model").iterdir()
+                           if p.name.endswith(".yaml"))
+        raise ValueError(f"no model preset {name!r}; available: {available}")
+    schema = OmegaConf.structured(DeepSeekV3Config)
+    merged = OmegaConf.merge(schema, OmegaConf.create(preset_file.read_text()), OmegaConf.create(overrides))
+    return OmegaConf.to_object(merged).validate()

@@ -1,0 +1,78 @@
+"""Routed experts as grouped 3-D weights, computed with one grouped GEMM per projection.
+
+`torch._grouped_mm` multiplies each contiguous group of rows by its own matrix. It needs 16-byte
+aligned strides; where the build lacks it or the shapes do not align, a per-expert loop computes the
+same thing (the tests hold the two against each other).
+
+Shape legend: S rows (token copies, grouped by expert), H hidden, I expert FFN width, E experts,
+K_in / N_out the inner / outer dims of one grouped GEMM.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moetron.models.deepseek_v3.layers import swiglu
+from moetron.parallel.recompute import discard_all, maybe_recompute
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    row_bytes = t.shape[-1] * t.element_size()
+    return t.is_contiguous() and row_bytes % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ w[e]^T, with both gradients as grouped GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x_SK, w_ENK, offsets_E):
+        ctx.save_for_backward(x_SK, w_ENK, offsets_E)
+        return torch._grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offsets_E)
+
+    @staticmethod
+    def backward(ctx, grad_SN):
+        x_SK, w_ENK, offsets_E = ctx.saved_tensors
+        grad_SN = grad_SN.contiguous()
+        grad_x_SK = torch._grouped_mm(grad_SN, w_ENK, offs=offsets_E)
+        # Groups along S: each expert's weight gradient is grad_rows^T @ x_rows (zero for no rows).
+        grad_w_ENK = torch._grouped_mm(grad_SN.t(), x_SK, offs=offsets_E)
+        return grad_x_SK, grad_w_ENK, None
+
+
+def grouped_mm_loop(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """The reference path: one matmul per expert."""
+    chunks = x_SK.split(tokens_per_expert_E.tolist())
+    outs = [chunk @ w_ENK[e].transpose(0, 1) for e, chunk in enumerate(chunks)]
+    return torch.cat(outs) if outs else x_SK.new_zeros(0, w_ENK.shape[1])
+
+
+def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+               use_grouped_mm: bool = True) -> torch.Tensor:
+    """Rows of x grouped by expert (sizes `tokens_per_expert_E`) times each expert's w[e]^T -> [S, N]."""
+    if use_grouped_mm and HAS_GROUPED_MM and _aligned(x_SK) and _aligned(w_ENK) and w_ENK.shape[1] * w_ENK.element_size() % 16 == 0:
+        offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+        return _GroupedMM.apply(x_SK, w_ENK, offsets_E)
+    return grouped_mm_loop(x_SK, w_ENK, tokens_per_expert_E)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts: `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I],
+    the layout of transformers' DeepseekV3Experts."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 recompute_swiglu: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.recompute_swiglu = recompute_swiglu
+        self.use_grouped_mm = True
+
+    def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        gate_up_S2I = grouped_mm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E, self.use_grouped_mm)
+        gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
+        act_SI, region = maybe_recompute(self.recompute_swiglu, swiglu, gate_SI, up_SI)
+        y_SH = grouped_mm(act_SI, self.down_proj, tokens_per_expert_E, self.use_grouped_mm)
+        discard_all([region], after=y_SH)
+        return y_SH

@@ -1,0 +1,70 @@
+"""Building blocks shared by attention, experts and MTP: RMSNorm, rotary embedding, SwiGLU MLP.
+
+Shape legend: B batch, S sequence, H hidden, R rotary dim (qk_rope_head_dim), I FFN width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetron.parallel.recompute import discard_all, maybe_recompute
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back, then scaled (as DeepSeek and transformers do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [S, R/2] for positions 0..S-1 (RoPE, Su et al. 2021)."""
+    inv_freq_R2 = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32, device=device) / rope_dim))
+    positions_S = torch.arange(seq_len, dtype=torch.float32, device=device)
+    angles_SR2 = positions_S[:, None] * inv_freq_R2[None, :]
+    return angles_SR2.cos().to(dtype), angles_SR2.sin().to(dtype)
+
+
+def apply_rotary(x_R: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dim of x [..., S, R] by position.
+
+    `interleave=True` is DeepSeek's layout: pairs (x0, x1), (x2, x3), ... rotate together. The result
+    is written with all first elements, then all second elements (as transformers does); query and
+    key get the same permutation, so their dot products are those of the interleaved form.
+    `interleave=False` pairs x[j] with x[j + R/2] (the Llama layout).
+    """
+    if interleave:
+        first, second = x_R[..., 0::2], x_R[..., 1::2]
+    else:
+        half = x_R.shape[-1] // 2
+        first, second = x_R[..., :half], x_R[..., half:]
+    return torch.cat([first * cos_SR2 - second * sin_SR2, second * cos_SR2 + first * sin_SR2], dim=-1)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up (Shazeer 2020)."""
+    return F.silu(gate) * up
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers' FFN and the shared experts (their widths summed)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, recompute_swiglu: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.recompute_swiglu = recompute_swiglu
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        act_BSI, region = maybe_recompute(self.recompute_swiglu, swiglu, self.gate_proj(x_BSH), self.up_proj(x_BSH))
+        out_BSH = self.down_proj(act_BSI)
+        discard_all([region], after=out_BSH)
+        return out_BSH

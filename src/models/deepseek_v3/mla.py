@@ -1,0 +1,93 @@
+"""Multi-head Latent Attention (DeepSeek-V3 report eqs. 1-11; DeepSeek-V2 section 2.1).
+
+Queries and keys/values are compressed to low-rank latents c^Q (eq. 6) and c^KV (eq. 1), each
+RMS-normalised, then up-projected per head (eqs. 2, 5, 7). Position enters through a decoupled
+rotary part: per-head q^R (eq. 8) and one key k^R shared by all heads (eq. 3). Scores are scaled by
+1 / sqrt(qk_nope + qk_rope) and computed causally through torch SDPA (eqs. 9-11).
+
+Shape legend: B batch, S sequence, H hidden, N heads, D per-head dim, C kv_lora_rank, Q q_lora_rank,
+R qk_rope_head_dim, P qk_nope_head_dim, V v_head_dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetron.models.deepseek_v3.config import DeepSeekV3Config
+from moetron.models.deepseek_v3.layers import RMSNorm, apply_rotary
+from moetron.parallel.recompute import discard_all, maybe_recompute
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention; parameter names follow transformers' DeepseekV3Attention."""
+
+    def __init__(self, cfg: DeepSeekV3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, N = cfg.hidden_size, cfg.num_attention_heads
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, N * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, N * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, N * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(N * cfg.v_head_dim, H, bias=False)
+
+    def _up_project(self, q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, norm_regions=None):
+        """Eqs. 1-8 after the down-projections: latents -> q, k, v of shape [B, N, S, D].
+
+        `q_lat` is c^Q before its norm (or the full query when q_lora_rank is None). With
+        `norm_regions` a list, the latent norms are recomputed in backward (their regions are
+        appended); with None they run plainly (inside the MLA up-projection region).
+        """
+        cfg = self.cfg
+        B, S, _ = kv_lat_BSC.shape
+        N, P, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        recompute_norm = norm_regions is not None and cfg.recompute_norm
+
+        if cfg.q_lora_rank is None:
+            q_BSND = q_lat
+        else:
+            q_lat_normed, region = maybe_recompute(recompute_norm, self.q_a_layernorm, q_lat)
+            q_BSND = self.q_b_proj(q_lat_normed)
+            if norm_regions is not None:
+                norm_regions.append(region)
+        q_BNSD = q_BSND.view(B, S, N, P + R).transpose(1, 2)
+        q_nope_BNSP, q_rope_BNSR = q_BNSD.split([P, R], dim=-1)
+
+        kv_lat_normed, region = maybe_recompute(recompute_norm, self.kv_a_layernorm, kv_lat_BSC)
+        if norm_regions is not None:
+            norm_regions.append(region)
+        kv_BNS_PV = self.kv_b_proj(kv_lat_normed).view(B, S, N, P + V).transpose(1, 2)
+        k_nope_BNSP, v_BNSV = kv_BNS_PV.split([P, V], dim=-1)
+
+        interleave = cfg.rope_interleave
+        q_rope_BNSR = apply_rotary(q_rope_BNSR, cos_SR2, sin_SR2, interleave)
+        k_rope_B1SR = apply_rotary(k_rope_BSR.unsqueeze(1), cos_SR2, sin_SR2, interleave)
+        q_BNSD = torch.cat([q_nope_BNSP, q_rope_BNSR], dim=-1)
+        k_BNSD = torch.cat([k_nope_BNSP, k_rope_B1SR.expand(B, N, S, R)], dim=-1)
+        return q_BNSD, k_BNSD, v_BNSV.contiguous()
+
+    def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        B, S, _ = x_BSH.shape
+        q_lat = self.q_proj(x_BSH) if cfg.q_lora_rank is None else self.q_a_proj(x_BSH)
+        kv_lat_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSH).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+
+        regions = []
+        if cfg.recompute_mla_up_proj:
+            up = lambda q, kv, kr: self._up_project(q, kv, kr, cos_SR2, sin_SR2)  # noqa: E731
+            (q_BNSD, k_BNSD, v_BNSV), region = maybe_recompute(True, up, q_lat, kv_lat_BSC, k_rope_BSR)
+            regions.append(region)
+        else:
+            q_BNSD, k_BNSD, v_BNSV = self._up_project(q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, regions)
+
+        # SDPA's default scale is 1/sqrt(q.size(-1)) = 1/sqrt(qk_nope + qk_rope), as eq. 10.
+        attn_BNSV = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSV, is_causal=True)
+        out_BSH = self.o_proj(attn_BNSV.transpose(1, 2).reshape(B, S, -1))
+        discard_all(regions, after=out_BSH)
+        return out_BSH

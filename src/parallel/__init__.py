@@ -1,0 +1,1 @@
+"""Parallel state and policies: device meshes, expert/data parallel, recomputation."""

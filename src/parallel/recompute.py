@@ -1,0 +1,99 @@
+"""Selective recomputation: store a function's inputs, free its outputs, recompute them in backward.
+
+DeepSeek-V3 (report section 3.2.3) recomputes RMSNorm, the MLA up-projections and the SwiGLU output
+in backward instead of keeping them. The memory those outputs take is held by their *consumers*
+(the linear that reads a norm's output saves it for its weight gradient), so checkpointing the
+function alone saves nothing. `OutputRecompute` therefore works like Megatron-Core's
+`CheckpointWithoutOutput`:
+
+1. `run(fn, *inputs)` runs `fn` without building a graph and saves only `inputs`;
+2. the caller lets the consumers run, then calls `discard(after=t)` with a tensor `t` computed from
+   the consumers: the outputs' storage is freed now, and a gradient hook on `t` recomputes it in
+   place before any consumer's backward reads it;
+3. the backward of `run` back-propagates through the recomputed graph.
+
+Forward values and every gradient are bitwise those of running `fn` directly: the same kernels run
+on the same inputs, and the same summed output gradient enters the same backward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class _RunWithoutGraph(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, owner, *inputs):
+        ctx.owner = owner
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            outputs = fn(*inputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        owner = ctx.owner
+        if owner.recomputed_outputs is None:  # discard() was never called: recompute here
+            owner.recompute_now()
+        outputs, inputs = owner.recomputed_outputs, owner.recomputed_inputs
+        owner.recomputed_outputs = owner.recomputed_inputs = None
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None) + tuple(inp.grad if inp.requires_grad else None for inp in inputs)
+
+
+class OutputRecompute:
+    """One recomputed region; use a fresh object per call of `run` (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.fn: Callable | None = None
+        self.ctx_inputs: tuple[torch.Tensor, ...] = ()
+        self.outputs: tuple[torch.Tensor, ...] = ()
+        self.recomputed_outputs: tuple[torch.Tensor, ...] | None = None
+        self.recomputed_inputs: tuple[torch.Tensor, ...] | None = None
+
+    def run(self, fn: Callable, *inputs: torch.Tensor):
+        self.fn, self.ctx_inputs = fn, inputs
+        outputs = _RunWithoutGraph.apply(fn, self, *inputs)
+        self.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return outputs
+
+    def discard(self, after: torch.Tensor) -> None:
+        """Free the outputs now; recompute them when the gradient of `after` is computed."""
+        if not after.requires_grad:
+            return
+        for out in self.outputs:
+            out.untyped_storage().resize_(0)
+        after.register_hook(self._refill)
+
+    def recompute_now(self) -> None:
+        inputs = tuple(inp.detach().requires_grad_(inp.requires_grad) for inp in self.ctx_inputs)
+        with torch.enable_grad():
+            outputs = self.fn(*inputs)
+        self.recomputed_inputs = inputs
+        self.recomputed_outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+
+    def _refill(self, grad: torch.Tensor) -> None:
+        self.recompute_now()
+        for freed, fresh in zip(self.outputs, self.recomputed_outputs):
+            storage = fresh.untyped_storage()
+            freed.untyped_storage().resize_(storage.size())
+            freed.untyped_storage().copy_(storage)
+
+
+def maybe_recompute(enabled: bool, fn: Callable, *inputs: torch.Tensor):
+    """Run `fn(*inputs)`; when `enabled` and building a graph, return `(outputs, region)` whose
+    `region.discard(after=...)` frees the outputs. Otherwise `(outputs, None)`."""
+    if not (enabled and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        return fn(*inputs), None
+    region = OutputRecompute()
+    return region.run(fn, *inputs), region
+
+
+def discard_all(regions, after: torch.Tensor) -> None:
+    """Call `discard(after)` on every region that is not None."""
+    for region in regions:
+        if region is not None:
+            region.discard(after)

@@ -1,0 +1,1 @@
+"""Pipeline schedules, simulator and runtime (arrive with the pipeline issue)."""

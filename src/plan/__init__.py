@@ -1,0 +1,1 @@
+"""The planner: step time, memory and GPU-hours per cluster (arrives with its issue)."""

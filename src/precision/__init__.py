@@ -1,0 +1,1 @@
+"""Mixed precision (FP8 with fine-grained scaling arrives with its issue)."""

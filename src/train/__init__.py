@@ -1,0 +1,1 @@
+"""The training entry point (arrives with the training issue)."""

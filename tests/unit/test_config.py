@@ -1,0 +1,42 @@
+"""Config presets load, and mistakes name the key and the fix."""
+import pytest
+from omegaconf.errors import ConfigKeyError
+
+from moetron.models import build_model, load_preset
+
+
+def test_presets_load():
+    mini = load_preset("mini")
+    assert (mini.vocab_size, mini.hidden_size, mini.num_hidden_layers, mini.first_k_dense_replace) == (32000, 2048, 6, 1)
+    assert (mini.intermediate_size, mini.num_attention_heads, mini.q_lora_rank, mini.kv_lora_rank) == (8192, 16, 768, 256)
+    assert (mini.qk_nope_head_dim, mini.qk_rope_head_dim, mini.v_head_dim) == (128, 64, 128)
+    assert (mini.n_routed_experts, mini.n_shared_experts, mini.num_experts_per_tok) == (32, 1, 4)
+    assert (mini.moe_intermediate_size, mini.n_group, mini.topk_group, mini.routed_scaling_factor) == (1024, 4, 2, 2.5)
+    v3 = load_preset("v3_671b")
+    assert (v3.num_hidden_layers, v3.hidden_size, v3.n_routed_experts, v3.num_experts_per_tok) == (61, 7168, 256, 8)
+
+
+def test_misspelled_key_is_an_error():
+    with pytest.raises(ConfigKeyError, match="hiden_size"):
+        load_preset("tiny", hiden_size=32)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ValueError, match="tiny"):
+        load_preset("tinny")
+
+
+def test_inconsistent_values_name_the_key_and_fix():
+    with pytest.raises(ValueError, match="model.n_group=3 must divide model.n_routed_experts=8"):
+        load_preset("tiny", n_group=3)
+    with pytest.raises(ValueError, match="model.balance_mode"):
+        load_preset("tiny", balance_mode="lossfree")
+    with pytest.raises(ValueError, match="raise topk_group"):
+        load_preset("tiny", num_experts_per_tok=5, topk_group=2)
+
+
+def test_unknown_arch():
+    cfg = load_preset("tiny")
+    cfg.arch = "llama"
+    with pytest.raises(ValueError, match="model.arch='llama' is unknown"):
+        build_model(cfg)

@@ -1,0 +1,73 @@
+"""Shapes, losses and where gradients flow in the DeepSeek-V3 model."""
+import pytest
+import torch
+
+from moetron.models import build_model, load_preset
+from moetron.models.deepseek_v3 import DeepSeekV3, LMOutput
+from moetron.models.deepseek_v3.mtp import IGNORE_INDEX, shift_left
+from moetron.models.deepseek_v3.params import count_parameters
+
+
+def _batch(cfg, batch=4, seq=32):
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def test_logits_shape_and_inference_ignores_mtp():
+    cfg = load_preset("tiny")
+    model = build_model(cfg).eval()
+    inputs, _ = _batch(cfg, 3, 20)
+    logits = model(inputs)
+    assert logits.shape == (3, 20, cfg.vocab_size)
+    without_mtp = DeepSeekV3(load_preset("tiny", num_nextn_predict_layers=0)).eval()
+    without_mtp.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
+    # The same main-model weights give bitwise the same logits: MTP takes no part in inference.
+    assert torch.equal(without_mtp(inputs), logits)
+
+
+@pytest.mark.parametrize("mode", ["loss_free", "seq_aux", "aux_loss", "none"])
+def test_gradients_reach_every_parameter_and_never_the_bias(mode):
+    cfg = load_preset("tiny", balance_mode=mode, num_nextn_predict_layers=2)
+    model = build_model(cfg).train()
+    inputs, labels = _batch(cfg, 8, 32)  # 256 tokens x top-2 over 8 experts: every expert gets tokens
+    out = model(inputs, labels)
+    assert isinstance(out, LMOutput)
+    assert out.loss_mtp is not None
+    if mode == "none":
+        assert out.loss_balance is None
+    else:  # each mode's default alpha is positive
+        assert out.loss_balance is not None and out.loss_balance.item() > 0
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reached {name}"
+    for name, buf in model.named_buffers():
+        assert not buf.requires_grad, name
+        if name.endswith("expert_bias"):
+            assert buf.grad is None and torch.all(buf == 0), name
+
+
+def test_loss_is_main_plus_weighted_mtp_plus_balance():
+    cfg = load_preset("tiny", num_nextn_predict_layers=2, mtp_loss_weight=0.3)
+    model = build_model(cfg).train()
+    inputs, labels = _batch(cfg)
+    out = model(inputs, labels)
+    expected = out.loss_lm + out.loss_mtp + out.loss_balance
+    assert torch.equal(out.loss, expected)
+    ce = torch.nn.functional.cross_entropy(out.logits_BSV.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(out.loss_lm, ce, rtol=0, atol=0)
+
+
+def test_mtp_targets_are_shifted_by_depth():
+    labels = torch.arange(10).view(1, 10)
+    # depth k predicts t_{i+k+1} = labels[i+k]; the last k positions have no target.
+    assert shift_left(labels, 2, fill=IGNORE_INDEX).tolist() == [[2, 3, 4, 5, 6, 7, 8, 9, -100, -100]]
+
+
+def test_v3_671b_parameter_count():
+    model = build_model(load_preset("v3_671b"), device="meta")
+    count = count_parameters(model)
+    print(f"v3_671b: {count.total / 1e9:.2f}B total, {count.activated / 1e9:.2f}B activated per token, "
+          f"MTP {count.mtp / 1e9:.2f}B")
+    # The report: 671B total, 37B activated (rounded; embedding and head give ~37.5B).
+    assert abs(count.total - 671e9) / 671e9 < 0.01
+    assert 36.5e9 < count.activated < 38.0e9
