@@ -71,3 +71,14 @@ def test_v3_671b_parameter_count():
     # The report: 671B total, 37B activated (rounded; embedding and head give ~37.5B).
     assert abs(count.total - 671e9) / 671e9 < 0.01
     assert 36.5e9 < count.activated < 38.0e9
+
+
+def test_rms_norm_gradients():
+    from moetron.models.deepseek_v3.layers import RMSNorm
+
+    norm = RMSNorm(16).double()
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+    reference = torch.nn.functional.rms_norm(x, (16,), norm.weight, norm.eps)
+    torch.testing.assert_close(norm(x), reference, rtol=1e-12, atol=1e-12)  # float64: exact up to rounding

@@ -11,6 +11,32 @@ from torch import nn
 from moetron.parallel.recompute import discard_all, maybe_recompute
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = w * (x / sqrt(mean(x^2) + eps)), normalised in float32, as one autograd node.
+
+    One node (rather than torch's composite of pow, mean, rsqrt, mul) gives x a single gradient
+    term, so a recomputed norm sums the input's gradients in the same order as a stored one.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x_f = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(x_f.pow(2).mean(dim=-1, keepdim=True) + eps)
+        normed = (x_f * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        normed_f = x.to(rstd.dtype) * rstd
+        grad_w = (grad_y * normed_f.to(x.dtype)).flatten(0, -2).sum(dim=0) if ctx.needs_input_grad[1] else None
+        grad_normed_f = (grad_y * weight).to(rstd.dtype)
+        # d/dx of x * rstd: rstd * (g - normed * mean(g * normed))
+        grad_x_f = rstd * (grad_normed_f - normed_f * (grad_normed_f * normed_f).mean(dim=-1, keepdim=True))
+        return grad_x_f.to(x.dtype), grad_w, None
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back, then scaled (as DeepSeek and transformers do)."""
 
@@ -20,8 +46,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
