@@ -5,7 +5,8 @@ The package `moetron` is mapped from `src/`, and its Hydra configs (`moetron.con
 """
 from setuptools import setup
 
-SUBPACKAGES = ["comm", "precision", "parallel", "models", "models.deepseek_v3", "pipeline", "train", "plan"]
+SUBPACKAGES = ["comm", "precision", "parallel", "models", "models.deepseek_v3", "pipeline", "train", "train.corpus",
+               "plan"]
 
 setup(
     name="moetron",
@@ -16,14 +17,25 @@ setup(
     packages=["moetron"]
     + [f"moetron.{name}" for name in SUBPACKAGES]
     + ["moetron.conf"],
-    package_data={"moetron.conf": ["*.yaml", "*/*.yaml"]},  # config groups are folders of yaml
+    package_data={
+        "moetron.conf": ["*.yaml", "*/*.yaml"],  # config groups are folders of yaml
+        "moetron.train.corpus": ["*.jsonl", "*.txt"],
+    },
     install_requires=[
         # torch is not pinned here: install the build for your machine first (see README).
         "torch>=2.6",
         "hydra-core>=1.3",
         "wandb>=0.17",
         "omegaconf>=2.3",
+        "numpy",
+        "tqdm",
     ],
+    entry_points={
+        "console_scripts": [
+            "moetron-train=moetron.train.cli:main",
+            "moetron-data=moetron.train.data_cli:main",
+        ],
+    },
     extras_require={
         "test": ["pytest>=8", "transformers>=4.57", "safetensors"],
         # CUDA machines only; NVIDIA apex is built from source (see README), the PyPI "apex" is unrelated.

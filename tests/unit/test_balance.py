@@ -114,7 +114,8 @@ def skewed_markov_batches(vocab: int, steps: int, batch: int, seq: int, seed: in
 def train_tiny(balance_mode: str, steps: int = 300):
     """Mean MaxVio_batch and LM loss over the last quarter of `steps` AdamW steps."""
     torch.manual_seed(0)
-    cfg = load_preset("tiny", balance_mode=balance_mode, seq_aux_alpha=0.0, num_nextn_predict_layers=0)
+    cfg = load_preset("tiny", balance_mode=balance_mode, bias_update_speed=0.001, seq_aux_alpha=0.0,
+                      num_nextn_predict_layers=0)
     model = build_model(cfg).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     maxvio, lm_loss = [], []

@@ -65,6 +65,8 @@ class DeepSeekV3(nn.Module):
         self.mtp = nn.ModuleList(
             MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)
         )
+        # lambda of the MTP loss; the trainer follows its schedule in tokens (0.3, then 0.1).
+        self.mtp_loss_weight = cfg.mtp_loss_weight
         self.init_weights()
 
     @torch.no_grad()
@@ -104,7 +106,7 @@ class DeepSeekV3(nn.Module):
             emb_next_BSH = self.embed_tokens(shift_left(input_ids_BS, k))  # Emb(t_{i+k})
             h_BSH, normed_BSH, depth_balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2)
             loss_k = cross_entropy(self.lm_head(normed_BSH), shift_left(labels_BS, k, fill=IGNORE_INDEX))
-            loss_mtp = _add(loss_mtp, loss_k * (cfg.mtp_loss_weight / len(self.mtp)))
+            loss_mtp = _add(loss_mtp, loss_k * (self.mtp_loss_weight / len(self.mtp)))
             balance = _add(balance, depth_balance)
         loss = _add(_add(loss_lm, loss_mtp), balance)
         return LMOutput(loss, loss_lm, loss_mtp, balance, logits_BSV)

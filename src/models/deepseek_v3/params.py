@@ -36,6 +36,28 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(total=total, activated=total - unused_routed, mtp=mtp, embedding_and_head=embed_head)
 
 
+def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Model FLOPs of one training token: 3 x forward (forward + backward's two matmuls).
+
+    Forward: 2 x the activated matmul parameters (embedding lookups excluded, output head included,
+    and per MTP depth its block, projection and the head again) plus causal attention,
+    2 * S * heads * (qk_head + v_head) / 2 per attention layer (the convention of
+    reference/h200-measurements.md, which gives 2.18 GFLOP per token for `mini` without MTP at S=2048).
+    """
+    cfg = model.cfg
+    count = count_parameters(model)
+    embedding = model.embed_tokens.weight.numel()
+    matmul_params = count.activated - embedding
+    head = model.lm_head.weight.numel()
+    for depth in model.mtp:
+        routed = sum(p.numel() for m in depth.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+        unused = routed * (cfg.n_routed_experts - cfg.num_experts_per_tok) // cfg.n_routed_experts
+        matmul_params += sum(p.numel() for p in depth.parameters()) - unused + head
+    attention_layers = cfg.num_hidden_layers + len(model.mtp)
+    attention = attention_layers * 2 * seq_len * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) / 2
+    return 3.0 * (2.0 * matmul_params + attention)
+
+
 def main(argv: list[str]) -> None:
     from moetron.models import build_model
 

@@ -1,0 +1,87 @@
+"""Atomic checkpoints of a training run, the newest `keep` kept, corrupt ones skipped loudly.
+
+Layout: <run dir>/checkpoints/step_00000050/{model.pt, optim.pt, trainer.pt, COMPLETE}.
+A checkpoint is written into a hidden temp folder, every file fsynced, the COMPLETE marker last,
+then renamed into place: a crash leaves either the whole checkpoint or none under its final name.
+Loading tries the newest complete checkpoint first; one that fails to load is reported with its
+path and the next older one is tried. Only complete checkpoints older than the newest `keep` are
+ever deleted; incomplete or corrupt folders are left for the user to inspect.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step_* folder under root, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def save(root: Path, step: int, parts: dict[str, Any], keep: int) -> Path:
+    """Write `parts` (name -> object for torch.save) as checkpoint `step`, then prune to `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, obj in parts.items():
+        with (tmp / f"{name}.pt").open("wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    with (tmp / MARKER).open("w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (e.g. an interrupted earlier attempt): keep it aside
+        final.rename(root / f".replaced-step_{step:08d}-{os.getpid()}")
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    complete = [(s, p) for s, p in step_dirs(root) if (p / MARKER).is_file()]
+    for _, path in complete[keep:]:
+        shutil.rmtree(path)
+    for stale in root.glob(".replaced-step_*"):
+        shutil.rmtree(stale)
+
+
+def load_latest(root: Path, names: tuple[str, ...]) -> Optional[tuple[int, dict[str, Any]]]:
+    """The newest checkpoint under root that loads completely, as (step, {name: object})."""
+    for step, path in step_dirs(root):
+        if not (path / MARKER).is_file():
+            warnings.warn(f"skipping incomplete checkpoint {path} (no {MARKER} marker); it is left in place")
+            continue
+        try:
+            parts = {name: torch.load(path / f"{name}.pt", map_location="cpu", weights_only=False) for name in names}
+        except Exception as err:  # any unreadable file makes the checkpoint unusable
+            warnings.warn(f"skipping corrupt checkpoint {path}: {type(err).__name__}: {err}; it is left in place")
+            continue
+        return step, parts
+    return None

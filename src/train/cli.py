@@ -1,0 +1,37 @@
+"""`moetron-train` (also `python -m moetron.train`): the Hydra application that trains a model.
+
+    moetron-train model=tiny train.max_steps=30 hydra.run.dir=outputs/tiny
+    torchrun --nproc_per_node=2 -m moetron.train model=tiny
+    moetron-train -m model=tiny optim.lr=1e-3,3e-3
+
+The run directory is Hydra's output folder: .hydra/, metrics.jsonl, checkpoints/, wandb/.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from moetron.train.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://moetron.conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from moetron.train.trainer import train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = train(cfg, run_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"moetron-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return float(metrics.get("loss", float("nan")))  # the sweep objective
+
+
+if __name__ == "__main__":
+    main()

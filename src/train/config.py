@@ -1,0 +1,157 @@
+"""Structured schemas of `moetron-train`'s config, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` composes the groups model / parallel / cluster / precision / optim / data /
+logging (+ the `train` settings) on top of `RootConfig`, so a misspelled key or a value of the wrong
+type is an error naming it. `validate(cfg, world_size)` checks what types cannot (divisibility,
+paths, sizes) before any process group starts; every message names the key and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from moetron.models.deepseek_v3.config import DeepSeekV3Config
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 200
+    seed: int = 0
+    global_batch: int = 16  # sequences per optimizer step, over all ranks (as Megatron)
+    micro_batch: int = 8  # sequences per forward/backward on one rank
+    seq_len: int = 128
+    ckpt_every: int = 50  # steps; a checkpoint is also written at the end
+    ckpt_keep: int = 2  # complete checkpoints kept (older ones are deleted)
+    resume: bool = True  # resume from the newest complete checkpoint of the run directory
+    exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps of this invocation; 0: run to max_steps
+    log_every: int = 1
+    deterministic: Optional[bool] = None  # None: deterministic on CPU, not on GPU
+    # Piecewise-constant schedules in tokens, [[from_tokens, value], ...]; the report's: lambda from
+    # the model config (0.3) then 0.1 after 10T tokens; u from the model config (0.001) then 0 after 14.3T.
+    mtp_weight_schedule: list[Any] = field(default_factory=lambda: [[0, "${model.mtp_loss_weight}"], [10.0e12, 0.1]])
+    bias_update_schedule: list[Any] = field(
+        default_factory=lambda: [[0, "${model.bias_update_speed}"], [14.3e12, 0.0]])
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    ep: int = 1
+    dp: Optional[int] = None  # None: world size / (pp * ep)
+    schedule: str = "1f1b"
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local_cpu"
+    nodes: int = 1
+    gpus_per_node: Optional[int] = None  # ranks per node; None: all ranks on one node
+    nvlink_gbps: float = 0.0  # GB/s per GPU inside a node
+    ib_gbps: float = 0.0  # GB/s per GPU between nodes
+    peak_tflops: float = 1.0  # dense peak per rank in the compute dtype, for MFU
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "auto"
+    compute_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32 | bfloat16
+    master_dtype: str = "float32"  # parameters and gradients
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    moments_dtype: str = "float32"  # or bfloat16 (the report's choice)
+    implementation: str = "auto"  # auto: torch fused AdamW where the device allows | torch | apex
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin"  # "builtin" (the shipped corpus) or the prefix of a moetron-data token file
+    tokenizer: str = "bytes"
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto: online with credentials, else offline | disabled | offline | online
+    project: str = "moetron"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True  # console progress bar
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RootConfig:
+    model: DeepSeekV3Config = field(default_factory=DeepSeekV3Config)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="root_schema", node=RootConfig)
+
+
+SCHEDULES = ("1f1b",)  # pipeline schedules arrive with the pipeline issue
+DTYPES = ("auto", "float32", "bfloat16")
+WANDB_MODES = ("auto", "disabled", "offline", "online")
+
+
+def validate(cfg, world_size: int) -> int:
+    """Check a composed config against the world size; return the data-parallel size."""
+    problems = []
+    par, train = cfg.parallel, cfg.train
+    if par.pp != 1:
+        problems.append(f"parallel.pp={par.pp}: pipeline parallelism is not built yet; use parallel.pp=1")
+    if par.ep != 1:
+        problems.append(f"parallel.ep={par.ep}: expert parallelism is not built yet; use parallel.ep=1")
+    if par.schedule not in SCHEDULES:
+        problems.append(f"parallel.schedule={par.schedule!r}: choose one of {SCHEDULES}")
+    model_ranks = par.pp * par.ep
+    dp = par.dp if par.dp is not None else max(world_size // max(model_ranks, 1), 1)
+    if model_ranks * dp != world_size:
+        problems.append(f"world size {world_size} != parallel.pp*parallel.ep*parallel.dp = {par.pp}*{par.ep}*{dp}: "
+                        f"launch {model_ranks * dp} ranks or change parallel.dp")
+    if train.micro_batch < 1 or train.global_batch % (train.micro_batch * dp):
+        problems.append(f"train.global_batch={train.global_batch} must be a multiple of train.micro_batch x dp = "
+                        f"{train.micro_batch} x {dp}")
+    if train.seq_len > cfg.model.max_position_embeddings:
+        problems.append(f"train.seq_len={train.seq_len} exceeds model.max_position_embeddings="
+                        f"{cfg.model.max_position_embeddings}")
+    if train.ckpt_every < 1 or train.ckpt_keep < 1:
+        problems.append("train.ckpt_every and train.ckpt_keep must be >= 1")
+    for key, value in (("precision.compute_dtype", cfg.precision.compute_dtype),
+                       ("optim.moments_dtype", cfg.optim.moments_dtype)):
+        if value not in DTYPES:
+            problems.append(f"{key}={value!r}: choose one of {DTYPES[1:] if key.startswith('optim') else DTYPES}")
+    if cfg.logging.wandb.mode not in WANDB_MODES:
+        problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
+    if cfg.optim.implementation not in ("auto", "torch", "apex"):
+        problems.append(f"optim.implementation={cfg.optim.implementation!r}: choose auto, torch or apex")
+    for key in ("mtp_weight_schedule", "bias_update_schedule"):
+        schedule = getattr(train, key)
+        if not schedule or any(len(point) != 2 for point in schedule) or schedule[0][0] != 0:
+            problems.append(f"train.{key} must be [[0, value], [tokens, value], ...] in increasing tokens")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    return dp

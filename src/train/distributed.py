@@ -1,0 +1,72 @@
+"""Ranks from the launcher's environment (torchrun or SLURM), process-group setup, and the
+data-parallel gradient average. Groups are returned to the caller, never kept in globals."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; srun sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return World(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return World(0, 1, 0)
+
+
+def pick_device(world: World) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_process_group(world: World, device: torch.device) -> Optional[dist.ProcessGroup]:
+    """The world group (NCCL on GPUs, gloo on CPU), or None for a single process."""
+    if world.size == 1:
+        return None
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise RuntimeError(f"{key} is not set: launch with torchrun, or export MASTER_ADDR and MASTER_PORT "
+                               "(launch/slurm does) before srun")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size)
+    return dist.group.WORLD
+
+
+def average_gradients(params, group: Optional[dist.ProcessGroup], size: int) -> None:
+    """All-reduce-mean the gradients over `group` in one flat buffer (replicated data parallelism)."""
+    if group is None or size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_mean(values: torch.Tensor, group: Optional[dist.ProcessGroup], size: int) -> torch.Tensor:
+    if group is not None and size > 1:
+        dist.all_reduce(values, group=group)
+        values = values / size
+    return values

@@ -1,0 +1,118 @@
+"""Where a step's metrics go: metrics.jsonl (always), Weights & Biases (offline unless credentials
+are set, or as `logging.wandb.mode` says), and a console progress bar; all from one rank.
+
+Metric names (DESIGN.md): loss, loss/lm, loss/mtp, loss/seq_aux | loss/aux, lr, grad_norm,
+throughput/tokens_per_s, throughput/tflops, throughput/mfu, moe/maxvio_batch (+ /layer_{i}),
+moe/load/layer_{i} (tokens per expert; a histogram on W&B), moe/bias_abs_mean/layer_{i},
+memory/peak_gib, step_time_s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class JsonlWriter:
+    """metrics.jsonl, one JSON object per step; on resume, entries after the resumed step (written
+    after the last checkpoint by an interrupted run) are dropped so each step appears once."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = path.open("a")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def wandb_mode(requested: str) -> str:
+    """`auto`: WANDB_MODE if set, else online with credentials (WANDB_API_KEY or `wandb login`), else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("disabled", "offline", "online"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+class WandbLogger:
+    def __init__(self, cfg, run_dir: Path, config_dict: dict, resume_step: int) -> None:
+        self.run = None
+        mode = wandb_mode(cfg.mode)
+        if mode == "disabled":
+            return
+        import wandb
+
+        self.wandb = wandb
+        run_id_file = run_dir / "wandb_run_id"
+        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else uuid.uuid4().hex[:12]
+        run_id_file.write_text(run_id)
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, dir=str(run_dir), mode=mode,
+                              config=config_dict, id=run_id, resume="allow" if resume_step else None)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is None:
+            return
+        logged = {}
+        for key, value in metrics.items():
+            if key.startswith("moe/load/"):  # tokens per expert as a histogram over expert ids
+                import numpy as np
+
+                logged[key] = self.wandb.Histogram(np_histogram=(np.asarray(value), np.arange(len(value) + 1)))
+            else:
+                logged[key] = value
+        self.run.log(logged, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+class Console:
+    """A tqdm bar with loss, tokens/s, MFU and MaxVio; a summary line at the end."""
+
+    def __init__(self, enabled: bool, start: int, total: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, metrics: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix({"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['throughput/tokens_per_s']:.0f}",
+                              "mfu": f"{metrics['throughput/mfu']:.2%}",
+                              "maxvio": f"{metrics.get('moe/maxvio_batch', 0.0):.3f}"}, refresh=False)
+        self.bar.update(1)
+
+    def close(self, summary: Optional[str]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if summary:
+            print(summary, flush=True)

@@ -1,0 +1,82 @@
+"""Optimizer and schedules: AdamW (torch fused where the device allows, BF16 moments as an option,
+NVIDIA apex's FusedAdam only if installed), warmup + cosine LR, piecewise schedules in tokens."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lr_at(step: int, cfg, max_steps: int) -> float:
+    """Linear warmup over optim.warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def piecewise(schedule, tokens: float) -> float:
+    """Value of a [[from_tokens, value], ...] schedule after `tokens` tokens."""
+    value = schedule[0][1]
+    for start, v in schedule:
+        if tokens >= start:
+            value = v
+    return float(value)
+
+
+class AdamWLowPrecisionMoments(torch.optim.Optimizer):
+    """AdamW whose moments are stored in `moments_dtype` (BF16 in DeepSeek-V3, report section 3.3)
+    and updated in float32; parameters (the FP32 master weights) are updated in their own dtype."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay, moments_dtype=torch.bfloat16):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.moments_dtype = moments_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                state["step"] += 1
+                t = state["step"].item()
+                grad = p.grad.float()
+                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                state["exp_avg"].copy_(exp_avg)
+                state["exp_avg_sq"].copy_(exp_avg_sq)
+                denom = (exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_((exp_avg / (1 - beta1 ** t) / denom).to(p.dtype), alpha=-group["lr"])
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """Weight decay on matrices (and expert weight stacks), none on norms and vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.moments_dtype == "bfloat16":
+        return AdamWLowPrecisionMoments(groups, moments_dtype=torch.bfloat16, weight_decay=cfg.weight_decay, **kwargs)
+    if cfg.implementation == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError as err:
+            raise ImportError("optim.implementation=apex needs NVIDIA apex built from source (see README); "
+                              "the PyPI package named apex is unrelated. Or use optim.implementation=auto") from err
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    fused = cfg.implementation == "auto" and device.type == "cuda"
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)

@@ -1,0 +1,190 @@
+"""The training loop of `moetron-train`: validate, build, resume, step, log, checkpoint.
+
+One optimizer step: every micro-batch of this rank runs forward and backward (gradients summed,
+each micro-batch loss scaled by 1 / micro-batches), gradients are averaged over data-parallel ranks,
+clipped, and AdamW steps; then the routers' loss-free biases move by the step's loads summed over
+all ranks (`finish_moe_step`), and metrics are reduced and logged from rank 0.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from moetron.models import build_model
+from moetron.models.deepseek_v3 import finish_moe_step
+from moetron.models.deepseek_v3.params import training_flops_per_token
+from moetron.train import checkpoint
+from moetron.train.config import validate
+from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
+from moetron.train.distributed import (all_reduce_mean, average_gradients, init_process_group, pick_device,
+                                       world_from_env)
+from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
+from moetron.train.optim import build_optimizer, lr_at, piecewise
+
+CHECKPOINT_PARTS = ("model", "optim", "trainer")
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
+    name = cfg.precision.compute_dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return getattr(torch, name)
+
+
+def _resume(run_dir: Path, cfg, model, optimizer):
+    """(step, tokens) of the newest loadable checkpoint, restored into model/optimizer/RNG; (0, 0) if none."""
+    found = checkpoint.load_latest(run_dir / "checkpoints", CHECKPOINT_PARTS) if cfg.train.resume else None
+    if found is None:
+        return 0, 0
+    step, parts = found
+    saved_model_cfg = parts["trainer"]["config"]["model"]
+    current_model_cfg = OmegaConf.to_container(cfg.model)
+    if saved_model_cfg != current_model_cfg:
+        changed = sorted(k for k in current_model_cfg if saved_model_cfg.get(k) != current_model_cfg[k])
+        raise ValueError(f"the checkpoint in {run_dir / 'checkpoints'} was trained with other model settings "
+                         f"({', '.join('model.' + k for k in changed)}); use a new hydra.run.dir or train.resume=false")
+    model.load_state_dict(parts["model"])
+    optimizer.load_state_dict(parts["optim"])
+    _set_rng_state(parts["trainer"]["rng"])
+    return step, parts["trainer"]["tokens"]
+
+
+def train(cfg, run_dir: Path) -> dict:
+    """Run training as `cfg` says, in `run_dir`; returns the last step's metrics (on every rank)."""
+    world = world_from_env()
+    dp = validate(cfg, world.size)  # before any process group starts
+    model_cfg = OmegaConf.to_object(cfg.model).validate()
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
+                         f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
+    sampler = PackedSampler(load_tokens(cfg.data.path, tokenizer), cfg.train.seq_len, cfg.train.seed)
+
+    device = pick_device(world)
+    group = init_process_group(world, device)
+    try:
+        return _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler)
+    finally:
+        if group is not None:
+            torch.distributed.destroy_process_group()
+
+
+def _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler) -> dict:
+    tcfg = cfg.train
+    deterministic = tcfg.deterministic if tcfg.deterministic is not None else device.type == "cpu"
+    torch.use_deterministic_algorithms(deterministic)
+    torch.manual_seed(tcfg.seed)
+    random.seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    model = build_model(model_cfg).to(device).train()
+    optimizer = build_optimizer(model, cfg.optim, device)
+    compute_dtype = _compute_dtype(cfg, device)
+    start_step, tokens_seen = _resume(run_dir, cfg, model, optimizer)
+    if world.is_main and start_step:
+        print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
+
+    flops_per_token = training_flops_per_token(model, tcfg.seq_len)
+    tokens_per_step = tcfg.global_batch * tcfg.seq_len
+    micro_per_rank = tcfg.global_batch // (tcfg.micro_batch * dp)
+    end_step = tcfg.max_steps if not tcfg.exit_after_steps else min(tcfg.max_steps, start_step + tcfg.exit_after_steps)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    jsonl = wandb = console = None
+    if world.is_main:
+        jsonl = JsonlWriter(run_dir / "metrics.jsonl", start_step)
+        wandb = WandbLogger(cfg.logging.wandb, run_dir, config_dict, start_step)
+        console = Console(cfg.logging.progress, start_step, tcfg.max_steps)
+
+    metrics, first_loss, step = {}, None, start_step
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for step in range(start_step, end_step):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.optim, tcfg.max_steps)
+            for group_ in optimizer.param_groups:
+                group_["lr"] = lr
+            model.mtp_loss_weight = piecewise(tcfg.mtp_weight_schedule, tokens_seen)
+            sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, mtp, balance
+            for inputs, labels in sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, world.rank, dp):
+                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                    out = model(inputs.to(device), labels.to(device))
+                (out.loss / micro_per_rank).backward()
+                parts = (out.loss, out.loss_lm, out.loss_mtp, out.loss_balance)
+                sums += torch.tensor([0.0 if t is None else t.item() for t in parts], dtype=torch.float64)
+            average_gradients(params, group, dp)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            moe = finish_moe_step(model, piecewise(tcfg.bias_update_schedule, tokens_seen), group)
+            tokens_seen += tokens_per_step
+            losses = all_reduce_mean(sums / micro_per_rank, group, dp)
+            step_time = time.perf_counter() - t0
+
+            metrics = _step_metrics(step + 1, tokens_seen, losses, lr, float(grad_norm), moe, step_time,
+                                    tokens_per_step, flops_per_token, world.size, cfg, model_cfg, device)
+            first_loss = metrics["loss"] if first_loss is None else first_loss
+            if world.is_main:
+                if (step + 1) % tcfg.log_every == 0 or step + 1 == end_step:
+                    jsonl.log(metrics)
+                    wandb.log(metrics, step + 1)
+                console.update(metrics)
+            if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step:
+                _save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world.is_main)
+    finally:
+        if world.is_main:
+            summary = None
+            if metrics:
+                summary = (f"done: step {metrics['step']}/{tcfg.max_steps}, loss {first_loss:.4f} -> {metrics['loss']:.4f}, "
+                           f"{metrics['throughput/tokens_per_s']:.0f} tokens/s, MaxVio {metrics.get('moe/maxvio_batch', 0):.3f}; "
+                           f"run dir {run_dir}")
+            elif start_step >= tcfg.max_steps:
+                summary = f"nothing to do: {run_dir} already reached train.max_steps={tcfg.max_steps}"
+            console.close(summary)
+            jsonl.close()
+            wandb.close()
+    return metrics
+
+
+def _save(run_dir, step, tokens, model, optimizer, config_dict, keep, is_main) -> None:
+    if not is_main:  # model and optimizer are replicated over data-parallel ranks
+        return
+    trainer_state = {"step": step, "tokens": tokens, "data_position": step, "rng": _rng_state(), "config": config_dict}
+    checkpoint.save(run_dir / "checkpoints", step,
+                    {"model": model.state_dict(), "optim": optimizer.state_dict(), "trainer": trainer_state}, keep)
+
+
+def _step_metrics(step, tokens, losses, lr, grad_norm, moe, step_time, tokens_per_step, flops_per_token,
+                  world_size, cfg, model_cfg, device) -> dict:
+    loss, lm, mtp, balance = (float(v) for v in losses)
+    tokens_per_s = tokens_per_step / step_time
+    tflops_per_rank = tokens_per_s * flops_per_token / world_size / 1e12
+    metrics = {"step": step, "tokens": tokens, "loss": loss, "loss/lm": lm, "lr": lr, "grad_norm": grad_norm,
+               "throughput/tokens_per_s": tokens_per_s, "throughput/tflops": tflops_per_rank,
+               "throughput/mfu": tflops_per_rank / cfg.cluster.peak_tflops, "step_time_s": step_time,
+               "memory/peak_gib": peak_memory_gib(device)}
+    if model_cfg.num_nextn_predict_layers:
+        metrics["loss/mtp"] = mtp
+    balance_key = {"loss_free": "loss/seq_aux", "seq_aux": "loss/seq_aux", "aux_loss": "loss/aux"}.get(model_cfg.balance_mode)
+    if balance_key:
+        metrics[balance_key] = balance
+    if moe.maxvio:
+        metrics["moe/maxvio_batch"] = moe.maxvio_mean
+        for layer, value in moe.maxvio.items():
+            metrics[f"moe/maxvio_batch/layer_{layer}"] = value
+            metrics[f"moe/load/layer_{layer}"] = moe.tokens_per_expert[layer]
+            metrics[f"moe/bias_abs_mean/layer_{layer}"] = moe.bias_abs_mean[layer]
+    return metrics
