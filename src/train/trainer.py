@@ -29,6 +29,10 @@ from moetron.train.optim import build_optimizer, lr_at, piecewise
 CHECKPOINT_PARTS = ("model", "optim", "trainer")
 
 
+class UserInputError(Exception):
+    """A config, data or checkpoint problem the user can fix; its message names the key and the fix."""
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -56,7 +60,7 @@ def _resume(run_dir: Path, cfg, model, optimizer):
     current_model_cfg = OmegaConf.to_container(cfg.model)
     if saved_model_cfg != current_model_cfg:
         changed = sorted(k for k in current_model_cfg if saved_model_cfg.get(k) != current_model_cfg[k])
-        raise ValueError(f"the checkpoint in {run_dir / 'checkpoints'} was trained with other model settings "
+        raise UserInputError(f"the checkpoint in {run_dir / 'checkpoints'} was trained with other model settings "
                          f"({', '.join('model.' + k for k in changed)}); use a new hydra.run.dir or train.resume=false")
     model.load_state_dict(parts["model"])
     optimizer.load_state_dict(parts["optim"])
@@ -67,13 +71,16 @@ def _resume(run_dir: Path, cfg, model, optimizer):
 def train(cfg, run_dir: Path) -> dict:
     """Run training as `cfg` says, in `run_dir`; returns the last step's metrics (on every rank)."""
     world = world_from_env()
-    dp = validate(cfg, world.size)  # before any process group starts
-    model_cfg = OmegaConf.to_object(cfg.model).validate()
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
-                         f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
-    sampler = PackedSampler(load_tokens(cfg.data.path, tokenizer), cfg.train.seq_len, cfg.train.seed)
+    try:  # everything a user can get wrong is checked here, before any process group starts
+        dp = validate(cfg, world.size)
+        model_cfg = OmegaConf.to_object(cfg.model).validate()
+        tokenizer = get_tokenizer(cfg.data.tokenizer)
+        if model_cfg.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
+                             f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
+        sampler = PackedSampler(load_tokens(cfg.data.path, tokenizer), cfg.train.seq_len, cfg.train.seed)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserInputError(str(err)) from err
 
     device = pick_device(world)
     group = init_process_group(world, device)

@@ -82,3 +82,19 @@ def test_rms_norm_gradients():
     assert torch.autograd.gradcheck(norm, (x,))
     reference = torch.nn.functional.rms_norm(x, (16,), norm.weight, norm.eps)
     torch.testing.assert_close(norm(x), reference, rtol=1e-12, atol=1e-12)  # float64: exact up to rounding
+
+
+def test_bf16_autocast_keeps_gating_in_float32():
+    cfg = load_preset("tiny")
+    model = build_model(cfg).train()
+    inputs, labels = _batch(cfg, 2, 16)
+    seen = {}
+    router = model.layers[1].mlp.gate
+    router.register_forward_hook(lambda m, args, out: seen.update(gate=out.topk_weight_TK.dtype))
+    experts = model.layers[1].mlp.experts
+    experts.register_forward_hook(lambda m, args, out: seen.update(experts=out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(inputs, labels)
+    out.loss.backward()
+    assert seen == {"gate": torch.float32, "experts": torch.bfloat16}
+    assert model.layers[1].mlp.experts.gate_up_proj.grad.dtype == torch.float32  # FP32 master weights

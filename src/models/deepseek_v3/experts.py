@@ -50,7 +50,14 @@ def grouped_mm_loop(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E
 
 def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                use_grouped_mm: bool = True) -> torch.Tensor:
-    """Rows of x grouped by expert (sizes `tokens_per_expert_E`) times each expert's w[e]^T -> [S, N]."""
+    """Rows of x grouped by expert (sizes `tokens_per_expert_E`) times each expert's w[e]^T -> [S, N].
+
+    Under autocast both operands are cast to the autocast dtype, as autocast does for F.linear.
+    """
+    device_type = x_SK.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x_SK, w_ENK = x_SK.to(dtype), w_ENK.to(dtype)
     if use_grouped_mm and HAS_GROUPED_MM and _aligned(x_SK) and _aligned(w_ENK) and w_ENK.shape[1] * w_ENK.element_size() % 16 == 0:
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         return _GroupedMM.apply(x_SK, w_ENK, offsets_E)

@@ -61,8 +61,9 @@ class TopKRouter(nn.Module):
     def forward(self, x_BSH: torch.Tensor) -> Routing:
         cfg = self.cfg
         B, S, H = x_BSH.shape
-        # Gating stays in float32 whatever the compute dtype (report section 3.3).
-        scores_TE = F.linear(x_BSH.reshape(B * S, H).float(), self.weight.float()).sigmoid()
+        # Gating stays in float32 whatever the compute dtype, autocast included (report section 3.3).
+        with torch.autocast(x_BSH.device.type, enabled=False):
+            scores_TE = F.linear(x_BSH.reshape(B * S, H).float(), self.weight.float()).sigmoid()
         choice_TE = scores_TE.detach() + self.expert_bias
         if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
             choice_TE = limit_to_top_groups(choice_TE, cfg.n_group, cfg.topk_group)
