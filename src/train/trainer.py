@@ -104,6 +104,11 @@ def _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler) -> d
     start_step, tokens_seen = _resume(run_dir, cfg, model, optimizer)
     if world.is_main and start_step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
+    if start_step >= tcfg.max_steps:
+        if world.is_main:
+            print(f"nothing to do: {run_dir} already reached train.max_steps={tcfg.max_steps} "
+                  "(raise train.max_steps to train on)", flush=True)
+        return {}
 
     flops_per_token = training_flops_per_token(model, tcfg.seq_len)
     tokens_per_step = tcfg.global_batch * tcfg.seq_len
@@ -158,8 +163,6 @@ def _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler) -> d
                 summary = (f"done: step {metrics['step']}/{tcfg.max_steps}, loss {first_loss:.4f} -> {metrics['loss']:.4f}, "
                            f"{metrics['throughput/tokens_per_s']:.0f} tokens/s, MaxVio {metrics.get('moe/maxvio_batch', 0):.3f}; "
                            f"run dir {run_dir}")
-            elif start_step >= tcfg.max_steps:
-                summary = f"nothing to do: {run_dir} already reached train.max_steps={tcfg.max_steps}"
             console.close(summary)
             jsonl.close()
             wandb.close()

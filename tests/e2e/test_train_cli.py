@@ -42,6 +42,10 @@ def test_the_documented_command_works_as_written(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "step_00000030" / "COMPLETE").is_file()
     assert "done: step 30/30" in proc.stdout
+    again = subprocess.run([exe, "model=tiny", "train.max_steps=30", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                           env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert len(read_metrics(run_dir)) == 30
 
 
 def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path):
