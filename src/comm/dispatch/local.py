@@ -1,13 +1,5 @@
-"""Token dispatchers: move routed tokens to their experts and their outputs back.
-
-Contract (DESIGN.md), for every implementation:
-
-    dispatch(x_TH, topk_idx_TK, topk_weight_TK) -> (x_recv_SH, tokens_per_local_expert_E, handle)
-    combine(y_SH, handle) -> y_TH
-
-`x_recv_SH` holds one row per (token, chosen local expert), grouped by local expert in ascending
-order, `tokens_per_local_expert_E` the group sizes; `combine` weights each row by its gate and sums
-the rows of a token. Both are differentiable (gradients reach x and the gates).
+"""EP = 1: every expert is local, so dispatch is a permutation of token copies (see the package
+docstring for the contract).
 
 Shape legend: T tokens, H hidden, K experts per token, S received rows, E local experts.
 """

@@ -1,0 +1,87 @@
+"""One hop of a dispatch: send each row once to every destination that holds one of its experts.
+
+A row carries its K expert ids (-1 for slots that are not the destination's) and its K gates, so
+the receiver knows which of its experts the row is for. `plan_hop` is the pure layout step (also
+used by the traffic benchmark without any process group); `send_hop` runs it, `return_hop` brings
+per-row partial outputs back and sums them per source row (the combine direction).
+
+Shape legend: R source rows, K slots (experts per token), D destinations, N rows sent, M rows
+received, H hidden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from moetron.comm.a2a import all_to_all, exchange_counts
+from moetron.comm.traffic import TrafficCounter
+
+
+class IdentityCodec:
+    """The payload codec hook: how token rows travel. FP8 dispatch (1x128 tiles + scales) plugs in
+    here; identity sends the rows as they are."""
+
+    def encode(self, x_NH: torch.Tensor) -> list[torch.Tensor]:
+        return [x_NH]
+
+    def decode(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0]
+
+    def bytes_per_row(self, x_NH: torch.Tensor) -> int:
+        return x_NH.shape[-1] * x_NH.element_size()
+
+
+@dataclass
+class HopPlan:
+    row_idx_N: torch.Tensor  # source row of each sent row, grouped by destination
+    send_counts_D: torch.Tensor  # int64
+    sent_expert_NK: torch.Tensor  # expert ids of the destination's slots, -1 elsewhere
+
+
+def plan_hop(expert_RK: torch.Tensor, dest_RK: torch.Tensor, num_dest: int) -> HopPlan:
+    """Rows to send where: row r goes once to each destination some valid slot of r maps to."""
+    R = expert_RK.shape[0]
+    dest_RK = torch.where(expert_RK >= 0, dest_RK, num_dest)  # invalid slots -> a dropped column
+    mask_RD = torch.zeros(R, num_dest + 1, dtype=torch.bool, device=expert_RK.device)
+    mask_RD.scatter_(1, dest_RK, True)
+    mask_RD = mask_RD[:, :num_dest]
+    dest_N, row_N = mask_RD.t().nonzero(as_tuple=True)  # ordered by destination, then row
+    keep_NK = dest_RK.index_select(0, row_N) == dest_N.unsqueeze(1)
+    sent_expert_NK = torch.where(keep_NK, expert_RK.index_select(0, row_N), -1)
+    return HopPlan(row_N, mask_RD.sum(dim=0), sent_expert_NK)
+
+
+@dataclass
+class Hop:
+    row_idx_N: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    group: Optional[dist.ProcessGroup]
+    num_rows: int
+    links: Sequence[Optional[str]]
+
+
+def send_hop(x_RH, expert_RK, weight_RK, dest_RK, num_dest: int, group, links: Sequence[Optional[str]],
+             codec: IdentityCodec, traffic: TrafficCounter):
+    """Exchange rows; returns (x_MH, expert_MK, weight_MK, Hop). Differentiable in x and weight."""
+    plan = plan_hop(expert_RK, dest_RK, num_dest)
+    send = plan.send_counts_D.tolist()
+    recv = exchange_counts(plan.send_counts_D, group).tolist()
+    x_NH = x_RH.index_select(0, plan.row_idx_N)
+    x_MH = codec.decode([all_to_all(part, send, recv, group) for part in codec.encode(x_NH)])
+    weight_MK = all_to_all(weight_RK.index_select(0, plan.row_idx_N), send, recv, group)
+    expert_MK = all_to_all(plan.sent_expert_NK, send, recv, group)
+    K = expert_RK.shape[1]
+    row_bytes = codec.bytes_per_row(x_NH) + K * (weight_RK.element_size() + expert_RK.element_size())
+    traffic.add(send, row_bytes, links)
+    return x_MH, expert_MK, weight_MK, Hop(plan.row_idx_N, send, recv, group, x_RH.shape[0], links)
+
+
+def return_hop(y_MH: torch.Tensor, hop: Hop, traffic: TrafficCounter) -> torch.Tensor:
+    """Send partial outputs back along `hop` and sum them per source row -> y_RH."""
+    y_NH = all_to_all(y_MH, hop.recv_splits, hop.send_splits, hop.group)
+    traffic.add(hop.recv_splits, y_MH.shape[-1] * y_MH.element_size(), hop.links)
+    return y_NH.new_zeros(hop.num_rows, y_NH.shape[-1]).index_add(0, hop.row_idx_N, y_NH)

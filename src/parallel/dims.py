@@ -1,0 +1,142 @@
+"""Parallel dimensions, cluster topology, rank placement and the process groups that fall out of them.
+
+world = pp x dp x ep ranks, laid out as the grid `arange(world).view(pp, dp, ep)`: EP is the
+innermost dimension, so an EP group is a run of consecutive ranks and stays inside a node whenever
+ep divides the GPUs per node (ranks fill nodes in order). Within a pipeline stage, attention and
+dense layers are data-parallel over all dp x ep ranks (the "stage" group); routed experts are
+sharded over ep and replicated over dp (the "edp" group). For the two-hop dispatch, an EP group
+spanning several nodes splits further into `nvl` (its ranks on my node) and `ib` (its ranks with my
+local index on every node).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Topology:
+    nodes: int
+    gpus_per_node: int  # ranks per node (virtual nodes on a CPU)
+    nvlink_gbps: float = 0.0
+    ib_gbps: float = 0.0
+    peak_tflops: float = 1.0
+
+    @classmethod
+    def from_config(cls, cluster, world_size: int) -> "Topology":
+        per_node = cluster.gpus_per_node or max(world_size // max(cluster.nodes, 1), 1)
+        return cls(cluster.nodes, per_node, cluster.nvlink_gbps, cluster.ib_gbps, cluster.peak_tflops)
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    pp: int
+    dp: int
+    ep: int
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.ep
+
+    def grid(self) -> torch.Tensor:
+        return torch.arange(self.world_size).view(self.pp, self.dp, self.ep)
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pp index, dp index, ep index) of a rank."""
+        pp_idx, rest = divmod(rank, self.dp * self.ep)
+        dp_idx, ep_idx = divmod(rest, self.ep)
+        return pp_idx, dp_idx, ep_idx
+
+    def problems(self, world_size: int, topology: Topology, num_experts: Optional[int] = None) -> list[str]:
+        """What is inconsistent, each naming the key and the fix (empty when all is well)."""
+        out = []
+        if self.world_size != world_size:
+            out.append(f"world size {world_size} != parallel.pp*parallel.dp*parallel.ep = {self.pp}*{self.dp}*{self.ep}: "
+                       f"launch {self.world_size} ranks or change parallel.dp")
+        if topology.nodes * topology.gpus_per_node != world_size:
+            out.append(f"cluster.nodes x cluster.gpus_per_node = {topology.nodes} x {topology.gpus_per_node} != "
+                       f"world size {world_size}: describe the ranks you launch")
+        if num_experts is not None and num_experts % self.ep:
+            out.append(f"model.n_routed_experts={num_experts} is not divisible by parallel.ep={self.ep}: "
+                       "choose an ep that divides it")
+        per_node = topology.gpus_per_node
+        if self.ep > per_node and self.ep % per_node:
+            out.append(f"parallel.ep={self.ep} spans nodes of {per_node} ranks unevenly: use a multiple of "
+                       f"cluster.gpus_per_node={per_node}")
+        if self.ep < per_node and per_node % self.ep:
+            out.append(f"parallel.ep={self.ep} does not divide cluster.gpus_per_node={per_node}: an EP group "
+                       "would straddle a node boundary")
+        return out
+
+    def ep_nodes(self, topology: Topology) -> int:
+        """Nodes one EP group spans."""
+        return max(self.ep // topology.gpus_per_node, 1)
+
+    def placement(self, topology: Topology) -> str:
+        """A table of where every rank sits, printed at start."""
+        lines = [f"placement: pp={self.pp} dp={self.dp} ep={self.ep} on {topology.nodes} node(s) x "
+                 f"{topology.gpus_per_node} rank(s); EP groups span {self.ep_nodes(topology)} node(s)"]
+        for rank in range(self.world_size):
+            pp_idx, dp_idx, ep_idx = self.coords(rank)
+            lines.append(f"  rank {rank:4d}: node {topology.node_of(rank):3d} local {rank % topology.gpus_per_node:2d}"
+                         f" | pp {pp_idx} dp {dp_idx} ep {ep_idx}")
+        return "\n".join(lines)
+
+
+@dataclass
+class ParallelGroups:
+    """This rank's process groups (None where the group is this rank alone) and its coordinates."""
+
+    dims: ParallelDims
+    topology: Topology
+    rank: int
+    ep_group: Optional[dist.ProcessGroup]
+    edp_group: Optional[dist.ProcessGroup]  # same experts, other dp replicas
+    stage_group: Optional[dist.ProcessGroup]  # all dp x ep ranks of my pipeline stage
+    nvl_group: Optional[dist.ProcessGroup]  # my EP group's ranks on my node
+    ib_group: Optional[dist.ProcessGroup]  # my EP group's ranks with my local index, one per node
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dims.coords(self.rank)[2]
+
+    @property
+    def stage_rank(self) -> int:
+        """Index among the dp x ep ranks of the stage (each reads its own data)."""
+        _, dp_idx, ep_idx = self.dims.coords(self.rank)
+        return dp_idx * self.dims.ep + ep_idx
+
+    @property
+    def ep_ranks_per_node(self) -> int:
+        return min(self.dims.ep, self.topology.gpus_per_node)
+
+
+def _make_groups(rank_lists: list[list[int]], rank: int) -> Optional[dist.ProcessGroup]:
+    """Create every group of a partition (all ranks must call this alike); return the one holding rank."""
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def build_groups(dims: ParallelDims, topology: Topology, rank: int) -> ParallelGroups:
+    """All process groups, from the rank grid; call on every rank after init_process_group."""
+    grid = dims.grid()
+    ep_lists = grid.reshape(-1, dims.ep).tolist()
+    edp_lists = grid.permute(0, 2, 1).reshape(-1, dims.dp).tolist()
+    stage_lists = grid.reshape(dims.pp, -1).tolist()
+    per_node = min(dims.ep, topology.gpus_per_node)
+    nvl_lists = [ep[i:i + per_node] for ep in ep_lists for i in range(0, dims.ep, per_node)]
+    ib_lists = [ep[local::per_node] for ep in ep_lists for local in range(per_node)]
+    return ParallelGroups(dims, topology, rank,
+                          ep_group=_make_groups(ep_lists, rank), edp_group=_make_groups(edp_lists, rank),
+                          stage_group=_make_groups(stage_lists, rank), nvl_group=_make_groups(nvl_lists, rank),
+                          ib_group=_make_groups(ib_lists, rank))
