@@ -38,30 +38,50 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def save(root: Path, step: int, parts: dict[str, Any], keep: int) -> Path:
-    """Write `parts` (name -> object for torch.save) as checkpoint `step`, then prune to `keep`."""
+def staging_dir(root: Path, step: int) -> Path:
+    """Where checkpoint `step` is written before it is committed (shared by all writing ranks)."""
+    return root / f".tmp-step_{step:08d}"
+
+
+def begin(root: Path, step: int) -> Path:
+    """Create an empty staging folder for checkpoint `step` (one rank calls this)."""
+    tmp = staging_dir(root, step)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
+    if tmp.exists():  # left by a crashed attempt at the same step
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def write(tmp: Path, parts: dict[str, Any]) -> None:
+    """Write `parts` (name -> object for torch.save) into the staging folder, fsynced (any rank)."""
     for name, obj in parts.items():
         with (tmp / f"{name}.pt").open("wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def commit(root: Path, step: int, keep: int) -> Path:
+    """Mark the staged checkpoint complete, rename it into place, prune to `keep` (one rank, last)."""
+    tmp, final = staging_dir(root, step), root / f"step_{step:08d}"
     with (tmp / MARKER).open("w") as f:
         f.write(f"{step}\n")
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (e.g. an interrupted earlier attempt): keep it aside
+    if final.exists():  # a re-save of the same step: keep the old one aside until the rename is done
         final.rename(root / f".replaced-step_{step:08d}-{os.getpid()}")
     os.rename(tmp, final)
     _fsync_dir(root)
     _prune(root, keep)
     return final
+
+
+def save(root: Path, step: int, parts: dict[str, Any], keep: int) -> Path:
+    """Single-writer checkpoint: stage, write, commit."""
+    write(begin(root, step), parts)
+    return commit(root, step, keep)
 
 
 def _prune(root: Path, keep: int) -> None:

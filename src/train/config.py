@@ -13,6 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
+from moetron.parallel.dims import ParallelDims, Topology
+from moetron.parallel.expert_parallel import DISPATCHERS
 
 
 @dataclass
@@ -41,6 +43,7 @@ class ParallelConfig:
     ep: int = 1
     dp: Optional[int] = None  # None: world size / (pp * ep)
     schedule: str = "1f1b"
+    dispatcher: str = "hierarchical"  # alltoall | hierarchical | deepep (expert-parallel token exchange)
 
 
 @dataclass
@@ -117,27 +120,32 @@ DTYPES = ("auto", "float32", "bfloat16")
 WANDB_MODES = ("auto", "disabled", "offline", "online")
 
 
-def validate(cfg, world_size: int) -> int:
-    """Check a composed config against the world size; return the data-parallel size."""
+def validate(cfg, world_size: int) -> ParallelDims:
+    """Check a composed config against the world size; return the parallel dimensions."""
     problems = []
-    par, train = cfg.parallel, cfg.train
+    par, train, model = cfg.parallel, cfg.train, cfg.model
     if par.pp != 1:
         problems.append(f"parallel.pp={par.pp}: pipeline parallelism is not built yet; use parallel.pp=1")
-    if par.ep != 1:
-        problems.append(f"parallel.ep={par.ep}: expert parallelism is not built yet; use parallel.ep=1")
     if par.schedule not in SCHEDULES:
         problems.append(f"parallel.schedule={par.schedule!r}: choose one of {SCHEDULES}")
+    if par.dispatcher not in DISPATCHERS:
+        problems.append(f"parallel.dispatcher={par.dispatcher!r}: choose one of {DISPATCHERS}")
     model_ranks = par.pp * par.ep
     dp = par.dp if par.dp is not None else max(world_size // max(model_ranks, 1), 1)
-    if model_ranks * dp != world_size:
-        problems.append(f"world size {world_size} != parallel.pp*parallel.ep*parallel.dp = {par.pp}*{par.ep}*{dp}: "
-                        f"launch {model_ranks * dp} ranks or change parallel.dp")
-    if train.micro_batch < 1 or train.global_batch % (train.micro_batch * dp):
-        problems.append(f"train.global_batch={train.global_batch} must be a multiple of train.micro_batch x dp = "
-                        f"{train.micro_batch} x {dp}")
-    if train.seq_len > cfg.model.max_position_embeddings:
+    dims = ParallelDims(pp=par.pp, dp=dp, ep=par.ep)
+    topology = Topology.from_config(cfg.cluster, world_size)
+    problems += dims.problems(world_size, topology, model.n_routed_experts)
+    ep_nodes = dims.ep_nodes(topology)
+    if ep_nodes > 1 and model.topk_group < model.n_group and model.n_group != ep_nodes:
+        problems.append(f"node-limited routing maps expert groups to nodes: the EP group spans {ep_nodes} nodes, so set "
+                        f"model.n_group={ep_nodes} (model.topk_group = M, the most nodes per token)")
+    data_ranks = dims.dp * dims.ep  # each dp x ep rank of a stage reads its own sequences
+    if train.micro_batch < 1 or train.global_batch % (train.micro_batch * data_ranks):
+        problems.append(f"train.global_batch={train.global_batch} must be a multiple of train.micro_batch x dp x ep = "
+                        f"{train.micro_batch} x {dims.dp} x {dims.ep}")
+    if train.seq_len > model.max_position_embeddings:
         problems.append(f"train.seq_len={train.seq_len} exceeds model.max_position_embeddings="
-                        f"{cfg.model.max_position_embeddings}")
+                        f"{model.max_position_embeddings}")
     if train.ckpt_every < 1 or train.ckpt_keep < 1:
         problems.append("train.ckpt_every and train.ckpt_keep must be >= 1")
     for key, value in (("precision.compute_dtype", cfg.precision.compute_dtype),
@@ -154,4 +162,4 @@ def validate(cfg, world_size: int) -> int:
             problems.append(f"train.{key} must be [[0, value], [tokens, value], ...] in increasing tokens")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
-    return dp
+    return dims

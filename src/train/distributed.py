@@ -51,20 +51,6 @@ def init_process_group(world: World, device: torch.device) -> Optional[dist.Proc
     return dist.group.WORLD
 
 
-def average_gradients(params, group: Optional[dist.ProcessGroup], size: int) -> None:
-    """All-reduce-mean the gradients over `group` in one flat buffer (replicated data parallelism)."""
-    if group is None or size == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def all_reduce_mean(values: torch.Tensor, group: Optional[dist.ProcessGroup], size: int) -> torch.Tensor:
     if group is not None and size > 1:
         dist.all_reduce(values, group=group)

@@ -21,13 +21,12 @@ from moetron.models.deepseek_v3.params import training_flops_per_token
 from moetron.train import checkpoint
 from moetron.train.config import validate
 from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
-from moetron.train.distributed import (all_reduce_mean, average_gradients, init_process_group, pick_device,
-                                       world_from_env)
+from moetron.models.deepseek_v3.parallelize import expert_parameters, parallelize
+from moetron.parallel.dims import Topology, build_groups
+from moetron.parallel.grad_reduce import clip_grad_norm, reduce_gradients
+from moetron.train.distributed import all_reduce_mean, init_process_group, pick_device, world_from_env
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.optim import build_optimizer, lr_at, piecewise
-
-CHECKPOINT_PARTS = ("model", "optim", "trainer")
-
 
 class UserInputError(Exception):
     """A config, data or checkpoint problem the user can fix; its message names the key and the fix."""
@@ -50,12 +49,21 @@ def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _resume(run_dir: Path, cfg, model, optimizer):
+def _resume(run_dir: Path, cfg, model, optimizer, groups):
     """(step, tokens) of the newest loadable checkpoint, restored into model/optimizer/RNG; (0, 0) if none."""
-    found = checkpoint.load_latest(run_dir / "checkpoints", CHECKPOINT_PARTS) if cfg.train.resume else None
+    model_name, optim_name = _shard_names(groups)
+    found = checkpoint.load_latest(run_dir / "checkpoints", (model_name, optim_name, "trainer")) if cfg.train.resume else None
+    steps = [found[0] if found else 0]
+    if groups.dims.world_size > 1:  # every rank must resume from the same step
+        steps = [None] * groups.dims.world_size
+        torch.distributed.all_gather_object(steps, found[0] if found else 0)
+    if len(set(steps)) > 1:
+        raise UserInputError(f"ranks found different newest checkpoints in {run_dir / 'checkpoints'} (steps {steps}); "
+                             "a shard is missing or corrupt: remove the newest step folder to resume from the previous one")
     if found is None:
         return 0, 0
     step, parts = found
+    parts = {"model": parts[model_name], "optim": parts[optim_name], "trainer": parts["trainer"]}
     saved_model_cfg = parts["trainer"]["config"]["model"]
     current_model_cfg = OmegaConf.to_container(cfg.model)
     if saved_model_cfg != current_model_cfg:
@@ -72,7 +80,8 @@ def train(cfg, run_dir: Path) -> dict:
     """Run training as `cfg` says, in `run_dir`; returns the last step's metrics (on every rank)."""
     world = world_from_env()
     try:  # everything a user can get wrong is checked here, before any process group starts
-        dp = validate(cfg, world.size)
+        dims = validate(cfg, world.size)
+        topology = Topology.from_config(cfg.cluster, world.size)
         model_cfg = OmegaConf.to_object(cfg.model).validate()
         tokenizer = get_tokenizer(cfg.data.tokenizer)
         if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -83,25 +92,30 @@ def train(cfg, run_dir: Path) -> dict:
         raise UserInputError(str(err)) from err
 
     device = pick_device(world)
-    group = init_process_group(world, device)
+    world_group = init_process_group(world, device)
     try:
-        return _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler)
+        groups = build_groups(dims, topology, world.rank)
+        if world.is_main and world.size > 1:
+            print(dims.placement(topology), flush=True)
+        return _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler)
     finally:
-        if group is not None:
+        if world_group is not None:
             torch.distributed.destroy_process_group()
 
 
-def _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler) -> dict:
+def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict:
     tcfg = cfg.train
     deterministic = tcfg.deterministic if tcfg.deterministic is not None else device.type == "cpu"
     torch.use_deterministic_algorithms(deterministic)
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
-    model = build_model(model_cfg).to(device).train()
+    dims = groups.dims
+    data_ranks = dims.dp * dims.ep  # every dp x ep rank of the stage reads its own sequences
+    model = parallelize(build_model(model_cfg).to(device).train(), groups, cfg.parallel.dispatcher)
     optimizer = build_optimizer(model, cfg.optim, device)
     compute_dtype = _compute_dtype(cfg, device)
-    start_step, tokens_seen = _resume(run_dir, cfg, model, optimizer)
+    start_step, tokens_seen = _resume(run_dir, cfg, model, optimizer, groups)
     if world.is_main and start_step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
     if start_step >= tcfg.max_steps:
@@ -112,7 +126,7 @@ def _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler) -> d
 
     flops_per_token = training_flops_per_token(model, tcfg.seq_len)
     tokens_per_step = tcfg.global_batch * tcfg.seq_len
-    micro_per_rank = tcfg.global_batch // (tcfg.micro_batch * dp)
+    micro_per_rank = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
     end_step = tcfg.max_steps if not tcfg.exit_after_steps else min(tcfg.max_steps, start_step + tcfg.exit_after_steps)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     jsonl = wandb = console = None
@@ -122,7 +136,8 @@ def _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler) -> d
         console = Console(cfg.logging.progress, start_step, tcfg.max_steps)
 
     metrics, first_loss, step = {}, None, start_step
-    params = [p for p in model.parameters() if p.requires_grad]
+    experts = expert_parameters(model)
+    replicated = [p for p in model.parameters() if p.requires_grad and all(p is not e for e in experts)]
     try:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
@@ -131,23 +146,26 @@ def _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler) -> d
                 group_["lr"] = lr
             model.mtp_loss_weight = piecewise(tcfg.mtp_weight_schedule, tokens_seen)
             sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, mtp, balance
-            for inputs, labels in sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, world.rank, dp):
+            for inputs, labels in sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.stage_rank,
+                                                        data_ranks):
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     out = model(inputs.to(device), labels.to(device))
                 (out.loss / micro_per_rank).backward()
                 parts = (out.loss, out.loss_lm, out.loss_mtp, out.loss_balance)
                 sums += torch.tensor([0.0 if t is None else t.item() for t in parts], dtype=torch.float64)
-            average_gradients(params, group, dp)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            reduce_gradients(replicated, experts, groups.stage_group, groups.edp_group, data_ranks)
+            grad_norm = clip_grad_norm(replicated, experts, cfg.optim.grad_clip, groups.ep_group)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            moe = finish_moe_step(model, piecewise(tcfg.bias_update_schedule, tokens_seen), group)
+            moe = finish_moe_step(model, piecewise(tcfg.bias_update_schedule, tokens_seen), groups.stage_group)
             tokens_seen += tokens_per_step
-            losses = all_reduce_mean(sums / micro_per_rank, group, dp)
+            losses = all_reduce_mean(sums / micro_per_rank, groups.stage_group, data_ranks)
+            traffic = _traffic_bytes(model, groups.stage_group)
             step_time = time.perf_counter() - t0
 
-            metrics = _step_metrics(step + 1, tokens_seen, losses, lr, float(grad_norm), moe, step_time,
+            metrics = _step_metrics(step + 1, tokens_seen, losses, lr, grad_norm, moe, step_time,
                                     tokens_per_step, flops_per_token, world.size, cfg, model_cfg, device)
+            metrics.update(traffic)
             first_loss = metrics["loss"] if first_loss is None else first_loss
             if world.is_main:
                 if (step + 1) % tcfg.log_every == 0 or step + 1 == end_step:
@@ -155,7 +173,7 @@ def _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler) -> d
                     wandb.log(metrics, step + 1)
                 console.update(metrics)
             if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step:
-                _save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world.is_main)
+                _save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups)
     finally:
         if world.is_main:
             summary = None
@@ -169,12 +187,47 @@ def _train_loop(cfg, run_dir, world, dp, group, device, model_cfg, sampler) -> d
     return metrics
 
 
-def _save(run_dir, step, tokens, model, optimizer, config_dict, keep, is_main) -> None:
-    if not is_main:  # model and optimizer are replicated over data-parallel ranks
-        return
-    trainer_state = {"step": step, "tokens": tokens, "data_position": step, "rng": _rng_state(), "config": config_dict}
-    checkpoint.save(run_dir / "checkpoints", step,
-                    {"model": model.state_dict(), "optim": optimizer.state_dict(), "trainer": trainer_state}, keep)
+def _shard_names(groups) -> tuple[str, str]:
+    """Checkpoint part names of this rank's model and optimizer: one pair per EP rank under EP."""
+    suffix = f"-ep{groups.ep_rank}" if groups.dims.ep > 1 else ""
+    return f"model{suffix}", f"optim{suffix}"
+
+
+def _save(run_dir, step, tokens, model, optimizer, config_dict, keep, world, groups) -> None:
+    """Rank 0 stages the folder; the first dp replica of every EP rank writes its shard; rank 0 commits."""
+    root = run_dir / "checkpoints"
+    if world.is_main:
+        checkpoint.begin(root, step)
+    _barrier(world)
+    _, dp_idx, _ = groups.dims.coords(world.rank)
+    if dp_idx == 0:
+        model_name, optim_name = _shard_names(groups)
+        parts = {model_name: model.state_dict(), optim_name: optimizer.state_dict()}
+        if world.is_main:
+            parts["trainer"] = {"step": step, "tokens": tokens, "data_position": step, "rng": _rng_state(),
+                                "config": config_dict}
+        checkpoint.write(checkpoint.staging_dir(root, step), parts)
+    _barrier(world)
+    if world.is_main:
+        checkpoint.commit(root, step, keep)
+    _barrier(world)
+
+
+def _barrier(world) -> None:
+    if world.size > 1:
+        torch.distributed.barrier()
+
+
+def _traffic_bytes(model, stage_group) -> dict:
+    """Bytes the step's forward dispatch and combine sent over each link class, summed over ranks."""
+    counter = getattr(model, "traffic", None)
+    if counter is None:
+        return {}
+    moved = counter.take()
+    totals = torch.tensor([moved["ib"], moved["nvlink"]], dtype=torch.float64)
+    if stage_group is not None:
+        torch.distributed.all_reduce(totals, group=stage_group)
+    return {"comm/a2a_bytes/ib": int(totals[0]), "comm/a2a_bytes/nvlink": int(totals[1])}
 
 
 def _step_metrics(step, tokens, losses, lr, grad_norm, moe, step_time, tokens_per_step, flops_per_token,

@@ -1,0 +1,54 @@
+"""Gradient reduction and clipping across data- and expert-parallel ranks.
+
+The objective is the mean of the per-rank losses over the dp x ep ranks of a stage. Replicated
+parameters (attention, dense, shared experts, routers) sum their gradients over the stage group;
+an EP rank's experts already received the gradients of every EP peer's tokens through the
+all-to-all, so expert gradients sum over the expert-data-parallel group only. Both divide by dp x ep.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def _all_reduce_flat(grads: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], scale: float) -> None:
+    if not grads:
+        return
+    if group is None:
+        if scale != 1.0:
+            torch._foreach_mul_(list(grads), scale)
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def reduce_gradients(replicated, experts, stage_group, edp_group, data_ranks: int) -> None:
+    """Average gradients into d(mean loss over the stage's data ranks)/d(param)."""
+    scale = 1.0 / data_ranks
+    _all_reduce_flat([p.grad for p in replicated if p.grad is not None], stage_group, scale)
+    _all_reduce_flat([p.grad for p in experts if p.grad is not None], edp_group, scale)
+
+
+def clip_grad_norm(replicated, experts, max_norm: float, ep_group: Optional[dist.ProcessGroup]) -> float:
+    """Clip by the norm of the whole model's gradient: replicated parameters count once, expert
+    shards are summed over the EP group, so every rank scales by the same factor."""
+    def sq_norm(params):
+        grads = [p.grad for p in params if p.grad is not None]
+        return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+
+    expert_sq = sq_norm(experts)
+    if ep_group is not None:
+        dist.all_reduce(expert_sq, group=ep_group)
+    total = math.sqrt(float(sq_norm(replicated) + expert_sq))
+    if max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        torch._foreach_mul_([p.grad for p in (*replicated, *experts) if p.grad is not None], scale)
+    return total
