@@ -101,6 +101,11 @@ class ParallelGroups:
     stage_group: Optional[dist.ProcessGroup]  # all dp x ep ranks of my pipeline stage
     nvl_group: Optional[dist.ProcessGroup]  # my EP group's ranks on my node
     ib_group: Optional[dist.ProcessGroup]  # my EP group's ranks with my local index, one per node
+    pp_group: Optional[dist.ProcessGroup] = None  # my pipeline: the pp ranks with my dp and ep index
+
+    @property
+    def pp_rank(self) -> int:
+        return self.dims.coords(self.rank)[0]
 
     @property
     def ep_rank(self) -> int:
@@ -136,7 +141,21 @@ def build_groups(dims: ParallelDims, topology: Topology, rank: int) -> ParallelG
     per_node = min(dims.ep, topology.gpus_per_node)
     nvl_lists = [ep[i:i + per_node] for ep in ep_lists for i in range(0, dims.ep, per_node)]
     ib_lists = [ep[local::per_node] for ep in ep_lists for local in range(per_node)]
+    pp_lists = grid.permute(1, 2, 0).reshape(-1, dims.pp).tolist()
     return ParallelGroups(dims, topology, rank,
                           ep_group=_make_groups(ep_lists, rank), edp_group=_make_groups(edp_lists, rank),
                           stage_group=_make_groups(stage_lists, rank), nvl_group=_make_groups(nvl_lists, rank),
-                          ib_group=_make_groups(ib_lists, rank))
+                          ib_group=_make_groups(ib_lists, rank), pp_group=_make_groups(pp_lists, rank))
+
+
+def pipeline_subgroups(dims: ParallelDims, rank: int, pp_sets: list[tuple[int, ...]]) -> dict:
+    """For each set of pp indices, the group of those pipeline ranks in my (dp, ep) column (every
+    rank creates all of them, in the same order). Returns {pp set: group} for the sets I belong to."""
+    grid = dims.grid()
+    mine = {}
+    for pp_set in pp_sets:
+        lists = [[int(grid[q, d, e]) for q in pp_set] for d in range(dims.dp) for e in range(dims.ep)]
+        group = _make_groups(lists, rank)
+        if dims.coords(rank)[0] in pp_set:
+            mine[pp_set] = group
+    return mine

@@ -37,17 +37,35 @@ def reduce_gradients(replicated, experts, stage_group, edp_group, data_ranks: in
     _all_reduce_flat([p.grad for p in experts if p.grad is not None], edp_group, scale)
 
 
-def clip_grad_norm(replicated, experts, max_norm: float, ep_group: Optional[dist.ProcessGroup]) -> float:
-    """Clip by the norm of the whole model's gradient: replicated parameters count once, expert
-    shards are summed over the EP group, so every rank scales by the same factor."""
+def sum_shared_gradients(shared: dict[tuple[int, ...], list], groups: dict) -> None:
+    """Parameters held by several pipeline ranks (DualPipe's mirrored stages, the embedding the MTP
+    tail reads on another rank) sum their gradients over those ranks; a holder without a gradient
+    contributes zeros."""
+    for pp_set, params in shared.items():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        _all_reduce_flat([p.grad for p in params], groups[pp_set], 1.0)
+
+
+def clip_grad_norm(replicated, experts, max_norm: float, ep_group: Optional[dist.ProcessGroup],
+                   pp_group: Optional[dist.ProcessGroup] = None, copies: Optional[dict] = None) -> float:
+    """Clip by the norm of the whole model's gradient: expert shards are summed over the EP group,
+    pipeline ranks' parts over the pp group (a parameter held by n pipeline ranks counts 1/n on
+    each, `copies[id(p)] = n`), so every rank scales by the same factor."""
+    copies = copies or {}
+
     def sq_norm(params):
-        grads = [p.grad for p in params if p.grad is not None]
-        return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        terms = [p.grad.detach().float().pow(2).sum() / copies.get(id(p), 1) for p in params if p.grad is not None]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
     expert_sq = sq_norm(experts)
     if ep_group is not None:
         dist.all_reduce(expert_sq, group=ep_group)
-    total = math.sqrt(float(sq_norm(replicated) + expert_sq))
+    total_sq = sq_norm(replicated) + expert_sq
+    if pp_group is not None:
+        dist.all_reduce(total_sq, group=pp_group)
+    total = math.sqrt(float(total_sq))
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
         torch._foreach_mul_([p.grad for p in (*replicated, *experts) if p.grad is not None], scale)

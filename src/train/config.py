@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.parallel.dims import ParallelDims, Topology
 from moetron.parallel.expert_parallel import DISPATCHERS
+from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
 
 
 @dataclass
@@ -42,7 +43,8 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     dp: Optional[int] = None  # None: world size / (pp * ep)
-    schedule: str = "1f1b"
+    schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zb1p | dualpipe | dualpipev (used when pp > 1)
+    layout: Optional[list[Any]] = None  # decoder layers per stage module, e.g. [[0, 1], [2]]; None: even
     dispatcher: str = "hierarchical"  # alltoall | hierarchical | deepep (expert-parallel token exchange)
 
 
@@ -115,7 +117,6 @@ def register_configs() -> None:
     cs.store(name="root_schema", node=RootConfig)
 
 
-SCHEDULES = ("1f1b",)  # pipeline schedules arrive with the pipeline issue
 DTYPES = ("auto", "float32", "bfloat16")
 WANDB_MODES = ("auto", "disabled", "offline", "online")
 
@@ -124,10 +125,8 @@ def validate(cfg, world_size: int) -> ParallelDims:
     """Check a composed config against the world size; return the parallel dimensions."""
     problems = []
     par, train, model = cfg.parallel, cfg.train, cfg.model
-    if par.pp != 1:
-        problems.append(f"parallel.pp={par.pp}: pipeline parallelism is not built yet; use parallel.pp=1")
-    if par.schedule not in SCHEDULES:
-        problems.append(f"parallel.schedule={par.schedule!r}: choose one of {SCHEDULES}")
+    if par.schedule not in BUILDERS:
+        problems.append(f"parallel.schedule={par.schedule!r}: choose one of {sorted(BUILDERS)}")
     if par.dispatcher not in DISPATCHERS:
         problems.append(f"parallel.dispatcher={par.dispatcher!r}: choose one of {DISPATCHERS}")
     model_ranks = par.pp * par.ep
@@ -143,6 +142,13 @@ def validate(cfg, world_size: int) -> ParallelDims:
     if train.micro_batch < 1 or train.global_batch % (train.micro_batch * data_ranks):
         problems.append(f"train.global_batch={train.global_batch} must be a multiple of train.micro_batch x dp x ep = "
                         f"{train.micro_batch} x {dims.dp} x {dims.ep}")
+    elif par.pp > 1 and par.schedule in BUILDERS:
+        micro_per_pipeline = train.global_batch // (train.micro_batch * data_ranks)
+        try:
+            build_schedule(par.schedule, par.pp, micro_per_pipeline)
+        except MinimumMicrobatches as err:
+            problems.append(f"{err}: each pipeline gets train.global_batch / (train.micro_batch x dp x ep) = "
+                            f"{micro_per_pipeline} micro-batches; raise train.global_batch or lower train.micro_batch")
     if train.seq_len > model.max_position_embeddings:
         problems.append(f"train.seq_len={train.seq_len} exceeds model.max_position_embeddings="
                         f"{model.max_position_embeddings}")

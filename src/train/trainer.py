@@ -26,6 +26,7 @@ from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.grad_reduce import clip_grad_norm, reduce_gradients
 from moetron.train.distributed import all_reduce_mean, init_process_group, pick_device, world_from_env
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
+from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.optim import build_optimizer, lr_at, piecewise
 
 class UserInputError(Exception):
@@ -138,29 +139,28 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
     metrics, first_loss, step = {}, None, start_step
     experts = expert_parameters(model)
     replicated = [p for p in model.parameters() if p.requires_grad and all(p is not e for e in experts)]
+    world_group = torch.distributed.group.WORLD if world.size > 1 else None
+    micro = (LocalMicroBatches(model, device, compute_dtype) if dims.pp == 1 else
+             PipelinedMicroBatches(model, cfg, groups, device, compute_dtype, micro_per_rank))
     try:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.optim, tcfg.max_steps)
             for group_ in optimizer.param_groups:
                 group_["lr"] = lr
-            model.mtp_loss_weight = piecewise(tcfg.mtp_weight_schedule, tokens_seen)
-            sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, mtp, balance
-            for inputs, labels in sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.stage_rank,
-                                                        data_ranks):
-                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                    out = model(inputs.to(device), labels.to(device))
-                (out.loss / micro_per_rank).backward()
-                parts = (out.loss, out.loss_lm, out.loss_mtp, out.loss_balance)
-                sums += torch.tensor([0.0 if t is None else t.item() for t in parts], dtype=torch.float64)
+            batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.stage_rank,
+                                                 data_ranks))
+            sums = micro.run(batches, piecewise(tcfg.mtp_weight_schedule, tokens_seen))  # loss, lm, mtp, balance
             reduce_gradients(replicated, experts, groups.stage_group, groups.edp_group, data_ranks)
-            grad_norm = clip_grad_norm(replicated, experts, cfg.optim.grad_clip, groups.ep_group)
+            micro.after_backward()
+            grad_norm = clip_grad_norm(replicated, experts, cfg.optim.grad_clip, groups.ep_group, groups.pp_group,
+                                       micro.copies)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            moe = finish_moe_step(model, piecewise(tcfg.bias_update_schedule, tokens_seen), groups.stage_group)
+            moe = finish_moe_step(model, piecewise(tcfg.bias_update_schedule, tokens_seen), world_group)
             tokens_seen += tokens_per_step
             losses = all_reduce_mean(sums / micro_per_rank, groups.stage_group, data_ranks)
-            traffic = _traffic_bytes(model, groups.stage_group)
+            traffic = _traffic_bytes(model, world_group)
             step_time = time.perf_counter() - t0
 
             metrics = _step_metrics(step + 1, tokens_seen, losses, lr, grad_norm, moe, step_time,
@@ -189,12 +189,12 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
 
 def _shard_names(groups) -> tuple[str, str]:
     """Checkpoint part names of this rank's model and optimizer: one pair per EP rank under EP."""
-    suffix = f"-ep{groups.ep_rank}" if groups.dims.ep > 1 else ""
+    suffix = (f"-pp{groups.pp_rank}" if groups.dims.pp > 1 else "") + (f"-ep{groups.ep_rank}" if groups.dims.ep > 1 else "")
     return f"model{suffix}", f"optim{suffix}"
 
 
 def _save(run_dir, step, tokens, model, optimizer, config_dict, keep, world, groups) -> None:
-    """Rank 0 stages the folder; the first dp replica of every EP rank writes its shard; rank 0 commits."""
+    """Rank 0 stages the folder; the first dp replica of every (pp, ep) rank writes its shard; rank 0 commits."""
     root = run_dir / "checkpoints"
     if world.is_main:
         checkpoint.begin(root, step)

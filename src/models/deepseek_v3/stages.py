@@ -61,6 +61,7 @@ class Stage(nn.Module):
         self.embed_tokens = model.embed_tokens if first else None
         self.layers = nn.ModuleList(model.layers[i] for i in layer_ids)
         self.aux_scale = aux_scale
+        self.balance_seen: list[float] = []  # each call's balance loss, for logging
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_BSH = self.embed_tokens(x) if self.embed_tokens is not None else x
@@ -70,6 +71,8 @@ class Stage(nn.Module):
         for layer in self.layers:
             h_BSH, balance = layer(h_BSH, cos, sin)
             aux = _add(aux, balance)
+        if aux is not None:
+            self.balance_seen.append(float(aux.detach()))
         return attach_aux_loss(h_BSH, aux, self.aux_scale)
 
 
@@ -80,21 +83,25 @@ class StageTail(nn.Module):
         super().__init__()
         self.cfg = model.cfg
         self.norm, self.lm_head, self.embed_tokens, self.mtp = model.norm, model.lm_head, model.embed_tokens, model.mtp
-        self.mtp_loss_weight = model.mtp_loss_weight
+        self.mtp_loss_weight = model.mtp_loss_weight  # the trainer follows its schedule
         self.aux_scale = aux_scale
+        self.losses_seen: list[tuple[float, float, float]] = []  # (lm, mtp, MTP balance) per call, for logging
 
     def forward(self, h_BSH: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         input_ids_BS, labels_BS = target
-        loss = cross_entropy(self.lm_head(self.norm(h_BSH)), labels_BS)
+        loss_lm = cross_entropy(self.lm_head(self.norm(h_BSH)), labels_BS)
         cos, sin = rotary_cos_sin(h_BSH.shape[1], self.cfg.qk_rope_head_dim, self.cfg.rope_theta, h_BSH.device,
                                   h_BSH.dtype)
+        loss_mtp, balance_mtp = None, None
         for k, depth in enumerate(self.mtp, start=1):
             emb_next_BSH = self.embed_tokens(shift_left(input_ids_BS, k))
             h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos, sin)
             normed_BSH = attach_aux_loss(normed_BSH, balance, self.aux_scale)
+            balance_mtp = _add(balance_mtp, balance)
             loss_k = cross_entropy(self.lm_head(normed_BSH), shift_left(labels_BS, k, fill=IGNORE_INDEX))
-            loss = loss + loss_k * (self.mtp_loss_weight / len(self.mtp))
-        return loss
+            loss_mtp = _add(loss_mtp, loss_k * (self.mtp_loss_weight / len(self.mtp)))
+        self.losses_seen.append(tuple(0.0 if t is None else float(t.detach()) for t in (loss_lm, loss_mtp, balance_mtp)))
+        return _add(loss_lm, loss_mtp)
 
 
 def build_stages(model: nn.Module, layout: list[list[int]], aux_scale: float = 1.0) -> tuple[list[Stage], StageTail]:
