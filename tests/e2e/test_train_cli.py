@@ -86,7 +86,7 @@ def test_corrupt_and_partial_checkpoints_are_skipped_and_kept(tmp_path):
     ("optim.lr=fast", "optim.lr"),
     ("train.global_batch=10", "train.global_batch=10 must be a multiple of train.micro_batch"),
     ("data.path=missing/corpus", "data file not found: missing/corpus.json"),
-    ("parallel.pp=2", "parallel.pp=2"),
+    ("parallel.pp=2", "world size 1 != parallel.pp*parallel.dp*parallel.ep = 2*1*1: launch 2 ranks"),
     ("logging.wandb.mode=sometimes", "logging.wandb.mode"),
 ])
 def test_bad_input_gets_a_clear_error(tmp_path, override, message):
