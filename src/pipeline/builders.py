@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 
 from moetron.pipeline.schedule import Action, Schedule
 
@@ -41,29 +42,21 @@ def build_1f1b(num_ranks: int, num_microbatches: int) -> Schedule:
 
 
 def build_zb1p(num_ranks: int, num_microbatches: int) -> Schedule:
-    P, N = num_ranks, num_microbatches
-    if N < 1:
-        raise MinimumMicrobatches("zb1p needs at least 1 micro-batch")
-    sched = Schedule("zb1p", P, N, chains=[list(range(P))], stage_rank={s: s for s in range(P)}, chain_of_mb=[0] * N)
-    for r in range(P):
-        warm = min(P - r - 1, N)
-        acts = [Action("F", i, r) for i in range(warm)]
-        lagging: deque = deque()
-
-        def backward(mb: int) -> None:
-            acts.append(Action("B", mb, r))
-            lagging.append(mb)
+    """1F1B's order with every full backward split: B at once, its W lagging r positions on rank r."""
+    base = build_1f1b(num_ranks, num_microbatches)
+    actions = []
+    for r, acts in enumerate(base.actions):
+        out, lagging = [], deque()
+        for a in acts:
+            if a.kind != "BW":
+                out.append(a)
+                continue
+            out.append(Action("B", a.mb, r))
+            lagging.append(a.mb)
             while len(lagging) > r:
-                acts.append(Action("W", lagging.popleft(), r))
-
-        for i in range(N - warm):
-            acts.append(Action("F", warm + i, r))
-            backward(i)
-        for i in range(N - warm, N):
-            backward(i)
-        acts += [Action("W", mb, r) for mb in lagging]
-        sched.actions.append(acts)
-    return sched
+                out.append(Action("W", lagging.popleft(), r))
+        actions.append(out + [Action("W", mb, r) for mb in lagging])
+    return replace(base, name="zb1p", actions=actions)
 
 
 def build_interleaved_1f1b(num_ranks: int, num_microbatches: int, chunks: int = 2) -> Schedule:
