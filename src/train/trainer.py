@@ -1,9 +1,10 @@
 """The training loop of `moetron-train`: validate, build, resume, step, log, checkpoint.
 
-One optimizer step: every micro-batch of this rank runs forward and backward (gradients summed,
-each micro-batch loss scaled by 1 / micro-batches), gradients are averaged over data-parallel ranks,
-clipped, and AdamW steps; then the routers' loss-free biases move by the step's loads summed over
-all ranks (`finish_moe_step`), and metrics are reduced and logged from rank 0.
+One optimizer step: this rank's micro-batches run forward and backward (the whole model, or its
+pipeline stages under the schedule; each micro-batch loss scaled by 1 / micro-batches), gradients
+are averaged over data- and expert-parallel ranks and summed where pipeline ranks share a parameter,
+clipped by the whole model's norm, and AdamW steps; then the routers' loss-free biases move by the
+step's loads summed over all ranks (`finish_moe_step`), and metrics are reduced and logged from rank 0.
 """
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ from omegaconf import OmegaConf
 
 from moetron.models import build_model
 from moetron.models.deepseek_v3 import finish_moe_step
+from moetron.models.deepseek_v3.parallelize import expert_parameters, parallelize
 from moetron.models.deepseek_v3.params import training_flops_per_token
+from moetron.parallel.dims import Topology, build_groups
+from moetron.parallel.grad_reduce import clip_grad_norm, reduce_gradients
 from moetron.train import checkpoint
 from moetron.train.config import validate
 from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
-from moetron.models.deepseek_v3.parallelize import expert_parameters, parallelize
-from moetron.parallel.dims import Topology, build_groups
-from moetron.parallel.grad_reduce import clip_grad_norm, reduce_gradients
 from moetron.train.distributed import all_reduce_mean, init_process_group, pick_device, world_from_env
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.optim import build_optimizer, lr_at, piecewise
+
 
 class UserInputError(Exception):
     """A config, data or checkpoint problem the user can fix; its message names the key and the fix."""
@@ -70,7 +72,8 @@ def _resume(run_dir: Path, cfg, model, optimizer, groups):
     if saved_model_cfg != current_model_cfg:
         changed = sorted(k for k in current_model_cfg if saved_model_cfg.get(k) != current_model_cfg[k])
         raise UserInputError(f"the checkpoint in {run_dir / 'checkpoints'} was trained with other model settings "
-                         f"({', '.join('model.' + k for k in changed)}); use a new hydra.run.dir or train.resume=false")
+                             f"({', '.join('model.' + k for k in changed)}); use a new hydra.run.dir or "
+                             "train.resume=false")
     model.load_state_dict(parts["model"])
     optimizer.load_state_dict(parts["optim"])
     _set_rng_state(parts["trainer"]["rng"])
