@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Train the tiny DeepSeek-V3-style model on the shipped corpus, on this machine's CPUs (or GPU):
-# makes .venv and installs moetron if needed, then runs moetron-train in outputs/quickstart.
+# Train the tiny DeepSeek-V3-style model on the shipped corpus: makes .venv and installs moetron if
+# needed, then trains in outputs/quickstart. On a CPU it starts 4 gloo ranks as a DualPipeV pipeline
+# of 2 stages x 2-way expert parallelism; with GPUs, one rank per GPU (data parallel).
 # Running it again resumes from the newest checkpoint there. Extra arguments are Hydra overrides,
 # e.g. `bash launch/train.sh train.max_steps=400 optim.lr=1e-3`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
-exec moetron-train hydra.run.dir=outputs/quickstart "$@"
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -gt 0 ]; then
+  exec torchrun --standalone --nproc_per_node="$gpus" -m moetron.train hydra.run.dir=outputs/quickstart "$@"
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec torchrun --standalone --nproc_per_node=4 -m moetron.train hydra.run.dir=outputs/quickstart \
+  parallel.pp=2 parallel.ep=2 parallel.schedule=dualpipev train.micro_batch=2 "$@"
