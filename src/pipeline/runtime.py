@@ -7,8 +7,8 @@
 previous stage (over the group when that stage lives on another rank, tagged by micro-batch and
 stage so transfers cannot cross), runs the module, keeps (input, output) for backward and sends the
 output on; the last stage of a chain applies `loss_fn(output, target) * loss_scale`. `B` back-
-propagates to the stage input with the weight gradients of `DeferrableLinear` layers queued in the
-`WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its forward
+propagates to the stage input with the weight gradients of linear and grouped-expert layers queued
+in the `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its forward
 then its backward (overlap on separate streams is future work). Transfers are asynchronous; the
 step waits for all sends before it returns.
 
@@ -95,11 +95,12 @@ class DeferrableLinear(nn.Linear):
 
 
 def enable_weight_deferral(module: nn.Module, store: WeightGradStore) -> nn.Module:
-    """Make every nn.Linear inside `module` a DeferrableLinear sharing `store` (in place)."""
+    """Make every nn.Linear inside `module` a DeferrableLinear, and hand `store` to it and to every
+    other layer that can defer (those with a `weight_grad_store` attribute, e.g. grouped experts)."""
     for m in module.modules():
         if type(m) is nn.Linear:
             m.__class__ = DeferrableLinear
-        if isinstance(m, DeferrableLinear):
+        if hasattr(m, "weight_grad_store"):
             m.weight_grad_store = store
     return module
 

@@ -27,3 +27,27 @@ def test_weight_gradient_is_deferred_then_equal():
     for p, q in zip(deferred.parameters(), plain.parameters()):
         assert not p.grad.requires_grad
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)  # float32, same products
+
+
+def test_grouped_expert_weight_gradient_is_deferred_then_equal():
+    from moetron.models.deepseek_v3.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    plain = GroupedExperts(4, 16, 8)
+    torch.nn.init.normal_(plain.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(plain.down_proj, std=0.2)
+    deferred = enable_weight_deferral(copy.deepcopy(plain), WeightGradStore())
+    store = deferred.weight_grad_store
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    plain(x, counts).square().sum().backward()
+    store.enabled = True
+    deferred(x2, counts).square().sum().backward()
+    store.enabled = False
+    store.close_batch()
+    assert torch.equal(x2.grad, x.grad)
+    assert deferred.gate_up_proj.grad is None and deferred.down_proj.grad is None
+    store.run_oldest()
+    assert torch.equal(deferred.gate_up_proj.grad, plain.gate_up_proj.grad)  # the same grouped GEMM, later
+    assert torch.equal(deferred.down_proj.grad, plain.down_proj.grad)

@@ -24,11 +24,16 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 class _GroupedMM(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ w[e]^T, with both gradients as grouped GEMMs."""
+    """y[rows of e] = x[rows of e] @ w[e]^T, with both gradients as grouped GEMMs.
+
+    With a pipeline's weight-gradient store enabled (a B action), the weight gradient is queued for
+    the later W action instead of computed now (only for a parameter used directly, not a cast copy).
+    """
 
     @staticmethod
-    def forward(ctx, x_SK, w_ENK, offsets_E):
+    def forward(ctx, x_SK, w_ENK, offsets_E, store):
         ctx.save_for_backward(x_SK, w_ENK, offsets_E)
+        ctx.store = store
         return torch._grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offsets_E)
 
     @staticmethod
@@ -36,9 +41,20 @@ class _GroupedMM(torch.autograd.Function):
         x_SK, w_ENK, offsets_E = ctx.saved_tensors
         grad_SN = grad_SN.contiguous()
         grad_x_SK = torch._grouped_mm(grad_SN, w_ENK, offs=offsets_E)
-        # Groups along S: each expert's weight gradient is grad_rows^T @ x_rows (zero for no rows).
-        grad_w_ENK = torch._grouped_mm(grad_SN.t(), x_SK, offs=offsets_E)
-        return grad_x_SK, grad_w_ENK, None
+
+        def weight_grad():  # groups along S: grad_rows^T @ x_rows per expert (zero for no rows)
+            return torch._grouped_mm(grad_SN.t(), x_SK, offs=offsets_E)
+
+        store = ctx.store
+        if store is not None and store.enabled and isinstance(w_ENK, torch.nn.Parameter):
+            @torch.no_grad()
+            def accumulate():
+                grad = weight_grad()
+                w_ENK.grad = grad if w_ENK.grad is None else w_ENK.grad + grad
+
+            store.put(accumulate)
+            return grad_x_SK, None, None, None
+        return grad_x_SK, weight_grad(), None, None
 
 
 def grouped_mm_loop(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -49,7 +65,7 @@ def grouped_mm_loop(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E
 
 
 def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-               use_grouped_mm: bool = True) -> torch.Tensor:
+               use_grouped_mm: bool = True, weight_grad_store=None) -> torch.Tensor:
     """Rows of x grouped by expert (sizes `tokens_per_expert_E`) times each expert's w[e]^T -> [S, N].
 
     Under autocast both operands are cast to the autocast dtype, as autocast does for F.linear.
@@ -60,7 +76,7 @@ def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: tor
         x_SK, w_ENK = x_SK.to(dtype), w_ENK.to(dtype)
     if use_grouped_mm and HAS_GROUPED_MM and _aligned(x_SK) and _aligned(w_ENK) and w_ENK.shape[1] * w_ENK.element_size() % 16 == 0:
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-        return _GroupedMM.apply(x_SK, w_ENK, offsets_E)
+        return _GroupedMM.apply(x_SK, w_ENK, offsets_E, weight_grad_store)
     return grouped_mm_loop(x_SK, w_ENK, tokens_per_expert_E)
 
 
@@ -75,11 +91,13 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.recompute_swiglu = recompute_swiglu
         self.use_grouped_mm = True
+        self.weight_grad_store = None  # set by a pipeline runtime to defer weight gradients to W
 
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        gate_up_S2I = grouped_mm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E, self.use_grouped_mm)
+        store = self.weight_grad_store
+        gate_up_S2I = grouped_mm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E, self.use_grouped_mm, store)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
         act_SI, region = maybe_recompute(self.recompute_swiglu, swiglu, gate_SI, up_SI)
-        y_SH = grouped_mm(act_SI, self.down_proj, tokens_per_expert_E, self.use_grouped_mm)
+        y_SH = grouped_mm(act_SI, self.down_proj, tokens_per_expert_E, self.use_grouped_mm, store)
         discard_all([region], after=y_SH)
         return y_SH
