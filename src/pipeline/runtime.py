@@ -10,12 +10,14 @@ output on; the last stage of a chain applies `loss_fn(output, target) * loss_sca
 propagates to the stage input with the weight gradients of linear and grouped-expert layers queued
 in the `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its forward
 then its backward (overlap on separate streams is future work). Transfers are asynchronous; the
-step waits for all sends before it returns.
+step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s`
+(wall time) of the last step give the measured bubble.
 
 Shape legend: B micro-batch rows, F features.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Callable, Optional
 
@@ -125,7 +127,9 @@ class PipelineRunner:
 
     def _recv(self, kind: int, mb: int, from_stage: int, to_stage: int) -> torch.Tensor:
         buf = torch.empty(self.shape, dtype=self.dtype)
+        started = time.perf_counter()
         dist.irecv(buf, src=self._peer(from_stage), group=self.group, tag=self._tag(kind, mb, to_stage)).wait()
+        self._waiting_s += time.perf_counter() - started
         return buf
 
     def _send(self, tensor: torch.Tensor, kind: int, mb: int, to_stage: int) -> None:
@@ -177,6 +181,11 @@ class PipelineRunner:
                 self._send(x.grad, 1, mb, prev)
 
     def _run(self, a: Action) -> None:
+        started, waited = time.perf_counter(), self._waiting_s
+        self._dispatch(a)
+        self.busy_s += time.perf_counter() - started - (self._waiting_s - waited)
+
+    def _dispatch(self, a: Action) -> None:
         if a.kind == "F":
             self._forward(a.mb, a.stage)
         elif a.kind in ("B", "BW"):
@@ -192,9 +201,12 @@ class PipelineRunner:
         """Run this rank's actions for one optimizer step; return {micro-batch: loss} of its last stages."""
         self._inputs, self._targets, self._loss_fn, self._loss_scale = inputs, targets, loss_fn, loss_scale
         self._saved, self._local_acts, self._local_grads, self._losses, self._sends = {}, {}, {}, {}, []
+        self.busy_s, self._waiting_s = 0.0, 0.0
+        started = time.perf_counter()
         for action in self.sched.actions[self.rank]:
             self._run(action)
         for work, _ in self._sends:
             work.wait()
+        self.step_s = time.perf_counter() - started
         assert not self._saved and not len(self.store), "schedule left work undone"
         return self._losses

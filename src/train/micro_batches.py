@@ -20,6 +20,7 @@ from moetron.pipeline.runtime import PipelineRunner
 
 class LocalMicroBatches:
     copies: dict = {}  # every parameter lives on this rank only
+    bubble_ratio = None  # no pipeline
 
     def __init__(self, model, device, compute_dtype) -> None:
         self.model, self.device, self.dtype = model, device, compute_dtype
@@ -69,8 +70,11 @@ class PipelinedMicroBatches:
             balance += sum(stage.balance_seen)
             stage.balance_seen.clear()
         sums = torch.tensor([lm + mtp + balance, lm, mtp, balance], dtype=torch.float64)
+        idle = torch.tensor([1.0 - self.runner.busy_s / max(self.runner.step_s, 1e-12)], dtype=torch.float64)
         if self.pp_group is not None:  # each stage knows its part: add up the pipeline
             dist.all_reduce(sums, group=self.pp_group)
+            dist.all_reduce(idle, group=self.pp_group)
+        self.bubble_ratio = float(idle) / self.schedule.num_ranks  # measured: idle share of the step, mean over ranks
         return sums
 
     def after_backward(self) -> None:

@@ -169,6 +169,8 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
             metrics = _step_metrics(step + 1, tokens_seen, losses, lr, grad_norm, moe, step_time,
                                     tokens_per_step, flops_per_token, world.size, cfg, model_cfg, device)
             metrics.update(traffic)
+            if micro.bubble_ratio is not None:
+                metrics["pipeline/bubble_ratio"] = micro.bubble_ratio
             first_loss = metrics["loss"] if first_loss is None else first_loss
             if world.is_main:
                 if (step + 1) % tcfg.log_every == 0 or step + 1 == end_step:

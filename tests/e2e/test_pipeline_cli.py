@@ -18,6 +18,7 @@ def test_dualpipev_with_expert_parallelism_matches_one_process(tmp_path):
     for a, b in zip(read_metrics(tmp_path / "one"), pipelined):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)  # clipping sees the whole model
         assert b["moe/load/layer_2"] == a["moe/load/layer_2"]  # loads summed over every rank
+        assert 0.0 <= b["pipeline/bubble_ratio"] < 1.0 and "pipeline/bubble_ratio" not in a
 
 
 def test_dualpipe_resumes_from_pipeline_sharded_checkpoints(tmp_path):
