@@ -20,16 +20,15 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moetron.comm.dispatch.hop import plan_hop
 from moetron.models.deepseek_v3 import load_preset
 from moetron.models.deepseek_v3.router import TopKRouter
+from moetron.parallel.local_ranks import run_ranks
 
 EP, GPUS_PER_NODE = 64, 8
 
@@ -80,9 +79,8 @@ def traffic(num_tokens: int = 8192, seed: int = 0) -> dict:
     return out
 
 
-def _time_worker(rank, world, store_path, args, queue):
+def _time_worker(rank, world, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     from moetron.parallel.dims import ParallelDims, Topology, build_groups
     from moetron.parallel.expert_parallel import make_dispatcher
 
@@ -105,21 +103,11 @@ def _time_worker(rank, world, store_path, args, queue):
             if it >= args.warmup:
                 samples.append(float(elapsed))
         times[name] = statistics.median(samples)
-    if rank == 0:
-        queue.put(times)
-    dist.destroy_process_group()
+    return times
 
 
 def timing(args) -> dict:
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_time_worker, args=(r, 8, os.path.join(tmp, "store"), args, queue)) for r in range(8)]
-        for p in procs:
-            p.start()
-        times = queue.get(timeout=1200)
-        for p in procs:
-            p.join()
+    times = run_ranks(8, _time_worker, args, timeout=1200)[0]
     flat = times["alltoall"]
     return {"ranks": "8 gloo ranks = 2 virtual nodes x 4", "tokens_per_rank": args.tokens, "hidden": args.hidden,
             "experts": args.experts, "topk": args.topk, "iters": args.iters,

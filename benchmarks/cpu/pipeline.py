@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from moetron.parallel.local_ranks import run_ranks
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.runtime import PipelineRunner
 from moetron.pipeline.simulate import Costs, simulate
@@ -66,9 +64,8 @@ class TimedStage(nn.Module):
         return _Timed.apply(self.linear(x), self.costs, self.weight_grad_store)
 
 
-def _worker(rank, world, store_path, args, queue):
+def _worker(rank, world, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     results = {}
     for name in args.schedules:
         ranks = world
@@ -90,9 +87,7 @@ def _worker(rank, world, store_path, args, queue):
         idle = torch.tensor([1.0 - runner.busy_s / runner.step_s])
         dist.all_reduce(idle)
         results[name] = {"step_s": min(step_s[1:]), "bubble_ratio": float(idle) / world}
-    if rank == 0:
-        queue.put(results)
-    dist.destroy_process_group()
+    return results
 
 
 def main() -> None:
@@ -105,16 +100,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--schedules", nargs="+", default=["1f1b", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev"])
     args = parser.parse_args()
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_worker, args=(r, args.ranks, os.path.join(tmp, "store"), args, queue))
-                 for r in range(args.ranks)]
-        for p in procs:
-            p.start()
-        measured = queue.get(timeout=1800)
-        for p in procs:
-            p.join()
+    measured = run_ranks(args.ranks, _worker, args, timeout=1800)[0]
     out = {"torch": torch.__version__, "ranks": args.ranks, "microbatches": args.microbatches,
            "costs_s": {"f": args.f, "b": args.b, "w": args.w}, "schedules": {}}
     for name, m in measured.items():
