@@ -39,7 +39,7 @@ class _ExpertParallelDispatcher:
                  traffic: Optional[TrafficCounter] = None) -> None:
         self.num_local = num_experts // ep_size
         self.first_local = ep_rank * self.num_local
-        self.ep_rank, self.ep_size = ep_rank, ep_size
+        self.ep_size = ep_size
         self.codec = codec or IdentityCodec()
         self.traffic = traffic or TrafficCounter()
 

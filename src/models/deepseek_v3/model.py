@@ -24,7 +24,7 @@ from moetron.models.deepseek_v3.block import DecoderLayer
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.models.deepseek_v3.experts import GroupedExperts
 from moetron.models.deepseek_v3.layers import RMSNorm, rotary_cos_sin
-from moetron.models.deepseek_v3.mtp import IGNORE_INDEX, MTPModule, shift_left
+from moetron.models.deepseek_v3.mtp import IGNORE_INDEX, MTPModule, mtp_depths
 from moetron.models.deepseek_v3.router import TopKRouter
 
 
@@ -102,10 +102,9 @@ class DeepSeekV3(nn.Module):
 
         loss_lm = cross_entropy(logits_BSV, labels_BS)
         loss_mtp = None
-        for k, depth in enumerate(self.mtp, start=1):
-            emb_next_BSH = self.embed_tokens(shift_left(input_ids_BS, k))  # Emb(t_{i+k})
-            h_BSH, normed_BSH, depth_balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2)
-            loss_k = cross_entropy(self.lm_head(normed_BSH), shift_left(labels_BS, k, fill=IGNORE_INDEX))
+        for normed_BSH, labels_k_BS, depth_balance in mtp_depths(self.mtp, self.embed_tokens, h_BSH, input_ids_BS,
+                                                                 labels_BS, cos_SR2, sin_SR2):
+            loss_k = cross_entropy(self.lm_head(normed_BSH), labels_k_BS)
             loss_mtp = _add(loss_mtp, loss_k * (self.mtp_loss_weight / len(self.mtp)))
             balance = _add(balance, depth_balance)
         loss = _add(_add(loss_lm, loss_mtp), balance)

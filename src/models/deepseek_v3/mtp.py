@@ -52,3 +52,13 @@ class MTPModule(nn.Module):
         merged_BSH = self.eh_proj(torch.cat([self.hnorm(h_prev_BSH), self.enorm(emb_next_BSH)], dim=-1))
         h_BSH, balance_loss = self.block(merged_BSH, cos_SR2, sin_SR2)
         return h_BSH, self.norm(h_BSH), balance_loss
+
+
+def mtp_depths(depths, embed_tokens: nn.Module, h_BSH: torch.Tensor, input_ids_BS: torch.Tensor,
+               labels_BS: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor):
+    """Run the MTP depths in order; per depth k yield (normed h^k for the shared head, its targets
+    t_{i+k+1} with the last k positions ignored, the block's balance loss or None)."""
+    for k, depth in enumerate(depths, start=1):
+        emb_next_BSH = embed_tokens(shift_left(input_ids_BS, k))  # Emb(t_{i+k})
+        h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2)
+        yield normed_BSH, shift_left(labels_BS, k, fill=IGNORE_INDEX), balance

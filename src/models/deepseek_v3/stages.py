@@ -20,20 +20,19 @@ import torch
 from torch import nn
 
 from moetron.models.deepseek_v3.layers import rotary_cos_sin
-from moetron.models.deepseek_v3.model import IGNORE_INDEX, _add, cross_entropy
-from moetron.models.deepseek_v3.mtp import shift_left
+from moetron.models.deepseek_v3.model import _add, cross_entropy
+from moetron.models.deepseek_v3.mtp import mtp_depths
 
 
 class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, aux, scale: float):
-        ctx.scale, ctx.aux_shape = scale, aux.shape
+        ctx.scale, ctx.aux_shape, ctx.aux_dtype = scale, aux.shape, aux.dtype
         return h.clone()
 
     @staticmethod
     def backward(ctx, grad_h):
-        return grad_h, torch.full(ctx.aux_shape, ctx.scale, dtype=grad_h.dtype if grad_h.is_floating_point()
-                                  else torch.float32, device=grad_h.device), None
+        return grad_h, torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_h.device), None
 
 
 def attach_aux_loss(h: torch.Tensor, aux: Optional[torch.Tensor], scale: float) -> torch.Tensor:
@@ -93,12 +92,11 @@ class StageTail(nn.Module):
         cos, sin = rotary_cos_sin(h_BSH.shape[1], self.cfg.qk_rope_head_dim, self.cfg.rope_theta, h_BSH.device,
                                   h_BSH.dtype)
         loss_mtp, balance_mtp = None, None
-        for k, depth in enumerate(self.mtp, start=1):
-            emb_next_BSH = self.embed_tokens(shift_left(input_ids_BS, k))
-            h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos, sin)
+        for normed_BSH, labels_k_BS, balance in mtp_depths(self.mtp, self.embed_tokens, h_BSH, input_ids_BS,
+                                                           labels_BS, cos, sin):
             normed_BSH = attach_aux_loss(normed_BSH, balance, self.aux_scale)
             balance_mtp = _add(balance_mtp, balance)
-            loss_k = cross_entropy(self.lm_head(normed_BSH), shift_left(labels_BS, k, fill=IGNORE_INDEX))
+            loss_k = cross_entropy(self.lm_head(normed_BSH), labels_k_BS)
             loss_mtp = _add(loss_mtp, loss_k * (self.mtp_loss_weight / len(self.mtp)))
         self.losses_seen.append(tuple(0.0 if t is None else float(t.detach()) for t in (loss_lm, loss_mtp, balance_mtp)))
         return _add(loss_lm, loss_mtp)
