@@ -1,116 +1,260 @@
-"""Pipeline schedules on 8 gloo ranks with stages of controlled cost, measured against the simulator.
+"""Pipeline schedules on 8 gloo ranks (PP4 x EP2) with stages of controlled cost and a real
+all-to-all inside each chunk, measured against the simulator and against torch.distributed.pipelining.
 
-    python benchmarks/cpu/pipeline.py --ranks 8 --microbatches 16 --f 0.02 --b 0.02 --w 0.01
+    python benchmarks/cpu/pipeline.py --pp 4 --ep 2 --microbatches 16 --f 0.02 --b 0.02 --w 0.01 --a2a-kib 1024
 
-Each stage is a tiny linear layer plus a timed section: the forward sleeps F seconds, the input
-backward B, the weight backward W (halved where the schedule cuts the same model into 2 x ranks
-stages: interleaved 1F1B and DualPipeV) (deferred to the W action when the schedule splits them). Sleeping
-keeps 8 ranks honest on a 2-core machine: the cost is wall time, not contended CPU. Real P2P moves
-the activations between ranks. For every schedule one step is timed (after a warm-up step) and
-printed beside the simulator's prediction for the same costs; the bubble ratio is measured as each
-rank's idle share of the step (compute timed apart from receive waits), averaged over ranks.
+Each stage is a linear layer, a timed section split around an all-to-all among the stage's EP
+ranks: the forward sleeps F/2, exchanges `--a2a-kib` KiB, sleeps F/2; the backward mirrors it with
+B, and the weight gradient sleeps W (deferred to the W action when a schedule splits B from W, in
+ours by the weight-gradient store, in torch's by its autograd split). Sleeping keeps 8 ranks honest
+on a 2-core machine: compute costs wall time, not contended CPU; the exchanges and P2P are real.
+Schedules that cut the same model into 2 x PP stages (interleaved 1F1B, DualPipeV, torch's
+ScheduleDualPipeV) halve every cost and the exchange.
 
-Results: benchmarks/BENCHMARKS.md. Not yet here (see the pipeline issue): an all-to-all inside each
-chunk, F&B overlap, and torch.distributed.pipelining's schedules run on the same stages.
+Rows: ours (1F1B, interleaved 1F1B, ZB1P, DualPipe, DualPipeV with F&B pairs overlapped, and
+DualPipeV with the pairs run one after the other) and torch's Schedule1F1B and ScheduleDualPipeV on
+the same stage modules. Idle time per rank = step time - the union of its compute (sleep)
+intervals, so an exchange that nothing hides counts as idle; the bubble ratio is idle / step,
+averaged over ranks. The simulator gets F + A, B + A, W (A: the exchange's time measured alone) and
+for an F&B pair either max(F + A, B + W + A) (overlapped) or their sum.
+
+Results: benchmarks/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import threading
 import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from moetron.comm.a2a import all_to_all
+from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.local_ranks import run_ranks
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.runtime import PipelineRunner
 from moetron.pipeline.simulate import Costs, simulate
 
 HIDDEN, ROWS = 64, 4
-HALF_STAGES = ("interleaved_1f1b", "dualpipev")  # two stages per rank along one chain
+HALF_STAGES = ("interleaved_1f1b", "dualpipev", "dualpipev_serial", "torch_dualpipev")
+OURS = {"1f1b": "1f1b", "interleaved_1f1b": "interleaved_1f1b", "zb1p": "zb1p", "dualpipe": "dualpipe",
+        "dualpipev": "dualpipev", "dualpipev_serial": "dualpipev"}
+TORCH = ("torch_1f1b", "torch_dualpipev")
+
+
+class ComputeLog:
+    """(start, end) of every compute section on this rank, from any thread."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
+
+    def sleep(self, seconds: float) -> None:
+        started = time.perf_counter()
+        time.sleep(seconds)
+        with self._lock:
+            self.spans.append((started, time.perf_counter()))
+
+    def busy_s(self, since: float) -> float:
+        """Length of the union of the spans that started after `since`."""
+        total, end = 0.0, since
+        for a, b in sorted(s for s in self.spans if s[0] >= since):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
 
 
 class _Timed(torch.autograd.Function):
-    """Identity whose forward sleeps f, backward b, and weight part w (queued while the store defers)."""
+    """Identity; forward sleeps `f`, backward `b` (both through the compute log)."""
 
     @staticmethod
-    def forward(ctx, x, costs, store):
-        ctx.costs, ctx.store = costs, store
-        time.sleep(costs[0])
+    def forward(ctx, x, seconds, log):
+        ctx.b, ctx.log = seconds[1], log
+        log.sleep(seconds[0])
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        f, b, w = ctx.costs
-        time.sleep(b)
-        if ctx.store is not None and ctx.store.enabled:
-            ctx.store.put(lambda: time.sleep(w))
-        else:
-            time.sleep(w)
+        ctx.log.sleep(ctx.b)
         return grad, None, None
 
 
+class _WeightTimed(torch.autograd.Function):
+    """Identity on a weight whose backward sleeps `w`: queued while our store defers weight grads;
+    torch's zero-bubble split reaches it only in its weight pass."""
+
+    @staticmethod
+    def forward(ctx, weight, w, log, stage):
+        ctx.w, ctx.log, ctx.stage = w, log, stage
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        store = ctx.stage.weight_grad_store
+        if store is not None and store.enabled:
+            store.put(lambda: ctx.log.sleep(ctx.w))
+        else:
+            ctx.log.sleep(ctx.w)
+        return grad, None, None, None
+
+
 class TimedStage(nn.Module):
-    def __init__(self, costs: tuple[float, float, float]) -> None:
+    """linear -> sleep F/2 -> all-to-all of `a2a_rows` rows over the EP group -> sleep F/2."""
+
+    def __init__(self, costs, a2a_rows: int, ep_group, ep: int, log: ComputeLog) -> None:
         super().__init__()
-        self.linear = nn.Linear(HIDDEN, HIDDEN)
-        self.costs = costs
-        self.weight_grad_store = None
+        self.weight = nn.Parameter(torch.eye(HIDDEN))
+        self.costs, self.rows, self.group, self.ep, self.log = costs, a2a_rows, ep_group, ep, log
+        self.weight_grad_store = None  # our runner hands its store here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Timed.apply(self.linear(x), self.costs, self.weight_grad_store)
+        f, b, w = self.costs
+        h = x @ _WeightTimed.apply(self.weight, w, self.log, self).t()
+        h = _Timed.apply(h, (f / 2, b / 2), self.log)
+        if self.rows:
+            payload = h.mean(0, keepdim=True).expand(self.rows, HIDDEN) * 1.0
+            split = [self.rows // self.ep] * self.ep
+            h = h + all_to_all(payload, split, split, self.group).mean(0)
+        return _Timed.apply(h, (f / 2, b / 2), self.log)
+
+
+def _a2a_alone_s(rows: int, group, ep: int, repeat: int = 5) -> float:
+    """Forward + backward exchange time of one stage's payload, all EP groups at once."""
+    x = torch.randn(rows, HIDDEN, requires_grad=True)
+    split = [rows // ep] * ep
+    times = []
+    for _ in range(repeat):
+        dist.barrier()
+        started = time.perf_counter()
+        all_to_all(x, split, split, group).sum().backward()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2] / 2  # one direction
+
+
+def _torch_runner(name, modules, pp_rank, pp, pp_group, n):
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
+
+    ids = [pp_rank] if name == "torch_1f1b" else [pp_rank, 2 * pp - 1 - pp_rank]
+    total = pp * len(ids)
+    example = torch.empty(ROWS, HIDDEN, requires_grad=True)  # metadata: activations and outputs need grads
+    stages = [PipelineStage(modules[i], i, total, torch.device("cpu"), input_args=(example,), output_args=example,
+                            group=pp_group) for i in ids]
+    loss = nn.functional.mse_loss
+    schedule = Schedule1F1B(stages[0], n, loss_fn=loss) if name == "torch_1f1b" else ScheduleDualPipeV(stages, n, loss_fn=loss)
+    x, y = torch.randn(n * ROWS, HIDDEN), torch.randn(n * ROWS, HIDDEN)
+
+    def step():
+        kwargs = {}
+        if 0 in ids:
+            kwargs["args"] = (x,)
+        if total - 1 in ids:
+            kwargs.update(target=y, losses=[])
+        args = kwargs.pop("args", ())
+        schedule.step(*args, **kwargs)
+
+    return step
 
 
 def _worker(rank, world, args):
     torch.set_num_threads(1)
-    results = {}
+    dims = ParallelDims(pp=args.pp, dp=1, ep=args.ep)
+    groups = build_groups(dims, Topology(1, world), rank, lanes=2)
+    ep_group = groups.dispatch_groups()[0]
+    pp_rank, n = groups.pp_rank, args.microbatches
+    full_rows = args.a2a_kib * 1024 // (HIDDEN * 4) // args.ep * args.ep
+    results = {"a2a_alone_s": {}}
+    for rows in {full_rows, full_rows // 2 // args.ep * args.ep}:
+        results["a2a_alone_s"][rows] = _a2a_alone_s(rows, ep_group, args.ep) if rows else 0.0
     for name in args.schedules:
-        ranks = world
-        sched = build_schedule(name, ranks, args.microbatches)
-        costs = (args.f, args.b, args.w)
-        if name in HALF_STAGES:  # the same model cut into 2 x ranks stages: each costs half
-            costs = tuple(c / 2 for c in costs)
-        modules = {s: TimedStage(costs) for s, r in sched.stage_rank.items() if r == rank}
-        runner = PipelineRunner(sched, rank, modules, None, (ROWS, HIDDEN))
-        inputs = {mb: torch.randn(ROWS, HIDDEN) for mb in range(args.microbatches)}
-        targets = {mb: torch.randn(ROWS, HIDDEN) for mb in range(args.microbatches)}
-        step_s = []
-        for _ in range(args.repeat + 1):
+        half = name in HALF_STAGES
+        costs = tuple(c / 2 for c in (args.f, args.b, args.w)) if half else (args.f, args.b, args.w)
+        rows = full_rows // 2 // args.ep * args.ep if half else full_rows
+        log = ComputeLog()
+        if name in TORCH:
+            num_stages = 2 * args.pp if half else args.pp
+            modules = {s: TimedStage(costs, rows, ep_group, args.ep, log) for s in range(num_stages)}
+            run_step = _torch_runner(name, modules, pp_rank, args.pp, groups.pp_group, n)
+        else:
+            sched = build_schedule(OURS[name], args.pp, n)
+            modules = {s: TimedStage(costs, rows, ep_group, args.ep, log) for s, r in sched.stage_rank.items()
+                       if r == pp_rank}
+            runner = PipelineRunner(sched, pp_rank, modules, groups.pp_group, (ROWS, HIDDEN),
+                                    overlap=not name.endswith("_serial"))
+            inputs = {mb: torch.randn(ROWS, HIDDEN) for mb in range(n)}
+            targets = {mb: torch.randn(ROWS, HIDDEN) for mb in range(n)}
+
+            def run_step(runner=runner, inputs=inputs, targets=targets):
+                runner.step(inputs, targets, nn.functional.mse_loss)
+
+        best = None
+        for _ in range(args.repeat + 1):  # the first step warms up
             dist.barrier()
-            t0 = time.perf_counter()
-            runner.step(inputs, targets, nn.functional.mse_loss)
+            started = time.perf_counter()
+            run_step()
+            ended = time.perf_counter()
             dist.barrier()
-            step_s.append(time.perf_counter() - t0)
-        idle = torch.tensor([1.0 - runner.busy_s / runner.step_s])
-        dist.all_reduce(idle)
-        results[name] = {"step_s": min(step_s[1:]), "bubble_ratio": float(idle) / world}
+            step_s = torch.tensor([ended - started])
+            idle = torch.tensor([1.0 - log.busy_s(started) / (ended - started)])
+            dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
+            dist.all_reduce(idle)
+            measured = (float(step_s), float(idle) / world)
+            best = measured if best is None or measured[0] < best[0] else best
+        results[name] = {"step_s": best[0], "bubble_ratio": best[1]}
     return results
+
+
+def _simulated(name, args, a2a_s):
+    if name in TORCH:  # the same schedule as ours; torch runs its F&B pairs one after the other
+        sched_name, overlap = ("1f1b", False) if name == "torch_1f1b" else ("dualpipev", False)
+    else:
+        sched_name, overlap = OURS[name], not name.endswith("_serial")
+    scale = 0.5 if name in HALF_STAGES else 1.0
+    f, b, w = (c * scale for c in (args.f, args.b, args.w))
+    fa, ba = f + a2a_s, b + a2a_s
+    fb = max(fa, ba + w) if overlap else fa + ba + w
+    return simulate(build_schedule(sched_name, args.pp, args.microbatches), Costs(fa, ba, w, fb=fb))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--pp", type=int, default=4)
+    parser.add_argument("--ep", type=int, default=2)
     parser.add_argument("--microbatches", type=int, default=16)
     parser.add_argument("--f", type=float, default=0.02)
     parser.add_argument("--b", type=float, default=0.02)
     parser.add_argument("--w", type=float, default=0.01)
+    parser.add_argument("--a2a-kib", type=int, default=1024, help="all-to-all payload per rank per full stage")
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--schedules", nargs="+", default=["1f1b", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev"])
+    parser.add_argument("--schedules", nargs="+", default=[*OURS, *TORCH])
     args = parser.parse_args()
-    measured = run_ranks(args.ranks, _worker, args, timeout=1800)[0]
-    out = {"torch": torch.__version__, "ranks": args.ranks, "microbatches": args.microbatches,
-           "costs_s": {"f": args.f, "b": args.b, "w": args.w}, "schedules": {}}
-    for name, m in measured.items():
-        sched = build_schedule(name, args.ranks, args.microbatches)
-        f, b, w = (args.f, args.b, args.w) if name not in HALF_STAGES else (args.f / 2, args.b / 2, args.w / 2)
-        sim = simulate(sched, Costs(f, b, w, fb=f + b + w))  # F&B pairs run one after the other here
+    measured = run_ranks(args.pp * args.ep, _worker, args, timeout=1800)
+    a2a = {rows: max(m["a2a_alone_s"][rows] for m in measured) for rows in measured[0]["a2a_alone_s"]}
+    full_rows = max(a2a)
+    out = {"torch": torch.__version__, "ranks": args.pp * args.ep, "pp": args.pp, "ep": args.ep,
+           "microbatches": args.microbatches, "costs_s": {"f": args.f, "b": args.b, "w": args.w},
+           "a2a_kib": args.a2a_kib, "a2a_alone_s": {"full_stage": round(a2a[full_rows], 4),
+                                                     "half_stage": round(a2a[min(a2a)], 4)},
+           "schedules": {}}
+    for name in args.schedules:
+        m = measured[0][name]
+        sim = _simulated(name, args, a2a[min(a2a)] if name in HALF_STAGES else a2a[full_rows])
         out["schedules"][name] = {"measured_step_s": round(m["step_s"], 4), "simulated_step_s": round(sim.makespan, 4),
                                   "measured_over_simulated": round(m["step_s"] / sim.makespan, 3),
                                   "measured_bubble_ratio": round(m["bubble_ratio"], 3),
+                                  "measured_idle_s": round(m["step_s"] * m["bubble_ratio"], 4),
                                   "simulated_bubble_ratio": round(sim.bubble_ratio, 3)}
+    s = out["schedules"]
+    if "torch_1f1b" in s and "dualpipe" in s:
+        out["dualpipe_idle_over_torch_1f1b_idle"] = round(s["dualpipe"]["measured_idle_s"] /
+                                                          s["torch_1f1b"]["measured_idle_s"], 3)
+    if "torch_dualpipev" in s and "dualpipev" in s:
+        out["dualpipev_step_over_torch_dualpipev"] = round(s["dualpipev"]["measured_step_s"] /
+                                                           s["torch_dualpipev"]["measured_step_s"], 3)
     json.dump(out, sys.stdout, indent=1)
     print()
 

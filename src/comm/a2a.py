@@ -5,20 +5,22 @@ first, as the payload sizes must be known before the exchange). `all_to_all` mov
 gradient of an all-to-all is the all-to-all back with the splits swapped. With `async_op=True` the
 forward returns at once with a handle whose `wait()` must run before the output is read, so a
 caller can compute while the exchange is in flight. gloo and NCCL both accept uneven splits in
-`all_to_all_single` (the list form rejects them on gloo).
+`all_to_all_single` (the list form rejects them on gloo). `group` may be a `LaneGroup`
+(moetron.comm.lanes): each exchange, forward or backward, uses the calling thread's lane.
 
 Shape legend: N rows sent, M rows received, F feature dims of a row.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
+from moetron.comm.lanes import GroupLike, resolve
 
-def exchange_counts(send_counts: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+
+def exchange_counts(send_counts: torch.Tensor, group: GroupLike) -> torch.Tensor:
     """Rows each peer will send me, given the rows I send each peer (int64 [group size])."""
+    group = resolve(group)
     if group is None:
         return send_counts.clone()
     recv_counts = torch.empty_like(send_counts)
@@ -41,6 +43,7 @@ class PendingAllToAll:
 
 def _exchange(x_NF: torch.Tensor, send_splits: list[int], recv_splits: list[int], group, async_op: bool):
     out_MF = x_NF.new_empty((sum(recv_splits), *x_NF.shape[1:]))
+    group = resolve(group)  # the calling thread's lane, also when called from backward
     if group is None:
         out_MF.copy_(x_NF)
         return out_MF, None
@@ -65,7 +68,7 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_to_all(x_NF: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-               group: Optional[dist.ProcessGroup], async_op: bool = False):
+               group: GroupLike, async_op: bool = False):
     """Send rows x[sum(send_splits[:p]) : ...] to peer p; receive recv_splits[p] rows from p.
 
     Differentiable in x. Returns the received rows, or a PendingAllToAll when `async_op`.

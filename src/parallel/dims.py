@@ -10,11 +10,13 @@ local index on every node).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from moetron.comm.lanes import LaneGroup
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class ParallelGroups:
     nvl_group: Optional[dist.ProcessGroup]  # my EP group's ranks on my node
     ib_group: Optional[dist.ProcessGroup]  # my EP group's ranks with my local index, one per node
     pp_group: Optional[dist.ProcessGroup] = None  # my pipeline: the pp ranks with my dp and ep index
+    extra_lanes: list = field(default_factory=list)  # (ep, nvl, ib) copies for lanes 1.. (moetron.comm.lanes)
 
     @property
     def pp_rank(self) -> int:
@@ -121,6 +124,12 @@ class ParallelGroups:
     def ep_ranks_per_node(self) -> int:
         return min(self.dims.ep, self.topology.gpus_per_node)
 
+    def dispatch_groups(self) -> tuple[LaneGroup, LaneGroup, LaneGroup]:
+        """The ep, nvl and ib groups with one copy per lane, for the dispatchers."""
+        lanes = [(self.ep_group, self.nvl_group, self.ib_group), *self.extra_lanes]
+        ep, nvl, ib = (LaneGroup(copies) for copies in zip(*lanes))
+        return ep, nvl, ib
+
 
 def _make_groups(rank_lists: list[list[int]], rank: int) -> Optional[dist.ProcessGroup]:
     """Create every group of a partition (all ranks must call this alike); return the one holding rank."""
@@ -132,8 +141,9 @@ def _make_groups(rank_lists: list[list[int]], rank: int) -> Optional[dist.Proces
     return mine
 
 
-def build_groups(dims: ParallelDims, topology: Topology, rank: int) -> ParallelGroups:
-    """All process groups, from the rank grid; call on every rank after init_process_group."""
+def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int = 1) -> ParallelGroups:
+    """All process groups, from the rank grid; call on every rank after init_process_group. `lanes` > 1
+    adds copies of the dispatch groups (ep, nvl, ib) for threads that exchange tokens at once."""
     grid = dims.grid()
     ep_lists = grid.reshape(-1, dims.ep).tolist()
     edp_lists = grid.permute(0, 2, 1).reshape(-1, dims.dp).tolist()
@@ -142,10 +152,13 @@ def build_groups(dims: ParallelDims, topology: Topology, rank: int) -> ParallelG
     nvl_lists = [ep[i:i + per_node] for ep in ep_lists for i in range(0, dims.ep, per_node)]
     ib_lists = [ep[local::per_node] for ep in ep_lists for local in range(per_node)]
     pp_lists = grid.permute(1, 2, 0).reshape(-1, dims.pp).tolist()
-    return ParallelGroups(dims, topology, rank,
-                          ep_group=_make_groups(ep_lists, rank), edp_group=_make_groups(edp_lists, rank),
-                          stage_group=_make_groups(stage_lists, rank), nvl_group=_make_groups(nvl_lists, rank),
-                          ib_group=_make_groups(ib_lists, rank), pp_group=_make_groups(pp_lists, rank))
+    groups = ParallelGroups(dims, topology, rank,
+                            ep_group=_make_groups(ep_lists, rank), edp_group=_make_groups(edp_lists, rank),
+                            stage_group=_make_groups(stage_lists, rank), nvl_group=_make_groups(nvl_lists, rank),
+                            ib_group=_make_groups(ib_lists, rank), pp_group=_make_groups(pp_lists, rank))
+    for _ in range(lanes - 1):
+        groups.extra_lanes.append(tuple(_make_groups(lists, rank) for lists in (ep_lists, nvl_lists, ib_lists)))
+    return groups
 
 
 def pipeline_subgroups(dims: ParallelDims, rank: int, pp_sets: list[tuple[int, ...]]) -> dict:

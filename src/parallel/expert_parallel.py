@@ -17,13 +17,14 @@ def make_dispatcher(name: str, num_experts: int, groups: ParallelGroups, traffic
     """The dispatcher `parallel.dispatcher` names, for this rank's EP group."""
     dims, topo = groups.dims, groups.topology
     ep_rank = groups.ep_rank
+    ep_group, nvl_group, ib_group = groups.dispatch_groups()
     if name == "alltoall":
         first_rank = groups.rank - ep_rank
         nodes = [topo.node_of(first_rank + e) for e in range(dims.ep)]
-        return AllToAllDispatcher(num_experts, ep_rank, dims.ep, groups.ep_group, nodes, traffic=traffic)
+        return AllToAllDispatcher(num_experts, ep_rank, dims.ep, ep_group, nodes, traffic=traffic)
     if name == "hierarchical":
-        return HierarchicalDispatcher(num_experts, ep_rank, dims.ep, groups.ep_ranks_per_node, groups.ib_group,
-                                      groups.nvl_group, traffic=traffic)
+        return HierarchicalDispatcher(num_experts, ep_rank, dims.ep, groups.ep_ranks_per_node, ib_group, nvl_group,
+                                      traffic=traffic)
     if name == "deepep":
         try:
             import deep_ep  # noqa: F401

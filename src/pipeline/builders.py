@@ -184,6 +184,14 @@ def build_dualpipe(num_ranks: int, num_microbatches: int) -> Schedule:
     return sched
 
 
+PAIRED = ("dualpipe", "dualpipev")  # schedules with F&B pairs, whose halves exchange tokens at once
+
+
+def dispatch_lanes(schedule: str, pp: int, ep: int) -> int:
+    """Copies of the EP groups a rank needs: two where F&B pairs overlap their all-to-alls."""
+    return 2 if pp > 1 and ep > 1 and schedule in PAIRED else 1
+
+
 BUILDERS = {"1f1b": build_1f1b, "interleaved_1f1b": build_interleaved_1f1b, "zb1p": build_zb1p,
             "dualpipe": build_dualpipe, "dualpipev": build_dualpipev}
 

@@ -8,17 +8,23 @@ previous stage (over the group when that stage lives on another rank, tagged by 
 stage so transfers cannot cross), runs the module, keeps (input, output) for backward and sends the
 output on; the last stage of a chain applies `loss_fn(output, target) * loss_scale`. `B` back-
 propagates to the stage input with the weight gradients of linear and grouped-expert layers queued
-in the `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its forward
-then its backward (overlap on separate streams is future work). Transfers are asynchronous; the
-step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s`
+in the `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
+backward on a side thread whose collectives use lane 1 (copies of the EP groups, see
+moetron.comm.lanes) while the forward runs here on lane 0: one micro-batch's all-to-all is in
+flight while the other computes (`overlap=False` runs them one after the other). On a GPU
+both run on the current stream (separate streams per micro-batch are still to come). Transfers are
+asynchronous; the step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s`
 (wall time) of the last step give the measured bubble.
 
 Shape legend: B micro-batch rows, F features.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Callable, Optional
 
 import torch
@@ -26,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moetron.comm.lanes import use_lane
 from moetron.pipeline.schedule import Action, Schedule
 
 
@@ -110,10 +117,12 @@ def enable_weight_deferral(module: nn.Module, store: WeightGradStore) -> nn.Modu
 class PipelineRunner:
     def __init__(self, schedule: Schedule, rank: int, stage_modules: dict[int, nn.Module],
                  group: Optional[dist.ProcessGroup], p2p_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                 store: Optional[WeightGradStore] = None) -> None:
+                 store: Optional[WeightGradStore] = None, overlap: bool = True) -> None:
         self.sched, self.rank, self.modules, self.group = schedule, rank, stage_modules, group
         self.shape, self.dtype = p2p_shape, dtype
         self.store = store or WeightGradStore()
+        self.overlap = overlap
+        self._pool: Optional[ThreadPoolExecutor] = None
         for module in stage_modules.values():
             enable_weight_deferral(module, self.store)
 
@@ -129,8 +138,12 @@ class PipelineRunner:
         buf = torch.empty(self.shape, dtype=self.dtype)
         started = time.perf_counter()
         dist.irecv(buf, src=self._peer(from_stage), group=self.group, tag=self._tag(kind, mb, to_stage)).wait()
-        self._waiting_s += time.perf_counter() - started
+        self._waits.seconds = self._waited_s() + time.perf_counter() - started
         return buf
+
+    def _waited_s(self) -> float:
+        """Seconds the calling thread has waited for transfers this step."""
+        return getattr(self._waits, "seconds", 0.0)
 
     def _send(self, tensor: torch.Tensor, kind: int, mb: int, to_stage: int) -> None:
         work = dist.isend(tensor.contiguous(), dst=self._peer(to_stage), group=self.group,
@@ -138,7 +151,7 @@ class PipelineRunner:
         self._sends.append((work, tensor))
 
     # -- compute ---------------------------------------------------------------------------------
-    def _forward(self, mb: int, stage: int) -> None:
+    def _forward_input(self, mb: int, stage: int) -> torch.Tensor:
         prev = self.sched.prev_stage(mb, stage)
         if prev is None:
             x = self._inputs[mb]
@@ -146,44 +159,103 @@ class PipelineRunner:
             x = self._local_acts.pop((mb, stage)).detach()
         else:
             x = self._recv(0, mb, prev, stage)
-        x = x.requires_grad_(prev is not None)
+        return x.requires_grad_(prev is not None)
+
+    def _forward_compute(self, mb: int, stage: int, x: torch.Tensor) -> torch.Tensor:
         out = self.modules[stage](x)
-        nxt = self.sched.next_stage(mb, stage)
-        if nxt is None:
+        if self.sched.next_stage(mb, stage) is None:
             loss = self._loss_fn(out, self._targets[mb])
             self._losses[mb] = loss.detach()
             out = loss * self._loss_scale
-        elif self.sched.stage_rank[nxt] == self.rank:
+        self._saved[(mb, stage)] = (x, out)
+        return out
+
+    def _forward_emit(self, mb: int, stage: int, out: torch.Tensor) -> None:
+        nxt = self.sched.next_stage(mb, stage)
+        if nxt is None:
+            return
+        if self.sched.stage_rank[nxt] == self.rank:
             self._local_acts[(mb, nxt)] = out
         else:
             self._send(out.detach(), 0, mb, nxt)
-        self._saved[(mb, stage)] = (x, out)
 
-    def _backward(self, mb: int, stage: int, defer_weights: bool) -> None:
-        x, out = self._saved.pop((mb, stage))
+    def _backward_grad(self, mb: int, stage: int) -> Optional[torch.Tensor]:
         nxt = self.sched.next_stage(mb, stage)
         if nxt is None:
-            grad = None
-        elif self.sched.stage_rank[nxt] == self.rank:
-            grad = self._local_grads.pop((mb, stage))
-        else:
-            grad = self._recv(1, mb, nxt, stage)
+            return None
+        if self.sched.stage_rank[nxt] == self.rank:
+            return self._local_grads.pop((mb, stage))
+        return self._recv(1, mb, nxt, stage)
+
+    def _backward_compute(self, mb: int, stage: int, grad: Optional[torch.Tensor], defer_weights: bool):
+        x, out = self._saved.pop((mb, stage))
         self.store.enabled = defer_weights
         torch.autograd.backward(out, grad)
         self.store.enabled = False
         if defer_weights:
             self.store.close_batch()
+        return x.grad
+
+    def _backward_emit(self, mb: int, stage: int, grad_x: Optional[torch.Tensor]) -> None:
         prev = self.sched.prev_stage(mb, stage)
-        if prev is not None:
-            if self.sched.stage_rank[prev] == self.rank:
-                self._local_grads[(mb, prev)] = x.grad
-            else:
-                self._send(x.grad, 1, mb, prev)
+        if prev is None:
+            return
+        if self.sched.stage_rank[prev] == self.rank:
+            self._local_grads[(mb, prev)] = grad_x
+        else:
+            self._send(grad_x, 1, mb, prev)
+
+    def _forward(self, mb: int, stage: int) -> None:
+        self._forward_emit(mb, stage, self._forward_compute(mb, stage, self._forward_input(mb, stage)))
+
+    def _backward(self, mb: int, stage: int, defer_weights: bool) -> None:
+        self._backward_emit(mb, stage, self._backward_compute(mb, stage, self._backward_grad(mb, stage), defer_weights))
+
+    def _forward_backward(self, a: Action) -> None:
+        """DualPipe's F&B: the backward runs on a second thread (its collectives on lane 1) while this
+        thread runs the forward (lane 0), so the all-to-all of one is in flight while the other
+        computes. Each half receives its input and sends its output on its own thread, as soon as it can."""
+        if not self.overlap:
+            self._forward(a.mb, a.stage)
+            self._backward(a.mb2, a.stage2, defer_weights=False)
+            return
+        backward = self._side_thread().submit(self._on_side_lane, self._side_backward, a.mb2, a.stage2)
+        started, waited = time.perf_counter(), self._waited_s()
+        try:
+            x = self._forward_input(a.mb, a.stage)
+            main_wait = self._waited_s() - waited
+            self._forward_emit(a.mb, a.stage, self._forward_compute(a.mb, a.stage, x))
+            main_busy = time.perf_counter() - started - main_wait
+        finally:
+            side_wait = backward.result()  # re-raises the backward's error, after the forward settled
+        # the rank idles while both threads wait: at the start, and after the forward if the backward's input is late
+        idle = min(side_wait, main_wait) + max(0.0, side_wait - main_wait - main_busy)
+        self._idle_adjust_s += idle - main_wait
+
+    def _side_backward(self, mb: int, stage: int) -> float:
+        """Receive, run and send one full backward; return the seconds spent waiting for its input."""
+        waited = self._waited_s()
+        grad = self._backward_grad(mb, stage)
+        wait = self._waited_s() - waited
+        self._backward_emit(mb, stage, self._backward_compute(mb, stage, grad, defer_weights=False))
+        return wait
+
+    def _side_thread(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetron-fb")
+        return self._pool
+
+    def _on_side_lane(self, fn: Callable, *args):
+        with use_lane(1), ExitStack() as stack:
+            for device_type, dtype in self._autocast:  # autocast state is per thread: carry the caller's
+                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            return fn(*args)
 
     def _run(self, a: Action) -> None:
-        started, waited = time.perf_counter(), self._waiting_s
+        started, waited, adjust = time.perf_counter(), self._waited_s(), self._idle_adjust_s
         self._dispatch(a)
-        self.busy_s += time.perf_counter() - started - (self._waiting_s - waited)
+        idle = self._waited_s() - waited + self._idle_adjust_s - adjust
+        self.busy_s += time.perf_counter() - started - idle
 
     def _dispatch(self, a: Action) -> None:
         if a.kind == "F":
@@ -192,16 +264,16 @@ class PipelineRunner:
             self._backward(a.mb, a.stage, defer_weights=a.kind == "B")
         elif a.kind == "W":
             self.store.run_oldest()
-        else:  # FB: the pair runs one after the other here
-            self._forward(a.mb, a.stage)
-            self._backward(a.mb2, a.stage2, defer_weights=False)
+        else:
+            self._forward_backward(a)
 
     def step(self, inputs: dict[int, torch.Tensor], targets: dict[int, torch.Tensor],
              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loss_scale: float = 1.0) -> dict[int, torch.Tensor]:
         """Run this rank's actions for one optimizer step; return {micro-batch: loss} of its last stages."""
         self._inputs, self._targets, self._loss_fn, self._loss_scale = inputs, targets, loss_fn, loss_scale
         self._saved, self._local_acts, self._local_grads, self._losses, self._sends = {}, {}, {}, {}, []
-        self.busy_s, self._waiting_s = 0.0, 0.0
+        self.busy_s, self._idle_adjust_s, self._waits = 0.0, 0.0, threading.local()
+        self._autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         started = time.perf_counter()
         for action in self.sched.actions[self.rank]:
             self._run(action)

@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 import moetron.comm.dispatch.hop as hop_module
+from moetron.comm.lanes import resolve
 from moetron.comm.traffic import TrafficCounter
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.expert_parallel import make_dispatcher
@@ -25,6 +26,7 @@ def _traffic(rank, world, nodes, dispatcher_name):
 
     def recording_all_to_all(x, send, recv, group):
         out = real_all_to_all(x, send, recv, group)
+        group = resolve(group)
         peers = dist.get_process_group_ranks(group) if group is not None else [rank]
         row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
         for peer, rows in zip(peers, send):

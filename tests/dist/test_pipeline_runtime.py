@@ -1,6 +1,7 @@
 """Every schedule executed on gloo ranks against one process running the stages in order
 (DualPipe's mirrored stages sum their gradients first), as DualPipe's own examples check."""
 import copy
+import time
 
 import pytest
 import torch
@@ -74,3 +75,55 @@ def test_schedule_runtime_matches_single_process(name, pp, extra):
         for g, r in zip(grads[depth], ref):
             # per-micro-batch contributions accumulate in another order (and mirrors add): 1e-6 relative
             assert float((g - r).abs().max() / r.abs().max()) < 1e-6, f"depth {depth}"
+
+
+class _Sleep(torch.autograd.Function):
+    """Identity that sleeps `s` seconds in forward and again in backward (wall time, not CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.s = s
+        time.sleep(s)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.s)
+        return grad, None
+
+
+class _SleepStage(nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.linear, self.s = nn.Linear(HIDDEN, HIDDEN), s
+
+    def forward(self, x):
+        return _Sleep.apply(self.linear(x), self.s)
+
+
+def _pair_times(rank, world, overlap, s):
+    sched = build_schedule("dualpipev", world, 2 * world)
+    mine = {st: _SleepStage(s) for st, r in sched.stage_rank.items() if r == rank}
+    runner = PipelineRunner(sched, rank, mine, dist.group.WORLD, (ROWS, HIDDEN), overlap=overlap)
+    original = runner._run
+    pair_s = []
+
+    def timed(action):  # the pair's busy time: its wall time less the waits for its inputs
+        busy = runner.busy_s
+        original(action)
+        if action.kind == "FB":
+            pair_s.append(runner.busy_s - busy)
+
+    runner._run = timed
+    inputs, targets = _data(2 * world)
+    runner.step(inputs, targets, F.mse_loss)
+    return pair_s
+
+
+def test_forward_backward_pairs_overlap():
+    s = 0.15
+    overlapped = [t for rank in run_ranks(2, _pair_times, True, s) for t in rank]
+    serial = [t for rank in run_ranks(2, _pair_times, False, s) for t in rank]
+    assert overlapped and len(overlapped) == len(serial)
+    assert min(serial) >= 2 * s  # forward, then backward
+    assert max(overlapped) < 1.6 * s  # both at once: about one sleep, not two

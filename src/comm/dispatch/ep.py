@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from moetron.comm.dispatch.hop import Hop, IdentityCodec, return_hop, send_hop
+from moetron.comm.lanes import GroupLike
 from moetron.comm.traffic import TrafficCounter
 
 
@@ -67,7 +67,7 @@ class _ExpertParallelDispatcher:
 class AllToAllDispatcher(_ExpertParallelDispatcher):
     """Flat: every destination rank of the EP group gets each of its tokens once."""
 
-    def __init__(self, num_experts: int, ep_rank: int, ep_size: int, ep_group: Optional[dist.ProcessGroup],
+    def __init__(self, num_experts: int, ep_rank: int, ep_size: int, ep_group: GroupLike,
                  node_of_ep_rank: list[int], **kwargs) -> None:
         super().__init__(num_experts, ep_rank, ep_size, **kwargs)
         self.group = ep_group
@@ -90,7 +90,7 @@ class HierarchicalDispatcher(_ExpertParallelDispatcher):
     """
 
     def __init__(self, num_experts: int, ep_rank: int, ep_size: int, ranks_per_node: int,
-                 ib_group: Optional[dist.ProcessGroup], nvl_group: Optional[dist.ProcessGroup], **kwargs) -> None:
+                 ib_group: GroupLike, nvl_group: GroupLike, **kwargs) -> None:
         super().__init__(num_experts, ep_rank, ep_size, **kwargs)
         self.per_node = ranks_per_node
         self.num_nodes = ep_size // ranks_per_node

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from moetron.comm.a2a import all_to_all, exchange_counts
+from moetron.comm.lanes import GroupLike
 from moetron.comm.traffic import TrafficCounter
 
 
@@ -59,7 +59,7 @@ class Hop:
     row_idx_N: torch.Tensor
     send_splits: list[int]
     recv_splits: list[int]
-    group: Optional[dist.ProcessGroup]
+    group: GroupLike
     num_rows: int
     links: Sequence[Optional[str]]
 
