@@ -1,7 +1,7 @@
 """Pipeline schedules on 8 gloo ranks (PP4 x EP2) with stages of controlled cost and a real
 all-to-all inside each chunk, measured against the simulator and against torch.distributed.pipelining.
 
-    python benchmarks/cpu/pipeline.py --pp 4 --ep 2 --microbatches 16 --f 0.02 --b 0.02 --w 0.01 --a2a-kib 1024
+    python benchmarks/cpu/pipeline.py --pp 4 --ep 2 --microbatches 16 --f 0.02 --b 0.02 --w 0.01 --a2a-kib 2048
 
 Each stage is a linear layer, a timed section split around an all-to-all among the stage's EP
 ranks: the forward sleeps F/2, exchanges `--a2a-kib` KiB, sleeps F/2; the backward mirrors it with
@@ -15,8 +15,10 @@ Rows: ours (1F1B, interleaved 1F1B, ZB1P, DualPipe, DualPipeV with F&B pairs ove
 DualPipeV with the pairs run one after the other) and torch's Schedule1F1B and ScheduleDualPipeV on
 the same stage modules. Idle time per rank = step time - the union of its compute (sleep)
 intervals, so an exchange that nothing hides counts as idle; the bubble ratio is idle / step,
-averaged over ranks. The simulator gets F + A, B + A, W (A: the exchange's time measured alone) and
-for an F&B pair either max(F + A, B + W + A) (overlapped) or their sum.
+averaged over ranks. Two predictions sit beside each measurement: `nominal` gives the simulator
+F + A, B + A, W (A: the exchange's time measured alone) and for an F&B pair max(F + A, B + W + A)
+when overlapped, else their sum; `calibrated` gives it each action kind's mean busy time measured
+in the step itself (for torch's schedules, those of our twin schedule with the same actions).
 
 Results: benchmarks/BENCHMARKS.md.
 """
@@ -27,6 +29,7 @@ import json
 import sys
 import threading
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -191,7 +194,7 @@ def _worker(rank, world, args):
             def run_step(runner=runner, inputs=inputs, targets=targets):
                 runner.step(inputs, targets, nn.functional.mse_loss)
 
-        best = None
+        best, action_s = None, {}
         for _ in range(args.repeat + 1):  # the first step warms up
             dist.barrier()
             started = time.perf_counter()
@@ -203,21 +206,47 @@ def _worker(rank, world, args):
             dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
             dist.all_reduce(idle)
             measured = (float(step_s), float(idle) / world)
-            best = measured if best is None or measured[0] < best[0] else best
-        results[name] = {"step_s": best[0], "bubble_ratio": best[1]}
+            if best is None or measured[0] < best[0]:
+                best = measured
+                action_s = {} if name in TORCH else {k: (sum(v), len(v)) for k, v in runner.action_s.items()}
+        results[name] = {"step_s": best[0], "bubble_ratio": best[1], "action_s": action_s}
     return results
 
 
-def _simulated(name, args, a2a_s):
-    if name in TORCH:  # the same schedule as ours; torch runs its F&B pairs one after the other
-        sched_name, overlap = ("1f1b", False) if name == "torch_1f1b" else ("dualpipev", False)
-    else:
-        sched_name, overlap = OURS[name], not name.endswith("_serial")
+TWIN = {"torch_1f1b": "1f1b", "torch_dualpipev": "dualpipev_serial"}  # ours with the same actions
+
+
+def _schedule_of(name, args):
+    sched_name = OURS[TWIN.get(name, name)]
+    return build_schedule(sched_name, args.pp, args.microbatches)
+
+
+def _nominal_costs(name, args, a2a_s) -> Costs:
+    """The stage's sleeps plus the exchange's time alone (F&B pairs: the longer half, or both)."""
     scale = 0.5 if name in HALF_STAGES else 1.0
     f, b, w = (c * scale for c in (args.f, args.b, args.w))
     fa, ba = f + a2a_s, b + a2a_s
-    fb = max(fa, ba + w) if overlap else fa + ba + w
-    return simulate(build_schedule(sched_name, args.pp, args.microbatches), Costs(fa, ba, w, fb=fb))
+    overlap = name in OURS and not name.endswith("_serial")
+    return Costs(fa, ba, w, fb=max(fa, ba + w) if overlap else fa + ba + w)
+
+
+def _calibrated_costs(action_s) -> Optional[Costs]:
+    """Each action kind's mean busy time in the measured step, over all ranks."""
+    if not action_s:
+        return None
+    mean = {k: total / count for k, (total, count) in action_s.items()}
+    w = mean.get("W", 0.0)
+    b = mean["B"] if "B" in mean else mean["BW"] - w
+    return Costs(mean["F"], b, w, fb=mean.get("FB"))
+
+
+def _sum_action_s(per_rank):
+    out = {}
+    for action_s in per_rank:
+        for kind, (total, count) in action_s.items():
+            t, c = out.get(kind, (0.0, 0))
+            out[kind] = (t + total, c + count)
+    return out
 
 
 def main() -> None:
@@ -228,7 +257,7 @@ def main() -> None:
     parser.add_argument("--f", type=float, default=0.02)
     parser.add_argument("--b", type=float, default=0.02)
     parser.add_argument("--w", type=float, default=0.01)
-    parser.add_argument("--a2a-kib", type=int, default=1024, help="all-to-all payload per rank per full stage")
+    parser.add_argument("--a2a-kib", type=int, default=2048, help="all-to-all payload per rank per full stage")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--schedules", nargs="+", default=[*OURS, *TORCH])
     args = parser.parse_args()
@@ -242,12 +271,20 @@ def main() -> None:
            "schedules": {}}
     for name in args.schedules:
         m = measured[0][name]
-        sim = _simulated(name, args, a2a[min(a2a)] if name in HALF_STAGES else a2a[full_rows])
-        out["schedules"][name] = {"measured_step_s": round(m["step_s"], 4), "simulated_step_s": round(sim.makespan, 4),
-                                  "measured_over_simulated": round(m["step_s"] / sim.makespan, 3),
-                                  "measured_bubble_ratio": round(m["bubble_ratio"], 3),
-                                  "measured_idle_s": round(m["step_s"] * m["bubble_ratio"], 4),
-                                  "simulated_bubble_ratio": round(sim.bubble_ratio, 3)}
+        sched = _schedule_of(name, args)
+        nominal = simulate(sched, _nominal_costs(name, args, a2a[min(a2a)] if name in HALF_STAGES else a2a[full_rows]))
+        calibrated = _calibrated_costs(_sum_action_s(r[TWIN.get(name, name)]["action_s"] for r in measured
+                                                     if TWIN.get(name, name) in r))
+        row = {"measured_step_s": round(m["step_s"], 4), "nominal_simulated_step_s": round(nominal.makespan, 4),
+               "measured_bubble_ratio": round(m["bubble_ratio"], 3),
+               "measured_idle_s": round(m["step_s"] * m["bubble_ratio"], 4),
+               "nominal_simulated_bubble_ratio": round(nominal.bubble_ratio, 3)}
+        if calibrated is not None:
+            sim = simulate(sched, calibrated)
+            row.update(calibrated_costs_s={k: round(v, 4) for k, v in vars(calibrated).items() if v},
+                       simulated_step_s=round(sim.makespan, 4), measured_over_simulated=round(m["step_s"] / sim.makespan, 3),
+                       simulated_bubble_ratio=round(sim.bubble_ratio, 3))
+        out["schedules"][name] = row
     s = out["schedules"]
     if "torch_1f1b" in s and "dualpipe" in s:
         out["dualpipe_idle_over_torch_1f1b_idle"] = round(s["dualpipe"]["measured_idle_s"] /

@@ -11,10 +11,11 @@ propagates to the stage input with the weight gradients of linear and grouped-ex
 in the `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
 backward on a side thread whose collectives use lane 1 (copies of the EP groups, see
 moetron.comm.lanes) while the forward runs here on lane 0: one micro-batch's all-to-all is in
-flight while the other computes (`overlap=False` runs them one after the other). On a GPU
-both run on the current stream (separate streams per micro-batch are still to come). Transfers are
-asynchronous; the step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s`
-(wall time) of the last step give the measured bubble.
+flight while the other computes (`overlap=False` runs them one after the other). On a GPU both
+still share the current stream (a stream per lane is to come). Transfers are asynchronous; the
+step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and
+`step_s` (wall time) of the last step give the measured bubble; `action_s` holds each action's
+busy seconds by kind (costs for the simulator).
 
 Shape legend: B micro-batch rows, F features.
 """
@@ -255,7 +256,9 @@ class PipelineRunner:
         started, waited, adjust = time.perf_counter(), self._waited_s(), self._idle_adjust_s
         self._dispatch(a)
         idle = self._waited_s() - waited + self._idle_adjust_s - adjust
-        self.busy_s += time.perf_counter() - started - idle
+        busy = time.perf_counter() - started - idle
+        self.busy_s += busy
+        self.action_s.setdefault(a.kind, []).append(busy)
 
     def _dispatch(self, a: Action) -> None:
         if a.kind == "F":
@@ -273,6 +276,7 @@ class PipelineRunner:
         self._inputs, self._targets, self._loss_fn, self._loss_scale = inputs, targets, loss_fn, loss_scale
         self._saved, self._local_acts, self._local_grads, self._losses, self._sends = {}, {}, {}, {}, []
         self.busy_s, self._idle_adjust_s, self._waits = 0.0, 0.0, threading.local()
+        self.action_s: dict[str, list[float]] = {}
         self._autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         started = time.perf_counter()
         for action in self.sched.actions[self.rank]:
