@@ -40,14 +40,23 @@ class LocalMicroBatches:
         pass
 
 
+def _pipeline_parts(model, cfg, groups, num_micro: int):
+    schedule = build_schedule(cfg.parallel.schedule, groups.dims.pp, num_micro)
+    layout = [list(ids) for ids in cfg.parallel.layout] if cfg.parallel.layout else None
+    return schedule, pipeline_parts(model, schedule, groups.pp_rank, layout, aux_scale=1.0 / num_micro)
+
+
 class PipelinedMicroBatches:
+    @staticmethod
+    def held_modules(model, cfg, groups, num_micro: int) -> list:
+        """The modules this pipeline rank runs (its stages and, on a last stage, the loss tail)."""
+        _, parts = _pipeline_parts(model, cfg, groups, num_micro)
+        return [*parts.stage_modules.values(), *([parts.tail] if parts.tail is not None else [])]
+
     def __init__(self, model, cfg, groups, device, compute_dtype, num_micro: int) -> None:
-        dims = groups.dims
         self.device, self.dtype, self.pp_group = device, compute_dtype, groups.pp_group
-        self.schedule = build_schedule(cfg.parallel.schedule, dims.pp, num_micro)
-        layout = [list(ids) for ids in cfg.parallel.layout] if cfg.parallel.layout else None
-        self.parts = pipeline_parts(model, self.schedule, groups.pp_rank, layout, aux_scale=1.0 / num_micro)
-        self.shared_groups = pipeline_subgroups(dims, groups.rank, all_shared_sets(self.parts))
+        self.schedule, self.parts = _pipeline_parts(model, cfg, groups, num_micro)
+        self.shared_groups = pipeline_subgroups(groups.dims, groups.rank, all_shared_sets(self.parts))
         self.copies = {pid: len(ranks) for pid, ranks in self.parts.holders.items()}
         shape = (cfg.train.micro_batch, cfg.train.seq_len, model.cfg.hidden_size)
         self.runner = PipelineRunner(self.schedule, groups.pp_rank, self.parts.stage_modules, groups.pp_group, shape)

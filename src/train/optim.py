@@ -60,9 +60,11 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float):
-    """Weight decay on matrices (and expert weight stacks), none on norms and vectors."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """Weight decay on matrices (and expert weight stacks), none on norms and vectors; only the
+    parameters this rank holds (those another pipeline rank holds stay on the meta device)."""
+    params = [p for p in model.parameters() if p.requires_grad and not p.is_meta]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -22,6 +22,7 @@ from moetron.models.deepseek_v3.parallelize import expert_parameters, paralleliz
 from moetron.models.deepseek_v3.params import training_flops_per_token
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.grad_reduce import clip_grad_norm, reduce_gradients
+from moetron.parallel.materialize import held_parameters, held_state_dict, load_held_state_dict, materialize
 from moetron.pipeline.builders import dispatch_lanes
 from moetron.train import checkpoint
 from moetron.train.config import validate
@@ -75,7 +76,10 @@ def _resume(run_dir: Path, cfg, model, optimizer, groups):
         raise UserInputError(f"the checkpoint in {run_dir / 'checkpoints'} was trained with other model settings "
                              f"({', '.join('model.' + k for k in changed)}); use a new hydra.run.dir or "
                              "train.resume=false")
-    model.load_state_dict(parts["model"])
+    try:
+        load_held_state_dict(model, parts["model"])
+    except KeyError as err:
+        raise UserInputError(f"{run_dir / 'checkpoints'}: {err.args[0]}; use a new hydra.run.dir or train.resume=false") from err
     optimizer.load_state_dict(parts["optim"])
     _set_rng_state(parts["trainer"]["rng"])
     return step, parts["trainer"]["tokens"]
@@ -117,7 +121,11 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
     np.random.seed(tcfg.seed)
     dims = groups.dims
     data_ranks = dims.dp * dims.ep  # every dp x ep rank of the stage reads its own sequences
-    model = parallelize(build_model(model_cfg).to(device).train(), groups, cfg.parallel.dispatcher)
+    micro_per_rank = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
+    # built on meta; this rank allocates and initialises only what it holds (its stages, its experts)
+    model = parallelize(build_model(model_cfg, device="meta").train(), groups, cfg.parallel.dispatcher)
+    held = [model] if dims.pp == 1 else PipelinedMicroBatches.held_modules(model, cfg, groups, micro_per_rank)
+    materialize(model, held, device, tcfg.seed)
     optimizer = build_optimizer(model, cfg.optim, device)
     compute_dtype = _compute_dtype(cfg, device)
     start_step, tokens_seen = _resume(run_dir, cfg, model, optimizer, groups)
@@ -131,7 +139,6 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
 
     flops_per_token = training_flops_per_token(model, tcfg.seq_len)
     tokens_per_step = tcfg.global_batch * tcfg.seq_len
-    micro_per_rank = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
     end_step = tcfg.max_steps if not tcfg.exit_after_steps else min(tcfg.max_steps, start_step + tcfg.exit_after_steps)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     jsonl = wandb = console = None
@@ -141,8 +148,9 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
         console = Console(cfg.logging.progress, start_step, tcfg.max_steps)
 
     metrics, first_loss, step = {}, None, start_step
-    experts = expert_parameters(model)
-    replicated = [p for p in model.parameters() if p.requires_grad and all(p is not e for e in experts)]
+    experts = [p for p in expert_parameters(model) if not p.is_meta]
+    expert_ids = {id(p) for p in experts}
+    replicated = [p for p in held_parameters(model) if p.requires_grad and id(p) not in expert_ids]
     world_group = torch.distributed.group.WORLD if world.size > 1 else None
     micro = (LocalMicroBatches(model, device, compute_dtype) if dims.pp == 1 else
              PipelinedMicroBatches(model, cfg, groups, device, compute_dtype, micro_per_rank))
@@ -208,7 +216,7 @@ def _save(run_dir, step, tokens, model, optimizer, config_dict, keep, world, gro
     _, dp_idx, _ = groups.dims.coords(world.rank)
     if dp_idx == 0:
         model_name, optim_name = _shard_names(groups)
-        parts = {model_name: model.state_dict(), optim_name: optimizer.state_dict()}
+        parts = {model_name: held_state_dict(model), optim_name: optimizer.state_dict()}
         if world.is_main:
             parts["trainer"] = {"step": step, "tokens": tokens, "data_position": step, "rng": _rng_state(),
                                 "config": config_dict}

@@ -69,21 +69,35 @@ def routers(model: nn.Module):
 def finish_moe_step(model: nn.Module, bias_update_speed: Optional[float] = None, group=None) -> MoEStepStats:
     """Close a training step: sum loads over `group` (data/expert-parallel ranks), record stats,
     update loss-free biases (balance_mode loss_free; speed from the config unless given, so a
-    schedule can pass 0 late in training), and reset the counters for the next step."""
+    schedule can pass 0 late in training), and reset the counters for the next step.
+
+    Routers still on the meta device (layers another pipeline rank holds) add zero loads; their
+    statistics arrive through the same reductions, so every rank reports every layer."""
     stats = MoEStepStats()
     all_routers = routers(model)
     if not all_routers:
         return stats
-    loads_LE = torch.stack([r.tokens_per_expert for r in all_routers])
+    held = [not r.expert_bias.is_meta for r in all_routers]
+    E = all_routers[0].expert_bias.shape[0]
+    device = next((r.expert_bias.device for r, h in zip(all_routers, held) if h), torch.device("cpu"))
+    loads_LE = torch.stack([r.tokens_per_expert if h else torch.zeros(E, dtype=torch.int64, device=device)
+                            for r, h in zip(all_routers, held)])
     if group is not None and dist.is_initialized():
         dist.all_reduce(loads_LE, group=group)
-    for router, load_E in zip(all_routers, loads_LE):
+    bias_abs_mean_L = torch.zeros(len(all_routers), device=device)
+    for i, (router, load_E) in enumerate(zip(all_routers, loads_LE)):
+        stats.tokens_per_expert[router.layer_idx] = load_E.tolist()
+        stats.maxvio[router.layer_idx] = max_violation(load_E)
+        if not held[i]:
+            continue
         speed = router.cfg.bias_update_speed if bias_update_speed is None else bias_update_speed
         if router.cfg.balance_mode == "loss_free" and speed > 0:
             load_f = load_E.to(router.expert_bias.dtype)
             router.expert_bias += speed * torch.sign(load_f.mean() - load_f)
-        stats.tokens_per_expert[router.layer_idx] = load_E.tolist()
-        stats.maxvio[router.layer_idx] = max_violation(load_E)
-        stats.bias_abs_mean[router.layer_idx] = float(router.expert_bias.abs().mean())
+        bias_abs_mean_L[i] = router.expert_bias.abs().mean()
         router.tokens_per_expert.zero_()
+    if group is not None and dist.is_initialized():  # holders agree; the others contribute 0
+        dist.all_reduce(bias_abs_mean_L, op=dist.ReduceOp.MAX, group=group)
+    for router, value in zip(all_routers, bias_abs_mean_L.tolist()):
+        stats.bias_abs_mean[router.layer_idx] = value
     return stats

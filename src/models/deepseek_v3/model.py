@@ -13,6 +13,7 @@ Shape legend: B batch, S sequence, H hidden, V vocabulary, R rotary dim.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,6 +49,11 @@ def _add(total: Optional[torch.Tensor], term: Optional[torch.Tensor]) -> Optiona
     return term if total is None else total + term
 
 
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator seeded by (seed, name), the same in every process."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
 class DeepSeekV3(nn.Module):
     def __init__(self, cfg: DeepSeekV3Config) -> None:
         super().__init__()
@@ -70,21 +76,38 @@ class DeepSeekV3(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: Optional[int] = None) -> None:
         """Normal(0, initializer_range) for every matrix (0.006 in the report, section 4.2); norms 1,
-        router biases 0."""
+        router biases 0. Tensors still on the meta device (parts another rank holds) are skipped.
+
+        With `seed`, each tensor draws from its own generator seeded by (seed, its name), and each
+        routed expert by (seed, name, its global index): a rank that materialises only its pipeline
+        stages or its expert shard gets exactly the weights of the whole model. Without, the global
+        RNG is used in module order."""
         std = self.cfg.initializer_range
-        for module in self.modules():
+
+        def normal(name: str, tensor: torch.Tensor, first_expert: Optional[int] = None) -> None:
+            if tensor.is_meta:
+                return
+            if seed is None:
+                tensor.normal_(0.0, std)
+            elif first_expert is None:
+                tensor.normal_(0.0, std, generator=_generator(seed, name, tensor.device))
+            else:
+                for i, expert in enumerate(tensor):
+                    expert.normal_(0.0, std, generator=_generator(seed, f"{name}[{first_expert + i}]", tensor.device))
+
+        for prefix, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
+                normal(f"{prefix}.weight", module.weight)
             elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.gate_up_proj, std=std)
-                nn.init.normal_(module.down_proj, std=std)
-            elif isinstance(module, TopKRouter):
-                nn.init.normal_(module.weight, std=std)
+                normal(f"{prefix}.gate_up_proj", module.gate_up_proj, module.first_expert)
+                normal(f"{prefix}.down_proj", module.down_proj, module.first_expert)
+            elif isinstance(module, TopKRouter) and not module.weight.is_meta:
+                normal(f"{prefix}.weight", module.weight)
                 module.expert_bias.zero_()
                 module.tokens_per_expert.zero_()
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, RMSNorm) and not module.weight.is_meta:
                 module.weight.fill_(1.0)
 
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None):

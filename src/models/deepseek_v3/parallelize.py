@@ -4,7 +4,8 @@ Expert parallelism: every MoE layer (MTP blocks included) keeps its router whole
 shards its routed experts over the EP group, and swaps its local dispatcher for an all-to-all one.
 Pipeline parallelism: `pipeline_parts` cuts the model into the schedule's stages and says which
 pipeline ranks hold each parameter (several do for DualPipe's mirrored stages and for the embedding
-the MTP tail reads). Every rank still builds the whole model and updates only what it holds.
+the MTP tail reads). The trainer builds the model on the meta device and allocates only what its
+rank holds (moetron.parallel.materialize).
 """
 from __future__ import annotations
 
