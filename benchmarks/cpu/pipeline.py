@@ -167,7 +167,7 @@ def _worker(rank, world, args):
     torch.set_num_threads(1)
     dims = ParallelDims(pp=args.pp, dp=1, ep=args.ep)
     groups = build_groups(dims, Topology(1, world), rank, lanes=2)
-    ep_group = groups.dispatch_groups()[0]
+    ep_group = groups.lanes("ep")
     pp_rank, n = groups.pp_rank, args.microbatches
     full_rows = args.a2a_kib * 1024 // (HIDDEN * 4) // args.ep * args.ep
     results = {"a2a_alone_s": {}}
@@ -186,7 +186,7 @@ def _worker(rank, world, args):
             sched = build_schedule(OURS[name], args.pp, n)
             modules = {s: TimedStage(costs, rows, ep_group, args.ep, log) for s, r in sched.stage_rank.items()
                        if r == pp_rank}
-            runner = PipelineRunner(sched, pp_rank, modules, groups.pp_group, (ROWS, HIDDEN),
+            runner = PipelineRunner(sched, pp_rank, modules, groups.lanes("pp"), (ROWS, HIDDEN),
                                     overlap=not name.endswith("_serial"))
             inputs = {mb: torch.randn(ROWS, HIDDEN) for mb in range(n)}
             targets = {mb: torch.randn(ROWS, HIDDEN) for mb in range(n)}

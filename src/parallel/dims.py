@@ -104,7 +104,7 @@ class ParallelGroups:
     nvl_group: Optional[dist.ProcessGroup]  # my EP group's ranks on my node
     ib_group: Optional[dist.ProcessGroup]  # my EP group's ranks with my local index, one per node
     pp_group: Optional[dist.ProcessGroup] = None  # my pipeline: the pp ranks with my dp and ep index
-    extra_lanes: list = field(default_factory=list)  # (ep, nvl, ib) copies for lanes 1.. (moetron.comm.lanes)
+    extra_lanes: list = field(default_factory=list)  # lanes 1..: {"ep", "nvl", "ib", "pp": copy} (comm.lanes)
 
     @property
     def pp_rank(self) -> int:
@@ -124,11 +124,9 @@ class ParallelGroups:
     def ep_ranks_per_node(self) -> int:
         return min(self.dims.ep, self.topology.gpus_per_node)
 
-    def dispatch_groups(self) -> tuple[LaneGroup, LaneGroup, LaneGroup]:
-        """The ep, nvl and ib groups with one copy per lane, for the dispatchers."""
-        lanes = [(self.ep_group, self.nvl_group, self.ib_group), *self.extra_lanes]
-        ep, nvl, ib = (LaneGroup(copies) for copies in zip(*lanes))
-        return ep, nvl, ib
+    def lanes(self, name: str) -> LaneGroup:
+        """Group `name` ("ep", "nvl", "ib" or "pp") with one copy per lane (see moetron.comm.lanes)."""
+        return LaneGroup([getattr(self, f"{name}_group"), *(lane[name] for lane in self.extra_lanes)])
 
 
 def _make_groups(rank_lists: list[list[int]], rank: int) -> Optional[dist.ProcessGroup]:
@@ -143,7 +141,7 @@ def _make_groups(rank_lists: list[list[int]], rank: int) -> Optional[dist.Proces
 
 def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int = 1) -> ParallelGroups:
     """All process groups, from the rank grid; call on every rank after init_process_group. `lanes` > 1
-    adds copies of the dispatch groups (ep, nvl, ib) for threads that exchange tokens at once."""
+    adds copies of the ep, nvl, ib and pp groups for threads that communicate at once."""
     grid = dims.grid()
     ep_lists = grid.reshape(-1, dims.ep).tolist()
     edp_lists = grid.permute(0, 2, 1).reshape(-1, dims.dp).tolist()
@@ -156,8 +154,9 @@ def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int =
                             ep_group=_make_groups(ep_lists, rank), edp_group=_make_groups(edp_lists, rank),
                             stage_group=_make_groups(stage_lists, rank), nvl_group=_make_groups(nvl_lists, rank),
                             ib_group=_make_groups(ib_lists, rank), pp_group=_make_groups(pp_lists, rank))
+    copied = {"ep": ep_lists, "nvl": nvl_lists, "ib": ib_lists, "pp": pp_lists}
     for _ in range(lanes - 1):
-        groups.extra_lanes.append(tuple(_make_groups(lists, rank) for lists in (ep_lists, nvl_lists, ib_lists)))
+        groups.extra_lanes.append({name: _make_groups(lists, rank) for name, lists in copied.items()})
     return groups
 
 

@@ -17,7 +17,7 @@ def make_dispatcher(name: str, num_experts: int, groups: ParallelGroups, traffic
     """The dispatcher `parallel.dispatcher` names, for this rank's EP group."""
     dims, topo = groups.dims, groups.topology
     ep_rank = groups.ep_rank
-    ep_group, nvl_group, ib_group = groups.dispatch_groups()
+    ep_group, nvl_group, ib_group = groups.lanes("ep"), groups.lanes("nvl"), groups.lanes("ib")
     if name == "alltoall":
         first_rank = groups.rank - ep_rank
         nodes = [topo.node_of(first_rank + e) for e in range(dims.ep)]

@@ -184,12 +184,13 @@ def build_dualpipe(num_ranks: int, num_microbatches: int) -> Schedule:
     return sched
 
 
-PAIRED = ("dualpipe", "dualpipev")  # schedules with F&B pairs, whose halves exchange tokens at once
+PAIRED = ("dualpipe", "dualpipev")  # schedules with F&B pairs, whose halves communicate at once
 
 
-def dispatch_lanes(schedule: str, pp: int, ep: int) -> int:
-    """Copies of the EP groups a rank needs: two where F&B pairs overlap their all-to-alls."""
-    return 2 if pp > 1 and ep > 1 and schedule in PAIRED else 1
+def comm_lanes(schedule: str, pp: int) -> int:
+    """Copies of the communication groups a rank needs (moetron.comm.lanes): two where F&B pairs
+    overlap, one thread per half."""
+    return 2 if pp > 1 and schedule in PAIRED else 1
 
 
 BUILDERS = {"1f1b": build_1f1b, "interleaved_1f1b": build_interleaved_1f1b, "zb1p": build_zb1p,

@@ -9,7 +9,7 @@ stage so transfers cannot cross), runs the module, keeps (input, output) for bac
 output on; the last stage of a chain applies `loss_fn(output, target) * loss_scale`. `B` back-
 propagates to the stage input with the weight gradients of linear and grouped-expert layers queued
 in the `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
-backward on a side thread whose collectives use lane 1 (copies of the EP groups, see
+backward on a side thread whose collectives use lane 1 (copies of the groups, see
 moetron.comm.lanes) while the forward runs here on lane 0: one micro-batch's all-to-all is in
 flight while the other computes (`overlap=False` runs them one after the other). On a GPU both
 still share the current stream (a stream per lane is to come). Transfers are asynchronous; the
@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moetron.comm.lanes import use_lane
+from moetron.comm.lanes import GroupLike, LaneGroup, use_lane
 from moetron.pipeline.schedule import Action, Schedule
 
 
@@ -117,9 +117,13 @@ def enable_weight_deferral(module: nn.Module, store: WeightGradStore) -> nn.Modu
 
 class PipelineRunner:
     def __init__(self, schedule: Schedule, rank: int, stage_modules: dict[int, nn.Module],
-                 group: Optional[dist.ProcessGroup], p2p_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                 group: GroupLike, p2p_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                  store: Optional[WeightGradStore] = None, overlap: bool = True) -> None:
-        self.sched, self.rank, self.modules, self.group = schedule, rank, stage_modules, group
+        self.sched, self.rank, self.modules = schedule, rank, stage_modules
+        # activations travel on lane 0, gradients on lane 1 when the group has one: each kind is then
+        # posted by one thread at a time, in schedule order (NCCL matches a pair's transfers by order)
+        copies = group.groups if isinstance(group, LaneGroup) else [group]
+        self._p2p_groups = (copies[0], copies[-1])
         self.shape, self.dtype = p2p_shape, dtype
         self.store = store or WeightGradStore()
         self.overlap = overlap
@@ -133,12 +137,13 @@ class PipelineRunner:
 
     def _peer(self, stage: int) -> int:
         rank = self.sched.stage_rank[stage]
-        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+        group = self._p2p_groups[0]
+        return dist.get_global_rank(group, rank) if group is not None else rank
 
     def _recv(self, kind: int, mb: int, from_stage: int, to_stage: int) -> torch.Tensor:
         buf = torch.empty(self.shape, dtype=self.dtype)
         started = time.perf_counter()
-        dist.irecv(buf, src=self._peer(from_stage), group=self.group, tag=self._tag(kind, mb, to_stage)).wait()
+        dist.irecv(buf, src=self._peer(from_stage), group=self._p2p_groups[kind], tag=self._tag(kind, mb, to_stage)).wait()
         self._waits.seconds = self._waited_s() + time.perf_counter() - started
         return buf
 
@@ -147,7 +152,7 @@ class PipelineRunner:
         return getattr(self._waits, "seconds", 0.0)
 
     def _send(self, tensor: torch.Tensor, kind: int, mb: int, to_stage: int) -> None:
-        work = dist.isend(tensor.contiguous(), dst=self._peer(to_stage), group=self.group,
+        work = dist.isend(tensor.contiguous(), dst=self._peer(to_stage), group=self._p2p_groups[kind],
                           tag=self._tag(kind, mb, to_stage))
         self._sends.append((work, tensor))
 

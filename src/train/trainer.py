@@ -23,7 +23,7 @@ from moetron.models.deepseek_v3.params import training_flops_per_token
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.grad_reduce import clip_grad_norm, reduce_gradients
 from moetron.parallel.materialize import held_parameters, held_state_dict, load_held_state_dict, materialize
-from moetron.pipeline.builders import dispatch_lanes
+from moetron.pipeline.builders import comm_lanes
 from moetron.train import checkpoint
 from moetron.train.config import validate
 from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
@@ -103,7 +103,7 @@ def train(cfg, run_dir: Path) -> dict:
     device = pick_device(world)
     world_group = init_process_group(world, device)
     try:
-        groups = build_groups(dims, topology, world.rank, dispatch_lanes(cfg.parallel.schedule, dims.pp, dims.ep))
+        groups = build_groups(dims, topology, world.rank, comm_lanes(cfg.parallel.schedule, dims.pp))
         if world.is_main and world.size > 1:
             print(dims.placement(topology), flush=True)
         return _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler)

@@ -14,7 +14,7 @@ from moetron.models.deepseek_v3 import DeepSeekV3, load_preset
 from moetron.models.deepseek_v3.parallelize import expert_parameters, parallelize
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.grad_reduce import reduce_gradients
-from moetron.pipeline.builders import dispatch_lanes
+from moetron.pipeline.builders import comm_lanes
 from moetron.train.micro_batches import PipelinedMicroBatches
 from tests.dist.harness import run_ranks
 
@@ -31,7 +31,7 @@ def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n):
         (reference(batch[:, :-1], batch[:, 1:]).loss / (n * data_ranks)).backward()
 
     dims = ParallelDims(pp=pp, dp=dp, ep=ep)
-    groups = build_groups(dims, Topology(1, world), rank, dispatch_lanes(schedule, pp, ep))
+    groups = build_groups(dims, Topology(1, world), rank, comm_lanes(schedule, pp))
     model = parallelize(copy.deepcopy(reference), groups, "alltoall")
     run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule=schedule, layout=None),
                               train=SimpleNamespace(micro_batch=ROWS, seq_len=SEQ))
