@@ -13,9 +13,10 @@ ScheduleDualPipeV) halve every cost and the exchange.
 
 Rows: ours (1F1B, interleaved 1F1B, ZB1P, DualPipe, DualPipeV with F&B pairs overlapped, and
 DualPipeV with the pairs run one after the other) and torch's Schedule1F1B and ScheduleDualPipeV on
-the same stage modules. Idle time per rank = step time - the union of its compute (sleep)
-intervals, so an exchange that nothing hides counts as idle; the bubble ratio is idle / step,
-averaged over ranks. Two predictions sit beside each measurement: `nominal` gives the simulator
+the same stage modules. Per rank, *idle* = step - the union of its compute (sleep) intervals (an
+exchange that nothing hides counts as idle) and *bubble* = step - the union of its compute and
+exchange intervals (waiting on pipeline neighbours alone, the DualPipe table's notion); ratios are
+over the step, averaged over ranks. Two predictions sit beside each measurement: `nominal` gives the simulator
 F + A, B + A, W (A: the exchange's time measured alone) and for an F&B pair max(F + A, B + W + A)
 when overlapped, else their sum; `calibrated` gives it each action kind's mean busy time measured
 in the step itself (for torch's schedules, those of our twin schedule with the same actions).
@@ -50,26 +51,57 @@ TORCH = ("torch_1f1b", "torch_dualpipev")
 
 
 class ComputeLog:
-    """(start, end) of every compute section on this rank, from any thread."""
+    """(start, end, what) of every compute section and exchange on this rank, from any thread."""
 
     def __init__(self) -> None:
-        self.spans: list[tuple[float, float]] = []
+        self.spans: list[tuple[float, float, str]] = []
         self._lock = threading.Lock()
+
+    def add(self, started: float, what: str) -> None:
+        with self._lock:
+            self.spans.append((started, time.perf_counter(), what))
 
     def sleep(self, seconds: float) -> None:
         started = time.perf_counter()
         time.sleep(seconds)
-        with self._lock:
-            self.spans.append((started, time.perf_counter()))
+        self.add(started, "compute")
 
-    def busy_s(self, since: float) -> float:
-        """Length of the union of the spans that started after `since`."""
+    def busy_s(self, since: float, kinds=("compute",)) -> float:
+        """Length of the union of the `kinds` spans that started after `since`."""
         total, end = 0.0, since
-        for a, b in sorted(s for s in self.spans if s[0] >= since):
+        for a, b, _ in sorted(s for s in self.spans if s[0] >= since and s[2] in kinds):
             if b > end:
                 total += b - max(a, end)
                 end = b
         return total
+
+
+class _ExchangeStart(torch.autograd.Function):
+    """Marks where an exchange begins; in backward, where the returning exchange ends."""
+
+    @staticmethod
+    def forward(ctx, x, log, mark):
+        ctx.log, ctx.mark = log, mark
+        mark["started"] = time.perf_counter()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.add(ctx.mark["back_started"], "exchange")
+        return grad, None, None
+
+
+class _ExchangeEnd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, log, mark):
+        ctx.mark = mark
+        log.add(mark["started"], "exchange")
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.mark["back_started"] = time.perf_counter()
+        return grad, None, None
 
 
 class _Timed(torch.autograd.Function):
@@ -122,7 +154,10 @@ class TimedStage(nn.Module):
         if self.rows:
             payload = h.mean(0, keepdim=True).expand(self.rows, HIDDEN) * 1.0
             split = [self.rows // self.ep] * self.ep
-            h = h + all_to_all(payload, split, split, self.group).mean(0)
+            mark: dict = {}  # the exchange's spans, forward and backward
+            payload = _ExchangeStart.apply(payload, self.log, mark)
+            received = _ExchangeEnd.apply(all_to_all(payload, split, split, self.group), self.log, mark)
+            h = h + received.mean(0)
         return _Timed.apply(h, (f / 2, b / 2), self.log)
 
 
@@ -202,14 +237,15 @@ def _worker(rank, world, args):
             ended = time.perf_counter()
             dist.barrier()
             step_s = torch.tensor([ended - started])
-            idle = torch.tensor([1.0 - log.busy_s(started) / (ended - started)])
+            idle = torch.tensor([1.0 - log.busy_s(started) / (ended - started),
+                                 1.0 - log.busy_s(started, ("compute", "exchange")) / (ended - started)])
             dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
             dist.all_reduce(idle)
-            measured = (float(step_s), float(idle) / world)
+            measured = (float(step_s), float(idle[0]) / world, float(idle[1]) / world)
             if best is None or measured[0] < best[0]:
                 best = measured
                 action_s = {} if name in TORCH else {k: (sum(v), len(v)) for k, v in runner.action_s.items()}
-        results[name] = {"step_s": best[0], "bubble_ratio": best[1], "action_s": action_s}
+        results[name] = {"step_s": best[0], "idle_ratio": best[1], "bubble_ratio": best[2], "action_s": action_s}
     return results
 
 
@@ -276,8 +312,10 @@ def main() -> None:
         calibrated = _calibrated_costs(_sum_action_s(r[TWIN.get(name, name)]["action_s"] for r in measured
                                                      if TWIN.get(name, name) in r))
         row = {"measured_step_s": round(m["step_s"], 4), "nominal_simulated_step_s": round(nominal.makespan, 4),
+               "measured_idle_ratio": round(m["idle_ratio"], 3),
+               "measured_idle_s": round(m["step_s"] * m["idle_ratio"], 4),
                "measured_bubble_ratio": round(m["bubble_ratio"], 3),
-               "measured_idle_s": round(m["step_s"] * m["bubble_ratio"], 4),
+               "measured_bubble_s": round(m["step_s"] * m["bubble_ratio"], 4),
                "nominal_simulated_bubble_ratio": round(nominal.bubble_ratio, 3)}
         if calibrated is not None:
             sim = simulate(sched, calibrated)
@@ -287,8 +325,9 @@ def main() -> None:
         out["schedules"][name] = row
     s = out["schedules"]
     if "torch_1f1b" in s and "dualpipe" in s:
-        out["dualpipe_idle_over_torch_1f1b_idle"] = round(s["dualpipe"]["measured_idle_s"] /
-                                                          s["torch_1f1b"]["measured_idle_s"], 3)
+        for key in ("idle_s", "bubble_s"):
+            out[f"dualpipe_{key}_over_torch_1f1b"] = round(s["dualpipe"][f"measured_{key}"] /
+                                                           s["torch_1f1b"][f"measured_{key}"], 3)
     if "torch_dualpipev" in s and "dualpipev" in s:
         out["dualpipev_step_over_torch_dualpipev"] = round(s["dualpipev"]["measured_step_s"] /
                                                            s["torch_dualpipev"]["measured_step_s"], 3)

@@ -3,19 +3,21 @@
     runner = PipelineRunner(schedule, rank, stage_modules, group, p2p_shape, dtype)
     losses = runner.step(inputs={mb: x}, targets={mb: y}, loss_fn=...)
 
-`stage_modules[s]` is this rank's module for stage s. A forward receives its input from the
-previous stage (over the group when that stage lives on another rank, tagged by micro-batch and
-stage so transfers cannot cross), runs the module, keeps (input, output) for backward and sends the
-output on; the last stage of a chain applies `loss_fn(output, target) * loss_scale`. `B` back-
-propagates to the stage input with the weight gradients of linear and grouped-expert layers queued
-in the `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
+`stage_modules[s]` is this rank's module for stage s. The runner executes the rank's actions with
+their transfers made explicit (moetron.pipeline.transfers): `RECV_*` posts a receive one compute
+action ahead (tagged by kind, micro-batch and stage; activations and gradients on separate
+communicators when the group has two lanes), `SEND_*` sends what the compute before it produced.
+A forward waits for its input, runs the module and keeps (input, output) for backward; the last
+stage of a chain applies `loss_fn(output, target) * loss_scale`. `B` back-propagates to the stage
+input with the weight gradients of linear and grouped-expert layers queued in the
+`WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
 backward on a side thread whose collectives use lane 1 (copies of the groups, see
 moetron.comm.lanes) while the forward runs here on lane 0: one micro-batch's all-to-all is in
 flight while the other computes (`overlap=False` runs them one after the other). On a GPU both
-still share the current stream (a stream per lane is to come). Transfers are asynchronous; the
-step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and
-`step_s` (wall time) of the last step give the measured bubble; `action_s` holds each action's
-busy seconds by kind (costs for the simulator).
+still share the current stream (a stream per lane is to come). The step waits for all sends before
+it returns. `busy_s` (compute, receive waits excluded) and `step_s` (wall time) of the last step
+give the measured bubble; `action_s` holds each compute action's busy seconds by kind (costs for
+the simulator).
 
 Shape legend: B micro-batch rows, F features.
 """
@@ -35,6 +37,7 @@ from torch import nn
 
 from moetron.comm.lanes import GroupLike, LaneGroup, use_lane
 from moetron.pipeline.schedule import Action, Schedule
+from moetron.pipeline.transfers import with_transfers
 
 
 class WeightGradStore:
@@ -120,6 +123,7 @@ class PipelineRunner:
                  group: GroupLike, p2p_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                  store: Optional[WeightGradStore] = None, overlap: bool = True) -> None:
         self.sched, self.rank, self.modules = schedule, rank, stage_modules
+        self.actions = with_transfers(schedule)[rank]  # compute, sends and receives, in order
         # activations travel on lane 0, gradients on lane 1 when the group has one: each kind is then
         # posted by one thread at a time, in schedule order (NCCL matches a pair's transfers by order)
         copies = group.groups if isinstance(group, LaneGroup) else [group]
@@ -140,10 +144,22 @@ class PipelineRunner:
         group = self._p2p_groups[0]
         return dist.get_global_rank(group, rank) if group is not None else rank
 
-    def _recv(self, kind: int, mb: int, from_stage: int, to_stage: int) -> torch.Tensor:
+    def _post_receive(self, a: Action) -> None:
+        """RECV_F / RECV_B: post the receive now; the consuming compute waits for it."""
+        kind = 0 if a.kind == "RECV_F" else 1
+        src_stage = self.sched.prev_stage(a.mb, a.stage) if kind == 0 else self.sched.next_stage(a.mb, a.stage)
         buf = torch.empty(self.shape, dtype=self.dtype)
+        work = dist.irecv(buf, src=self._peer(src_stage), group=self._p2p_groups[kind], tag=self._tag(kind, a.mb, a.stage))
+        self._posted[(kind, a.mb, a.stage)] = (work, buf)
+
+    def _received(self, kind: int, mb: int, stage: int) -> torch.Tensor:
+        """The tensor a posted receive brings to (mb, stage), once it has arrived."""
+        if (kind, mb, stage) not in self._posted:
+            raise RuntimeError(f"{self.sched.name} rank {self.rank}: no receive was posted for "
+                               f"{'activation' if kind == 0 else 'gradient'} of micro-batch {mb} at stage {stage}")
+        work, buf = self._posted.pop((kind, mb, stage))
         started = time.perf_counter()
-        dist.irecv(buf, src=self._peer(from_stage), group=self._p2p_groups[kind], tag=self._tag(kind, mb, to_stage)).wait()
+        work.wait()
         self._waits.seconds = self._waited_s() + time.perf_counter() - started
         return buf
 
@@ -151,9 +167,13 @@ class PipelineRunner:
         """Seconds the calling thread has waited for transfers this step."""
         return getattr(self._waits, "seconds", 0.0)
 
-    def _send(self, tensor: torch.Tensor, kind: int, mb: int, to_stage: int) -> None:
-        work = dist.isend(tensor.contiguous(), dst=self._peer(to_stage), group=self._p2p_groups[kind],
-                          tag=self._tag(kind, mb, to_stage))
+    def _send(self, a: Action) -> None:
+        """SEND_F / SEND_B: send what (mb, stage) produced for its neighbour."""
+        kind = 0 if a.kind == "SEND_F" else 1
+        to_stage = self.sched.next_stage(a.mb, a.stage) if kind == 0 else self.sched.prev_stage(a.mb, a.stage)
+        tensor = self._outbox.pop((kind, a.mb, a.stage)).contiguous()
+        work = dist.isend(tensor, dst=self._peer(to_stage), group=self._p2p_groups[kind],
+                          tag=self._tag(kind, a.mb, to_stage))
         self._sends.append((work, tensor))
 
     # -- compute ---------------------------------------------------------------------------------
@@ -164,7 +184,7 @@ class PipelineRunner:
         elif self.sched.stage_rank[prev] == self.rank:
             x = self._local_acts.pop((mb, stage)).detach()
         else:
-            x = self._recv(0, mb, prev, stage)
+            x = self._received(0, mb, stage)
         return x.requires_grad_(prev is not None)
 
     def _forward_compute(self, mb: int, stage: int, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +203,7 @@ class PipelineRunner:
         if self.sched.stage_rank[nxt] == self.rank:
             self._local_acts[(mb, nxt)] = out
         else:
-            self._send(out.detach(), 0, mb, nxt)
+            self._outbox[(0, mb, stage)] = out.detach()
 
     def _backward_grad(self, mb: int, stage: int) -> Optional[torch.Tensor]:
         nxt = self.sched.next_stage(mb, stage)
@@ -191,7 +211,7 @@ class PipelineRunner:
             return None
         if self.sched.stage_rank[nxt] == self.rank:
             return self._local_grads.pop((mb, stage))
-        return self._recv(1, mb, nxt, stage)
+        return self._received(1, mb, stage)
 
     def _backward_compute(self, mb: int, stage: int, grad: Optional[torch.Tensor], defer_weights: bool):
         x, out = self._saved.pop((mb, stage))
@@ -209,7 +229,7 @@ class PipelineRunner:
         if self.sched.stage_rank[prev] == self.rank:
             self._local_grads[(mb, prev)] = grad_x
         else:
-            self._send(grad_x, 1, mb, prev)
+            self._outbox[(1, mb, stage)] = grad_x
 
     def _forward(self, mb: int, stage: int) -> None:
         self._forward_emit(mb, stage, self._forward_compute(mb, stage, self._forward_input(mb, stage)))
@@ -220,7 +240,7 @@ class PipelineRunner:
     def _forward_backward(self, a: Action) -> None:
         """DualPipe's F&B: the backward runs on a second thread (its collectives on lane 1) while this
         thread runs the forward (lane 0), so the all-to-all of one is in flight while the other
-        computes. Each half receives its input and sends its output on its own thread, as soon as it can."""
+        computes. Both inputs were posted ahead by this thread; the sends follow the pair."""
         if not self.overlap:
             self._forward(a.mb, a.stage)
             self._backward(a.mb2, a.stage2, defer_weights=False)
@@ -239,7 +259,7 @@ class PipelineRunner:
         self._idle_adjust_s += idle - main_wait
 
     def _side_backward(self, mb: int, stage: int) -> float:
-        """Receive, run and send one full backward; return the seconds spent waiting for its input."""
+        """Wait for its input, run one full backward, leave its output to be sent; return the wait."""
         waited = self._waited_s()
         grad = self._backward_grad(mb, stage)
         wait = self._waited_s() - waited
@@ -258,6 +278,10 @@ class PipelineRunner:
             return fn(*args)
 
     def _run(self, a: Action) -> None:
+        if a.kind in ("RECV_F", "RECV_B"):
+            return self._post_receive(a)
+        if a.kind in ("SEND_F", "SEND_B"):
+            return self._send(a)
         started, waited, adjust = time.perf_counter(), self._waited_s(), self._idle_adjust_s
         self._dispatch(a)
         idle = self._waited_s() - waited + self._idle_adjust_s - adjust
@@ -279,15 +303,16 @@ class PipelineRunner:
              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loss_scale: float = 1.0) -> dict[int, torch.Tensor]:
         """Run this rank's actions for one optimizer step; return {micro-batch: loss} of its last stages."""
         self._inputs, self._targets, self._loss_fn, self._loss_scale = inputs, targets, loss_fn, loss_scale
-        self._saved, self._local_acts, self._local_grads, self._losses, self._sends = {}, {}, {}, {}, []
+        self._saved, self._local_acts, self._local_grads, self._losses = {}, {}, {}, {}
+        self._posted, self._outbox, self._sends = {}, {}, []
         self.busy_s, self._idle_adjust_s, self._waits = 0.0, 0.0, threading.local()
         self.action_s: dict[str, list[float]] = {}
         self._autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         started = time.perf_counter()
-        for action in self.sched.actions[self.rank]:
+        for action in self.actions:
             self._run(action)
         for work, _ in self._sends:
             work.wait()
         self.step_s = time.perf_counter() - started
-        assert not self._saved and not len(self.store), "schedule left work undone"
+        assert not (self._saved or self._posted or self._outbox or len(self.store)), "schedule left work undone"
         return self._losses

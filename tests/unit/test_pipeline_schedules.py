@@ -10,6 +10,7 @@ import pytest
 from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
 from moetron.pipeline.schedule import Action, Schedule
 from moetron.pipeline.simulate import Costs, ScheduleError, simulate
+from moetron.pipeline.transfers import TRANSFER_KINDS, check_transfers, with_transfers
 
 # (f, b_input, w, f&b); the DualPipe row of the table assumes a forward costs what an input
 # backward costs (f == b_input): under that premise the simulator must match it exactly.
@@ -65,6 +66,10 @@ def test_every_schedule_is_valid_with_minimum_and_more_microbatches(name, pp):
         sched = build_schedule(name, pp, n)
         simulate(sched, Costs(1.0, 1.0, 1.0, 2.0, comm=0.1))  # raises on a deadlock or a missing action
         assert len(sched.actions) == pp
+        lowered = with_transfers(sched)
+        check_transfers(sched, lowered)  # every send has its receive, in the same order at both ends
+        for rank, acts in enumerate(lowered):
+            assert [a for a in acts if a.kind not in TRANSFER_KINDS] == sched.actions[rank]
 
 
 @pytest.mark.parametrize("name,pp,n,message", [("dualpipe", 4, 6, "at least 8"), ("dualpipe", 3, 12, "even number of ranks"),
@@ -87,6 +92,22 @@ def test_validator_finds_deadlocks_and_missing_or_misplaced_work():
         simulate(_two_ranks([[Action("F", 0, 0)], ok[1]]), Costs())
     with pytest.raises(ScheduleError, match="runs on rank 1"):
         simulate(_two_ranks([[Action("F", 0, 0), Action("BW", 0, 0), Action("F", 0, 1)], ok[1]]), Costs())
+
+
+def test_transfers_are_explicit_and_checked():
+    sched = _two_ranks([[Action("F", 0, 0), Action("BW", 0, 0)], [Action("F", 0, 1), Action("BW", 0, 1)]])
+    lowered = with_transfers(sched)
+    assert [str(a) for a in lowered[0]] == ["RECV_B0.0", "F0.0", "SEND_F0.0", "BW0.0"]  # posted one action ahead
+    assert [str(a) for a in lowered[1]] == ["RECV_F0.1", "F0.1", "BW0.1", "SEND_B0.1"]
+    two = build_schedule("1f1b", 2, 4)
+    lowered = with_transfers(two)
+    receives = [i for i, a in enumerate(lowered[1]) if a.kind == "RECV_F"]
+    lowered[1][receives[0]], lowered[1][receives[1]] = lowered[1][receives[1]], lowered[1][receives[0]]
+    with pytest.raises(ScheduleError, match="rank 0 sends F transfers to rank 1 in the order"):
+        check_transfers(two, lowered)
+    del lowered[1][receives[0]]
+    with pytest.raises(ScheduleError, match="but rank 1 receives"):
+        check_transfers(two, lowered)
 
 
 def test_simulate_cli_prints_one_json_object():

@@ -1,0 +1,97 @@
+"""Point-to-point transfers made explicit: each rank's compute list with its sends and receives.
+
+A compute action whose input comes from another rank needs a receive, one whose output goes to
+another rank a send. `with_transfers` inserts them, on (micro-batch, stage) like the compute:
+
+- `SEND_F` (mb, s): the activation stage s produced, to the rank of the next stage;
+- `RECV_F` (mb, s): the activation stage s consumes, from the rank of the previous stage;
+- `SEND_B` (mb, s): the gradient of stage s's input, to the rank of the previous stage;
+- `RECV_B` (mb, s): the gradient of stage s's output, from the rank of the next stage.
+
+Sends follow their producer at once. Receives are posted one compute action ahead of their consumer
+(a posted receive does not block: the data can land while the action before it computes). The
+runtime posts every transfer from one thread in list order, activations and gradients on
+separate communicators; since NCCL matches a rank pair's transfers by order, not by tag,
+`check_transfers` verifies that every send has its receive and that, per (sender, receiver,
+kind), both ends list them in the same order.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from moetron.pipeline.schedule import Action, Schedule
+from moetron.pipeline.simulate import ScheduleError
+
+TRANSFER_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
+
+
+def _forward_halves(a: Action) -> list[tuple[int, int]]:
+    return [(a.mb, a.stage)] if a.kind in ("F", "FB") else []
+
+
+def _backward_halves(a: Action) -> list[tuple[int, int]]:
+    if a.kind in ("B", "BW"):
+        return [(a.mb, a.stage)]
+    return [(a.mb2, a.stage2)] if a.kind == "FB" else []
+
+
+def _remote(sched: Schedule, rank: int, stage) -> bool:
+    return stage is not None and sched.stage_rank[stage] != rank
+
+
+def with_transfers(sched: Schedule) -> list[list[Action]]:
+    """Every rank's actions with SEND_*/RECV_* inserted (compute actions keep their order)."""
+    lowered = []
+    for rank, acts in enumerate(sched.actions):
+        receives: list[list[Action]] = [[] for _ in acts]  # posted before compute action i
+        sends: list[list[Action]] = [[] for _ in acts]  # after compute action i
+        for i, a in enumerate(acts):
+            post_at = max(i - 1, 0)
+            for mb, stage in _forward_halves(a):
+                if _remote(sched, rank, sched.prev_stage(mb, stage)):
+                    receives[post_at].append(Action("RECV_F", mb, stage))
+                if _remote(sched, rank, sched.next_stage(mb, stage)):
+                    sends[i].append(Action("SEND_F", mb, stage))
+            for mb, stage in _backward_halves(a):
+                if _remote(sched, rank, sched.next_stage(mb, stage)):
+                    receives[post_at].append(Action("RECV_B", mb, stage))
+                if _remote(sched, rank, sched.prev_stage(mb, stage)):
+                    sends[i].append(Action("SEND_B", mb, stage))
+        out: list[Action] = []
+        for i, a in enumerate(acts):
+            out += receives[i] + [a] + sends[i]
+        lowered.append(out)
+    return lowered
+
+
+def transfer_route(sched: Schedule, rank: int, a: Action) -> tuple[int, int, str]:
+    """(sender rank, receiver rank, "F" or "B") of a transfer action on `rank`."""
+    direction = a.kind[-1]
+    if a.kind.startswith("SEND"):
+        peer_stage = sched.next_stage(a.mb, a.stage) if direction == "F" else sched.prev_stage(a.mb, a.stage)
+        return rank, sched.stage_rank[peer_stage], direction
+    peer_stage = sched.prev_stage(a.mb, a.stage) if direction == "F" else sched.next_stage(a.mb, a.stage)
+    return sched.stage_rank[peer_stage], rank, direction
+
+
+def check_transfers(sched: Schedule, lowered: list[list[Action]]) -> None:
+    """Raise ScheduleError unless sends and receives pair up in the same order at both ends."""
+    sent, received = defaultdict(list), defaultdict(list)
+    for rank, acts in enumerate(lowered):
+        for a in acts:
+            if a.kind not in TRANSFER_KINDS:
+                continue
+            src, dst, direction = transfer_route(sched, rank, a)
+            # the message is named by the micro-batch and the stage that consumes it
+            if a.kind == "SEND_F":
+                message = (a.mb, sched.next_stage(a.mb, a.stage))
+            elif a.kind == "SEND_B":
+                message = (a.mb, sched.prev_stage(a.mb, a.stage))
+            else:
+                message = (a.mb, a.stage)
+            (sent if a.kind.startswith("SEND") else received)[(src, dst, direction)].append(message)
+    for route in sorted(set(sent) | set(received)):
+        if sent[route] != received[route]:
+            src, dst, direction = route
+            raise ScheduleError(f"{sched.name}: rank {src} sends {direction} transfers to rank {dst} in the order "
+                                f"{sent[route]} but rank {dst} receives {received[route]}")
