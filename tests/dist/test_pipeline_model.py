@@ -6,16 +6,16 @@ import torch.distributed as dist
 
 from moetron.models.deepseek_v3 import DeepSeekV3, load_preset
 from moetron.models.deepseek_v3.stages import build_stages, even_layout
-from moetron.pipeline.builders import build_schedule
+from moetron.pipeline.builders import BUILDERS, build_schedule
 from moetron.pipeline.runtime import PipelineRunner
 from tests.dist.harness import run_ranks
 
-ROWS, SEQ = 2, 16
+ROWS, SEQ, LAYERS = 2, 16, 8  # 8 layers: one per stage of the 2 x 4 stages of DualPipeV / interleaved at PP4
 
 
 def _model():
     torch.manual_seed(0)
-    return DeepSeekV3(load_preset("tiny", num_hidden_layers=4)).train()
+    return DeepSeekV3(load_preset("tiny", num_hidden_layers=LAYERS)).train()
 
 
 def _micro_batches(n, vocab):
@@ -42,7 +42,7 @@ def _depth(name, P, stage):
 def _pipeline(rank, world, name, n):
     sched = build_schedule(name, world, n)
     model = _model()
-    stages, tail = build_stages(model, even_layout(4, len(sched.chains[0])), aux_scale=1.0 / n)
+    stages, tail = build_stages(model, even_layout(LAYERS, len(sched.chains[0])), aux_scale=1.0 / n)
     mine = {s: stages[_depth(name, world, s)] for s, r in sched.stage_rank.items() if r == rank}
     runner = PipelineRunner(sched, rank, mine, dist.group.WORLD, (ROWS, SEQ, model.cfg.hidden_size))
     inputs, targets = _micro_batches(n, model.cfg.vocab_size)
@@ -50,9 +50,11 @@ def _pipeline(rank, world, name, n):
     return losses, {name_: p.grad for name_, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name,pp", [("1f1b", 2), ("zb1p", 2), ("dualpipev", 2), ("dualpipe", 2), ("1f1b", 4)])
-def test_model_pipeline_matches_single_process(name, pp):
-    n = 2 * pp if name in ("dualpipe", "dualpipev") else pp + 2
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("pp", [2, 4])
+@pytest.mark.parametrize("extra", [0, 1], ids=["minimum", "more"])
+def test_model_pipeline_matches_single_process(name, pp, extra):
+    n = (2 * pp if name in ("dualpipe", "dualpipev") else pp) + extra * 2 * pp
     ref_losses, ref_grads = _reference(n)
     results = run_ranks(pp, _pipeline, name, n)
     losses, grads = {}, {}
