@@ -5,8 +5,9 @@
 
 `stage_modules[s]` is this rank's module for stage s. The runner executes the rank's actions with
 their transfers made explicit (moetron.pipeline.transfers): `RECV_*` posts a receive one compute
-action ahead (tagged by kind, micro-batch and stage; activations and gradients on separate
-communicators when the group has two lanes), `SEND_*` sends what the compute before it produced.
+action ahead, `SEND_*` sends what the compute before it produced; each run of them between two
+compute actions goes out as one `batch_isend_irecv` per communicator (tagged by kind, micro-batch
+and stage; activations and gradients on separate communicators when the group has two lanes).
 A forward waits for its input, runs the module and keeps (input, output) for backward; the last
 stage of a chain applies `loss_fn(output, target) * loss_scale`. `B` back-propagates to the stage
 input with the weight gradients of linear and grouped-expert layers queued in the
@@ -37,7 +38,7 @@ from torch import nn
 
 from moetron.comm.lanes import GroupLike, LaneGroup, use_lane
 from moetron.pipeline.schedule import Action, Schedule
-from moetron.pipeline.transfers import with_transfers
+from moetron.pipeline.transfers import TRANSFER_KINDS, with_transfers
 
 
 class WeightGradStore:
@@ -128,6 +129,10 @@ class PipelineRunner:
         # posted by one thread at a time, in schedule order (NCCL matches a pair's transfers by order)
         copies = group.groups if isinstance(group, LaneGroup) else [group]
         self._p2p_groups = (copies[0], copies[-1])
+        for comm in {id(g): g for g in self._p2p_groups if g is not None}.values():
+            # set the communicators up now, on every rank of the pipeline at once: NCCL creates one at
+            # its first use, which would otherwise block a rank mid-schedule on peers that wait on it
+            dist.barrier(group=comm)
         self.shape, self.dtype = p2p_shape, dtype
         self.store = store or WeightGradStore()
         self.overlap = overlap
@@ -144,13 +149,29 @@ class PipelineRunner:
         group = self._p2p_groups[0]
         return dist.get_global_rank(group, rank) if group is not None else rank
 
-    def _post_receive(self, a: Action) -> None:
-        """RECV_F / RECV_B: post the receive now; the consuming compute waits for it."""
-        kind = 0 if a.kind == "RECV_F" else 1
-        src_stage = self.sched.prev_stage(a.mb, a.stage) if kind == 0 else self.sched.next_stage(a.mb, a.stage)
-        buf = torch.empty(self.shape, dtype=self.dtype)
-        work = dist.irecv(buf, src=self._peer(src_stage), group=self._p2p_groups[kind], tag=self._tag(kind, a.mb, a.stage))
-        self._posted[(kind, a.mb, a.stage)] = (work, buf)
+    def _post_transfers(self, actions: list[Action]) -> None:
+        """Post a run of SEND_* / RECV_* actions as one batch per communicator (batch_isend_irecv:
+        NCCL launches a batch together); receives are waited for by the compute that consumes them."""
+        batches: dict[int, list[tuple[Action, int, dist.P2POp]]] = {}
+        for a in actions:
+            kind = 0 if a.kind.endswith("_F") else 1  # activation or gradient
+            group = self._p2p_groups[kind]
+            if a.kind.startswith("RECV"):
+                peer = self.sched.prev_stage(a.mb, a.stage) if kind == 0 else self.sched.next_stage(a.mb, a.stage)
+                buf = torch.empty(self.shape, dtype=self.dtype)
+                op = dist.P2POp(dist.irecv, buf, self._peer(peer), group, self._tag(kind, a.mb, a.stage))
+            else:
+                peer = self.sched.next_stage(a.mb, a.stage) if kind == 0 else self.sched.prev_stage(a.mb, a.stage)
+                tensor = self._outbox.pop((kind, a.mb, a.stage)).contiguous()
+                op = dist.P2POp(dist.isend, tensor, self._peer(peer), group, self._tag(kind, a.mb, peer))
+            batches.setdefault(id(group), []).append((a, kind, op))
+        for batch in batches.values():
+            works = dist.batch_isend_irecv([op for _, _, op in batch])
+            for (a, kind, op), work in zip(batch, works):
+                if a.kind.startswith("RECV"):
+                    self._posted[(kind, a.mb, a.stage)] = (work, op.tensor)
+                else:
+                    self._sends.append((work, op.tensor))
 
     def _received(self, kind: int, mb: int, stage: int) -> torch.Tensor:
         """The tensor a posted receive brings to (mb, stage), once it has arrived."""
@@ -166,15 +187,6 @@ class PipelineRunner:
     def _waited_s(self) -> float:
         """Seconds the calling thread has waited for transfers this step."""
         return getattr(self._waits, "seconds", 0.0)
-
-    def _send(self, a: Action) -> None:
-        """SEND_F / SEND_B: send what (mb, stage) produced for its neighbour."""
-        kind = 0 if a.kind == "SEND_F" else 1
-        to_stage = self.sched.next_stage(a.mb, a.stage) if kind == 0 else self.sched.prev_stage(a.mb, a.stage)
-        tensor = self._outbox.pop((kind, a.mb, a.stage)).contiguous()
-        work = dist.isend(tensor, dst=self._peer(to_stage), group=self._p2p_groups[kind],
-                          tag=self._tag(kind, a.mb, to_stage))
-        self._sends.append((work, tensor))
 
     # -- compute ---------------------------------------------------------------------------------
     def _forward_input(self, mb: int, stage: int) -> torch.Tensor:
@@ -278,10 +290,6 @@ class PipelineRunner:
             return fn(*args)
 
     def _run(self, a: Action) -> None:
-        if a.kind in ("RECV_F", "RECV_B"):
-            return self._post_receive(a)
-        if a.kind in ("SEND_F", "SEND_B"):
-            return self._send(a)
         started, waited, adjust = time.perf_counter(), self._waited_s(), self._idle_adjust_s
         self._dispatch(a)
         idle = self._waited_s() - waited + self._idle_adjust_s - adjust
@@ -309,8 +317,15 @@ class PipelineRunner:
         self.action_s: dict[str, list[float]] = {}
         self._autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         started = time.perf_counter()
+        transfers: list[Action] = []
         for action in self.actions:
+            if action.kind in TRANSFER_KINDS:
+                transfers.append(action)
+                continue
+            self._post_transfers(transfers)
+            transfers = []
             self._run(action)
+        self._post_transfers(transfers)
         for work, _ in self._sends:
             work.wait()
         self.step_s = time.perf_counter() - started
