@@ -1,43 +1,28 @@
-"""Communication lanes: one copy of a process group per thread that issues collectives at once.
+"""Communication lanes: forward and backward collectives on separate copies of a process group.
 
 DualPipe's F&B pair runs one micro-batch's forward beside another's backward, and both exchange
 tokens with the same EP peers. Collectives on one group must be issued in the same order on every
-member, which two threads racing cannot promise; so each thread talks on its own lane, a copy of
-the group made up front (every rank creates the copies alike). Within a lane the order is fixed by
-the schedule, which the EP peers of a stage share.
+member, which two concurrent passes cannot promise; so forward collectives go over lane 0 and
+backward ones over lane 1, a copy of the group made up front (every rank creates the copies
+alike). A rank runs one forward and one backward at a time, in the order of its schedule, which
+the EP peers of a stage share: within a lane, every member issues the same sequence.
 
-`LaneGroup` holds one group per lane and `resolve` picks the calling thread's lane when the
-collective is issued, not when the layer was built: the all-to-all in a backward pass runs in the
-thread that calls backward (autograd runs CPU work there), so it lands on that thread's lane.
-
-    with use_lane(1):
-        loss.backward()  # every all-to-all inside goes over the lane-1 copies
+The lane is chosen when the collective is issued: 1 inside an autograd backward pass, else 0. That
+holds on any thread, which matters on a GPU, where autograd runs backward on its own device
+threads rather than on the thread that called backward. A `LaneGroup` with a single copy serves
+both lanes (nothing runs concurrently then).
 """
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
+import torch
 import torch.distributed as dist
-
-_state = threading.local()
 
 
 def current_lane() -> int:
-    """The calling thread's lane (0 unless `use_lane` says otherwise)."""
-    return getattr(_state, "lane", 0)
-
-
-@contextmanager
-def use_lane(lane: int) -> Iterator[None]:
-    """Issue this thread's lane-aware collectives on lane `lane` inside the block."""
-    previous = current_lane()
-    _state.lane = lane
-    try:
-        yield
-    finally:
-        _state.lane = previous
+    """1 while an autograd backward pass is running on this thread, else 0."""
+    return 1 if torch._C._current_graph_task_id() != -1 else 0  # what torch.utils.checkpoint also reads
 
 
 class LaneGroup:
@@ -47,15 +32,12 @@ class LaneGroup:
         self.groups = list(groups)
 
     def resolve(self) -> Optional[dist.ProcessGroup]:
-        lane = current_lane()
-        if lane >= len(self.groups):
-            raise RuntimeError(f"lane {lane} was not created: this group has {len(self.groups)} lane(s)")
-        return self.groups[lane]
+        return self.groups[min(current_lane(), len(self.groups) - 1)]
 
 
 GroupLike = Union[None, dist.ProcessGroup, LaneGroup]
 
 
 def resolve(group: GroupLike) -> Optional[dist.ProcessGroup]:
-    """The process group a collective should use now, from the calling thread's lane."""
+    """The process group a collective should use now: the lane copy for a forward or a backward."""
     return group.resolve() if isinstance(group, LaneGroup) else group

@@ -141,7 +141,7 @@ def _make_groups(rank_lists: list[list[int]], rank: int) -> Optional[dist.Proces
 
 def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int = 1) -> ParallelGroups:
     """All process groups, from the rank grid; call on every rank after init_process_group. `lanes` > 1
-    adds copies of the ep, nvl, ib and pp groups for threads that communicate at once."""
+    adds copies of the ep, nvl, ib and pp groups, so a backward can communicate while a forward does."""
     grid = dims.grid()
     ep_lists = grid.reshape(-1, dims.ep).tolist()
     edp_lists = grid.permute(0, 2, 1).reshape(-1, dims.dp).tolist()

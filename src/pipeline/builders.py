@@ -189,7 +189,7 @@ PAIRED = ("dualpipe", "dualpipev")  # schedules with F&B pairs, whose halves com
 
 def comm_lanes(schedule: str, pp: int) -> int:
     """Copies of the communication groups a rank needs (moetron.comm.lanes): two where F&B pairs
-    overlap, one thread per half."""
+    overlap a forward with a backward."""
     return 2 if pp > 1 and schedule in PAIRED else 1
 
 

@@ -12,8 +12,8 @@ A forward waits for its input, runs the module and keeps (input, output) for bac
 stage of a chain applies `loss_fn(output, target) * loss_scale`. `B` back-propagates to the stage
 input with the weight gradients of linear and grouped-expert layers queued in the
 `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
-backward on a side thread whose collectives use lane 1 (copies of the groups, see
-moetron.comm.lanes) while the forward runs here on lane 0: one micro-batch's all-to-all is in
+backward on a side thread while the forward runs here; backward collectives use lane 1, copies of
+the groups (moetron.comm.lanes), forward ones lane 0: one micro-batch's all-to-all is in
 flight while the other computes (`overlap=False` runs them one after the other). On a GPU both
 still share the current stream (a stream per lane is to come). The step waits for all sends before
 it returns. `busy_s` (compute, receive waits excluded) and `step_s` (wall time) of the last step
@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moetron.comm.lanes import GroupLike, LaneGroup, use_lane
+from moetron.comm.lanes import GroupLike, LaneGroup
 from moetron.pipeline.schedule import Action, Schedule
 from moetron.pipeline.transfers import TRANSFER_KINDS, with_transfers
 
@@ -125,8 +125,8 @@ class PipelineRunner:
                  store: Optional[WeightGradStore] = None, overlap: bool = True) -> None:
         self.sched, self.rank, self.modules = schedule, rank, stage_modules
         self.actions = with_transfers(schedule)[rank]  # compute, sends and receives, in order
-        # activations travel on lane 0, gradients on lane 1 when the group has one: each kind is then
-        # posted by one thread at a time, in schedule order (NCCL matches a pair's transfers by order)
+        # activations travel on lane 0, gradients on lane 1 when the group has one: NCCL matches a rank
+        # pair's transfers by order, and check_transfers guarantees the order per kind
         copies = group.groups if isinstance(group, LaneGroup) else [group]
         self._p2p_groups = (copies[0], copies[-1])
         for comm in {id(g): g for g in self._p2p_groups if g is not None}.values():
@@ -257,7 +257,7 @@ class PipelineRunner:
             self._forward(a.mb, a.stage)
             self._backward(a.mb2, a.stage2, defer_weights=False)
             return
-        backward = self._side_thread().submit(self._on_side_lane, self._side_backward, a.mb2, a.stage2)
+        backward = self._side_thread().submit(self._with_callers_autocast, self._side_backward, a.mb2, a.stage2)
         started, waited = time.perf_counter(), self._waited_s()
         try:
             x = self._forward_input(a.mb, a.stage)
@@ -283,8 +283,8 @@ class PipelineRunner:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetron-fb")
         return self._pool
 
-    def _on_side_lane(self, fn: Callable, *args):
-        with use_lane(1), ExitStack() as stack:
+    def _with_callers_autocast(self, fn: Callable, *args):
+        with ExitStack() as stack:
             for device_type, dtype in self._autocast:  # autocast state is per thread: carry the caller's
                 stack.enter_context(torch.autocast(device_type, dtype=dtype))
             return fn(*args)

@@ -1,6 +1,7 @@
 """Pipeline x expert (x data) parallelism on the tiny DeepSeek-V3, through the trainer's pipelined
-micro-batches: DualPipe(V)'s F&B pairs overlap (backward on a side thread, its all-to-alls on lane 1)
-or run one after the other, and every gradient after reduction equals one process on the same data."""
+micro-batches: DualPipe(V)'s F&B pairs overlap (backward on a side thread; backward all-to-alls on
+lane 1, forward ones on lane 0) or run one after the other, and every gradient after reduction
+equals one process on the same data."""
 import copy
 import threading
 from types import SimpleNamespace
@@ -84,7 +85,7 @@ def test_pipeline_with_expert_parallelism_matches_one_process(pp, dp, ep, schedu
             assert grad is not None, name
             # float32; partial sums reduced over ranks and pipeline copies: 1e-5 relative
             assert float((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) < 1e-5, name
-        # F&B pairs put the backward's exchanges on a side thread and lane 1; without overlap, one thread
-        expected = {(True, 0), (False, 1)} if overlap else {(True, 0)}
+        # forward exchanges on lane 0, backward ones on lane 1; F&B pairs run their backward on a side thread
+        expected = {(True, 0), (True, 1), (False, 1)} if overlap else {(True, 0), (True, 1)}
         assert res["seen"] == expected
     assert names == {name for name, _ in DeepSeekV3(load_preset("tiny", num_hidden_layers=LAYERS)).named_parameters()}
