@@ -129,6 +129,9 @@ def validate(cfg, world_size: int) -> ParallelDims:
         problems.append(f"parallel.schedule={par.schedule!r}: choose one of {sorted(BUILDERS)}")
     if par.dispatcher not in DISPATCHERS:
         problems.append(f"parallel.dispatcher={par.dispatcher!r}: choose one of {DISPATCHERS}")
+    elif par.dispatcher == "deepep":
+        problems.append("parallel.dispatcher=deepep: the DeepEP backend is not wired in yet (it needs a CUDA machine "
+                        "with DeepEP built); use parallel.dispatcher=hierarchical or alltoall")
     model_ranks = par.pp * par.ep
     dp = par.dp if par.dp is not None else max(world_size // max(model_ranks, 1), 1)
     dims = ParallelDims(pp=par.pp, dp=dp, ep=par.ep)

@@ -55,6 +55,7 @@ def test_ep4_over_two_virtual_nodes_with_node_limited_routing_resumes(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("parallel.ep=3", "model.n_routed_experts=8 is not divisible by parallel.ep=3"),
     ("parallel.dispatcher=nccl", "parallel.dispatcher='nccl'"),
+    ("parallel.dispatcher=deepep", "the DeepEP backend is not wired in yet"),
 ])
 def test_invalid_expert_parallel_settings(tmp_path, override, message):
     proc = run_cli([*SMALL, override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False)
