@@ -187,10 +187,10 @@ def build_dualpipe(num_ranks: int, num_microbatches: int) -> Schedule:
 PAIRED = ("dualpipe", "dualpipev")  # schedules with F&B pairs, whose halves communicate at once
 
 
-def comm_lanes(schedule: str, pp: int) -> int:
+def comm_lanes(schedule: str, pp: int, overlap_fb: bool = True) -> int:
     """Copies of the communication groups a rank needs (moetron.comm.lanes): two where F&B pairs
     overlap a forward with a backward."""
-    return 2 if pp > 1 and schedule in PAIRED else 1
+    return 2 if pp > 1 and schedule in PAIRED and overlap_fb else 1
 
 
 BUILDERS = {"1f1b": build_1f1b, "interleaved_1f1b": build_interleaved_1f1b, "zb1p": build_zb1p,

@@ -46,6 +46,7 @@ class ParallelConfig:
     schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zb1p | dualpipe | dualpipev (used when pp > 1)
     layout: Optional[list[Any]] = None  # decoder layers per stage module, e.g. [[0, 1], [2]]; None: even
     dispatcher: str = "hierarchical"  # alltoall | hierarchical | deepep (expert-parallel token exchange)
+    overlap_fb: bool = True  # dualpipe(v): run the forward and backward of each F&B pair at once
 
 
 @dataclass

@@ -59,7 +59,8 @@ class PipelinedMicroBatches:
         self.shared_groups = pipeline_subgroups(groups.dims, groups.rank, all_shared_sets(self.parts))
         self.copies = {pid: len(ranks) for pid, ranks in self.parts.holders.items()}
         shape = (cfg.train.micro_batch, cfg.train.seq_len, model.cfg.hidden_size)
-        self.runner = PipelineRunner(self.schedule, groups.pp_rank, self.parts.stage_modules, groups.lanes("pp"), shape)
+        self.runner = PipelineRunner(self.schedule, groups.pp_rank, self.parts.stage_modules, groups.lanes("pp"), shape,
+                                     overlap=cfg.parallel.overlap_fb)
 
     def run(self, micro_batches, mtp_weight: float) -> torch.Tensor:
         n = len(micro_batches)

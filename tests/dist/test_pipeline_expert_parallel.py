@@ -32,12 +32,11 @@ def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n):
         (reference(batch[:, :-1], batch[:, 1:]).loss / (n * data_ranks)).backward()
 
     dims = ParallelDims(pp=pp, dp=dp, ep=ep)
-    groups = build_groups(dims, Topology(1, world), rank, comm_lanes(schedule, pp))
+    groups = build_groups(dims, Topology(1, world), rank, comm_lanes(schedule, pp, overlap))
     model = parallelize(copy.deepcopy(reference), groups, "alltoall")
-    run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule=schedule, layout=None),
+    run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule=schedule, layout=None, overlap_fb=overlap),
                               train=SimpleNamespace(micro_batch=ROWS, seq_len=SEQ))
     micro = PipelinedMicroBatches(model, run_cfg, groups, torch.device("cpu"), torch.float32, n)
-    micro.runner.overlap = overlap
     seen = set()  # (main thread?, lane) of every exchange, forward and backward
     real_exchange = a2a_module._exchange
 
