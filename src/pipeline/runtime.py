@@ -14,9 +14,9 @@ input with the weight gradients of linear and grouped-expert layers queued in th
 `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
 backward on a side thread while the forward runs here; backward collectives use lane 1, copies of
 the groups (moetron.comm.lanes), forward ones lane 0: one micro-batch's all-to-all is in
-flight while the other computes (`overlap=False` runs them one after the other). On a GPU both
-still share the current stream (a stream per lane is to come). The step waits for all sends before
-it returns. `busy_s` (compute, receive waits excluded) and `step_s` (wall time) of the last step
+flight while the other computes (`overlap=False` runs them one after the other). On a GPU the two
+halves' kernels still share one CUDA stream (backward kernels run on their forward's stream; a
+stream per chunk is to come). The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s` (wall time) of the last step
 give the measured bubble; `action_s` holds each compute action's busy seconds by kind (costs for
 the simulator).
 

@@ -103,8 +103,8 @@ def train(cfg, run_dir: Path) -> dict:
     device = pick_device(world)
     world_group = init_process_group(world, device)
     try:
-        groups = build_groups(dims, topology, world.rank, comm_lanes(cfg.parallel.schedule, dims.pp,
-                                                                           cfg.parallel.overlap_fb))
+        lanes = comm_lanes(cfg.parallel.schedule, dims.pp, cfg.parallel.overlap_fb)
+        groups = build_groups(dims, topology, world.rank, lanes)
         if world.is_main and world.size > 1:
             print(dims.placement(topology), flush=True)
         return _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler)
