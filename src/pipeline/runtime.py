@@ -38,7 +38,7 @@ from torch import nn
 
 from moetron.comm.lanes import GroupLike, LaneGroup
 from moetron.pipeline.schedule import Action, Schedule
-from moetron.pipeline.transfers import TRANSFER_KINDS, with_transfers
+from moetron.pipeline.transfers import TRANSFER_KINDS, peer_stage, with_transfers
 
 
 class WeightGradStore:
@@ -155,13 +155,11 @@ class PipelineRunner:
         batches: dict[int, list[tuple[Action, int, dist.P2POp]]] = {}
         for a in actions:
             kind = 0 if a.kind.endswith("_F") else 1  # activation or gradient
-            group = self._p2p_groups[kind]
+            group, peer = self._p2p_groups[kind], peer_stage(self.sched, a)
             if a.kind.startswith("RECV"):
-                peer = self.sched.prev_stage(a.mb, a.stage) if kind == 0 else self.sched.next_stage(a.mb, a.stage)
                 buf = torch.empty(self.shape, dtype=self.dtype)
                 op = dist.P2POp(dist.irecv, buf, self._peer(peer), group, self._tag(kind, a.mb, a.stage))
             else:
-                peer = self.sched.next_stage(a.mb, a.stage) if kind == 0 else self.sched.prev_stage(a.mb, a.stage)
                 tensor = self._outbox.pop((kind, a.mb, a.stage)).contiguous()
                 op = dist.P2POp(dist.isend, tensor, self._peer(peer), group, self._tag(kind, a.mb, peer))
             batches.setdefault(id(group), []).append((a, kind, op))

@@ -64,14 +64,18 @@ def with_transfers(sched: Schedule) -> list[list[Action]]:
     return lowered
 
 
+def peer_stage(sched: Schedule, a: Action) -> int:
+    """The stage at the other end of a transfer action: the next stage for SEND_F and RECV_B, the
+    previous one for RECV_F and SEND_B."""
+    if a.kind in ("SEND_F", "RECV_B"):
+        return sched.next_stage(a.mb, a.stage)
+    return sched.prev_stage(a.mb, a.stage)
+
+
 def transfer_route(sched: Schedule, rank: int, a: Action) -> tuple[int, int, str]:
     """(sender rank, receiver rank, "F" or "B") of a transfer action on `rank`."""
-    direction = a.kind[-1]
-    if a.kind.startswith("SEND"):
-        peer_stage = sched.next_stage(a.mb, a.stage) if direction == "F" else sched.prev_stage(a.mb, a.stage)
-        return rank, sched.stage_rank[peer_stage], direction
-    peer_stage = sched.prev_stage(a.mb, a.stage) if direction == "F" else sched.next_stage(a.mb, a.stage)
-    return sched.stage_rank[peer_stage], rank, direction
+    peer = sched.stage_rank[peer_stage(sched, a)]
+    return (rank, peer, a.kind[-1]) if a.kind.startswith("SEND") else (peer, rank, a.kind[-1])
 
 
 def check_transfers(sched: Schedule, lowered: list[list[Action]]) -> None:
@@ -81,15 +85,11 @@ def check_transfers(sched: Schedule, lowered: list[list[Action]]) -> None:
         for a in acts:
             if a.kind not in TRANSFER_KINDS:
                 continue
-            src, dst, direction = transfer_route(sched, rank, a)
-            # the message is named by the micro-batch and the stage that consumes it
-            if a.kind == "SEND_F":
-                message = (a.mb, sched.next_stage(a.mb, a.stage))
-            elif a.kind == "SEND_B":
-                message = (a.mb, sched.prev_stage(a.mb, a.stage))
+            route = transfer_route(sched, rank, a)
+            if a.kind.startswith("SEND"):  # a message is named by its micro-batch and the stage that receives it
+                sent[route].append((a.mb, peer_stage(sched, a)))
             else:
-                message = (a.mb, a.stage)
-            (sent if a.kind.startswith("SEND") else received)[(src, dst, direction)].append(message)
+                received[route].append((a.mb, a.stage))
     for route in sorted(set(sent) | set(received)):
         if sent[route] != received[route]:
             src, dst, direction = route
