@@ -10,8 +10,9 @@ chains for DualPipe). Action kinds, each on (micro-batch, stage):
 - `FB` an overlapped pair: forward of (mb, stage) with the full backward of (mb2, stage2), so one
   micro-batch's communication hides behind the other's compute (DualPipe's F&B).
 
-Point-to-point transfers are implied by the chain: an action whose predecessor ran on another rank
-receives from it. The simulator and the runtime read the same lists.
+Point-to-point transfers follow from the chain: an action whose predecessor ran on another rank
+receives from it. `moetron.pipeline.transfers` inserts them as SEND/RECV actions (and checks that
+they pair up); the simulator reads the compute lists, the runtime the lists with transfers.
 """
 from __future__ import annotations
 
