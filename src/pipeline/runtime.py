@@ -28,7 +28,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from typing import Callable, Optional
 
 import torch
@@ -65,7 +64,11 @@ class WeightGradStore:
 
 
 class _DeferrableLinearFn(torch.autograd.Function):
-    """F.linear whose backward queues the weight (and bias) gradient while the store is enabled."""
+    """F.linear whose backward queues the weight (and bias) gradient while the store is enabled.
+
+    Under autocast F.linear computes in the autocast dtype; the backward does its products in the
+    dtype of the incoming gradient, as autograd does on autocast's cast copies, and the gradients
+    reach the parameters in their own dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, store):
@@ -77,10 +80,11 @@ class _DeferrableLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        dtype = grad_out.dtype
+        grad_x = grad_out @ weight.to(dtype) if ctx.needs_input_grad[0] else None
 
         def weight_grads():
-            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
             return g2.t() @ x2, (g2.sum(0) if bias is not None else None)
 
         if not ctx.store.enabled:
@@ -91,6 +95,7 @@ class _DeferrableLinearFn(torch.autograd.Function):
         def accumulate():
             for param, grad in zip((weight, bias), weight_grads()):
                 if param is not None:
+                    grad = grad.to(param.dtype)
                     param.grad = grad if param.grad is None else param.grad + grad
 
         ctx.store.put(accumulate)
@@ -282,10 +287,19 @@ class PipelineRunner:
         return self._pool
 
     def _with_callers_autocast(self, fn: Callable, *args):
-        with ExitStack() as stack:
-            for device_type, dtype in self._autocast:  # autocast state is per thread: carry the caller's
-                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+        """Run `fn` with the caller's autocast state (it is per thread; recomputed regions need it).
+        Set directly, not by entering `torch.autocast`: leaving that context would clear the cast
+        cache, which all threads share, in the middle of the other thread's forward."""
+        previous = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d, _ in self._autocast]
+        for device_type, dtype in self._autocast:
+            torch.set_autocast_enabled(device_type, True)
+            torch.set_autocast_dtype(device_type, dtype)
+        try:
             return fn(*args)
+        finally:
+            for device_type, enabled, dtype in previous:
+                torch.set_autocast_enabled(device_type, enabled)
+                torch.set_autocast_dtype(device_type, dtype)
 
     def _run(self, a: Action) -> None:
         started, waited, adjust = time.perf_counter(), self._waited_s(), self._idle_adjust_s

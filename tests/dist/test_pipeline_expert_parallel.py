@@ -88,3 +88,31 @@ def test_pipeline_with_expert_parallelism_matches_one_process(pp, dp, ep, schedu
         expected = {(True, 0), (True, 1), (False, 1)} if overlap else {(True, 0), (True, 1)}
         assert res["seen"] == expected
     assert names == {name for name, _ in DeepSeekV3(load_preset("tiny", num_hidden_layers=LAYERS)).named_parameters()}
+
+
+def _bf16_recompute_grads(rank, world, overlap):
+    torch.manual_seed(0)
+    cfg = load_preset("tiny", num_hidden_layers=LAYERS, n_routed_experts=8, recompute_norm=True,
+                      recompute_mla_up_proj=True, recompute_swiglu=True)
+    model = DeepSeekV3(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 4, ROWS, SEQ + 1))
+    dims = ParallelDims(pp=2, dp=1, ep=2)
+    groups = build_groups(dims, Topology(1, world), rank, comm_lanes("dualpipev", 2, overlap))
+    parallelize(model, groups, "alltoall")
+    run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule="dualpipev", layout=None, overlap_fb=overlap),
+                              train=SimpleNamespace(micro_batch=ROWS, seq_len=SEQ))
+    micro = PipelinedMicroBatches(model, run_cfg, groups, torch.device("cpu"), torch.bfloat16, 4)
+    sums = micro.run([(b[:, :-1], b[:, 1:]) for b in ids[groups.stage_rank]], mtp_weight=0.3)
+    return sums, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_overlapped_pairs_keep_autocast_and_recompute_bitwise():
+    """The side thread runs the backward under the caller's bf16 autocast, so recomputed regions
+    (norms, MLA up-projections, SwiGLU) match what one thread computes, bit for bit."""
+    overlapped = run_ranks(4, _bf16_recompute_grads, True)
+    serial = run_ranks(4, _bf16_recompute_grads, False)
+    for (sums_a, grads_a), (sums_b, grads_b) in zip(overlapped, serial):
+        assert torch.equal(sums_a, sums_b)
+        assert grads_a.keys() == grads_b.keys() and grads_a
+        for name in grads_a:
+            assert torch.equal(grads_a[name], grads_b[name]), name

@@ -51,3 +51,33 @@ def test_grouped_expert_weight_gradient_is_deferred_then_equal():
     store.run_oldest()
     assert torch.equal(deferred.gate_up_proj.grad, plain.gate_up_proj.grad)  # the same grouped GEMM, later
     assert torch.equal(deferred.down_proj.grad, plain.down_proj.grad)
+
+
+def test_deferred_weight_gradients_under_bf16_autocast_land_in_float32():
+    """Under autocast the GEMMs run in bf16 on cast copies; the deferred gradient still reaches the
+    float32 parameter, in its dtype, as autograd's own cast would leave it."""
+    from moetron.models.deepseek_v3.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    plain = nn.ModuleDict({"linear": nn.Linear(16, 16, bias=False), "experts": GroupedExperts(4, 16, 8)})
+    torch.nn.init.normal_(plain["experts"].gate_up_proj, std=0.2)
+    torch.nn.init.normal_(plain["experts"].down_proj, std=0.2)
+    deferred = enable_weight_deferral(copy.deepcopy(plain), WeightGradStore())
+    store = deferred["linear"].weight_grad_store
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, 16)
+
+    def loss(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model["experts"](model["linear"](x), counts).float().square().sum()
+
+    loss(plain).backward()
+    store.enabled = True
+    loss(deferred).backward()
+    store.enabled = False
+    store.close_batch()
+    assert all(p.grad is None for p in deferred.parameters())
+    store.run_oldest()
+    for p, q in zip(deferred.parameters(), plain.parameters()):
+        assert p.grad.dtype == torch.float32
+        assert torch.equal(p.grad, q.grad)  # the same bf16 products, cast once to float32

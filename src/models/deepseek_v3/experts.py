@@ -27,13 +27,14 @@ class _GroupedMM(torch.autograd.Function):
     """y[rows of e] = x[rows of e] @ w[e]^T, with both gradients as grouped GEMMs.
 
     With a pipeline's weight-gradient store enabled (a B action), the weight gradient is queued for
-    the later W action instead of computed now (only for a parameter used directly, not a cast copy).
+    the later W action instead of computed now, and added to `w_param` (the parameter `w` is, or was
+    cast from under autocast) in its dtype.
     """
 
     @staticmethod
-    def forward(ctx, x_SK, w_ENK, offsets_E, store):
+    def forward(ctx, x_SK, w_ENK, offsets_E, store, w_param):
         ctx.save_for_backward(x_SK, w_ENK, offsets_E)
-        ctx.store = store
+        ctx.store, ctx.w_param = store, w_param
         return torch._grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offsets_E)
 
     @staticmethod
@@ -45,16 +46,16 @@ class _GroupedMM(torch.autograd.Function):
         def weight_grad():  # groups along S: grad_rows^T @ x_rows per expert (zero for no rows)
             return torch._grouped_mm(grad_SN.t(), x_SK, offs=offsets_E)
 
-        store = ctx.store
-        if store is not None and store.enabled and isinstance(w_ENK, torch.nn.Parameter):
+        store, param = ctx.store, ctx.w_param
+        if store is not None and store.enabled and param is not None:
             @torch.no_grad()
             def accumulate():
-                grad = weight_grad()
-                w_ENK.grad = grad if w_ENK.grad is None else w_ENK.grad + grad
+                grad = weight_grad().to(param.dtype)
+                param.grad = grad if param.grad is None else param.grad + grad
 
-            store.put(accumulate)
-            return grad_x_SK, None, None, None
-        return grad_x_SK, weight_grad(), None, None
+            store.put(accumulate)  # no gradient flows back now, through the cast or otherwise
+            return grad_x_SK, None, None, None, None
+        return grad_x_SK, weight_grad(), None, None, None
 
 
 def grouped_mm_loop(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -71,12 +72,13 @@ def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: tor
     Under autocast both operands are cast to the autocast dtype, as autocast does for F.linear.
     """
     device_type = x_SK.device.type
+    w_param = w_ENK if isinstance(w_ENK, torch.nn.Parameter) else None
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x_SK, w_ENK = x_SK.to(dtype), w_ENK.to(dtype)
     if use_grouped_mm and HAS_GROUPED_MM and _aligned(x_SK) and _aligned(w_ENK) and w_ENK.shape[1] * w_ENK.element_size() % 16 == 0:
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-        return _GroupedMM.apply(x_SK, w_ENK, offsets_E, weight_grad_store)
+        return _GroupedMM.apply(x_SK, w_ENK, offsets_E, weight_grad_store, w_param)
     return grouped_mm_loop(x_SK, w_ENK, tokens_per_expert_E)
 
 
