@@ -186,14 +186,9 @@ def _torch_runner(name, modules, pp_rank, pp, pp_group, n):
     schedule = Schedule1F1B(stages[0], n, loss_fn=loss) if name == "torch_1f1b" else ScheduleDualPipeV(stages, n, loss_fn=loss)
     x, y = torch.randn(n * ROWS, HIDDEN), torch.randn(n * ROWS, HIDDEN)
 
-    def step():
-        kwargs = {}
-        if 0 in ids:
-            kwargs["args"] = (x,)
-        if total - 1 in ids:
-            kwargs.update(target=y, losses=[])
-        args = kwargs.pop("args", ())
-        schedule.step(*args, **kwargs)
+    def step():  # the first stage takes the inputs, the last the targets
+        inputs = (x,) if 0 in ids else ()
+        schedule.step(*inputs, **({"target": y, "losses": []} if total - 1 in ids else {}))
 
     return step
 
@@ -204,23 +199,24 @@ def _worker(rank, world, args):
     groups = build_groups(dims, Topology(1, world), rank, lanes=2)
     ep_group = groups.lanes("ep")
     pp_rank, n = groups.pp_rank, args.microbatches
-    full_rows = args.a2a_kib * 1024 // (HIDDEN * 4) // args.ep * args.ep
-    results = {"a2a_alone_s": {}}
-    for rows in {full_rows, full_rows // 2 // args.ep * args.ep}:
-        results["a2a_alone_s"][rows] = _a2a_alone_s(rows, ep_group, args.ep) if rows else 0.0
+    rows_of = {"full": args.a2a_kib * 1024 // (HIDDEN * 4) // args.ep * args.ep}  # exchange rows per stage
+    rows_of["half"] = rows_of["full"] // 2 // args.ep * args.ep
+    results = {"a2a_alone_s": {size: _a2a_alone_s(rows, ep_group, args.ep) if rows else 0.0
+                               for size, rows in rows_of.items()}}
     for name in args.schedules:
         half = name in HALF_STAGES
         costs = tuple(c / 2 for c in (args.f, args.b, args.w)) if half else (args.f, args.b, args.w)
-        rows = full_rows // 2 // args.ep * args.ep if half else full_rows
         log = ComputeLog()
+
+        def stage(costs=costs, rows=rows_of["half" if half else "full"], log=log):
+            return TimedStage(costs, rows, ep_group, args.ep, log)
+
         if name in TORCH:
-            num_stages = 2 * args.pp if half else args.pp
-            modules = {s: TimedStage(costs, rows, ep_group, args.ep, log) for s in range(num_stages)}
+            modules = {s: stage() for s in range(2 * args.pp if half else args.pp)}
             run_step = _torch_runner(name, modules, pp_rank, args.pp, groups.pp_group, n)
         else:
             sched = build_schedule(OURS[name], args.pp, n)
-            modules = {s: TimedStage(costs, rows, ep_group, args.ep, log) for s, r in sched.stage_rank.items()
-                       if r == pp_rank}
+            modules = {s: stage() for s, r in sched.stage_rank.items() if r == pp_rank}
             runner = PipelineRunner(sched, pp_rank, modules, groups.lanes("pp"), (ROWS, HIDDEN),
                                     overlap=not name.endswith("_serial"))
             inputs = {mb: torch.randn(ROWS, HIDDEN) for mb in range(n)}
@@ -298,17 +294,16 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=[*OURS, *TORCH])
     args = parser.parse_args()
     measured = run_ranks(args.pp * args.ep, _worker, args, timeout=1800)
-    a2a = {rows: max(m["a2a_alone_s"][rows] for m in measured) for rows in measured[0]["a2a_alone_s"]}
-    full_rows = max(a2a)
+    a2a = {size: max(m["a2a_alone_s"][size] for m in measured) for size in ("full", "half")}  # slowest rank
     out = {"torch": torch.__version__, "ranks": args.pp * args.ep, "pp": args.pp, "ep": args.ep,
            "microbatches": args.microbatches, "costs_s": {"f": args.f, "b": args.b, "w": args.w},
-           "a2a_kib": args.a2a_kib, "a2a_alone_s": {"full_stage": round(a2a[full_rows], 4),
-                                                     "half_stage": round(a2a[min(a2a)], 4)},
+           "a2a_kib": args.a2a_kib, "a2a_alone_s": {"full_stage": round(a2a["full"], 4),
+                                                     "half_stage": round(a2a["half"], 4)},
            "schedules": {}}
     for name in args.schedules:
         m = measured[0][name]
         sched = _schedule_of(name, args)
-        nominal = simulate(sched, _nominal_costs(name, args, a2a[min(a2a)] if name in HALF_STAGES else a2a[full_rows]))
+        nominal = simulate(sched, _nominal_costs(name, args, a2a["half" if name in HALF_STAGES else "full"]))
         calibrated = _calibrated_costs(_sum_action_s(r[TWIN.get(name, name)]["action_s"] for r in measured
                                                      if TWIN.get(name, name) in r))
         row = {"measured_step_s": round(m["step_s"], 4), "nominal_simulated_step_s": round(nominal.makespan, 4),

@@ -22,6 +22,15 @@ from tests.dist.harness import run_ranks
 ROWS, SEQ, LAYERS = 2, 16, 4
 
 
+def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n):
+    """`model` under EP (alltoall) and the trainer's pipelined micro-batches; returns (groups, micro)."""
+    groups = build_groups(dims, Topology(1, world), rank, comm_lanes(schedule, dims.pp, overlap))
+    parallelize(model, groups, "alltoall")
+    run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule=schedule, layout=None, overlap_fb=overlap),
+                              train=SimpleNamespace(micro_batch=ROWS, seq_len=SEQ))
+    return groups, PipelinedMicroBatches(model, run_cfg, groups, torch.device("cpu"), dtype, n)
+
+
 def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n):
     torch.manual_seed(0)
     cfg = load_preset("tiny", num_hidden_layers=LAYERS, n_routed_experts=8)
@@ -31,12 +40,9 @@ def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n):
     for batch in ids.view(-1, ROWS, SEQ + 1):  # the whole step in one process
         (reference(batch[:, :-1], batch[:, 1:]).loss / (n * data_ranks)).backward()
 
-    dims = ParallelDims(pp=pp, dp=dp, ep=ep)
-    groups = build_groups(dims, Topology(1, world), rank, comm_lanes(schedule, pp, overlap))
-    model = parallelize(copy.deepcopy(reference), groups, "alltoall")
-    run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule=schedule, layout=None, overlap_fb=overlap),
-                              train=SimpleNamespace(micro_batch=ROWS, seq_len=SEQ))
-    micro = PipelinedMicroBatches(model, run_cfg, groups, torch.device("cpu"), torch.float32, n)
+    model = copy.deepcopy(reference)
+    groups, micro = _pipelined(model, rank, world, ParallelDims(pp=pp, dp=dp, ep=ep), schedule, overlap,
+                               torch.float32, n)
     seen = set()  # (main thread?, lane) of every exchange, forward and backward
     real_exchange = a2a_module._exchange
 
@@ -96,12 +102,8 @@ def _bf16_recompute_grads(rank, world, overlap):
                       recompute_mla_up_proj=True, recompute_swiglu=True)
     model = DeepSeekV3(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 4, ROWS, SEQ + 1))
-    dims = ParallelDims(pp=2, dp=1, ep=2)
-    groups = build_groups(dims, Topology(1, world), rank, comm_lanes("dualpipev", 2, overlap))
-    parallelize(model, groups, "alltoall")
-    run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule="dualpipev", layout=None, overlap_fb=overlap),
-                              train=SimpleNamespace(micro_batch=ROWS, seq_len=SEQ))
-    micro = PipelinedMicroBatches(model, run_cfg, groups, torch.device("cpu"), torch.bfloat16, 4)
+    groups, micro = _pipelined(model, rank, world, ParallelDims(pp=2, dp=1, ep=2), "dualpipev", overlap,
+                               torch.bfloat16, 4)
     sums = micro.run([(b[:, :-1], b[:, 1:]) for b in ids[groups.stage_rank]], mtp_weight=0.3)
     return sums, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
