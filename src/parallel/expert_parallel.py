@@ -7,14 +7,19 @@ import torch
 from torch import nn
 
 from moetron.comm.dispatch import AllToAllDispatcher, HierarchicalDispatcher
+from moetron.comm.dispatch.deepep import DeepEPBuffers, DeepEPDispatcher
 from moetron.comm.traffic import TrafficCounter
 from moetron.parallel.dims import ParallelGroups
 
 DISPATCHERS = ("alltoall", "hierarchical", "deepep")
 
 
-def make_dispatcher(name: str, num_experts: int, groups: ParallelGroups, traffic: Optional[TrafficCounter] = None):
-    """The dispatcher `parallel.dispatcher` names, for this rank's EP group."""
+def make_dispatcher(name: str, num_experts: int, groups: ParallelGroups, traffic: Optional[TrafficCounter] = None,
+                    deepep_buffers: Optional[DeepEPBuffers] = None):
+    """The dispatcher `parallel.dispatcher` names, for this rank's EP group.
+
+    DeepEP's buffers are large: pass one `DeepEPBuffers` for all the layers of a model.
+    """
     dims, topo = groups.dims, groups.topology
     ep_rank = groups.ep_rank
     ep_group, nvl_group, ib_group = groups.lanes("ep"), groups.lanes("nvl"), groups.lanes("ib")
@@ -26,12 +31,8 @@ def make_dispatcher(name: str, num_experts: int, groups: ParallelGroups, traffic
         return HierarchicalDispatcher(num_experts, ep_rank, dims.ep, groups.ep_ranks_per_node, ib_group, nvl_group,
                                       traffic=traffic)
     if name == "deepep":
-        try:
-            import deep_ep  # noqa: F401
-        except ImportError as err:
-            raise ImportError("parallel.dispatcher=deepep needs DeepEP (github.com/deepseek-ai/DeepEP) built on a "
-                              "CUDA machine; use parallel.dispatcher=hierarchical or alltoall") from err
-        raise NotImplementedError("the DeepEP backend is not wired in yet; use parallel.dispatcher=hierarchical")
+        return DeepEPDispatcher(num_experts, ep_rank, dims.ep, deepep_buffers or DeepEPBuffers(ep_group),
+                                groups.ep_ranks_per_node, traffic=traffic)
     raise ValueError(f"parallel.dispatcher={name!r}: choose one of {DISPATCHERS}")
 
 

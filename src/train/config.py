@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from moetron.comm.dispatch.deepep import deepep_problems
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.parallel.dims import ParallelDims, Topology
 from moetron.parallel.expert_parallel import DISPATCHERS
@@ -130,15 +131,14 @@ def validate(cfg, world_size: int) -> ParallelDims:
         problems.append(f"parallel.schedule={par.schedule!r}: choose one of {sorted(BUILDERS)}")
     if par.dispatcher not in DISPATCHERS:
         problems.append(f"parallel.dispatcher={par.dispatcher!r}: choose one of {DISPATCHERS}")
-    elif par.dispatcher == "deepep":
-        problems.append("parallel.dispatcher=deepep: the DeepEP backend is not wired in yet (it needs a CUDA machine "
-                        "with DeepEP built); use parallel.dispatcher=hierarchical or alltoall")
     model_ranks = par.pp * par.ep
     dp = par.dp if par.dp is not None else max(world_size // max(model_ranks, 1), 1)
     dims = ParallelDims(pp=par.pp, dp=dp, ep=par.ep)
     topology = Topology.from_config(cfg.cluster, world_size)
     problems += dims.problems(world_size, topology, model.n_routed_experts)
     ep_nodes = dims.ep_nodes(topology)
+    if par.dispatcher == "deepep" and dims.ep > 1:
+        problems += deepep_problems(min(dims.ep, topology.gpus_per_node), ep_nodes)
     if ep_nodes > 1 and model.topk_group < model.n_group and model.n_group != ep_nodes:
         problems.append(f"node-limited routing maps expert groups to nodes: the EP group spans {ep_nodes} nodes, so set "
                         f"model.n_group={ep_nodes} (model.topk_group = M, the most nodes per token)")

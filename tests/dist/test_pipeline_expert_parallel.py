@@ -22,16 +22,16 @@ from tests.dist.harness import run_ranks
 ROWS, SEQ, LAYERS = 2, 16, 4
 
 
-def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n):
-    """`model` under EP (alltoall) and the trainer's pipelined micro-batches; returns (groups, micro)."""
+def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher="alltoall"):
+    """`model` under EP and the trainer's pipelined micro-batches; returns (groups, micro)."""
     groups = build_groups(dims, Topology(1, world), rank, comm_lanes(schedule, dims.pp, overlap))
-    parallelize(model, groups, "alltoall")
+    parallelize(model, groups, dispatcher)
     run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule=schedule, layout=None, overlap_fb=overlap),
                               train=SimpleNamespace(micro_batch=ROWS, seq_len=SEQ))
     return groups, PipelinedMicroBatches(model, run_cfg, groups, torch.device("cpu"), dtype, n)
 
 
-def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n):
+def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall"):
     torch.manual_seed(0)
     cfg = load_preset("tiny", num_hidden_layers=LAYERS, n_routed_experts=8)
     reference = DeepSeekV3(cfg).train()
@@ -42,7 +42,7 @@ def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n):
 
     model = copy.deepcopy(reference)
     groups, micro = _pipelined(model, rank, world, ParallelDims(pp=pp, dp=dp, ep=ep), schedule, overlap,
-                               torch.float32, n)
+                               torch.float32, n, dispatcher)
     seen = set()  # (main thread?, lane) of every exchange, forward and backward
     real_exchange = a2a_module._exchange
 

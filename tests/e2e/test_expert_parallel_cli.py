@@ -55,11 +55,20 @@ def test_ep4_over_two_virtual_nodes_with_node_limited_routing_resumes(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("parallel.ep=3", "model.n_routed_experts=8 is not divisible by parallel.ep=3"),
     ("parallel.dispatcher=nccl", "parallel.dispatcher='nccl'"),
-    ("parallel.dispatcher=deepep", "the DeepEP backend is not wired in yet"),
 ])
 def test_invalid_expert_parallel_settings(tmp_path, override, message):
     proc = run_cli([*SMALL, override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_deepep_needs_its_library_cuda_and_eight_gpus_per_node(tmp_path):
+    env = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0"}  # validation runs before any rank meets
+    proc = run_cli([*SMALL, "parallel.ep=4", "parallel.dispatcher=deepep", "cluster.nodes=2",
+                    "cluster.gpus_per_node=2", "model.n_group=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                   tmp_path, env_extra=env, check=False)
+    assert proc.returncode == 2
+    for message in ("needs DeepEP installed", "runs on CUDA GPUs only", "set cluster.gpus_per_node=8"):
+        assert message in proc.stderr, message
 
 
 def test_node_limited_routing_must_map_groups_to_nodes(tmp_path):

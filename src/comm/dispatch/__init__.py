@@ -12,8 +12,10 @@ the rows of a token. Both are differentiable (gradients reach x and the gates).
 - `LocalDispatcher`: EP = 1, a permutation.
 - `AllToAllDispatcher`: one all-to-all over the EP group, each token sent once per rank.
 - `HierarchicalDispatcher`: DeepSeek-V3's two hops, InfiniBand once per node then NVLink.
+- `DeepEPDispatcher`: the same two hops in DeepEP's fused kernels (CUDA, optional; see deepep.py).
 """
+from moetron.comm.dispatch.deepep import DeepEPDispatcher
 from moetron.comm.dispatch.ep import AllToAllDispatcher, HierarchicalDispatcher
 from moetron.comm.dispatch.local import LocalDispatcher
 
-__all__ = ["LocalDispatcher", "AllToAllDispatcher", "HierarchicalDispatcher"]
+__all__ = ["LocalDispatcher", "AllToAllDispatcher", "HierarchicalDispatcher", "DeepEPDispatcher"]

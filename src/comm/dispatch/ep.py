@@ -21,14 +21,14 @@ from typing import Optional
 
 import torch
 
-from moetron.comm.dispatch.hop import Hop, IdentityCodec, return_hop, send_hop
+from moetron.comm.dispatch.hop import IdentityCodec, return_hop, send_hop
 from moetron.comm.lanes import GroupLike
 from moetron.comm.traffic import TrafficCounter
 
 
 @dataclass
 class EPDispatchHandle:
-    hops: list[Hop]
+    hops: list  # what `_bring_back` needs: the Hops taken, or a backend's own handle
     row_of_pair_S: torch.Tensor  # received row of each (row, local expert) pair
     weight_S: torch.Tensor  # its gate
     num_rows: int
@@ -58,10 +58,13 @@ class _ExpertParallelDispatcher:
 
     def combine(self, y_SH: torch.Tensor, handle: EPDispatchHandle) -> torch.Tensor:
         weighted_SH = (y_SH.float() * handle.weight_S.unsqueeze(-1)).to(y_SH.dtype)
-        y = y_SH.new_zeros(handle.num_rows, y_SH.shape[-1]).index_add(0, handle.row_of_pair_S, weighted_SH)
-        for hop in reversed(handle.hops):
-            y = return_hop(y, hop, self.traffic)
-        return y
+        y_MH = y_SH.new_zeros(handle.num_rows, y_SH.shape[-1]).index_add(0, handle.row_of_pair_S, weighted_SH)
+        return self._bring_back(y_MH, handle.hops)
+
+    def _bring_back(self, y_MH, hops):  # -> y_TH: partial sums per received row, back along the hops
+        for hop in reversed(hops):
+            y_MH = return_hop(y_MH, hop, self.traffic)
+        return y_MH
 
 
 class AllToAllDispatcher(_ExpertParallelDispatcher):

@@ -14,6 +14,7 @@ from typing import Optional
 
 from torch import nn
 
+from moetron.comm.dispatch.deepep import DeepEPBuffers
 from moetron.comm.traffic import TrafficCounter
 from moetron.models.deepseek_v3.moe import MoE
 from moetron.models.deepseek_v3.stages import StageTail, build_stages, even_layout
@@ -26,10 +27,11 @@ def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hie
     dims = groups.dims
     if dims.ep > 1:
         traffic = traffic or TrafficCounter()
+        buffers = DeepEPBuffers(groups.lanes("ep")) if dispatcher == "deepep" else None  # one set for all layers
         for module in model.modules():
             if isinstance(module, MoE):
                 shard_experts(module.experts, groups.ep_rank, dims.ep)
-                module.dispatcher = make_dispatcher(dispatcher, model.cfg.n_routed_experts, groups, traffic)
+                module.dispatcher = make_dispatcher(dispatcher, model.cfg.n_routed_experts, groups, traffic, buffers)
         model.traffic = traffic
     return model
 
