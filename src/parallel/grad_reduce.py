@@ -54,10 +54,11 @@ def clip_grad_norm(replicated, experts, max_norm: float, ep_group: Optional[dist
     pipeline ranks' parts over the pp group (a parameter held by n pipeline ranks counts 1/n on
     each, `copies[id(p)] = n`), so every rank scales by the same factor."""
     copies = copies or {}
+    device = next((p.device for p in [*replicated, *experts]), torch.device("cpu"))  # NCCL reduces device tensors
 
     def sq_norm(params):
         terms = [p.grad.detach().float().pow(2).sum() / copies.get(id(p), 1) for p in params if p.grad is not None]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
 
     expert_sq = sq_norm(experts)
     if ep_group is not None:

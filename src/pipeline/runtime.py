@@ -127,7 +127,8 @@ def enable_weight_deferral(module: nn.Module, store: WeightGradStore) -> nn.Modu
 class PipelineRunner:
     def __init__(self, schedule: Schedule, rank: int, stage_modules: dict[int, nn.Module],
                  group: GroupLike, p2p_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                 store: Optional[WeightGradStore] = None, overlap: bool = True) -> None:
+                 store: Optional[WeightGradStore] = None, overlap: bool = True,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.sched, self.rank, self.modules = schedule, rank, stage_modules
         self.actions = with_transfers(schedule)[rank]  # compute, sends and receives, in order
         # activations travel on lane 0, gradients on lane 1 when the group has one: NCCL matches a rank
@@ -138,7 +139,7 @@ class PipelineRunner:
             # set the communicators up now, on every rank of the pipeline at once: NCCL creates one at
             # its first use, which would otherwise block a rank mid-schedule on peers that wait on it
             dist.barrier(group=comm)
-        self.shape, self.dtype = p2p_shape, dtype
+        self.shape, self.dtype, self.device = p2p_shape, dtype, device
         self.store = store or WeightGradStore()
         self.overlap = overlap
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -162,10 +163,10 @@ class PipelineRunner:
             kind = 0 if a.kind.endswith("_F") else 1  # activation or gradient
             group, peer = self._p2p_groups[kind], peer_stage(self.sched, a)
             if a.kind.startswith("RECV"):
-                buf = torch.empty(self.shape, dtype=self.dtype)
+                buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
                 op = dist.P2POp(dist.irecv, buf, self._peer(peer), group, self._tag(kind, a.mb, a.stage))
             else:
-                tensor = self._outbox.pop((kind, a.mb, a.stage)).contiguous()
+                tensor = self._outbox.pop((kind, a.mb, a.stage)).to(self.dtype).contiguous()
                 op = dist.P2POp(dist.isend, tensor, self._peer(peer), group, self._tag(kind, a.mb, peer))
             batches.setdefault(id(group), []).append((a, kind, op))
         for batch in batches.values():

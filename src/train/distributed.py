@@ -51,8 +51,12 @@ def init_process_group(world: World, device: torch.device) -> Optional[dist.Proc
     return dist.group.WORLD
 
 
-def all_reduce_mean(values: torch.Tensor, group: Optional[dist.ProcessGroup], size: int) -> torch.Tensor:
+def all_reduce_mean(values: torch.Tensor, group: Optional[dist.ProcessGroup], size: int,
+                    device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Mean over the group of host-side values; the reduction runs on `device` (NCCL takes no CPU
+    tensors) and the result comes back to the host."""
     if group is not None and size > 1:
-        dist.all_reduce(values, group=group)
-        values = values / size
+        on_device = values.to(device)
+        dist.all_reduce(on_device, group=group)
+        values = on_device.cpu() / size
     return values

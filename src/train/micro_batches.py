@@ -60,7 +60,7 @@ class PipelinedMicroBatches:
         self.copies = {pid: len(ranks) for pid, ranks in self.parts.holders.items()}
         shape = (cfg.train.micro_batch, cfg.train.seq_len, model.cfg.hidden_size)
         self.runner = PipelineRunner(self.schedule, groups.pp_rank, self.parts.stage_modules, groups.lanes("pp"), shape,
-                                     overlap=cfg.parallel.overlap_fb)
+                                     overlap=cfg.parallel.overlap_fb, device=device)
 
     def run(self, micro_batches, mtp_weight: float) -> torch.Tensor:
         n = len(micro_batches)
@@ -79,13 +79,13 @@ class PipelinedMicroBatches:
         for stage in {id(s): s for s in self.parts.stage_modules.values()}.values():
             balance += sum(stage.balance_seen)
             stage.balance_seen.clear()
-        sums = torch.tensor([lm + mtp + balance, lm, mtp, balance], dtype=torch.float64)
-        idle = torch.tensor([1.0 - self.runner.busy_s / max(self.runner.step_s, 1e-12)], dtype=torch.float64)
-        if self.pp_group is not None:  # each stage knows its part: add up the pipeline
-            dist.all_reduce(sums, group=self.pp_group)
-            dist.all_reduce(idle, group=self.pp_group)
-        self.bubble_ratio = float(idle) / self.schedule.num_ranks  # measured: idle share of the step, mean over ranks
-        return sums
+        idle = 1.0 - self.runner.busy_s / max(self.runner.step_s, 1e-12)
+        sums_idle = torch.tensor([lm + mtp + balance, lm, mtp, balance, idle], dtype=torch.float64, device=self.device)
+        if self.pp_group is not None:  # each stage knows its part: add up the pipeline (on the device, for NCCL)
+            dist.all_reduce(sums_idle, group=self.pp_group)
+        sums_idle = sums_idle.cpu()
+        self.bubble_ratio = float(sums_idle[4]) / self.schedule.num_ranks  # idle share of the step, mean over ranks
+        return sums_idle[:4]
 
     def after_backward(self) -> None:
         sum_shared_gradients(self.parts.shared, self.shared_groups)

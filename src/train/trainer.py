@@ -172,8 +172,8 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
             optimizer.zero_grad(set_to_none=True)
             moe = finish_moe_step(model, piecewise(tcfg.bias_update_schedule, tokens_seen), world_group)
             tokens_seen += tokens_per_step
-            losses = all_reduce_mean(sums / micro_per_rank, groups.stage_group, data_ranks)
-            traffic = _traffic_bytes(model, world_group)
+            losses = all_reduce_mean(sums / micro_per_rank, groups.stage_group, data_ranks, device)
+            traffic = _traffic_bytes(model, world_group, device)
             step_time = time.perf_counter() - t0
 
             metrics = _step_metrics(step + 1, tokens_seen, losses, lr, grad_norm, moe, step_time,
@@ -233,16 +233,17 @@ def _barrier(world) -> None:
         torch.distributed.barrier()
 
 
-def _traffic_bytes(model, stage_group) -> dict:
+def _traffic_bytes(model, stage_group, device) -> dict:
     """Bytes the step's forward dispatch and combine sent over each link class, summed over ranks."""
     counter = getattr(model, "traffic", None)
     if counter is None:
         return {}
     moved = counter.take()
-    totals = torch.tensor([moved["ib"], moved["nvlink"]], dtype=torch.float64)
+    totals = torch.tensor([moved["ib"], moved["nvlink"]], dtype=torch.float64, device=device)
     if stage_group is not None:
         torch.distributed.all_reduce(totals, group=stage_group)
-    return {"comm/a2a_bytes/ib": int(totals[0]), "comm/a2a_bytes/nvlink": int(totals[1])}
+    ib, nvlink = totals.tolist()
+    return {"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)}
 
 
 def _step_metrics(step, tokens, losses, lr, grad_norm, moe, step_time, tokens_per_step, flops_per_token,

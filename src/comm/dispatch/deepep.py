@@ -146,11 +146,12 @@ class DeepEPDispatcher(_ExpertParallelDispatcher):
         self.landing_D = torch.arange(ep_size) % ranks_per_node == my_local
 
     def _wire(self, x_NH: torch.Tensor) -> torch.Tensor:
-        return x_NH if self.wire_dtype is None else x_NH.to(self.wire_dtype)
+        return (x_NH if self.wire_dtype is None else x_NH.to(self.wire_dtype)).contiguous()
 
     def _send(self, x_TH, topk_idx_TK, topk_weight_TK):
         box: list = []
-        recv_x_MH, weight_MK = _Dispatch.apply(self._wire(x_TH), topk_weight_TK.float(), topk_idx_TK.long(),
+        recv_x_MH, weight_MK = _Dispatch.apply(self._wire(x_TH), topk_weight_TK.float().contiguous(),
+                                               topk_idx_TK.long().contiguous(),
                                                self.buffers, self.num_experts, box)
         recv_idx_MK, in_rank_TD, handle = box[0]
         expert_MK = torch.where(recv_idx_MK >= 0, recv_idx_MK + self.first_local, -1)

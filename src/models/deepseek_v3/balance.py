@@ -79,7 +79,8 @@ def finish_moe_step(model: nn.Module, bias_update_speed: Optional[float] = None,
         return stats
     held = [not r.expert_bias.is_meta for r in all_routers]
     E = all_routers[0].expert_bias.shape[0]
-    device = next((r.expert_bias.device for r, h in zip(all_routers, held) if h), torch.device("cpu"))
+    # a rank that holds no router still joins the reductions, on the device its collectives use
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     loads_LE = torch.stack([r.tokens_per_expert if h else torch.zeros(E, dtype=torch.int64, device=device)
                             for r, h in zip(all_routers, held)])
     if group is not None and dist.is_initialized():
