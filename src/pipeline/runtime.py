@@ -14,9 +14,12 @@ input with the weight gradients of linear and grouped-expert layers queued in th
 `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
 backward on a side thread while the forward runs here; backward collectives use lane 1, copies of
 the groups (moetron.comm.lanes), forward ones lane 0: one micro-batch's all-to-all is in
-flight while the other computes (`overlap=False` runs them one after the other). On a GPU the two
-halves' kernels still share one CUDA stream (backward kernels run on their forward's stream; a
-stream per chunk is to come). The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s` (wall time) of the last step
+flight while the other computes (`overlap=False` runs them one after the other). On a GPU each
+stage module (chunk) runs its forward on a stream of its own, and autograd runs every backward
+kernel on its forward's stream, so the two halves of a pair (always different chunks) are on
+different streams and can run at once; each forward first waits for the device's current stream
+(where its input arrived) and that stream then waits for it (where its output is sent or used).
+The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s` (wall time) of the last step
 give the measured bubble; `action_s` holds each compute action's busy seconds by kind (costs for
 the simulator).
 
@@ -140,6 +143,8 @@ class PipelineRunner:
             # its first use, which would otherwise block a rank mid-schedule on peers that wait on it
             dist.barrier(group=comm)
         self.shape, self.dtype, self.device = p2p_shape, dtype, device
+        self._device_module = torch.get_device_module(device)  # torch.cuda on GPUs; torch.cpu's streams do nothing
+        self._streams = {stage: self._device_module.Stream() for stage in stage_modules}
         self.store = store or WeightGradStore()
         self.overlap = overlap
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -204,11 +209,15 @@ class PipelineRunner:
         return x.requires_grad_(prev is not None)
 
     def _forward_compute(self, mb: int, stage: int, x: torch.Tensor) -> torch.Tensor:
-        out = self.modules[stage](x)
-        if self.sched.next_stage(mb, stage) is None:
-            loss = self._loss_fn(out, self._targets[mb])
-            self._losses[mb] = loss.detach()
-            out = loss * self._loss_scale
+        ambient, stream = self._device_module.current_stream(), self._streams[stage]
+        stream.wait_stream(ambient)  # the input arrived on the ambient stream
+        with self._device_module.stream(stream):
+            out = self.modules[stage](x)
+            if self.sched.next_stage(mb, stage) is None:
+                loss = self._loss_fn(out, self._targets[mb])
+                self._losses[mb] = loss.detach()
+                out = loss * self._loss_scale
+        ambient.wait_stream(stream)  # sends and the next chunk read the output there
         self._saved[(mb, stage)] = (x, out)
         return out
 

@@ -1,6 +1,8 @@
 """Every schedule executed on gloo ranks against one process running the stages in order
 (DualPipe's mirrored stages sum their gradients first), as DualPipe's own examples check."""
+import contextlib
 import copy
+import threading
 import time
 
 import pytest
@@ -127,3 +129,65 @@ def test_forward_backward_pairs_overlap():
     assert overlapped and len(overlapped) == len(serial)
     assert min(serial) >= 2 * s  # forward, then backward
     assert max(overlapped) < 1.6 * s  # both at once: about one sleep, not two
+
+
+class _RecordingStreams:
+    """Stands in for torch.cuda's stream API: records which stream is current on each thread and
+    every wait between streams."""
+
+    def __init__(self):
+        self.local, self.waits, self.default = threading.local(), [], self.Stream(self, "default")
+
+    class Stream:
+        def __init__(self, api=None, name=None):
+            self.api, self.name = api, name
+
+        def wait_stream(self, other):
+            self.api.waits.append((self.name, other.name))
+
+    def current_stream(self):
+        return getattr(self.local, "stream", self.default)
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        before = self.current_stream()
+        self.local.stream = s
+        try:
+            yield
+        finally:
+            self.local.stream = before
+
+
+class _StreamProbe(nn.Module):
+    def __init__(self, block, api, seen, stage):
+        super().__init__()
+        self.block, self.api, self.seen, self.stage = block, api, seen, stage
+
+    def forward(self, x):
+        self.seen.append((self.stage, self.api.current_stream().name))
+        return self.block(x)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_one_rank_dualpipev_runs_each_chunk_on_its_stream(overlap):
+    """DualPipeV on one rank (both chunks of the V; after warm-up every step an F&B pair) matches
+    autograd bitwise, and every chunk's forward runs on the chunk's stream, fenced both ways with
+    the ambient stream (inputs arrive there, outputs leave from there)."""
+    n = 6
+    ref_losses, ref_grads = _reference("dualpipev", 1, n)
+    sched = build_schedule("dualpipev", 1, n)
+    blocks = _blocks(2)
+    api, seen = _RecordingStreams(), []
+    runner = PipelineRunner(sched, 0, {s: _StreamProbe(blocks[s], api, seen, s) for s in (0, 1)}, None,
+                            (ROWS, HIDDEN), overlap=overlap)
+    runner._device_module = api
+    runner._streams = {s: api.Stream(api, f"chunk{s}") for s in (0, 1)}
+    inputs, targets = _data(n)
+    losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n)
+    assert all(torch.equal(losses[mb], ref_losses[mb]) for mb in range(n))
+    for block, ref in zip(blocks, ref_grads):
+        for p, r in zip(block.parameters(), ref):
+            assert torch.equal(p.grad, r)
+    assert sorted(seen) == sorted([(s, f"chunk{s}") for s in (0, 1) for _ in range(n)])
+    assert api.waits == [w for s, _ in seen for w in ((f"chunk{s}", "default"), ("default", f"chunk{s}"))]
+    assert "FB" in [a.kind for a in sched.actions[0]]
