@@ -19,9 +19,9 @@ stage module (chunk) runs its forward on a stream of its own, and autograd runs 
 kernel on its forward's stream, so the two halves of a pair (always different chunks) are on
 different streams and can run at once; each forward first waits for the device's current stream
 (where its input arrived) and that stream then waits for it (where its output is sent or used).
-The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s` (wall time) of the last step
-give the measured bubble; `action_s` holds each compute action's busy seconds by kind (costs for
-the simulator).
+The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and
+`step_s` (wall time) of the last step give the measured bubble; `action_s` holds each compute
+action's busy seconds by kind (costs for the simulator).
 
 Shape legend: B micro-batch rows, F features.
 """

@@ -27,17 +27,21 @@ class LocalMicroBatches:
 
     def run(self, micro_batches, mtp_weight: float) -> torch.Tensor:
         self.model.mtp_loss_weight = mtp_weight
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # on the device: no sync per micro-batch
         for inputs, labels in micro_batches:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 out = self.model(inputs.to(self.device), labels.to(self.device))
             (out.loss / len(micro_batches)).backward()
             parts = (out.loss, out.loss_lm, out.loss_mtp, out.loss_balance)
-            sums += torch.tensor([0.0 if t is None else t.item() for t in parts], dtype=torch.float64)
-        return sums
+            sums += torch.stack([torch.zeros_like(sums[0]) if t is None else t.detach().double() for t in parts])
+        return sums.cpu()
 
     def after_backward(self) -> None:
         pass
+
+
+def _f64(t):
+    return 0.0 if t is None else t.double()
 
 
 def _pipeline_parts(model, cfg, groups, num_micro: int):
@@ -71,16 +75,19 @@ class PipelinedMicroBatches:
             tail.mtp_loss_weight = mtp_weight
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             self.runner.step(inputs, targets, tail, loss_scale=1.0 / n)
-        lm = mtp = balance = 0.0
+        # the stages kept their losses on the device: add them up here, with no sync inside the schedule
+        lm = mtp = balance = torch.zeros((), dtype=torch.float64, device=self.device)
         if tail is not None:
             for lm_i, mtp_i, balance_i in tail.losses_seen:
-                lm, mtp, balance = lm + lm_i, mtp + mtp_i, balance + balance_i
+                lm, mtp, balance = lm + _f64(lm_i), mtp + _f64(mtp_i), balance + _f64(balance_i)
             tail.losses_seen.clear()
         for stage in {id(s): s for s in self.parts.stage_modules.values()}.values():
-            balance += sum(stage.balance_seen)
+            for balance_i in stage.balance_seen:
+                balance = balance + _f64(balance_i)
             stage.balance_seen.clear()
-        idle = 1.0 - self.runner.busy_s / max(self.runner.step_s, 1e-12)
-        sums_idle = torch.tensor([lm + mtp + balance, lm, mtp, balance, idle], dtype=torch.float64, device=self.device)
+        idle = torch.tensor(1.0 - self.runner.busy_s / max(self.runner.step_s, 1e-12), dtype=torch.float64,
+                            device=self.device)
+        sums_idle = torch.stack([lm + mtp + balance, lm, mtp, balance, idle])
         if self.pp_group is not None:  # each stage knows its part: add up the pipeline (on the device, for NCCL)
             dist.all_reduce(sums_idle, group=self.pp_group)
         sums_idle = sums_idle.cpu()

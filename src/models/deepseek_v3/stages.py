@@ -60,7 +60,7 @@ class Stage(nn.Module):
         self.embed_tokens = model.embed_tokens if first else None
         self.layers = nn.ModuleList(model.layers[i] for i in layer_ids)
         self.aux_scale = aux_scale
-        self.balance_seen: list[float] = []  # each call's balance loss, for logging
+        self.balance_seen: list[torch.Tensor] = []  # each call's balance loss, for logging (no device sync here)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_BSH = self.embed_tokens(x) if self.embed_tokens is not None else x
@@ -71,7 +71,7 @@ class Stage(nn.Module):
             h_BSH, balance = layer(h_BSH, cos, sin)
             aux = _add(aux, balance)
         if aux is not None:
-            self.balance_seen.append(float(aux.detach()))
+            self.balance_seen.append(aux.detach())
         return attach_aux_loss(h_BSH, aux, self.aux_scale)
 
 
@@ -84,7 +84,7 @@ class StageTail(nn.Module):
         self.norm, self.lm_head, self.embed_tokens, self.mtp = model.norm, model.lm_head, model.embed_tokens, model.mtp
         self.mtp_loss_weight = model.mtp_loss_weight  # the trainer follows its schedule
         self.aux_scale = aux_scale
-        self.losses_seen: list[tuple[float, float, float]] = []  # (lm, mtp, MTP balance) per call, for logging
+        self.losses_seen: list[tuple] = []  # (lm, mtp, MTP balance) tensors or None per call, for logging
 
     def forward(self, h_BSH: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         input_ids_BS, labels_BS = target
@@ -98,7 +98,7 @@ class StageTail(nn.Module):
             balance_mtp = _add(balance_mtp, balance)
             loss_k = cross_entropy(self.lm_head(normed_BSH), labels_k_BS)
             loss_mtp = _add(loss_mtp, loss_k * (self.mtp_loss_weight / len(self.mtp)))
-        self.losses_seen.append(tuple(0.0 if t is None else float(t.detach()) for t in (loss_lm, loss_mtp, balance_mtp)))
+        self.losses_seen.append(tuple(None if t is None else t.detach() for t in (loss_lm, loss_mtp, balance_mtp)))
         return _add(loss_lm, loss_mtp)
 
 
