@@ -157,20 +157,23 @@ class DeepEPDispatcher(_ExpertParallelDispatcher):
         expert_MK = torch.where(recv_idx_MK >= 0, recv_idx_MK + self.first_local, -1)
         K = topk_idx_TK.shape[1]
         meta_bytes = K * (weight_MK.element_size() + torch.int64.itemsize)  # gates and expert ids
-        self._count(in_rank_TD, recv_x_MH.shape[-1] * recv_x_MH.element_size() + meta_bytes)
-        return recv_x_MH.to(x_TH.dtype), expert_MK, weight_MK, [handle, in_rank_TD]
+        rows = self._link_rows(in_rank_TD)  # the same rows come back in combine
+        self._count(rows, recv_x_MH.shape[-1] * recv_x_MH.element_size() + meta_bytes)
+        return recv_x_MH.to(x_TH.dtype), expert_MK, weight_MK, [handle, rows]
 
     def _bring_back(self, y_MH, hops):
-        handle, in_rank_TD = hops
+        handle, rows = hops
         wire_MH = self._wire(y_MH)
-        self._count(in_rank_TD, wire_MH.shape[-1] * wire_MH.element_size())
+        self._count(rows, wire_MH.shape[-1] * wire_MH.element_size())
         return _Combine.apply(wire_MH, self.buffers, handle).to(y_MH.dtype)
 
-    def _count(self, in_rank_TD: torch.Tensor, row_bytes: int) -> None:
-        """One direction's bytes: a row per other destination node over IB, per further rank over NVLink."""
-        in_rank_TD = in_rank_TD.cpu()
+    def _link_rows(self, in_rank_TD: torch.Tensor) -> dict[str, int]:
+        """Rows one direction moves: one per other destination node over IB, one per further rank over NVLink."""
+        in_rank_TD = in_rank_TD.cpu()  # dispatch has synchronised already (DeepEP returns its counts as a list)
         node_hit_TN = in_rank_TD.view(in_rank_TD.shape[0], -1, self.per_node).any(dim=-1)
-        ib_rows = int(node_hit_TN.sum()) - int(node_hit_TN[:, self.my_node].sum())
-        nvl_rows = int((in_rank_TD & ~self.landing_D).sum())
-        self.traffic.add_rows("ib", ib_rows, row_bytes)
-        self.traffic.add_rows("nvlink", nvl_rows, row_bytes)
+        return {"ib": int(node_hit_TN.sum()) - int(node_hit_TN[:, self.my_node].sum()),
+                "nvlink": int((in_rank_TD & ~self.landing_D).sum())}
+
+    def _count(self, rows: dict[str, int], row_bytes: int) -> None:
+        for link, n in rows.items():
+            self.traffic.add_rows(link, n, row_bytes)
