@@ -18,7 +18,9 @@ flight while the other computes (`overlap=False` runs them one after the other).
 stage module (chunk) runs its forward on a stream of its own, and autograd runs every backward
 kernel on its forward's stream, so the two halves of a pair (always different chunks) are on
 different streams and can run at once; each forward first waits for the device's current stream
-(where its input arrived) and that stream then waits for it (where its output is sent or used).
+(where its input arrived) and that stream then waits for it (where its output is sent or used);
+inputs and incoming gradients are recorded on the stream that reads them (`record_stream`), so
+the caching allocator does not hand their memory to another stream too early.
 The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and
 `step_s` (wall time) of the last step give the measured bubble; `action_s` holds each compute
 action's busy seconds by kind (costs for the simulator).
@@ -211,6 +213,7 @@ class PipelineRunner:
     def _forward_compute(self, mb: int, stage: int, x: torch.Tensor) -> torch.Tensor:
         ambient, stream = self._device_module.current_stream(), self._streams[stage]
         stream.wait_stream(ambient)  # the input arrived on the ambient stream
+        self._use_on(x, stage)
         with self._device_module.stream(stream):
             out = self.modules[stage](x)
             if self.sched.next_stage(mb, stage) is None:
@@ -238,8 +241,17 @@ class PipelineRunner:
             return self._local_grads.pop((mb, stage))
         return self._received(1, mb, stage)
 
+    def _use_on(self, t: Optional[torch.Tensor], stage: int) -> None:
+        """`t` is about to be read on the stage's stream: keep the caching allocator from handing its
+        memory to another stream before that stream's reads are done. It matters for a chunk's
+        output that the next chunk on this rank reads (and the gradient coming back), made on one
+        chunk's stream and read on another's, perhaps while the first runs the other half of a pair."""
+        if t is not None and t.device.type == "cuda":
+            t.record_stream(self._streams[stage])
+
     def _backward_compute(self, mb: int, stage: int, grad: Optional[torch.Tensor], defer_weights: bool):
         x, out = self._saved.pop((mb, stage))
+        self._use_on(grad, stage)
         self.store.enabled = defer_weights
         torch.autograd.backward(out, grad)
         self.store.enabled = False

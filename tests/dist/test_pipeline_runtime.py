@@ -182,6 +182,8 @@ def test_one_rank_dualpipev_runs_each_chunk_on_its_stream(overlap):
                             (ROWS, HIDDEN), overlap=overlap)
     runner._device_module = api
     runner._streams = {s: api.Stream(api, f"chunk{s}") for s in (0, 1)}
+    handed_over = []  # (stage, what): tensors made elsewhere, read on the stage's stream
+    runner._use_on = lambda t, stage: handed_over.append((stage, t is not None))
     inputs, targets = _data(n)
     losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n)
     assert all(torch.equal(losses[mb], ref_losses[mb]) for mb in range(n))
@@ -190,4 +192,6 @@ def test_one_rank_dualpipev_runs_each_chunk_on_its_stream(overlap):
             assert torch.equal(p.grad, r)
     assert sorted(seen) == sorted([(s, f"chunk{s}") for s in (0, 1) for _ in range(n)])
     assert api.waits == [w for s, _ in seen for w in ((f"chunk{s}", "default"), ("default", f"chunk{s}"))]
+    # every forward's input and every backward's incoming gradient (none at the loss) is handed over
+    assert sorted(handed_over) == sorted([(0, True)] * 2 * n + [(1, True)] * n + [(1, False)] * n)
     assert "FB" in [a.kind for a in sched.actions[0]]
