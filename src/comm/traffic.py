@@ -19,9 +19,6 @@ class TrafficCounter:
             if link is not None:
                 self.bytes[link] += int(rows) * bytes_per_row
 
-    def add_rows(self, link: str, rows: int, bytes_per_row: int) -> None:
-        self.bytes[link] += int(rows) * bytes_per_row
-
     def take(self) -> dict[str, int]:
         """The bytes counted since the last call, then reset."""
         out, self.bytes = self.bytes, dict.fromkeys(LINKS, 0)

@@ -33,7 +33,8 @@ class LocalMicroBatches:
                 out = self.model(inputs.to(self.device), labels.to(self.device))
             (out.loss / len(micro_batches)).backward()
             parts = (out.loss, out.loss_lm, out.loss_mtp, out.loss_balance)
-            sums += torch.stack([torch.zeros_like(sums[0]) if t is None else t.detach().double() for t in parts])
+            for i, t in enumerate(parts):
+                sums[i] += _f64(t)
         return sums.cpu()
 
     def after_backward(self) -> None:
@@ -41,7 +42,7 @@ class LocalMicroBatches:
 
 
 def _f64(t):
-    return 0.0 if t is None else t.double()
+    return 0.0 if t is None else t.detach().double()
 
 
 def _pipeline_parts(model, cfg, groups, num_micro: int):

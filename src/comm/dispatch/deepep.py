@@ -158,13 +158,13 @@ class DeepEPDispatcher(_ExpertParallelDispatcher):
         K = topk_idx_TK.shape[1]
         meta_bytes = K * (weight_MK.element_size() + torch.int64.itemsize)  # gates and expert ids
         rows = self._link_rows(in_rank_TD)  # the same rows come back in combine
-        self._count(rows, recv_x_MH.shape[-1] * recv_x_MH.element_size() + meta_bytes)
+        self.traffic.add(list(rows.values()), recv_x_MH.shape[-1] * recv_x_MH.element_size() + meta_bytes, list(rows))
         return recv_x_MH.to(x_TH.dtype), expert_MK, weight_MK, [handle, rows]
 
     def _bring_back(self, y_MH, hops):
         handle, rows = hops
         wire_MH = self._wire(y_MH)
-        self._count(rows, wire_MH.shape[-1] * wire_MH.element_size())
+        self.traffic.add(list(rows.values()), wire_MH.shape[-1] * wire_MH.element_size(), list(rows))
         return _Combine.apply(wire_MH, self.buffers, handle).to(y_MH.dtype)
 
     def _link_rows(self, in_rank_TD: torch.Tensor) -> dict[str, int]:
@@ -173,7 +173,3 @@ class DeepEPDispatcher(_ExpertParallelDispatcher):
         node_hit_TN = in_rank_TD.view(in_rank_TD.shape[0], -1, self.per_node).any(dim=-1)
         return {"ib": int(node_hit_TN.sum()) - int(node_hit_TN[:, self.my_node].sum()),
                 "nvlink": int((in_rank_TD & ~self.landing_D).sum())}
-
-    def _count(self, rows: dict[str, int], row_bytes: int) -> None:
-        for link, n in rows.items():
-            self.traffic.add_rows(link, n, row_bytes)
