@@ -11,7 +11,8 @@ on a 2-core machine: compute costs wall time, not contended CPU; the exchanges a
 Schedules that cut the same model into 2 x PP stages (interleaved 1F1B, DualPipeV, torch's
 ScheduleDualPipeV) halve every cost and the exchange.
 
-Rows: ours (1F1B, interleaved 1F1B, ZB1P, DualPipe, DualPipeV with F&B pairs overlapped, and
+Rows: ours (1F1B, interleaved 1F1B, ZB1P, DualPipe, DualPipeV with F&B pairs overlapped, the same
+with the halves taking turns to issue collectives (`_ordered`, the default under NCCL), and
 DualPipeV with the pairs run one after the other) and torch's Schedule1F1B and ScheduleDualPipeV on
 the same stage modules. Per rank, *idle* = step - the union of its compute (sleep) intervals (an
 exchange that nothing hides counts as idle) and *bubble* = step - the union of its compute and
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moetron.comm.a2a import all_to_all
+from moetron.comm.lanes import IssueOrder, LaneGroup
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.local_ranks import run_ranks
 from moetron.pipeline.builders import build_schedule
@@ -44,9 +46,9 @@ from moetron.pipeline.runtime import PipelineRunner
 from moetron.pipeline.simulate import Costs, simulate
 
 HIDDEN, ROWS = 64, 4
-HALF_STAGES = ("interleaved_1f1b", "dualpipev", "dualpipev_serial", "torch_dualpipev")
+HALF_STAGES = ("interleaved_1f1b", "dualpipev", "dualpipev_ordered", "dualpipev_serial", "torch_dualpipev")
 OURS = {"1f1b": "1f1b", "interleaved_1f1b": "interleaved_1f1b", "zb1p": "zb1p", "dualpipe": "dualpipe",
-        "dualpipev": "dualpipev", "dualpipev_serial": "dualpipev"}
+        "dualpipev": "dualpipev", "dualpipev_ordered": "dualpipev", "dualpipev_serial": "dualpipev"}
 TORCH = ("torch_1f1b", "torch_dualpipev")
 
 
@@ -208,8 +210,11 @@ def _worker(rank, world, args):
         costs = tuple(c / 2 for c in (args.f, args.b, args.w)) if half else (args.f, args.b, args.w)
         log = ComputeLog()
 
-        def stage(costs=costs, rows=rows_of["half" if half else "full"], log=log):
-            return TimedStage(costs, rows, ep_group, args.ep, log)
+        # `_ordered`: the halves of each pair take turns issuing, as the trainer does under NCCL
+        order = IssueOrder() if name.endswith("_ordered") else None
+
+        def stage(costs=costs, rows=rows_of["half" if half else "full"], log=log, order=order):
+            return TimedStage(costs, rows, LaneGroup(ep_group.groups, order), args.ep, log)
 
         if name in TORCH:
             modules = {s: stage() for s in range(2 * args.pp if half else args.pp)}
@@ -217,7 +222,8 @@ def _worker(rank, world, args):
         else:
             sched = build_schedule(OURS[name], args.pp, n)
             modules = {s: stage() for s, r in sched.stage_rank.items() if r == pp_rank}
-            runner = PipelineRunner(sched, pp_rank, modules, groups.lanes("pp"), (ROWS, HIDDEN),
+            pp_lanes = LaneGroup(groups.lanes("pp").groups, order)
+            runner = PipelineRunner(sched, pp_rank, modules, pp_lanes, (ROWS, HIDDEN),
                                     overlap=not name.endswith("_serial"))
             inputs = {mb: torch.randn(ROWS, HIDDEN) for mb in range(n)}
             targets = {mb: torch.randn(ROWS, HIDDEN) for mb in range(n)}

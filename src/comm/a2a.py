@@ -6,7 +6,8 @@ gradient of an all-to-all is the all-to-all back with the splits swapped. With `
 forward returns at once with a handle whose `wait()` must run before the output is read, so a
 caller can compute while the exchange is in flight. gloo and NCCL both accept uneven splits in
 `all_to_all_single` (the list form rejects them on gloo). `group` may be a `LaneGroup`
-(moetron.comm.lanes): each exchange, forward or backward, uses the calling thread's lane.
+(moetron.comm.lanes): each exchange, forward or backward, uses the calling thread's lane, in its
+turn where the group is ordered.
 
 Shape legend: N rows sent, M rows received, F feature dims of a row.
 """
@@ -15,16 +16,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moetron.comm.lanes import GroupLike, resolve
+from moetron.comm.lanes import GroupLike, issuing
 
 
 def exchange_counts(send_counts: torch.Tensor, group: GroupLike) -> torch.Tensor:
     """Rows each peer will send me, given the rows I send each peer (int64 [group size])."""
-    group = resolve(group)
-    if group is None:
-        return send_counts.clone()
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    with issuing(group) as process_group:
+        if process_group is None:
+            return send_counts.clone()
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=process_group)
     return recv_counts
 
 
@@ -43,12 +44,12 @@ class PendingAllToAll:
 
 def _exchange(x_NF: torch.Tensor, send_splits: list[int], recv_splits: list[int], group, async_op: bool):
     out_MF = x_NF.new_empty((sum(recv_splits), *x_NF.shape[1:]))
-    group = resolve(group)  # the calling thread's lane, also when called from backward
-    if group is None:
-        out_MF.copy_(x_NF)
-        return out_MF, None
-    work = dist.all_to_all_single(out_MF, x_NF.contiguous(), output_split_sizes=recv_splits,
-                                  input_split_sizes=send_splits, group=group, async_op=async_op)
+    with issuing(group) as process_group:  # the calling thread's lane, also when called from backward
+        if process_group is None:
+            out_MF.copy_(x_NF)
+            return out_MF, None
+        work = dist.all_to_all_single(out_MF, x_NF.contiguous(), output_split_sizes=recv_splits,
+                                      input_split_sizes=send_splits, group=process_group, async_op=async_op)
     return out_MF, work
 
 

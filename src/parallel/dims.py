@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from moetron.comm.lanes import LaneGroup
+from moetron.comm.lanes import IssueOrder, LaneGroup
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ class ParallelGroups:
     ib_group: Optional[dist.ProcessGroup]  # my EP group's ranks with my local index, one per node
     pp_group: Optional[dist.ProcessGroup] = None  # my pipeline: the pp ranks with my dp and ep index
     extra_lanes: list = field(default_factory=list)  # lanes 1..: {"ep", "nvl", "ib", "pp": copy} (comm.lanes)
+    order: Optional[IssueOrder] = None  # lanes take turns issuing during F&B pairs (comm.lanes)
 
     @property
     def pp_rank(self) -> int:
@@ -126,7 +127,7 @@ class ParallelGroups:
 
     def lanes(self, name: str) -> LaneGroup:
         """Group `name` ("ep", "nvl", "ib" or "pp") with one copy per lane (see moetron.comm.lanes)."""
-        return LaneGroup([getattr(self, f"{name}_group"), *(lane[name] for lane in self.extra_lanes)])
+        return LaneGroup([getattr(self, f"{name}_group"), *(lane[name] for lane in self.extra_lanes)], self.order)
 
 
 def _make_groups(rank_lists: list[list[int]], rank: int) -> Optional[dist.ProcessGroup]:
@@ -139,9 +140,11 @@ def _make_groups(rank_lists: list[list[int]], rank: int) -> Optional[dist.Proces
     return mine
 
 
-def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int = 1) -> ParallelGroups:
+def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int = 1,
+                 ordered: bool = False) -> ParallelGroups:
     """All process groups, from the rank grid; call on every rank after init_process_group. `lanes` > 1
-    adds copies of the ep, nvl, ib and pp groups, so a backward can communicate while a forward does."""
+    adds copies of the ep, nvl, ib and pp groups, so a backward can communicate while a forward does;
+    `ordered` makes the lanes take turns issuing while both are busy (NCCL needs it)."""
     grid = dims.grid()
     ep_lists = grid.reshape(-1, dims.ep).tolist()
     edp_lists = grid.permute(0, 2, 1).reshape(-1, dims.dp).tolist()
@@ -155,6 +158,7 @@ def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int =
                             stage_group=_make_groups(stage_lists, rank), nvl_group=_make_groups(nvl_lists, rank),
                             ib_group=_make_groups(ib_lists, rank), pp_group=_make_groups(pp_lists, rank))
     copied = {"ep": ep_lists, "nvl": nvl_lists, "ib": ib_lists, "pp": pp_lists}
+    groups.order = IssueOrder() if ordered and lanes > 1 else None
     for _ in range(lanes - 1):
         groups.extra_lanes.append({name: _make_groups(lists, rank) for name, lists in copied.items()})
     return groups

@@ -14,7 +14,9 @@ input with the weight gradients of linear and grouped-expert layers queued in th
 `WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
 backward on a side thread while the forward runs here; backward collectives use lane 1, copies of
 the groups (moetron.comm.lanes), forward ones lane 0: one micro-batch's all-to-all is in
-flight while the other computes (`overlap=False` runs them one after the other). On a GPU each
+flight while the other computes (`overlap=False` runs them one after the other). Where the groups
+carry an `IssueOrder`, the two halves take turns issuing collectives, so every rank issues them in
+one order. On a GPU each
 stage module (chunk) runs its forward on a stream of its own, and autograd runs every backward
 kernel on its forward's stream, so the two halves of a pair (always different chunks) are on
 different streams and can run at once; each forward first waits for the device's current stream
@@ -33,6 +35,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -140,6 +143,7 @@ class PipelineRunner:
         # pair's transfers by order, and check_transfers guarantees the order per kind
         copies = group.groups if isinstance(group, LaneGroup) else [group]
         self._p2p_groups = (copies[0], copies[-1])
+        self._order = group.order if isinstance(group, LaneGroup) else None  # turns of the lanes in a pair
         for comm in {id(g): g for g in self._p2p_groups if g is not None}.values():
             # set the communicators up now, on every rank of the pipeline at once: NCCL creates one at
             # its first use, which would otherwise block a rank mid-schedule on peers that wait on it
@@ -282,26 +286,36 @@ class PipelineRunner:
             self._forward(a.mb, a.stage)
             self._backward(a.mb2, a.stage2, defer_weights=False)
             return
-        backward = self._side_thread().submit(self._with_callers_autocast, self._side_backward, a.mb2, a.stage2)
-        started, waited = time.perf_counter(), self._waited_s()
-        try:
-            x = self._forward_input(a.mb, a.stage)
-            main_wait = self._waited_s() - waited
-            self._forward_emit(a.mb, a.stage, self._forward_compute(a.mb, a.stage, x))
-            main_busy = time.perf_counter() - started - main_wait
-        finally:
-            side_wait = backward.result()  # re-raises the backward's error, after the forward settled
+        with self._order.pair() if self._order is not None else nullcontext():
+            backward = self._side_thread().submit(self._with_callers_autocast, self._side_backward, a.mb2, a.stage2)
+            started, waited = time.perf_counter(), self._waited_s()
+            try:
+                x = self._forward_input(a.mb, a.stage)
+                main_wait = self._waited_s() - waited
+                self._forward_emit(a.mb, a.stage, self._forward_compute(a.mb, a.stage, x))
+                main_busy = time.perf_counter() - started - main_wait
+            finally:
+                self._leave(0)
+                side_wait = backward.result()  # re-raises the backward's error, after the forward settled
         # the rank idles while both threads wait: at the start, and after the forward if the backward's input is late
         idle = min(side_wait, main_wait) + max(0.0, side_wait - main_wait - main_busy)
         self._idle_adjust_s += idle - main_wait
 
     def _side_backward(self, mb: int, stage: int) -> float:
         """Wait for its input, run one full backward, leave its output to be sent; return the wait."""
-        waited = self._waited_s()
-        grad = self._backward_grad(mb, stage)
-        wait = self._waited_s() - waited
-        self._backward_emit(mb, stage, self._backward_compute(mb, stage, grad, defer_weights=False))
-        return wait
+        try:
+            waited = self._waited_s()
+            grad = self._backward_grad(mb, stage)
+            wait = self._waited_s() - waited
+            self._backward_emit(mb, stage, self._backward_compute(mb, stage, grad, defer_weights=False))
+            return wait
+        finally:
+            self._leave(1)
+
+    def _leave(self, lane: int) -> None:
+        """This half of the pair has issued its last collective: the other lane goes on alone."""
+        if self._order is not None:
+            self._order.leave(lane)
 
     def _side_thread(self) -> ThreadPoolExecutor:
         if self._pool is None:

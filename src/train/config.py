@@ -48,6 +48,9 @@ class ParallelConfig:
     layout: Optional[list[Any]] = None  # decoder layers per stage module, e.g. [[0, 1], [2]]; None: even
     dispatcher: str = "hierarchical"  # alltoall | hierarchical | deepep (expert-parallel token exchange)
     overlap_fb: bool = True  # dualpipe(v): run the forward and backward of each F&B pair at once
+    # overlapped pairs: forward and backward take turns issuing collectives, in one order on every
+    # rank (moetron.comm.lanes); None: on under NCCL, whose blocking kernels need it, off under gloo
+    ordered_issue: Optional[bool] = None
 
 
 @dataclass

@@ -46,8 +46,12 @@ def init_process_group(world: World, device: torch.device) -> Optional[dist.Proc
         if key not in os.environ:
             raise RuntimeError(f"{key} is not set: launch with torchrun, or export MASTER_ADDR and MASTER_PORT "
                                "(launch/slurm does) before srun")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.size)
+    if device.type == "cuda":
+        # bound to the device, NCCL sets up the communicators of every group as it is made (all ranks
+        # alike, in order), rather than at its first collective in the middle of a schedule
+        dist.init_process_group("nccl", rank=world.rank, world_size=world.size, device_id=device)
+    else:
+        dist.init_process_group("gloo", rank=world.rank, world_size=world.size)
     return dist.group.WORLD
 
 

@@ -104,9 +104,15 @@ def train(cfg, run_dir: Path) -> dict:
     world_group = init_process_group(world, device)
     try:
         lanes = comm_lanes(cfg.parallel.schedule, dims.pp, cfg.parallel.overlap_fb)
-        groups = build_groups(dims, topology, world.rank, lanes)
+        ordered = cfg.parallel.ordered_issue
+        if ordered is None:  # NCCL's kernels block until all members join: one issue order on every rank
+            ordered = world_group is not None and torch.distributed.get_backend() == "nccl"
+        groups = build_groups(dims, topology, world.rank, lanes, ordered)
         if world.is_main and world.size > 1:
             print(dims.placement(topology), flush=True)
+            if lanes > 1:
+                print("F&B pairs overlap; their collectives are issued "
+                      + ("in turns, one order on every rank" if groups.order else "as each half reaches them"), flush=True)
         return _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler)
     finally:
         if world_group is not None:

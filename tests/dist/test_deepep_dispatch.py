@@ -20,7 +20,7 @@ from moetron.parallel.expert_parallel import make_dispatcher
 from tests.dist.harness import run_ranks
 from tests.dist.test_expert_parallel import _ep_vs_reference, _moe_cfg, _rel
 from tests.dist.test_expert_parallel_model import _model_ep
-from tests.dist.test_pipeline_expert_parallel import _pp_ep
+from tests.dist.test_pipeline_expert_parallel import _pair_turns, _pp_ep
 from tests.fakes import fake_deep_ep
 
 
@@ -78,16 +78,18 @@ def test_deepep_whole_model_matches_single_process(deep_ep):
             assert torch.equal(bias, ref), name
 
 
-def _pipelined(rank, world):
-    out = _pp_ep(rank, world, 2, 1, 2, "dualpipev", True, 4, "deepep")
+def _pipelined(rank, world, ordered):
+    out = _pp_ep(rank, world, 2, 1, 2, "dualpipev", True, 4, "deepep", ordered)
     out["buffers"] = _buffers_made()
     return out
 
 
-def test_deepep_under_overlapped_pipeline_uses_one_buffer_per_lane(deep_ep):
+@pytest.mark.parametrize("ordered", [False, True])
+def test_deepep_under_overlapped_pipeline_uses_one_buffer_per_lane(deep_ep, ordered):
     """DualPipeV PP2 x EP2 with F&B overlap: forward exchanges on lane 0's buffer, backward ones on
-    lane 1's, never two calls on one buffer at once (the stand-in raises), gradients as one process."""
-    results = run_ranks(4, _pipelined)
+    lane 1's, never two calls on one buffer at once (the stand-in raises), gradients as one process.
+    Ordered (the default under NCCL), DeepEP's calls take turns like any collective."""
+    results = run_ranks(4, _pipelined, ordered)
     for res in results:
         for name, (grad, ref) in res["grads"].items():
             assert grad is not None, name
@@ -95,6 +97,10 @@ def test_deepep_under_overlapped_pipeline_uses_one_buffer_per_lane(deep_ep):
         groups = [group for group, _ in res["buffers"]]
         assert len(groups) == 2 and groups[0] != groups[1], res["buffers"]
         assert all(calls > 0 for _, calls in res["buffers"])
+    if ordered:  # a dispatch and a combine each way: the halves alternate, lane 0 first
+        turns = [lanes for res in results for lanes in _pair_turns(res["order_log"])]
+        assert [0, 1, 0, 1] in turns
+        assert all(lanes in ([0, 1] * 2, [0] * len(lanes), [1] * len(lanes)) for lanes in turns), turns
 
 
 def _traffic_beside_hierarchical(rank, world, nodes):

@@ -4,13 +4,14 @@ lane 1, forward ones on lane 0) or run one after the other, and every gradient a
 equals one process on the same data."""
 import copy
 import threading
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import moetron.comm.a2a as a2a_module
-from moetron.comm.lanes import current_lane
+from moetron.comm.lanes import IssueOrder, current_lane
 from moetron.models.deepseek_v3 import DeepSeekV3, load_preset
 from moetron.models.deepseek_v3.parallelize import expert_parameters, parallelize
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
@@ -22,16 +23,38 @@ from tests.dist.harness import run_ranks
 ROWS, SEQ, LAYERS = 2, 16, 4
 
 
-def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher="alltoall"):
+class RecordingOrder(IssueOrder):
+    """The issue order, logging "pair" / "end" around each F&B pair and the lane of every collective."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list = []
+
+    @contextmanager
+    def pair(self):
+        self.log.append("pair")
+        with super().pair():
+            yield
+        self.log.append("end")
+
+    @contextmanager
+    def turn(self, lane: int):
+        with super().turn(lane):
+            self.log.append(lane)
+            yield
+
+
+def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher="alltoall", order=None):
     """`model` under EP and the trainer's pipelined micro-batches; returns (groups, micro)."""
     groups = build_groups(dims, Topology(1, world), rank, comm_lanes(schedule, dims.pp, overlap))
+    groups.order = order
     parallelize(model, groups, dispatcher)
     run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule=schedule, layout=None, overlap_fb=overlap),
                               train=SimpleNamespace(micro_batch=ROWS, seq_len=SEQ))
     return groups, PipelinedMicroBatches(model, run_cfg, groups, torch.device("cpu"), dtype, n)
 
 
-def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall"):
+def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall", ordered=False):
     torch.manual_seed(0)
     cfg = load_preset("tiny", num_hidden_layers=LAYERS, n_routed_experts=8)
     reference = DeepSeekV3(cfg).train()
@@ -41,8 +64,9 @@ def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall")
         (reference(batch[:, :-1], batch[:, 1:]).loss / (n * data_ranks)).backward()
 
     model = copy.deepcopy(reference)
+    order = RecordingOrder() if ordered else None
     groups, micro = _pipelined(model, rank, world, ParallelDims(pp=pp, dp=dp, ep=ep), schedule, overlap,
-                               torch.float32, n, dispatcher)
+                               torch.float32, n, dispatcher, order)
     seen = set()  # (main thread?, lane) of every exchange, forward and backward
     real_exchange = a2a_module._exchange
 
@@ -74,7 +98,7 @@ def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall")
         if p.shape != ref_params[name].shape:  # an expert shard
             ref_grad = ref_grad[groups.ep_rank * local:(groups.ep_rank + 1) * local]
         pairs[name] = (p.grad, ref_grad)
-    return {"grads": pairs, "seen": seen}
+    return {"grads": pairs, "seen": seen, "stage": groups.pp_rank, "order_log": order.log if order else None}
 
 
 @pytest.mark.parametrize("pp,dp,ep,schedule,overlap", [
@@ -86,14 +110,51 @@ def test_pipeline_with_expert_parallelism_matches_one_process(pp, dp, ep, schedu
     names = set()
     for res in results:
         names |= res["grads"].keys()
-        for name, (grad, ref) in res["grads"].items():
-            assert grad is not None, name
-            # float32; partial sums reduced over ranks and pipeline copies: 1e-5 relative
-            assert float((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) < 1e-5, name
+        _check_grads(res)
         # forward exchanges on lane 0, backward ones on lane 1; F&B pairs run their backward on a side thread
         expected = {(True, 0), (True, 1), (False, 1)} if overlap else {(True, 0), (True, 1)}
         assert res["seen"] == expected
     assert names == {name for name, _ in DeepSeekV3(load_preset("tiny", num_hidden_layers=LAYERS)).named_parameters()}
+
+
+def _check_grads(res) -> None:
+    for name, (grad, ref) in res["grads"].items():
+        assert grad is not None, name
+        # float32; partial sums reduced over ranks and pipeline copies: 1e-5 relative
+        assert float((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) < 1e-5, name
+
+
+def _pair_turns(log: list) -> list[list[int]]:
+    """The lanes of the collectives issued inside each F&B pair, in order."""
+    pairs, current = [], None
+    for entry in log:
+        if entry == "pair":
+            current = []
+        elif entry == "end":
+            pairs.append(current)
+            current = None
+        elif current is not None:
+            current.append(entry)
+    return pairs
+
+
+@pytest.mark.parametrize("schedule,dispatcher", [("dualpipev", "alltoall"), ("dualpipe", "hierarchical")])
+def test_ordered_pairs_issue_collectives_in_one_order_on_every_rank(schedule, dispatcher):
+    """With an IssueOrder (the trainer's default under NCCL) the halves of each pair take turns: lane 0
+    first, one collective each, then the longer half alone; the EP peers of a stage log the very
+    same sequence; the gradients still equal one process."""
+    results = run_ranks(8, _pp_ep, 2, 2, 2, schedule, True, 4, dispatcher, True)
+    # some pairs have a dense or embedding chunk on one side (no collectives); rank 1's all have MoE layers
+    assert any(0 in lanes and 1 in lanes for res in results for lanes in _pair_turns(res["order_log"]))
+    for res in results:
+        _check_grads(res)
+        for lanes in _pair_turns(res["order_log"]):
+            n0, n1 = lanes.count(0), lanes.count(1)
+            both = min(n0, n1)
+            assert lanes == [0, 1] * both + [0] * (n0 - both) + [1] * (n1 - both)
+    for stage in (0, 1):
+        logs = [res["order_log"] for res in results if res["stage"] == stage]
+        assert len(logs) == 4 and all(log == logs[0] for log in logs)
 
 
 def _bf16_recompute_grads(rank, world, overlap):

@@ -13,6 +13,7 @@ def test_dualpipev_with_expert_parallelism_matches_one_process(tmp_path):
     proc = torchrun(4, [*SMALL, "parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev",
                         f"hydra.run.dir={tmp_path / 'pp2ep2'}"], tmp_path)
     assert "placement: pp=2 dp=1 ep=2" in proc.stdout
+    assert "F&B pairs overlap; their collectives are issued as each half reaches them" in proc.stdout  # gloo
     pipelined = read_metrics(tmp_path / "pp2ep2")
     assert_same_curve(read_metrics(tmp_path / "one"), pipelined)
     for a, b in zip(read_metrics(tmp_path / "one"), pipelined):
@@ -41,12 +42,14 @@ def test_too_few_microbatches_for_the_schedule(tmp_path):
 
 
 def test_bf16_dualpipev_with_expert_parallelism_follows_one_process(tmp_path):
-    """bf16 autocast, the default on GPUs: weight gradients deferred to W actions land in the float32
-    parameters, and the overlapped pairs keep autocast."""
+    """The GPU defaults: bf16 autocast and pairs whose halves take turns issuing collectives (on under
+    NCCL, asked for here). Weight gradients deferred to W actions land in the float32 parameters,
+    and the overlapped pairs keep autocast."""
     bf16 = [*SMALL, "train.max_steps=3", "precision=bf16"]
     run_cli([*bf16, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
-    torchrun(4, [*bf16, "parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev",
-                 f"hydra.run.dir={tmp_path / 'pp2ep2'}"], tmp_path)
+    proc = torchrun(4, [*bf16, "parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev",
+                        "parallel.ordered_issue=true", f"hydra.run.dir={tmp_path / 'pp2ep2'}"], tmp_path)
+    assert "F&B pairs overlap; their collectives are issued in turns, one order on every rank" in proc.stdout
     one, pipelined = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "pp2ep2")
     assert [r["step"] for r in pipelined] == [1, 2, 3]
     for a, b in zip(one, pipelined):

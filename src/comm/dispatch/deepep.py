@@ -26,12 +26,13 @@ Shape legend: T tokens, H hidden, K experts per token, M rows received, D EP ran
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 
 from moetron.comm.dispatch.ep import _ExpertParallelDispatcher
-from moetron.comm.lanes import GroupLike, LaneGroup, current_lane
+from moetron.comm.lanes import GroupLike, LaneGroup, current_lane, issuing
 
 GPUS_PER_DEEPEP_NODE = 8  # DeepEP's internode kernels assume 8 NVLink peers per node (NUM_MAX_NVL_PEERS)
 
@@ -74,13 +75,17 @@ class DeepEPBuffers:
         self.lanes = ep_group if isinstance(ep_group, LaneGroup) else LaneGroup([ep_group])
         self.made: dict[int, tuple[int, object]] = {}  # lane -> (hidden bytes it was sized for, Buffer)
 
-    def current(self, hidden_bytes: int):
-        lane = min(current_lane(), len(self.lanes.groups) - 1)
-        sized, buffer = self.made.get(lane, (0, None))
-        if buffer is None or sized < hidden_bytes:
-            buffer = self._make(self.lanes.groups[lane], hidden_bytes)
-            self.made[lane] = (hidden_bytes, buffer)
-        return buffer
+    @contextmanager
+    def issuing(self, hidden_bytes: int) -> Iterator:
+        """The calling lane's buffer, for one exchange inside the block (in the lane's turn where the
+        EP group is ordered; DeepEP's kernels block like NCCL's, see moetron.comm.lanes)."""
+        with issuing(self.lanes) as group:
+            lane = min(current_lane(), len(self.lanes.groups) - 1)
+            sized, buffer = self.made.get(lane, (0, None))
+            if buffer is None or sized < hidden_bytes:
+                buffer = self._make(group, hidden_bytes)
+                self.made[lane] = (hidden_bytes, buffer)
+            yield buffer
 
     def _make(self, group, hidden_bytes: int):
         Buffer, ranks = self.deep_ep.Buffer, group.size()
@@ -97,20 +102,21 @@ def _hidden_bytes(x_NH: torch.Tensor) -> int:
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, weight_TK, topk_idx_TK, buffers, num_experts, layout_box):
-        buffer = buffers.current(_hidden_bytes(x_TH))
-        per_rank, per_node, per_expert, in_rank_TD, _ = buffer.get_dispatch_layout(topk_idx_TK, num_experts)
-        recv_x_MH, recv_idx_MK, recv_weight_MK, _, handle, _ = buffer.dispatch(
-            x_TH, topk_idx=topk_idx_TK, topk_weights=weight_TK, num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank_TD, num_tokens_per_expert=per_expert)
+        with buffers.issuing(_hidden_bytes(x_TH)) as buffer:
+            per_rank, per_node, per_expert, in_rank_TD, _ = buffer.get_dispatch_layout(topk_idx_TK, num_experts)
+            recv_x_MH, recv_idx_MK, recv_weight_MK, _, handle, _ = buffer.dispatch(
+                x_TH, topk_idx=topk_idx_TK, topk_weights=weight_TK, num_tokens_per_rank=per_rank,
+                num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank_TD, num_tokens_per_expert=per_expert)
         ctx.buffers, ctx.handle = buffers, handle
         layout_box.append((recv_idx_MK, in_rank_TD, handle))
         return recv_x_MH, recv_weight_MK
 
     @staticmethod
     def backward(ctx, grad_x_MH, grad_weight_MK):
-        buffer = ctx.buffers.current(_hidden_bytes(grad_x_MH))
         grad_weight_MK = None if grad_weight_MK is None else grad_weight_MK.float().contiguous()
-        grad_x_TH, grad_weight_TK, _ = buffer.combine(grad_x_MH.contiguous(), ctx.handle, topk_weights=grad_weight_MK)
+        with ctx.buffers.issuing(_hidden_bytes(grad_x_MH)) as buffer:
+            grad_x_TH, grad_weight_TK, _ = buffer.combine(grad_x_MH.contiguous(), ctx.handle,
+                                                          topk_weights=grad_weight_MK)
         return grad_x_TH, grad_weight_TK, None, None, None, None
 
 
@@ -118,13 +124,14 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_MH, buffers, handle):
         ctx.buffers, ctx.handle = buffers, handle
-        y_TH, _, _ = buffers.current(_hidden_bytes(y_MH)).combine(y_MH.contiguous(), handle)
+        with buffers.issuing(_hidden_bytes(y_MH)) as buffer:
+            y_TH, _, _ = buffer.combine(y_MH.contiguous(), handle)
         return y_TH
 
     @staticmethod
     def backward(ctx, grad_TH):
-        buffer = ctx.buffers.current(_hidden_bytes(grad_TH))
-        grad_MH = buffer.dispatch(grad_TH.contiguous(), handle=ctx.handle)[0]
+        with ctx.buffers.issuing(_hidden_bytes(grad_TH)) as buffer:
+            grad_MH = buffer.dispatch(grad_TH.contiguous(), handle=ctx.handle)[0]
         return grad_MH, None, None
 
 
