@@ -4,7 +4,9 @@
 first, as the payload sizes must be known before the exchange). `all_to_all` moves rows: the
 gradient of an all-to-all is the all-to-all back with the splits swapped. With `async_op=True` the
 forward returns at once with a handle whose `wait()` must run before the output is read, so a
-caller can compute while the exchange is in flight. gloo and NCCL both accept uneven splits in
+caller can compute while the exchange is in flight. `all_to_all_packed` moves several row-aligned
+tensors of any dtypes (token rows, gates, expert ids) as one exchange of their bytes, and their
+gradients back as one. gloo and NCCL both accept uneven splits in
 `all_to_all_single` (the list form rejects them on gloo). `group` may be a `LaneGroup`
 (moetron.comm.lanes): each exchange, forward or backward, uses the calling thread's lane, in its
 turn where the group is ordered.
@@ -12,6 +14,8 @@ turn where the group is ordered.
 Shape legend: N rows sent, M rows received, F feature dims of a row.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -79,3 +83,57 @@ def all_to_all(x_NF: torch.Tensor, send_splits: list[int], recv_splits: list[int
     box: list = []
     out_MF = _AllToAll.apply(x_NF, send_splits, recv_splits, group, box)
     return PendingAllToAll(out_MF, box[0])
+
+
+def _row_bytes(t_N: torch.Tensor) -> torch.Tensor:
+    """[N, ...] of any dtype as [N, bytes of a row] uint8."""
+    return t_N.contiguous().reshape(t_N.shape[0], math.prod(t_N.shape[1:])).view(torch.uint8)
+
+
+def _unpack(packed_MB: torch.Tensor, layouts: list) -> list[torch.Tensor]:
+    """Split [M, bytes] rows back into tensors of the given (dtype, row shape)."""
+    parts, start = [], 0
+    for dtype, row_shape in layouts:
+        width = dtype.itemsize * math.prod(row_shape)
+        rows = packed_MB[:, start:start + width].contiguous().view(dtype)
+        parts.append(rows.view(packed_MB.shape[0], *row_shape))
+        start += width
+    return parts
+
+
+def _packed_exchange(parts: list[torch.Tensor], send_splits: list[int], recv_splits: list[int], group):
+    packed_NB = torch.cat([_row_bytes(part) for part in parts], dim=1)
+    out_MB, _ = _exchange(packed_NB, send_splits, recv_splits, group, async_op=False)
+    return _unpack(out_MB, [(part.dtype, part.shape[1:]) for part in parts])
+
+
+class _PackedAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, send_splits, recv_splits, group, *parts_N):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        ctx.layouts, ctx.device = [(part.dtype, part.shape[1:]) for part in parts_N], parts_N[0].device
+        parts_M = _packed_exchange(list(parts_N), send_splits, recv_splits, group)
+        ctx.mark_non_differentiable(*[p for p in parts_M if not p.is_floating_point()])
+        return tuple(parts_M)
+
+    @staticmethod
+    def backward(ctx, *grads_M):
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[3:]) if needed]
+        rows = sum(ctx.recv_splits)
+        sent = [grads_M[i] if grads_M[i] is not None else
+                torch.zeros(rows, *ctx.layouts[i][1], dtype=ctx.layouts[i][0], device=ctx.device) for i in wanted]
+        grads_N = [None] * len(ctx.layouts)
+        if sent:
+            for i, grad in zip(wanted, _packed_exchange(sent, ctx.recv_splits, ctx.send_splits, ctx.group)):
+                grads_N[i] = grad
+        return (None, None, None, *grads_N)
+
+
+def all_to_all_packed(parts_N: list[torch.Tensor], send_splits: list[int], recv_splits: list[int],
+                      group: GroupLike) -> list[torch.Tensor]:
+    """`all_to_all` of several tensors with the same rows (any dtypes, any row shapes) in one exchange.
+
+    Differentiable in the floating-point parts (their gradients travel back together); integer
+    parts arrive as they were sent. Returns the received parts, in order.
+    """
+    return list(_PackedAllToAll.apply(send_splits, recv_splits, group, *parts_N))

@@ -1,7 +1,8 @@
-"""The differentiable all-to-all with uneven (and empty) splits, synchronous and asynchronous."""
+"""The differentiable all-to-all with uneven (and empty) splits, synchronous and asynchronous, and
+its packed form (several tensors in one exchange)."""
 import torch
 
-from moetron.comm.a2a import PendingAllToAll, all_to_all, exchange_counts
+from moetron.comm.a2a import PendingAllToAll, all_to_all, all_to_all_packed, exchange_counts
 from tests.dist.harness import run_ranks
 
 
@@ -30,3 +31,33 @@ def test_uneven_async_all_to_all_and_its_gradient():
         for row, (_, peer, i) in zip(res["grad"], [[rank, p, i] for p in range(world) for i in range((rank + p) % 3)]):
             position = [tuple(r) for r in results[peer]["y"].tolist()].index((rank, peer, i)) + 1
             assert row.tolist() == [position] * 3
+
+
+def _packed_beside_separate(rank, world):
+    """The same rows of three dtypes and shapes, exchanged packed and one tensor at a time."""
+    torch.manual_seed(rank)
+    send = [(rank * 2 + p) % 4 if rank else 0 for p in range(world)]  # uneven, some empty, rank 0 sends none
+    recv = exchange_counts(torch.tensor(send), torch.distributed.group.WORLD).tolist()
+    n = sum(send)
+    x = torch.randn(n, 5, requires_grad=True)
+    gates = torch.randn(n, 2, 3).to(torch.bfloat16).requires_grad_()
+    ids = torch.randint(-1, 100, (n, 3))
+    group = torch.distributed.group.WORLD
+    out = {}
+    for how in ("packed", "separate"):
+        if how == "packed":
+            x_m, gates_m, ids_m = all_to_all_packed([x, gates, ids], send, recv, group)
+        else:
+            x_m, gates_m, ids_m = (all_to_all(t, send, recv, group) for t in (x, gates, ids))
+        weights = torch.arange(1, x_m.shape[0] + 1, dtype=torch.float32)
+        ((x_m * weights[:, None]).sum() + (gates_m.float() * weights[:, None, None]).sum() * 0.5).backward()
+        out[how] = (x_m.detach(), gates_m.detach(), ids_m, x.grad.clone(), gates.grad.clone())
+        x.grad, gates.grad = None, None
+    return out, ids_m.requires_grad
+
+
+def test_packed_all_to_all_equals_one_exchange_per_tensor():
+    for out, ids_need_grad in run_ranks(3, _packed_beside_separate):
+        assert not ids_need_grad
+        for packed, separate in zip(out["packed"], out["separate"]):
+            assert packed.dtype == separate.dtype and torch.equal(packed, separate)

@@ -22,22 +22,29 @@ def _traffic(rank, world, nodes, dispatcher_name):
     moved = {"nvlink": 0, "ib": 0}
     ib_arrivals = []  # token ids that reached this rank over the inter-node hop
     phase = ["dispatch"]
-    real_all_to_all = hop_module.all_to_all
+    real_all_to_all, real_packed = hop_module.all_to_all, hop_module.all_to_all_packed
 
-    def recording_all_to_all(x, send, recv, group):
-        out = real_all_to_all(x, send, recv, group)
+    def record(parts, send, group):
         group = resolve(group)
         peers = dist.get_process_group_ranks(group) if group is not None else [rank]
-        row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+        row_bytes = sum(part[0].numel() * part.element_size() for part in parts) if parts[0].shape[0] else 0
         for peer, rows in zip(peers, send):
             if peer != rank and rows:
                 moved["nvlink" if topo.node_of(peer) == topo.node_of(rank) else "ib"] += rows * row_bytes
-        token_rows = phase == ["dispatch"] and x.is_floating_point() and x.shape[-1] == H
-        if dispatcher_name == "hierarchical" and group is groups.ib_group and token_rows:
+
+    def recording_packed(parts, send, recv, group):  # a dispatch hop's gates and expert ids
+        out = real_packed(parts, send, recv, group)
+        record(parts, send, group)
+        return out
+
+    def recording_all_to_all(x, send, recv, group):  # token rows (dispatch), partial outputs (combine)
+        out = real_all_to_all(x, send, recv, group)
+        record([x], send, group)
+        if dispatcher_name == "hierarchical" and phase == ["dispatch"] and resolve(group) is groups.ib_group:
             ib_arrivals.extend(out[:, 0].tolist())
         return out
 
-    hop_module.all_to_all = recording_all_to_all
+    hop_module.all_to_all, hop_module.all_to_all_packed = recording_all_to_all, recording_packed
     torch.manual_seed(rank)
     token_ids = torch.arange(TOKENS, dtype=torch.float32) + rank * TOKENS
     x = token_ids[:, None].repeat(1, H).requires_grad_()
@@ -47,7 +54,7 @@ def _traffic(rank, world, nodes, dispatcher_name):
     phase[0] = "combine"
     y = dispatcher.combine(x_recv * 2.0, handle)
     y.sum().backward()
-    hop_module.all_to_all = real_all_to_all
+    hop_module.all_to_all, hop_module.all_to_all_packed = real_all_to_all, real_packed
 
     node_arrivals = [None] * world
     dist.all_gather_object(node_arrivals, (topo.node_of(rank), ib_arrivals))

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from moetron.comm.a2a import all_to_all, exchange_counts
+from moetron.comm.a2a import all_to_all, all_to_all_packed, exchange_counts
 from moetron.comm.lanes import GroupLike
 from moetron.comm.traffic import TrafficCounter
 
@@ -72,8 +72,9 @@ def send_hop(x_RH, expert_RK, weight_RK, dest_RK, num_dest: int, group, links: S
     recv = exchange_counts(plan.send_counts_D, group).tolist()
     x_NH = x_RH.index_select(0, plan.row_idx_N)
     x_MH = codec.decode([all_to_all(part, send, recv, group) for part in codec.encode(x_NH)])
-    weight_MK = all_to_all(weight_RK.index_select(0, plan.row_idx_N), send, recv, group)
-    expert_MK = all_to_all(plan.sent_expert_NK, send, recv, group)
+    # gates and expert ids in one exchange (packing the rows too would copy the payload once more)
+    weight_MK, expert_MK = all_to_all_packed([weight_RK.index_select(0, plan.row_idx_N), plan.sent_expert_NK],
+                                             send, recv, group)
     K = expert_RK.shape[1]
     row_bytes = codec.bytes_per_row(x_NH) + K * (weight_RK.element_size() + expert_RK.element_size())
     traffic.add(send, row_bytes, links)
