@@ -68,8 +68,7 @@ def send_hop(x_RH, expert_RK, weight_RK, dest_RK, num_dest: int, group, links: S
              codec: IdentityCodec, traffic: TrafficCounter):
     """Exchange rows; returns (x_MH, expert_MK, weight_MK, Hop). Differentiable in x and weight."""
     plan = plan_hop(expert_RK, dest_RK, num_dest)
-    send = plan.send_counts_D.tolist()
-    recv = exchange_counts(plan.send_counts_D, group).tolist()
+    send, recv = torch.stack([plan.send_counts_D, exchange_counts(plan.send_counts_D, group)]).tolist()  # one sync
     x_NH = x_RH.index_select(0, plan.row_idx_N)
     x_MH = codec.decode([all_to_all(part, send, recv, group) for part in codec.encode(x_NH)])
     # gates and expert ids in one exchange (packing the rows too would copy the payload once more)

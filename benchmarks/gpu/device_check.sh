@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything owed on one GPU, in one call of the device tool (about 4 minutes on an H200):
+#   here:  bash benchmarks/gpu/fetch_wheels.sh
+#   then:  run(command="bash benchmarks/gpu/device_check.sh", carry=[".whl"], timeout_s=480)
+# Results land in $OUT: env.txt, fb_streams.json (F&B pairs with a stream per chunk against
+# autograd, benchmarks/gpu/fb_streams.py) and mini_metrics.jsonl + mini.log (the `mini` model
+# trained by `python -m moetron.train` on this GPU: the trainer's first CUDA run, and its
+# throughput). On a CPU, the same plumbing in small:
+#   DEVICE=cpu MODEL=tiny STEPS=3 SEQ=64 FB_ARGS="--hidden 64 --rows 64 --steps 3" bash benchmarks/gpu/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/moetron-device-check}
+DEVICE=${DEVICE:-cuda} MODEL=${MODEL:-mini} STEPS=${STEPS:-30} SEQ=${SEQ:-2048} FB_ARGS=${FB_ARGS:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+site=$(mktemp -d)
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+fi
+mkdir -p "$site/moetron" && cp -r src/. "$site/moetron/" && cp -r conf "$site/moetron/conf"  # as setup.py maps them
+export PYTHONPATH="$site"
+{ nvidia-smi 2>&1 || true; python3 -c "import sys, torch; print(sys.version); print('torch', torch.__version__, torch.version.cuda)"; } > "$OUT/env.txt" 2>&1
+
+echo "== fb_streams"
+timeout 150 python3 benchmarks/gpu/fb_streams.py --device "$DEVICE" $FB_ARGS --json > "$OUT/fb_streams.json" 2> "$OUT/fb_streams.err"
+echo "rc=$?"; cat "$OUT/fb_streams.json"; tail -5 "$OUT/fb_streams.err"
+
+echo "== $MODEL training, $STEPS steps"
+run_dir=$(mktemp -d)
+cluster=(cluster=h200 cluster.gpus_per_node=1)
+[ "$DEVICE" = cpu ] && cluster=()
+timeout 300 python3 -m moetron.train "model=$MODEL" "${cluster[@]}" "train.max_steps=$STEPS" "train.seq_len=$SEQ" \
+    train.micro_batch=8 train.global_batch=8 train.ckpt_every=1000000 logging.progress=false \
+    logging.wandb.mode=disabled "hydra.run.dir=$run_dir" > "$OUT/mini.log" 2>&1
+echo "rc=$?"; tail -5 "$OUT/mini.log"
+cp "$run_dir/metrics.jsonl" "$OUT/mini_metrics.jsonl" 2>/dev/null && tail -2 "$OUT/mini_metrics.jsonl"
