@@ -319,7 +319,9 @@ class PipelineRunner:
 
     def _side_thread(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetron-fb")
+            # the current device is per thread: the side thread's would otherwise be GPU 0 on every rank
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetron-fb",
+                                            initializer=self._device_module.set_device, initargs=(self.device,))
         return self._pool
 
     def _with_callers_autocast(self, fn: Callable, *args):

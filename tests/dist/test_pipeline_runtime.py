@@ -132,11 +132,15 @@ def test_forward_backward_pairs_overlap():
 
 
 class _RecordingStreams:
-    """Stands in for torch.cuda's stream API: records which stream is current on each thread and
-    every wait between streams."""
+    """Stands in for torch.cuda's stream API: records which stream is current on each thread, every
+    wait between streams, and the threads that set their current device."""
 
     def __init__(self):
         self.local, self.waits, self.default = threading.local(), [], self.Stream(self, "default")
+        self.devices = []
+
+    def set_device(self, device):
+        self.devices.append((threading.current_thread().name, device))
 
     class Stream:
         def __init__(self, api=None, name=None):
@@ -195,3 +199,6 @@ def test_one_rank_dualpipev_runs_each_chunk_on_its_stream(overlap):
     # every forward's input and every backward's incoming gradient (none at the loss) is handed over
     assert sorted(handed_over) == sorted([(0, True)] * 2 * n + [(1, True)] * n + [(1, False)] * n)
     assert "FB" in [a.kind for a in sched.actions[0]]
+    # the side thread runs on the rank's device (a new thread's current device is GPU 0)
+    assert [(name.startswith("moetron-fb"), device) for name, device in api.devices] == \
+        ([(True, runner.device)] if overlap else [])
