@@ -12,13 +12,15 @@ holds on any thread, which matters on a GPU, where autograd runs backward on its
 threads rather than on the thread that called backward. A `LaneGroup` with a single copy serves
 both lanes (nothing runs concurrently then).
 
-Separate communicators are not enough on NCCL: its kernels block until every member joins, so two
-communicators of one device must see their operations in the same order on every rank, or ranks
-can wait on each other (with CUDA_DEVICE_MAX_CONNECTIONS=1 they do); and NCCL calls from two threads
-should not overlap. While an F&B pair runs, an `IssueOrder` makes the two lanes take turns, lane 0
-first, one collective each; a lane that finishes its half leaves and the other goes on alone. The
-resulting sequence depends only on how many collectives each half issues, which is the same on
-every EP peer of a stage, so all of them issue in one order, whatever the timing.
+Separate communicators are not enough on NCCL: its kernels block until every member joins, so
+NCCL's documentation asks that the operations of two communicators on one device be issued in the
+same order on every rank, or ranks can wait on each other whenever the kernels cannot all be
+resident at once (more likely with CUDA_DEVICE_MAX_CONNECTIONS=1, where every stream shares one
+hardware queue); and NCCL calls from two threads should not overlap. While an F&B pair runs, an
+`IssueOrder` makes the two lanes take turns, lane 0 first, one collective each; a lane that
+finishes its half leaves and the other goes on alone. The resulting sequence depends only on how
+many collectives each half issues, which is the same on every EP peer of a stage, so all of them
+issue in one order, whatever the timing.
 """
 from __future__ import annotations
 

@@ -16,14 +16,13 @@ backward on a side thread while the forward runs here; backward collectives use 
 the groups (moetron.comm.lanes), forward ones lane 0: one micro-batch's all-to-all is in
 flight while the other computes (`overlap=False` runs them one after the other). Where the groups
 carry an `IssueOrder`, the two halves take turns issuing collectives, so every rank issues them in
-one order. On a GPU each
-stage module (chunk) runs its forward on a stream of its own, and autograd runs every backward
-kernel on its forward's stream, so the two halves of a pair (always different chunks) are on
-different streams and can run at once; each forward first waits for the device's current stream
-(where its input arrived) and that stream then waits for it (where its output is sent or used);
-inputs and incoming gradients are recorded on the stream that reads them (`record_stream`), so
-the caching allocator does not hand their memory to another stream too early.
-The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and
+one order. On a GPU each stage module (chunk) runs its forward on a stream of its own, and autograd
+runs every backward kernel on its forward's stream, so the two halves of a pair (always different
+chunks) are on different streams and can run at once; each forward first waits for the device's
+current stream (where its input arrived) and that stream then waits for it (where its output is
+sent or used); inputs and incoming gradients are recorded on the stream that reads them
+(`record_stream`), so the caching allocator does not hand their memory to another stream too
+early. The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and
 `step_s` (wall time) of the last step give the measured bubble; `action_s` holds each compute
 action's busy seconds by kind (costs for the simulator).
 

@@ -111,8 +111,8 @@ def train(cfg, run_dir: Path) -> dict:
         if world.is_main and world.size > 1:
             print(dims.placement(topology), flush=True)
             if lanes > 1:
-                print("F&B pairs overlap; their collectives are issued "
-                      + ("in turns, one order on every rank" if groups.order else "as each half reaches them"), flush=True)
+                how = "in turns, one order on every rank" if groups.order else "as each half reaches them"
+                print(f"F&B pairs overlap; their collectives are issued {how}", flush=True)
         return _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler)
     finally:
         if world_group is not None:
