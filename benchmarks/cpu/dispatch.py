@@ -1,7 +1,7 @@
 """Expert-parallel dispatch: inter-node traffic on DeepSeek-V3's layout, and dispatch+combine time.
 
     python benchmarks/cpu/dispatch.py traffic     # EP64 = 8 nodes x 8 GPUs, top-8 of 256 experts, M = 4
-    python benchmarks/cpu/dispatch.py time        # 8 gloo ranks as 2 virtual nodes x 4
+    python benchmarks/cpu/dispatch.py time        # 8 gloo ranks as 2 virtual nodes x 4 (--nodes 1: one node)
     python benchmarks/cpu/dispatch.py all --json  # both, one JSON object
 
 Traffic is counted by the dispatchers' own layout step (`plan_hop`) on the outputs of moetron's
@@ -84,7 +84,7 @@ def _time_worker(rank, world, args):
     from moetron.parallel.dims import ParallelDims, Topology, build_groups
     from moetron.parallel.expert_parallel import make_dispatcher
 
-    groups = build_groups(ParallelDims(pp=1, dp=1, ep=world), Topology(2, world // 2), rank)
+    groups = build_groups(ParallelDims(pp=1, dp=1, ep=world), Topology(args.nodes, world // args.nodes), rank)
     torch.manual_seed(rank)
     x = torch.randn(args.tokens, args.hidden)
     topk = torch.rand(args.tokens, args.experts).topk(args.topk, dim=-1).indices
@@ -109,7 +109,8 @@ def _time_worker(rank, world, args):
 def timing(args) -> dict:
     times = run_ranks(8, _time_worker, args, timeout=1200)[0]
     flat = times["alltoall"]
-    return {"ranks": "8 gloo ranks = 2 virtual nodes x 4", "tokens_per_rank": args.tokens, "hidden": args.hidden,
+    return {"ranks": f"8 gloo ranks = {args.nodes} virtual node(s) x {8 // args.nodes}", "tokens_per_rank": args.tokens,
+            "hidden": args.hidden,
             "experts": args.experts, "topk": args.topk, "iters": args.iters,
             **{name: {"median_s": round(t, 5), "ratio_to_flat": round(t / flat, 3)} for name, t in times.items()}}
 
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--nodes", type=int, default=2, choices=[1, 2, 4, 8], help="virtual nodes of the 8 ranks")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     result = {"torch": torch.__version__, "cpus": os.cpu_count()}

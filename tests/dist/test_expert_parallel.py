@@ -63,7 +63,7 @@ def _ep_vs_reference(rank, world, nodes, dispatcher, node_limited):
             "loads": reference.gate.tokens_per_expert.clone(), "traffic": traffic.take()}
 
 
-LAYOUTS = [(2, 1), (4, 1), (4, 2), (8, 1), (8, 2)]  # (EP, virtual nodes)
+LAYOUTS = [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2)]  # (EP, virtual nodes); (2, 2): one rank per node
 # node-limited routing (one group per node, a token's experts on M = 1 node) needs several nodes
 CASES = [(ep, nodes, limited) for ep, nodes in LAYOUTS for limited in ([False, True] if nodes > 1 else [False])]
 

@@ -103,12 +103,15 @@ class HierarchicalDispatcher(_ExpertParallelDispatcher):
         self.nvl_links = [None if r == my_local else "nvlink" for r in range(ranks_per_node)]
 
     def _send(self, x_TH, topk_idx_TK, topk_weight_TK):
-        owner_TK = topk_idx_TK // self.num_local
-        x_MH, expert_MK, weight_MK, ib_hop = send_hop(x_TH, topk_idx_TK, topk_weight_TK, owner_TK // self.per_node,
-                                                      self.num_nodes, self.ib_group, self.ib_links, self.codec,
-                                                      self.traffic)
-        owner_MK = expert_MK.clamp(min=0) // self.num_local
-        x_MH, expert_MK, weight_MK, nvl_hop = send_hop(x_MH, expert_MK, weight_MK, owner_MK % self.per_node,
-                                                       self.per_node, self.nvl_group, self.nvl_links, self.codec,
-                                                       self.traffic)
-        return x_MH, expert_MK, weight_MK, [ib_hop, nvl_hop]
+        x_MH, expert_MK, weight_MK, hops = x_TH, topk_idx_TK, topk_weight_TK, []
+        if self.num_nodes > 1:  # one node: no inter-node hop (it would only copy every row to itself)
+            node_MK = topk_idx_TK // self.num_local // self.per_node
+            x_MH, expert_MK, weight_MK, ib_hop = send_hop(x_MH, expert_MK, weight_MK, node_MK, self.num_nodes,
+                                                          self.ib_group, self.ib_links, self.codec, self.traffic)
+            hops.append(ib_hop)
+        if self.per_node > 1:  # one EP rank per node: the inter-node hop has already landed every row
+            local_MK = expert_MK.clamp(min=0) // self.num_local % self.per_node
+            x_MH, expert_MK, weight_MK, nvl_hop = send_hop(x_MH, expert_MK, weight_MK, local_MK, self.per_node,
+                                                           self.nvl_group, self.nvl_links, self.codec, self.traffic)
+            hops.append(nvl_hop)
+        return x_MH, expert_MK, weight_MK, hops
