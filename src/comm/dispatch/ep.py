@@ -87,6 +87,7 @@ class AllToAllDispatcher(_ExpertParallelDispatcher):
 
 class HierarchicalDispatcher(_ExpertParallelDispatcher):
     """Two hops: inter-node among same-local-index ranks (once per node), then intra-node fan-out.
+    A hop with a single destination (one node; one EP rank per node) is skipped.
 
     `ranks_per_node` is the EP group's ranks on one node; `ib_group` holds my local index on each of
     the EP group's nodes (ordered by node), `nvl_group` the EP ranks of my node (ordered by local index).
