@@ -44,7 +44,8 @@ class IssueOrder:
     every collective is issued inside `turn(lane)`. Outside a pair, `turn` never waits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 1800.0) -> None:
+        self.timeout_s = timeout_s  # a turn never comes: an error instead of a silent hang
         self._changed = threading.Condition()
         self._open: set[int] = set()  # lanes of the running pair that have not left
         self._next = 0  # whose turn it is while both are open
@@ -72,7 +73,9 @@ class IssueOrder:
     def turn(self, lane: int) -> Iterator[None]:
         """Hold the turn of `lane` while one collective is issued."""
         with self._changed:
-            self._changed.wait_for(lambda: self._mine(lane))
+            if not self._changed.wait_for(lambda: self._mine(lane), timeout=self.timeout_s):
+                raise RuntimeError(f"lane {lane} waited {self.timeout_s:.0f} s for its turn to issue a collective: "
+                                   f"lane {1 - lane} of this F&B pair neither issued one nor finished")
         try:
             yield
         finally:

@@ -81,3 +81,13 @@ def test_a_lane_that_fails_lets_the_other_finish():
         order.leave(0)
         side.join(timeout=30)
     assert issued == [0, 0, 0]
+
+
+def test_a_turn_that_never_comes_is_an_error_not_a_hang():
+    order = IssueOrder(timeout_s=0.2)
+    with order.pair():
+        with order.turn(0):
+            pass
+        with pytest.raises(RuntimeError, match="lane 0 waited 0 s for its turn.*lane 1 of this F&B pair"):
+            with order.turn(0):  # lane 1 never issues nor leaves
+                pass
