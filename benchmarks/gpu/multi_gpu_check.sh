@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The multi-GPU checks that issues 4 and 5 still owe, on one node with >= 4 GPUs (8 for the EP8
+# rows), as a user would run them (torchrun, NCCL). Results go to OUT (default outputs/gpu_checks):
+# a run directory per row and checks.jsonl, one line per comparison (compare_runs.py).
+#   bash benchmarks/gpu/multi_gpu_check.sh [OUT]
+# 1. EP4 (hierarchical, alltoall) against one GPU, float32: the same loss curve (1e-4 relative:
+#    CUDA's index_add and all-to-all sum in another order).
+# 2. DualPipeV PP2 x EP2 with overlapped F&B pairs (collectives issued in turns under NCCL) and
+#    DualPipe PP2 x DP2 against one GPU, float32.
+# 3. With DeepEP installed: parallel.dispatcher=deepep against hierarchical, bf16 (1e-2 relative).
+# 4. With 8 GPUs: `mini` at EP8, bf16, alltoall and hierarchical: tokens/s of each. Inside one node
+#    hierarchical is the flat exchange (no inter-node hop); timing its two hops against flat needs
+#    EP across nodes (launch/slurm, cluster.nodes >= 2).
+# Without a GPU the same rows 1-2 run on 4 gloo ranks of the CPU (a dry run of the script).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-outputs/gpu_checks}
+mkdir -p "$OUT"
+export WANDB_MODE=disabled OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+cpu_only=$([ "$gpus" -eq 0 ] && echo 1 || echo 0)
+[ "$cpu_only" = 1 ] && gpus=4
+SMALL=(model=tiny precision=fp32 train.max_steps=20 train.seq_len=64 train.global_batch=16 train.micro_batch=2
+       train.ckpt_every=1000000 logging.progress=false)
+status=0
+
+train() {  # train NAME NPROC OVERRIDES...
+    local name=$1 nproc=$2; shift 2
+    echo "== $name on $nproc rank(s)"
+    python -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m moetron.train "$@" \
+        "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1 || { echo "FAILED: see $OUT/$name.log"; status=1; }
+}
+
+check() {  # check REFERENCE RUN REL
+    python benchmarks/gpu/compare_runs.py "$OUT/$1" "$OUT/$2" --rel "$3" | tee -a "$OUT/checks.jsonl" || status=1
+}
+
+if [ "$gpus" -lt 4 ]; then echo "needs 4 GPUs, found $gpus"; exit 2; fi
+train one 1 "${SMALL[@]}"
+for dispatcher in hierarchical alltoall; do
+    train "ep4_$dispatcher" 4 "${SMALL[@]}" parallel.ep=4 "parallel.dispatcher=$dispatcher"
+    check one "ep4_$dispatcher" 1e-4
+done
+train pp2ep2_dualpipev 4 "${SMALL[@]}" parallel.pp=2 parallel.ep=2 parallel.schedule=dualpipev
+check one pp2ep2_dualpipev 1e-4
+train pp2dp2_dualpipe 4 "${SMALL[@]}" parallel.pp=2 parallel.schedule=dualpipe
+check one pp2dp2_dualpipe 1e-4
+
+if [ "$cpu_only" = 0 ] && python -c "import deep_ep" 2>/dev/null; then
+    BF16=("${SMALL[@]/precision=fp32/precision=bf16}")
+    for dispatcher in hierarchical deepep; do
+        train "ep4_bf16_$dispatcher" 4 "${BF16[@]}" parallel.ep=4 "parallel.dispatcher=$dispatcher"
+    done
+    check ep4_bf16_hierarchical ep4_bf16_deepep 1e-2
+fi
+
+if [ "$cpu_only" = 0 ] && [ "$gpus" -ge 8 ]; then
+    MINI=(model=mini precision=bf16 train.max_steps=30 train.seq_len=2048 train.global_batch=64
+          train.micro_batch=8 train.ckpt_every=1000000 logging.progress=false cluster=h200)
+    for dispatcher in alltoall hierarchical; do
+        train "mini_ep8_$dispatcher" 8 "${MINI[@]}" parallel.ep=8 "parallel.dispatcher=$dispatcher"
+    done
+    check mini_ep8_alltoall mini_ep8_hierarchical 1e-2
+fi
+echo "checks: $OUT/checks.jsonl (status $status)"
+exit $status
