@@ -4,8 +4,9 @@ all-to-all inside each chunk, measured against the simulator and against torch.d
     python benchmarks/cpu/pipeline.py --pp 4 --ep 2 --microbatches 16 --f 0.02 --b 0.02 --w 0.01 --a2a-kib 2048
 
 Each stage is a linear layer, a timed section split around an all-to-all among the stage's EP
-ranks: the forward sleeps F/2, exchanges `--a2a-kib` KiB, sleeps F/2; the backward mirrors it with
-B, and the weight gradient sleeps W (deferred to the W action when a schedule splits B from W, in
+ranks: the forward sleeps q F, exchanges `--a2a-kib` KiB, sleeps (1 - q) F (q: `--exchange-at`,
+0.5 by default); the backward mirrors it with B, so its exchange comes (1 - q) B into it, and the
+weight gradient sleeps W (deferred to the W action when a schedule splits B from W, in
 ours by the weight-gradient store, in torch's by its autograd split). Sleeping keeps 8 ranks honest
 on a 2-core machine: compute costs wall time, not contended CPU; the exchanges and P2P are real.
 Schedules that cut the same model into 2 x PP stages (interleaved 1F1B, DualPipeV, torch's
@@ -21,6 +22,9 @@ over the step, averaged over ranks. Two predictions sit beside each measurement:
 F + A, B + A, W (A: the exchange's time measured alone) and for an F&B pair max(F + A, B + W + A)
 when overlapped, else their sum; `calibrated` gives it each action kind's mean busy time measured
 in the step itself (for torch's schedules, those of our twin schedule with the same actions).
+For our schedules, `exposed_exchange_s_by_kind` splits idle - bubble (exchange time no compute
+hides) by the action it falls in, mean over ranks. With q = 0.5 and F = B, the two halves of an F&B
+pair reach their exchanges at the same moment, and neither hides the other's; q != 0.5 staggers them.
 
 Results: benchmarks/BENCHMARKS.md.
 """
@@ -68,14 +72,19 @@ class ComputeLog:
         time.sleep(seconds)
         self.add(started, "compute")
 
-    def busy_s(self, since: float, kinds=("compute",)) -> float:
-        """Length of the union of the `kinds` spans that started after `since`."""
+    def busy_s(self, since: float, kinds=("compute",), until: float = float("inf")) -> float:
+        """Length of the union of the `kinds` spans that started after `since`, clipped at `until`."""
         total, end = 0.0, since
-        for a, b, _ in sorted(s for s in self.spans if s[0] >= since and s[2] in kinds):
+        for a, b, _ in sorted(s for s in self.spans if since <= s[0] < until and s[2] in kinds):
+            b = min(b, until)
             if b > end:
                 total += b - max(a, end)
                 end = b
         return total
+
+    def exposed_exchange_s(self, since: float, until: float) -> float:
+        """Exchange time in [since, until) that no compute span covers."""
+        return self.busy_s(since, ("compute", "exchange"), until) - self.busy_s(since, ("compute",), until)
 
 
 class _ExchangeStart(torch.autograd.Function):
@@ -141,18 +150,22 @@ class _WeightTimed(torch.autograd.Function):
 
 
 class TimedStage(nn.Module):
-    """linear -> sleep F/2 -> all-to-all of `a2a_rows` rows over the EP group -> sleep F/2."""
+    """linear -> sleep q F -> all-to-all of `a2a_rows` rows over the EP group -> sleep (1 - q) F.
 
-    def __init__(self, costs, a2a_rows: int, ep_group, ep: int, log: ComputeLog) -> None:
+    q = `exchange_at`; the backward runs in reverse, so its exchange comes (1 - q) B into it."""
+
+    def __init__(self, costs, a2a_rows: int, ep_group, ep: int, log: ComputeLog, exchange_at: float = 0.5) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.eye(HIDDEN))
         self.costs, self.rows, self.group, self.ep, self.log = costs, a2a_rows, ep_group, ep, log
+        self.exchange_at = exchange_at
         self.weight_grad_store = None  # our runner hands its store here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f, b, w = self.costs
+        q = self.exchange_at
         h = x @ _WeightTimed.apply(self.weight, w, self.log, self).t()
-        h = _Timed.apply(h, (f / 2, b / 2), self.log)
+        h = _Timed.apply(h, (q * f, q * b), self.log)
         if self.rows:
             payload = h.mean(0, keepdim=True).expand(self.rows, HIDDEN) * 1.0
             split = [self.rows // self.ep] * self.ep
@@ -160,7 +173,15 @@ class TimedStage(nn.Module):
             payload = _ExchangeStart.apply(payload, self.log, mark)
             received = _ExchangeEnd.apply(all_to_all(payload, split, split, self.group), self.log, mark)
             h = h + received.mean(0)
-        return _Timed.apply(h, (f / 2, b / 2), self.log)
+        return _Timed.apply(h, ((1 - q) * f, (1 - q) * b), self.log)
+
+
+def _exposed_by_kind(log: ComputeLog, action_spans) -> dict[str, float]:
+    """Exchange time that no compute hides, summed over this rank's actions of each kind."""
+    out: dict[str, float] = {}
+    for kind, start, end in action_spans:
+        out[kind] = out.get(kind, 0.0) + log.exposed_exchange_s(start, end)
+    return out
 
 
 def _a2a_alone_s(rows: int, group, ep: int, repeat: int = 5) -> float:
@@ -214,7 +235,7 @@ def _worker(rank, world, args):
         order = IssueOrder() if name.endswith("_ordered") else None
 
         def stage(costs=costs, rows=rows_of["half" if half else "full"], log=log, order=order):
-            return TimedStage(costs, rows, LaneGroup(ep_group.groups, order), args.ep, log)
+            return TimedStage(costs, rows, LaneGroup(ep_group.groups, order), args.ep, log, args.exchange_at)
 
         if name in TORCH:
             modules = {s: stage() for s in range(2 * args.pp if half else args.pp)}
@@ -247,7 +268,9 @@ def _worker(rank, world, args):
             if best is None or measured[0] < best[0]:
                 best = measured
                 action_s = {} if name in TORCH else {k: (sum(v), len(v)) for k, v in runner.action_s.items()}
-        results[name] = {"step_s": best[0], "idle_ratio": best[1], "bubble_ratio": best[2], "action_s": action_s}
+                exposed = {} if name in TORCH else _exposed_by_kind(log, runner.action_spans)
+        results[name] = {"step_s": best[0], "idle_ratio": best[1], "bubble_ratio": best[2], "action_s": action_s,
+                         "exposed_exchange_s": exposed}
     return results
 
 
@@ -296,6 +319,8 @@ def main() -> None:
     parser.add_argument("--b", type=float, default=0.02)
     parser.add_argument("--w", type=float, default=0.01)
     parser.add_argument("--a2a-kib", type=int, default=2048, help="all-to-all payload per rank per full stage")
+    parser.add_argument("--exchange-at", type=float, default=0.5,
+                        help="where the exchange sits in a chunk's forward, as a fraction of F (backward: 1 - this of B)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--schedules", nargs="+", default=[*OURS, *TORCH])
     args = parser.parse_args()
@@ -303,7 +328,7 @@ def main() -> None:
     a2a = {size: max(m["a2a_alone_s"][size] for m in measured) for size in ("full", "half")}  # slowest rank
     out = {"torch": torch.__version__, "ranks": args.pp * args.ep, "pp": args.pp, "ep": args.ep,
            "microbatches": args.microbatches, "costs_s": {"f": args.f, "b": args.b, "w": args.w},
-           "a2a_kib": args.a2a_kib, "a2a_alone_s": {"full_stage": round(a2a["full"], 4),
+           "a2a_kib": args.a2a_kib, "exchange_at": args.exchange_at, "a2a_alone_s": {"full_stage": round(a2a["full"], 4),
                                                      "half_stage": round(a2a["half"], 4)},
            "schedules": {}}
     for name in args.schedules:
@@ -318,6 +343,10 @@ def main() -> None:
                "measured_bubble_ratio": round(m["bubble_ratio"], 3),
                "measured_bubble_s": round(m["step_s"] * m["bubble_ratio"], 4),
                "nominal_simulated_bubble_ratio": round(nominal.bubble_ratio, 3)}
+        if m["exposed_exchange_s"]:  # mean over ranks, by action kind
+            row["exposed_exchange_s_by_kind"] = {k: round(sum(r[name]["exposed_exchange_s"].get(k, 0.0)
+                                                              for r in measured) / len(measured), 4)
+                                                 for k in m["exposed_exchange_s"]}
         if calibrated is not None:
             sim = simulate(sched, calibrated)
             row.update(calibrated_costs_s={k: round(v, 4) for k, v in vars(calibrated).items() if v},

@@ -24,7 +24,8 @@ sent or used); inputs and incoming gradients are recorded on the stream that rea
 (`record_stream`), so the caching allocator does not hand their memory to another stream too
 early. The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and
 `step_s` (wall time) of the last step give the measured bubble; `action_s` holds each compute
-action's busy seconds by kind (costs for the simulator).
+action's busy seconds by kind (costs for the simulator), `action_spans` its (kind, start, end) in
+`time.perf_counter()` seconds (a timeline).
 
 Shape legend: B micro-batch rows, F features.
 """
@@ -342,9 +343,11 @@ class PipelineRunner:
         started, waited, adjust = time.perf_counter(), self._waited_s(), self._idle_adjust_s
         self._dispatch(a)
         idle = self._waited_s() - waited + self._idle_adjust_s - adjust
-        busy = time.perf_counter() - started - idle
+        ended = time.perf_counter()
+        busy = ended - started - idle
         self.busy_s += busy
         self.action_s.setdefault(a.kind, []).append(busy)
+        self.action_spans.append((a.kind, started, ended))
 
     def _dispatch(self, a: Action) -> None:
         if a.kind == "F":
@@ -364,6 +367,7 @@ class PipelineRunner:
         self._posted, self._outbox, self._sends = {}, {}, []
         self.busy_s, self._idle_adjust_s, self._waits = 0.0, 0.0, threading.local()
         self.action_s: dict[str, list[float]] = {}
+        self.action_spans: list[tuple[str, float, float]] = []  # (kind, start, end) of each compute action
         self._autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         started = time.perf_counter()
         transfers: list[Action] = []
