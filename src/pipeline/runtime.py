@@ -33,103 +33,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from moetron.comm.lanes import GroupLike, LaneGroup
 from moetron.pipeline.schedule import Action, Schedule
 from moetron.pipeline.transfers import TRANSFER_KINDS, peer_stage, with_transfers
-
-
-class WeightGradStore:
-    """Weight-gradient closures deferred by B actions, released in order by W actions."""
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self._current: list[Callable[[], None]] = []
-        self._queue: deque = deque()
-
-    def put(self, fn: Callable[[], None]) -> None:
-        self._current.append(fn)
-
-    def close_batch(self) -> None:
-        self._queue.append(self._current)
-        self._current = []
-
-    def run_oldest(self) -> None:
-        for fn in self._queue.popleft():
-            fn()
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-
-class _DeferrableLinearFn(torch.autograd.Function):
-    """F.linear whose backward queues the weight (and bias) gradient while the store is enabled.
-
-    Under autocast F.linear computes in the autocast dtype; the backward does its products in the
-    dtype of the incoming gradient, as autograd does on autocast's cast copies, and the gradients
-    reach the parameters in their own dtype."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, store):
-        ctx.save_for_backward(x)
-        ctx.weight, ctx.bias, ctx.store = weight, bias, store
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        weight, bias = ctx.weight, ctx.bias
-        dtype = grad_out.dtype
-        grad_x = grad_out @ weight.to(dtype) if ctx.needs_input_grad[0] else None
-
-        def weight_grads():
-            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
-            return g2.t() @ x2, (g2.sum(0) if bias is not None else None)
-
-        if not ctx.store.enabled:
-            grad_w, grad_b = weight_grads()
-            return grad_x, grad_w, grad_b, None
-
-        @torch.no_grad()
-        def accumulate():
-            for param, grad in zip((weight, bias), weight_grads()):
-                if param is not None:
-                    grad = grad.to(param.dtype)
-                    param.grad = grad if param.grad is None else param.grad + grad
-
-        ctx.store.put(accumulate)
-        return grad_x, None, None, None
-
-
-class DeferrableLinear(nn.Linear):
-    """nn.Linear whose weight gradient a pipeline B action may defer to a later W action."""
-
-    weight_grad_store: Optional[WeightGradStore] = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_grad_store is None or not torch.is_grad_enabled():
-            return super().forward(x)
-        return _DeferrableLinearFn.apply(x, self.weight, self.bias, self.weight_grad_store)
-
-
-def enable_weight_deferral(module: nn.Module, store: WeightGradStore) -> nn.Module:
-    """Make every nn.Linear inside `module` a DeferrableLinear, and hand `store` to it and to every
-    other layer that can defer (those with a `weight_grad_store` attribute, e.g. grouped experts)."""
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = DeferrableLinear
-        if hasattr(m, "weight_grad_store"):
-            m.weight_grad_store = store
-    return module
+from moetron.pipeline.weight_grads import WeightGradStore, enable_weight_deferral
 
 
 class PipelineRunner:

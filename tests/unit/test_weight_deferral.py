@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-from moetron.pipeline.runtime import DeferrableLinear, WeightGradStore, enable_weight_deferral
+from moetron.pipeline.weight_grads import DeferrableLinear, WeightGradStore, enable_weight_deferral
 
 
 def test_weight_gradient_is_deferred_then_equal():
