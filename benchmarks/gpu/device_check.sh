@@ -5,7 +5,8 @@
 # Results land in $OUT: env.txt, fb_streams.json (F&B pairs with a stream per chunk against
 # autograd, benchmarks/gpu/fb_streams.py) and mini_metrics.jsonl + mini.log (the `mini` model
 # trained by `python -m moetron.train` on this GPU: the trainer's first CUDA run, and its
-# throughput). On a CPU, the same plumbing in small:
+# throughput), and mini_trace.json.gz: a torch.profiler trace of one step near the end
+# (logging.profile; its step's time is not a throughput reading). On a CPU, the same plumbing in small:
 #   DEVICE=cpu MODEL=tiny STEPS=3 SEQ=64 FB_ARGS="--hidden 64 --rows 64 --steps 3" bash benchmarks/gpu/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,6 +32,8 @@ cluster=(cluster=h200 cluster.gpus_per_node=1)
 [ "$DEVICE" = cpu ] && cluster=()
 timeout 300 python3 -m moetron.train "model=$MODEL" "${cluster[@]}" "train.max_steps=$STEPS" "train.seq_len=$SEQ" \
     train.micro_batch=8 train.global_batch=8 train.ckpt_every=1000000 logging.progress=false \
-    logging.wandb.mode=disabled "hydra.run.dir=$run_dir" > "$OUT/mini.log" 2>&1
+    logging.wandb.mode=disabled logging.profile.enabled=true "logging.profile.start_step=$((STEPS - 1))" \
+    logging.profile.num_steps=1 "hydra.run.dir=$run_dir" > "$OUT/mini.log" 2>&1
 echo "rc=$?"; tail -5 "$OUT/mini.log"
-cp "$run_dir/metrics.jsonl" "$OUT/mini_metrics.jsonl" 2>/dev/null && tail -2 "$OUT/mini_metrics.jsonl"
+cp "$run_dir/metrics.jsonl" "$OUT/mini_metrics.jsonl" 2>/dev/null && tail -3 "$OUT/mini_metrics.jsonl"
+gzip -c "$run_dir"/profile/rank0-*.json > "$OUT/mini_trace.json.gz" && ls -l "$OUT/mini_trace.json.gz"

@@ -6,7 +6,7 @@
 # 1. EP4 (hierarchical, alltoall) against one GPU, float32: the same loss curve (1e-4 relative:
 #    CUDA's index_add and all-to-all sum in another order).
 # 2. DualPipeV PP2 x EP2 with overlapped F&B pairs (collectives issued in turns under NCCL) and
-#    DualPipe PP2 x DP2 against one GPU, float32.
+#    DualPipe PP2 x DP2 against one GPU, float32; the DualPipeV run also writes profiler traces.
 # 3. With DeepEP installed: parallel.dispatcher=deepep against hierarchical, bf16 (1e-2 relative).
 # 4. With 8 GPUs: `mini` at EP8, bf16, alltoall and hierarchical: tokens/s of each. Inside one node
 #    hierarchical is the flat exchange (no inter-node hop); timing its two hops against flat needs
@@ -41,7 +41,10 @@ for dispatcher in hierarchical alltoall; do
     train "ep4_$dispatcher" 4 "${SMALL[@]}" parallel.ep=4 "parallel.dispatcher=$dispatcher"
     check one "ep4_$dispatcher" 1e-4
 done
-train pp2ep2_dualpipev 4 "${SMALL[@]}" parallel.pp=2 parallel.ep=2 parallel.schedule=dualpipev
+# with a profiler trace of steps 10-11 on every rank (pp2ep2_dualpipev/profile): which exchange
+# overlaps which computation, per CUDA stream
+train pp2ep2_dualpipev 4 "${SMALL[@]}" parallel.pp=2 parallel.ep=2 parallel.schedule=dualpipev \
+    logging.profile.enabled=true logging.profile.start_step=10 "logging.profile.ranks=[]"
 check one pp2ep2_dualpipev 1e-4
 train pp2dp2_dualpipe 4 "${SMALL[@]}" parallel.pp=2 parallel.schedule=dualpipe
 check one pp2dp2_dualpipe 1e-4

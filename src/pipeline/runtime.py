@@ -40,6 +40,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from moetron.comm.lanes import GroupLike, LaneGroup
 from moetron.pipeline.schedule import Action, Schedule
@@ -207,7 +208,8 @@ class PipelineRunner:
             try:
                 x = self._forward_input(a.mb, a.stage)
                 main_wait = self._waited_s() - waited
-                self._forward_emit(a.mb, a.stage, self._forward_compute(a.mb, a.stage, x))
+                with record_function(f"pipeline.FB.forward mb{a.mb} stage{a.stage}"):
+                    self._forward_emit(a.mb, a.stage, self._forward_compute(a.mb, a.stage, x))
                 main_busy = time.perf_counter() - started - main_wait
             finally:
                 self._leave(0)
@@ -222,7 +224,8 @@ class PipelineRunner:
             waited = self._waited_s()
             grad = self._backward_grad(mb, stage)
             wait = self._waited_s() - waited
-            self._backward_emit(mb, stage, self._backward_compute(mb, stage, grad, defer_weights=False))
+            with record_function(f"pipeline.FB.backward mb{mb} stage{stage}"):
+                self._backward_emit(mb, stage, self._backward_compute(mb, stage, grad, defer_weights=False))
             return wait
         finally:
             self._leave(1)
@@ -256,7 +259,8 @@ class PipelineRunner:
 
     def _run(self, a: Action) -> None:
         started, waited, adjust = time.perf_counter(), self._waited_s(), self._idle_adjust_s
-        self._dispatch(a)
+        with record_function(f"pipeline.{a.kind} mb{a.mb} stage{a.stage}"):  # a label in profiler traces
+            self._dispatch(a)
         idle = self._waited_s() - waited + self._idle_adjust_s - adjust
         ended = time.perf_counter()
         busy = ended - started - idle

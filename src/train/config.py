@@ -100,9 +100,18 @@ class WandbConfig:
 
 
 @dataclass
+class ProfileConfig:
+    enabled: bool = False  # a torch.profiler trace per rank in <run dir>/profile (moetron.train.profiling)
+    start_step: int = 3  # first profiled step, numbered as logged (the steps before it warm up)
+    num_steps: int = 2
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that write a trace; []: all
+
+
+@dataclass
 class LoggingConfig:
     progress: bool = True  # console progress bar
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -167,6 +176,7 @@ def validate(cfg, world_size: int) -> ParallelDims:
             problems.append(f"{key}={value!r}: choose one of {DTYPES[1:] if key.startswith('optim') else DTYPES}")
     if cfg.logging.wandb.mode not in WANDB_MODES:
         problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
+    problems += _profile_problems(cfg.logging.profile, train.max_steps, world_size)
     if cfg.optim.implementation not in ("auto", "torch", "apex"):
         problems.append(f"optim.implementation={cfg.optim.implementation!r}: choose auto, torch or apex")
     for key in ("mtp_weight_schedule", "bias_update_schedule"):
@@ -176,3 +186,20 @@ def validate(cfg, world_size: int) -> ParallelDims:
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
     return dims
+
+
+def _profile_problems(profile, max_steps: int, world_size: int) -> list[str]:
+    if not profile.enabled:
+        return []
+    problems = []
+    if profile.start_step < 1 or profile.num_steps < 1:
+        problems.append(f"logging.profile.start_step={profile.start_step} and logging.profile.num_steps="
+                        f"{profile.num_steps} must be >= 1")
+    elif profile.start_step + profile.num_steps - 1 > max_steps:
+        problems.append(f"logging.profile: steps {profile.start_step}-{profile.start_step + profile.num_steps - 1} "
+                        f"run past train.max_steps={max_steps}; lower logging.profile.start_step or num_steps")
+    outside = [r for r in profile.ranks if not 0 <= r < world_size]
+    if outside:
+        problems.append(f"logging.profile.ranks has {outside}, outside the {world_size} rank(s) of this run; "
+                        f"use ranks 0-{world_size - 1}, or [] for all")
+    return problems

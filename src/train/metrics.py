@@ -111,6 +111,13 @@ class Console:
                               "maxvio": f"{metrics.get('moe/maxvio_batch', 0.0):.3f}"}, refresh=False)
         self.bar.update(1)
 
+    def note(self, line: str) -> None:
+        """A line above the bar (or on its own without one)."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
     def close(self, summary: Optional[str]) -> None:
         if self.bar is not None:
             self.bar.close()

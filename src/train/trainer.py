@@ -31,6 +31,7 @@ from moetron.train.distributed import all_reduce_mean, init_process_group, pick_
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.optim import build_optimizer, lr_at, piecewise
+from moetron.train.profiling import StepProfiler
 
 
 class UserInputError(Exception):
@@ -161,8 +162,10 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
     world_group = torch.distributed.group.WORLD if world.size > 1 else None
     micro = (LocalMicroBatches(model, device, compute_dtype) if dims.pp == 1 else
              PipelinedMicroBatches(model, cfg, groups, device, compute_dtype, micro_per_rank))
+    profiler = StepProfiler(cfg.logging.profile, world.rank, run_dir, device)
     try:
         for step in range(start_step, end_step):
+            profiler.begin(step + 1)
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.optim, tcfg.max_steps)
             for group_ in optimizer.param_groups:
@@ -193,9 +196,17 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
                     jsonl.log(metrics)
                     wandb.log(metrics, step + 1)
                 console.update(metrics)
+            trace = profiler.end(step + 1)
+            if trace is not None:
+                line = f"rank {world.rank}: profile of {profiler.steps} in {trace}"
+                if console is not None:
+                    console.note(line)
+                else:
+                    print(line, flush=True)
             if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step:
                 _save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups)
     finally:
+        profiler.close()
         if world.is_main:
             summary = None
             if metrics:

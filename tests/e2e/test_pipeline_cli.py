@@ -1,4 +1,6 @@
 """Pipeline parallelism through the CLI: torchrun ranks reproduce the single-process loss curve."""
+import json
+
 import pytest
 
 from tests.e2e.test_expert_parallel_cli import assert_same_curve, torchrun
@@ -10,10 +12,17 @@ SMALL = ["model=tiny", "train.max_steps=4", "train.seq_len=64", "train.global_ba
 
 def test_dualpipev_with_expert_parallelism_matches_one_process(tmp_path):
     run_cli([*SMALL, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
-    proc = torchrun(4, [*SMALL, "parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev",
+    profile = ["logging.profile.enabled=true", "logging.profile.start_step=2", "logging.profile.ranks=[0,3]"]
+    proc = torchrun(4, [*SMALL, "parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev", *profile,
                         f"hydra.run.dir={tmp_path / 'pp2ep2'}"], tmp_path)
     assert "placement: pp=2 dp=1 ep=2" in proc.stdout
     assert "F&B pairs overlap; their collectives are issued as each half reaches them" in proc.stdout  # gloo
+    traces = sorted(p.name for p in (tmp_path / "pp2ep2" / "profile").iterdir())
+    assert traces == ["rank0-steps2-3.json", "rank3-steps2-3.json"]  # the ranks asked for; profiling changes no loss
+    assert f"rank 3: profile of steps 2-3 in {tmp_path / 'pp2ep2' / 'profile' / traces[1]}" in proc.stdout
+    events = json.loads((tmp_path / "pp2ep2" / "profile" / traces[0]).read_text())["traceEvents"]
+    labels = {e.get("name", "").split(" ")[0] for e in events}
+    assert {"pipeline.FB.forward", "pipeline.FB.backward", "moe.dispatch", "moe.combine"} <= labels
     pipelined = read_metrics(tmp_path / "pp2ep2")
     assert_same_curve(read_metrics(tmp_path / "one"), pipelined)
     for a, b in zip(read_metrics(tmp_path / "one"), pipelined):

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from moetron.comm.dispatch import LocalDispatcher
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
@@ -39,9 +40,13 @@ class MoE(nn.Module):
         B, S, H = x_BSH.shape
         routing = self.gate(x_BSH)
         x_TH = x_BSH.reshape(B * S, H)
-        x_recv_RH, tokens_per_expert, handle = self.dispatcher.dispatch(x_TH, routing.topk_idx_TK,
-                                                                        routing.topk_weight_TK)
-        y_TH = self.dispatcher.combine(self.experts(x_recv_RH, tokens_per_expert), handle)
+        with record_function("moe.dispatch"):  # labels in profiler traces (moetron.train.profiling)
+            x_recv_RH, tokens_per_expert, handle = self.dispatcher.dispatch(x_TH, routing.topk_idx_TK,
+                                                                            routing.topk_weight_TK)
+        with record_function("moe.experts"):
+            y_recv_RH = self.experts(x_recv_RH, tokens_per_expert)
+        with record_function("moe.combine"):
+            y_TH = self.dispatcher.combine(y_recv_RH, handle)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
         return y_TH.view(B, S, H), routing.balance_loss
