@@ -25,7 +25,8 @@ sent or used); inputs and incoming gradients are recorded on the stream that rea
 early. The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and
 `step_s` (wall time) of the last step give the measured bubble; `action_s` holds each compute
 action's busy seconds by kind (costs for the simulator), `action_spans` its (kind, start, end) in
-`time.perf_counter()` seconds (a timeline).
+`time.perf_counter()` seconds (a timeline). In profiler traces each action carries a label
+(`pipeline.F mb3 stage1`; a pair's halves `pipeline.FB.forward ...`, `pipeline.FB.backward ...`).
 
 Shape legend: B micro-batch rows, F features.
 """
