@@ -41,12 +41,12 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.profiler import record_function
 
 from moetron.comm.lanes import GroupLike, LaneGroup
 from moetron.pipeline.schedule import Action, Schedule
 from moetron.pipeline.transfers import TRANSFER_KINDS, peer_stage, with_transfers
 from moetron.pipeline.weight_grads import WeightGradStore, enable_weight_deferral
+from moetron.profiling import label
 
 
 class PipelineRunner:
@@ -209,7 +209,7 @@ class PipelineRunner:
             try:
                 x = self._forward_input(a.mb, a.stage)
                 main_wait = self._waited_s() - waited
-                with record_function(f"pipeline.FB.forward mb{a.mb} stage{a.stage}"):
+                with label(f"pipeline.FB.forward mb{a.mb} stage{a.stage}"):
                     self._forward_emit(a.mb, a.stage, self._forward_compute(a.mb, a.stage, x))
                 main_busy = time.perf_counter() - started - main_wait
             finally:
@@ -225,7 +225,7 @@ class PipelineRunner:
             waited = self._waited_s()
             grad = self._backward_grad(mb, stage)
             wait = self._waited_s() - waited
-            with record_function(f"pipeline.FB.backward mb{mb} stage{stage}"):
+            with label(f"pipeline.FB.backward mb{mb} stage{stage}"):
                 self._backward_emit(mb, stage, self._backward_compute(mb, stage, grad, defer_weights=False))
             return wait
         finally:
@@ -260,7 +260,7 @@ class PipelineRunner:
 
     def _run(self, a: Action) -> None:
         started, waited, adjust = time.perf_counter(), self._waited_s(), self._idle_adjust_s
-        with record_function(f"pipeline.{a.kind} mb{a.mb} stage{a.stage}"):  # a label in profiler traces
+        with label(f"pipeline.{a.kind} mb{a.mb} stage{a.stage}"):  # a region in profiler traces
             self._dispatch(a)
         idle = self._waited_s() - waited + self._idle_adjust_s - adjust
         ended = time.perf_counter()

@@ -101,7 +101,7 @@ class WandbConfig:
 
 @dataclass
 class ProfileConfig:
-    enabled: bool = False  # a torch.profiler trace per rank in <run dir>/profile (moetron.train.profiling)
+    enabled: bool = False  # a torch.profiler trace per rank in <run dir>/profile (moetron.profiling)
     start_step: int = 3  # first profiled step, numbered as logged (the steps before it warm up)
     num_steps: int = 2
     ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that write a trace; []: all

@@ -31,7 +31,7 @@ from moetron.train.distributed import all_reduce_mean, init_process_group, pick_
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.optim import build_optimizer, lr_at, piecewise
-from moetron.train.profiling import StepProfiler
+from moetron.profiling import StepProfiler
 
 
 class UserInputError(Exception):

@@ -12,13 +12,13 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from moetron.comm.dispatch import LocalDispatcher
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.models.deepseek_v3.experts import GroupedExperts
 from moetron.models.deepseek_v3.layers import MLP
 from moetron.models.deepseek_v3.router import TopKRouter
+from moetron.profiling import label
 
 
 class MoE(nn.Module):
@@ -40,12 +40,12 @@ class MoE(nn.Module):
         B, S, H = x_BSH.shape
         routing = self.gate(x_BSH)
         x_TH = x_BSH.reshape(B * S, H)
-        with record_function("moe.dispatch"):  # labels in profiler traces (moetron.train.profiling)
+        with label("moe.dispatch"):  # regions in profiler traces (moetron.profiling)
             x_recv_RH, tokens_per_expert, handle = self.dispatcher.dispatch(x_TH, routing.topk_idx_TK,
                                                                             routing.topk_weight_TK)
-        with record_function("moe.experts"):
+        with label("moe.experts"):
             y_recv_RH = self.experts(x_recv_RH, tokens_per_expert)
-        with record_function("moe.combine"):
+        with label("moe.combine"):
             y_TH = self.dispatcher.combine(y_recv_RH, handle)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)

@@ -1,23 +1,37 @@
-"""A torch.profiler trace of chosen training steps (`logging.profile`), one Chrome trace per rank.
+"""Profiler traces: labels for the phases of a step, and a trace of chosen steps (`logging.profile`).
+
+`label(name)` marks a region in torch.profiler traces and costs a flag check while no profiler
+runs (entering `record_function` costs microseconds even then); any layer may use it.
+
+`StepProfiler` is the trainer's `logging.profile`:
 
     moetron-train logging.profile.enabled=true logging.profile.start_step=5 logging.profile.num_steps=2
 
-writes `<run dir>/profile/rank<R>-steps<a>-<b>.json` (`-step<a>.json` for one) for each rank in `logging.profile.ranks`
-(`[]`: every rank); open it in https://ui.perfetto.dev or chrome://tracing. Steps are numbered as
-logged (1-based); the steps before `start_step` warm up. Every thread is recorded: the backward half
-of a DualPipe F&B pair runs on a second thread. The pipeline runner labels each action
-(`pipeline.F mb3 stage1`, `pipeline.FB.backward ...`) and the MoE layer its dispatch, experts and
-combine, so a trace shows which exchange overlaps which computation (on a GPU, kernels per stream).
-The trace is written to a temporary name and renamed, so a crash never leaves half a file.
+writes `<run dir>/profile/rank<R>-steps<a>-<b>.json` (`-step<a>.json` for one) for each rank in
+`logging.profile.ranks` (`[]`: every rank); open it in https://ui.perfetto.dev or chrome://tracing.
+Steps are numbered as logged (1-based); the steps before `start_step` warm up. Every thread is
+recorded: the backward half of a DualPipe F&B pair runs on a second thread. The pipeline runner
+labels each action (`pipeline.F mb3 stage1`, `pipeline.FB.backward ...`) and the MoE layer its
+dispatch, experts and combine, so a trace shows which exchange overlaps which computation (on a
+GPU, kernels per stream). The trace is written to a temporary name and renamed, so a crash never
+leaves half a file.
 """
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+import torch.autograd.profiler as autograd_profiler
+from torch.profiler import ProfilerActivity, profile, record_function
+
+
+def label(name: str):
+    """A labelled region in profiler traces; a no-op context while no profiler runs."""
+    # torch's own flag "for fast python checks"; where a torch lacks it, always label
+    return record_function(name) if getattr(autograd_profiler, "_is_profiler_enabled", True) else nullcontext()
 
 
 def _all_threads_config():
