@@ -10,8 +10,8 @@ from torch import nn
 
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.runtime import PipelineRunner
-from moetron.train.config import RootConfig, validate
 from moetron.profiling import StepProfiler, _all_threads_config, label
+from moetron.train.config import RootConfig, validate
 
 ROWS, HIDDEN = 4, 16
 
