@@ -59,14 +59,14 @@ class StepProfiler:
         if self.active and step == self.first:
             config = _all_threads_config()
             self._prof = profile(activities=self.activities, **({"experimental_config": config} if config else {}))
-            self._prof.__enter__()
+            self._prof.start()
 
     def end(self, step: int) -> Optional[Path]:
         """Call after step `step` (1-based) ran; returns the trace's path once it is written."""
         if self._prof is None or step < self.last:
             return None
         prof, self._prof = self._prof, None
-        prof.__exit__(None, None, None)
+        prof.stop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         prof.export_chrome_trace(str(tmp))
@@ -77,4 +77,4 @@ class StepProfiler:
         """Stop a profile the run left early (an error, or train.exit_after_steps); nothing is written."""
         if self._prof is not None:
             prof, self._prof = self._prof, None
-            prof.__exit__(None, None, None)
+            prof.stop()
