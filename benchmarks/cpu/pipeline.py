@@ -9,6 +9,8 @@ ranks: the forward sleeps q F, exchanges `--a2a-kib` KiB, sleeps (1 - q) F (q: `
 weight gradient sleeps W (deferred to the W action when a schedule splits B from W, in
 ours by the weight-gradient store, in torch's by its autograd split). Sleeping keeps 8 ranks honest
 on a 2-core machine: compute costs wall time, not contended CPU; the exchanges and P2P are real.
+One device per rank: a rank's compute sections hold its device lock, so the two halves of an F&B
+pair never compute at once; only an exchange overlaps the other half's compute.
 Schedules that cut the same model into 2 x PP stages (interleaved 1F1B, DualPipeV, torch's
 ScheduleDualPipeV) halve every cost and the exchange.
 
@@ -45,6 +47,7 @@ from moetron.comm.a2a import all_to_all
 from moetron.comm.lanes import IssueOrder, LaneGroup
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.local_ranks import run_ranks
+from moetron.parallel.weight_grads import WeightGradStore, defer_weight_grads
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.runtime import PipelineRunner
 from moetron.pipeline.simulate import Costs, simulate
@@ -57,20 +60,26 @@ TORCH = ("torch_1f1b", "torch_dualpipev")
 
 
 class ComputeLog:
-    """(start, end, what) of every compute section and exchange on this rank, from any thread."""
+    """(start, end, what) of every compute section and exchange on this rank, from any thread.
+
+    One device per rank: a compute section holds the rank's device lock while it sleeps, so the two
+    halves of an F&B pair never compute at once (a GPU runs one chunk's kernels at a time, at full
+    occupancy); only an exchange, outside the lock, overlaps the other half's compute."""
 
     def __init__(self) -> None:
         self.spans: list[tuple[float, float, str]] = []
         self._lock = threading.Lock()
+        self._device = threading.Lock()
 
     def add(self, started: float, what: str) -> None:
         with self._lock:
             self.spans.append((started, time.perf_counter(), what))
 
     def sleep(self, seconds: float) -> None:
-        started = time.perf_counter()
-        time.sleep(seconds)
-        self.add(started, "compute")
+        with self._device:
+            started = time.perf_counter()
+            time.sleep(seconds)
+            self.add(started, "compute")
 
     def busy_s(self, since: float, kinds=("compute",), until: float = float("inf")) -> float:
         """Length of the union of the `kinds` spans that started after `since`, clipped at `until`."""
@@ -159,7 +168,7 @@ class TimedStage(nn.Module):
         self.weight = nn.Parameter(torch.eye(HIDDEN))
         self.costs, self.rows, self.group, self.ep, self.log = costs, a2a_rows, ep_group, ep, log
         self.exchange_at = exchange_at
-        self.weight_grad_store = None  # our runner hands its store here
+        self.weight_grad_store = None  # defer_weight_grads hands the runner's store here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f, b, w = self.costs
@@ -242,10 +251,11 @@ def _worker(rank, world, args):
             run_step = _torch_runner(name, modules, pp_rank, args.pp, groups.pp_group, n)
         else:
             sched = build_schedule(OURS[name], args.pp, n)
-            modules = {s: stage() for s, r in sched.stage_rank.items() if r == pp_rank}
+            store = WeightGradStore()  # as parallelize does: stages whose weight gradients W actions run
+            modules = {s: defer_weight_grads(stage(), store) for s in sched.stages_on(pp_rank)}
             pp_lanes = LaneGroup(groups.lanes("pp").groups, order)
             runner = PipelineRunner(sched, pp_rank, modules, pp_lanes, (ROWS, HIDDEN),
-                                    overlap=not name.endswith("_serial"))
+                                    overlap=not name.endswith("_serial"), store=store)
             inputs = {mb: torch.randn(ROWS, HIDDEN) for mb in range(n)}
             targets = {mb: torch.randn(ROWS, HIDDEN) for mb in range(n)}
 
@@ -283,12 +293,14 @@ def _schedule_of(name, args):
 
 
 def _nominal_costs(name, args, a2a_s) -> Costs:
-    """The stage's sleeps plus the exchange's time alone (F&B pairs: the longer half, or both)."""
+    """The stage's sleeps plus the exchange's time alone. An F&B pair computes its halves one after
+    the other (one device); overlapped, each half's exchange hides behind the other's compute at
+    best (F + B + W), serial it adds both exchanges."""
     scale = 0.5 if name in HALF_STAGES else 1.0
     f, b, w = (c * scale for c in (args.f, args.b, args.w))
     fa, ba = f + a2a_s, b + a2a_s
     overlap = name in OURS and not name.endswith("_serial")
-    return Costs(fa, ba, w, fb=max(fa, ba + w) if overlap else fa + ba + w)
+    return Costs(fa, ba, w, fb=f + b + w if overlap else fa + ba + w)
 
 
 def _calibrated_costs(action_s) -> Optional[Costs]:

@@ -1,37 +1,52 @@
-"""Architectures by name: `build_model(cfg)` dispatches on `cfg.arch`."""
+"""Architectures by name: the spec of `cfg.arch` builds, parallelizes and describes a model.
+
+    build_model(cfg)               # the model cfg.arch names
+    get_spec("deepseek_v3")        # its ModelSpec (moetron.models.spec)
+    register_model(MySpec())       # a new architecture
+"""
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable
+from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-_BUILDERS: dict[str, tuple[type, Callable[..., nn.Module]]] = {}
+from moetron.models.spec import ModelSpec
+
+_SPECS: dict[str, ModelSpec] = {}
 
 
-def register_model(arch: str, config_cls: type, builder: Callable[..., nn.Module]) -> None:
-    _BUILDERS[arch] = (config_cls, builder)
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Make `spec.arch` buildable by name (a later registration of the same name replaces it)."""
+    if not spec.arch:
+        raise ValueError(f"{type(spec).__name__} has no arch name")
+    _SPECS[spec.arch] = spec
+    return spec
 
 
-def build_model(cfg, device: torch.device | str | None = None) -> nn.Module:
+def get_spec(arch: str) -> ModelSpec:
+    if arch not in _SPECS:
+        raise ValueError(f"model.arch={arch!r} is unknown; registered: {sorted(_SPECS)}. An architecture of "
+                         "your own registers itself when its module is imported: imports=[your.module]")
+    return _SPECS[arch]
+
+
+def arch_of(cfg) -> str:
+    return cfg["arch"] if isinstance(cfg, (dict, DictConfig)) else cfg.arch
+
+
+def build_model(cfg, device: Optional[torch.device | str] = None) -> nn.Module:
     """Build the model `cfg.arch` describes. `cfg` is its config dataclass or a Hydra/OmegaConf node
     of it; `device="meta"` builds without allocating (for counting or later materialisation)."""
-    arch = cfg.arch if not isinstance(cfg, dict) else cfg["arch"]
-    if arch not in _BUILDERS:
-        raise ValueError(f"model.arch={arch!r} is unknown; registered: {sorted(_BUILDERS)}")
-    config_cls, builder = _BUILDERS[arch]
-    if isinstance(cfg, (DictConfig, dict)):
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_cls), cfg))
-    with torch.device(device) if device is not None else nullcontext():
-        return builder(cfg)
+    spec = get_spec(arch_of(cfg))
+    return spec.build(spec.config(cfg), device)
 
 
 def _register_builtin() -> None:
-    from moetron.models.deepseek_v3 import DeepSeekV3, DeepSeekV3Config
+    from moetron.models.deepseek_v3.spec import DeepSeekV3Spec
 
-    register_model("deepseek_v3", DeepSeekV3Config, DeepSeekV3)
+    register_model(DeepSeekV3Spec())
 
 
 _register_builtin()

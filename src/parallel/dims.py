@@ -3,7 +3,7 @@
 world = pp x dp x ep ranks, laid out as the grid `arange(world).view(pp, dp, ep)`: EP is the
 innermost dimension, so an EP group is a run of consecutive ranks and stays inside a node whenever
 ep divides the GPUs per node (ranks fill nodes in order). Within a pipeline stage, attention and
-dense layers are data-parallel over all dp x ep ranks (the "stage" group); routed experts are
+dense layers are data-parallel over all dp x ep ranks (the "dp_ep" group); routed experts are
 sharded over ep and replicated over dp (the "edp" group). For the two-hop dispatch, an EP group
 spanning several nodes splits further into `nvl` (its ranks on my node) and `ib` (its ranks with my
 local index on every node).
@@ -55,7 +55,7 @@ class ParallelDims:
         dp_idx, ep_idx = divmod(rest, self.ep)
         return pp_idx, dp_idx, ep_idx
 
-    def problems(self, world_size: int, topology: Topology, num_experts: Optional[int] = None) -> list[str]:
+    def problems(self, world_size: int, topology: Topology) -> list[str]:
         """What is inconsistent, each naming the key and the fix (empty when all is well)."""
         out = []
         if self.world_size != world_size:
@@ -64,9 +64,6 @@ class ParallelDims:
         if topology.nodes * topology.gpus_per_node != world_size:
             out.append(f"cluster.nodes x cluster.gpus_per_node = {topology.nodes} x {topology.gpus_per_node} != "
                        f"world size {world_size}: describe the ranks you launch")
-        if num_experts is not None and num_experts % self.ep:
-            out.append(f"model.n_routed_experts={num_experts} is not divisible by parallel.ep={self.ep}: "
-                       "choose an ep that divides it")
         per_node = topology.gpus_per_node
         if self.ep > per_node and self.ep % per_node:
             out.append(f"parallel.ep={self.ep} spans nodes of {per_node} ranks unevenly: use a multiple of "
@@ -100,7 +97,7 @@ class ParallelGroups:
     rank: int
     ep_group: Optional[dist.ProcessGroup]
     edp_group: Optional[dist.ProcessGroup]  # same experts, other dp replicas
-    stage_group: Optional[dist.ProcessGroup]  # all dp x ep ranks of my pipeline stage
+    dp_ep_group: Optional[dist.ProcessGroup]  # all dp x ep ranks of my pipeline stage (each reads its own data)
     nvl_group: Optional[dist.ProcessGroup]  # my EP group's ranks on my node
     ib_group: Optional[dist.ProcessGroup]  # my EP group's ranks with my local index, one per node
     pp_group: Optional[dist.ProcessGroup] = None  # my pipeline: the pp ranks with my dp and ep index
@@ -116,8 +113,8 @@ class ParallelGroups:
         return self.dims.coords(self.rank)[2]
 
     @property
-    def stage_rank(self) -> int:
-        """Index among the dp x ep ranks of the stage (each reads its own data)."""
+    def dp_ep_rank(self) -> int:
+        """Index among the dp x ep ranks of my pipeline stage (each reads its own data)."""
         _, dp_idx, ep_idx = self.dims.coords(self.rank)
         return dp_idx * self.dims.ep + ep_idx
 
@@ -148,14 +145,14 @@ def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int =
     grid = dims.grid()
     ep_lists = grid.reshape(-1, dims.ep).tolist()
     edp_lists = grid.permute(0, 2, 1).reshape(-1, dims.dp).tolist()
-    stage_lists = grid.reshape(dims.pp, -1).tolist()
+    dp_ep_lists = grid.reshape(dims.pp, -1).tolist()
     per_node = min(dims.ep, topology.gpus_per_node)
     nvl_lists = [ep[i:i + per_node] for ep in ep_lists for i in range(0, dims.ep, per_node)]
     ib_lists = [ep[local::per_node] for ep in ep_lists for local in range(per_node)]
     pp_lists = grid.permute(1, 2, 0).reshape(-1, dims.pp).tolist()
     groups = ParallelGroups(dims, topology, rank,
                             ep_group=_make_groups(ep_lists, rank), edp_group=_make_groups(edp_lists, rank),
-                            stage_group=_make_groups(stage_lists, rank), nvl_group=_make_groups(nvl_lists, rank),
+                            dp_ep_group=_make_groups(dp_ep_lists, rank), nvl_group=_make_groups(nvl_lists, rank),
                             ib_group=_make_groups(ib_lists, rank), pp_group=_make_groups(pp_lists, rank))
     copied = {"ep": ep_lists, "nvl": nvl_lists, "ib": ib_lists, "pp": pp_lists}
     groups.order = IssueOrder() if ordered and lanes > 1 else None

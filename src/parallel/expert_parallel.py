@@ -43,5 +43,4 @@ def shard_experts(experts: nn.Module, ep_rank: int, ep_size: int) -> None:
         local = param.shape[0] // ep_size
         shard = param[ep_rank * local:(ep_rank + 1) * local].clone()
         setattr(experts, name, nn.Parameter(shard, requires_grad=param.requires_grad))
-        experts.is_expert_parallel = True
-        experts.first_expert = ep_rank * local
+        experts.first_expert = ep_rank * local  # the module's own slot: global index of its expert 0

@@ -1,7 +1,7 @@
 """Gradient reduction and clipping across data- and expert-parallel ranks.
 
 The objective is the mean of the per-rank losses over the dp x ep ranks of a stage. Replicated
-parameters (attention, dense, shared experts, routers) sum their gradients over the stage group;
+parameters (attention, dense, shared experts, routers) sum their gradients over the dp x ep group;
 an EP rank's experts already received the gradients of every EP peer's tokens through the
 all-to-all, so expert gradients sum over the expert-data-parallel group only. Both divide by dp x ep.
 """
@@ -30,10 +30,10 @@ def _all_reduce_flat(grads: Sequence[torch.Tensor], group: Optional[dist.Process
         offset += g.numel()
 
 
-def reduce_gradients(replicated, experts, stage_group, edp_group, data_ranks: int) -> None:
-    """Average gradients into d(mean loss over the stage's data ranks)/d(param)."""
+def reduce_gradients(replicated, experts, dp_ep_group, edp_group, data_ranks: int) -> None:
+    """Average gradients into d(mean loss over the stage's dp x ep data ranks)/d(param)."""
     scale = 1.0 / data_ranks
-    _all_reduce_flat([p.grad for p in replicated if p.grad is not None], stage_group, scale)
+    _all_reduce_flat([p.grad for p in replicated if p.grad is not None], dp_ep_group, scale)
     _all_reduce_flat([p.grad for p in experts if p.grad is not None], edp_group, scale)
 
 

@@ -16,9 +16,18 @@ from torch import nn
 
 
 def materialize(model: nn.Module, held: Iterable[nn.Module], device: torch.device, seed: int) -> nn.Module:
-    """Allocate `held` (submodules of `model`) on `device` and initialise them; the rest stays on meta."""
-    for module in held:
-        module.to_empty(device=device)
+    """Allocate `held` (submodules of `model`) on `device` and initialise them; the rest stays on meta.
+
+    Parameters keep their identity: the meta tensors are swapped for allocated ones in place
+    (`torch.utils.swap_tensors`), so what `parallelize` and the pipeline split recorded about them
+    (expert parameters, which pipeline ranks hold a parameter) stays true."""
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        for module in held:
+            module.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
     model.init_weights(seed=seed)
     return model
 

@@ -19,24 +19,24 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 
-from moetron.pipeline.schedule import Action, Schedule
+from moetron.pipeline.schedule import Action, ActionKind, Schedule, ScheduleError
 
 
-class MinimumMicrobatches(ValueError):
-    pass
+class MinimumMicrobatches(ScheduleError):
+    """Too few micro-batches (or ranks of the wrong parity) for a schedule."""
 
 
 def build_1f1b(num_ranks: int, num_microbatches: int) -> Schedule:
     P, N = num_ranks, num_microbatches
     if N < 1:
         raise MinimumMicrobatches("1f1b needs at least 1 micro-batch")
-    sched = Schedule("1f1b", P, N, chains=[list(range(P))], stage_rank={s: s for s in range(P)}, chain_of_mb=[0] * N)
+    sched = Schedule("1f1b", P, N, chains=[list(range(P))], rank_of_stage={s: s for s in range(P)}, chain_of_mb=[0] * N)
     for r in range(P):
         warm = min(P - r - 1, N)
-        acts = [Action("F", i, r) for i in range(warm)]
+        acts = [Action(ActionKind.F, i, r) for i in range(warm)]
         for i in range(N - warm):
-            acts += [Action("F", warm + i, r), Action("BW", i, r)]
-        acts += [Action("BW", i, r) for i in range(N - warm, N)]
+            acts += [Action(ActionKind.F, warm + i, r), Action(ActionKind.BW, i, r)]
+        acts += [Action(ActionKind.BW, i, r) for i in range(N - warm, N)]
         sched.actions.append(acts)
     return sched
 
@@ -48,14 +48,14 @@ def build_zb1p(num_ranks: int, num_microbatches: int) -> Schedule:
     for r, acts in enumerate(base.actions):
         out, lagging = [], deque()
         for a in acts:
-            if a.kind != "BW":
+            if a.kind != ActionKind.BW:
                 out.append(a)
                 continue
-            out.append(Action("B", a.mb, r))
+            out.append(Action(ActionKind.B, a.mb, r))
             lagging.append(a.mb)
             while len(lagging) > r:
-                out.append(Action("W", lagging.popleft(), r))
-        actions.append(out + [Action("W", mb, r) for mb in lagging])
+                out.append(Action(ActionKind.W, lagging.popleft(), r))
+        actions.append(out + [Action(ActionKind.W, mb, r) for mb in lagging])
     return replace(base, name="zb1p", actions=actions)
 
 
@@ -65,7 +65,7 @@ def build_interleaved_1f1b(num_ranks: int, num_microbatches: int, chunks: int = 
         raise MinimumMicrobatches(f"interleaved 1f1b on {P} ranks needs a multiple of {P} micro-batches, got {N}")
     stages = v * P
     sched = Schedule("interleaved_1f1b", P, N, chains=[list(range(stages))],
-                     stage_rank={s: s % P for s in range(stages)}, chain_of_mb=[0] * N)
+                     rank_of_stage={s: s % P for s in range(stages)}, chain_of_mb=[0] * N)
 
     def unit(k: int, backward: bool, r: int) -> tuple[int, int]:
         chunk = (k // P) % v
@@ -76,10 +76,10 @@ def build_interleaved_1f1b(num_ranks: int, num_microbatches: int, chunks: int = 
     total = N * v
     for r in range(P):
         warm = min((P - r - 1) * 2 + (v - 1) * P, total)
-        acts = [Action("F", *unit(k, False, r)) for k in range(warm)]
+        acts = [Action(ActionKind.F, *unit(k, False, r)) for k in range(warm)]
         for k in range(total - warm):
-            acts += [Action("F", *unit(warm + k, False, r)), Action("BW", *unit(k, True, r))]
-        acts += [Action("BW", *unit(k, True, r)) for k in range(total - warm, total)]
+            acts += [Action(ActionKind.F, *unit(warm + k, False, r)), Action(ActionKind.BW, *unit(k, True, r))]
+        acts += [Action(ActionKind.BW, *unit(k, True, r)) for k in range(total - warm, total)]
         sched.actions.append(acts)
     return sched
 
@@ -95,22 +95,22 @@ class _DualRank:
         self.acts: list[Action] = []
 
     def f(self, c: int) -> None:
-        self.acts.append(Action("F", self.next_f[c], self.stages[c]))
+        self.acts.append(Action(ActionKind.F, self.next_f[c], self.stages[c]))
         self.next_f[c] += 1
 
     def b(self, c: int, defer_w: bool) -> None:
         mb, stage = self.next_b[c], self.stages[c]
-        self.acts.append(Action("B" if defer_w else "BW", mb, stage))
+        self.acts.append(Action(ActionKind.B if defer_w else ActionKind.BW, mb, stage))
         if defer_w:
             self.deferred.append((mb, stage))
         self.next_b[c] += 1
 
     def w(self) -> None:
         mb, stage = self.deferred.popleft()
-        self.acts.append(Action("W", mb, stage))
+        self.acts.append(Action(ActionKind.W, mb, stage))
 
     def fb(self, cf: int, cb: int) -> None:
-        self.acts.append(Action("FB", self.next_f[cf], self.stages[cf], self.next_b[cb], self.stages[cb]))
+        self.acts.append(Action(ActionKind.FB, self.next_f[cf], self.stages[cf], self.next_b[cb], self.stages[cb]))
         self.next_f[cf] += 1
         self.next_b[cb] += 1
 
@@ -156,8 +156,8 @@ def build_dualpipev(num_ranks: int, num_microbatches: int) -> Schedule:
     P, N = num_ranks, num_microbatches
     if N < 2 * P:
         raise MinimumMicrobatches(f"dualpipev on {P} ranks needs at least {2 * P} micro-batches, got {N}")
-    stage_rank = {s: (s if s < P else 2 * P - 1 - s) for s in range(2 * P)}
-    sched = Schedule("dualpipev", P, N, chains=[list(range(2 * P))], stage_rank=stage_rank, chain_of_mb=[0] * N)
+    rank_of_stage = {s: (s if s < P else 2 * P - 1 - s) for s in range(2 * P)}
+    sched = Schedule("dualpipev", P, N, chains=[list(range(2 * P))], rank_of_stage=rank_of_stage, chain_of_mb=[0] * N)
     for r in range(P):
         sched.actions.append(_DualRank((r, 2 * P - 1 - r), (0, 0)).phases(P, r, N))
     return sched
@@ -172,8 +172,9 @@ def build_dualpipe(num_ranks: int, num_microbatches: int) -> Schedule:
     half = N // 2
     # direction d, depth k -> stage d * P + k, on rank k (d = 0) or P - 1 - k (d = 1)
     chains = [list(range(P)), list(range(P, 2 * P))]
-    stage_rank = {k: k for k in range(P)} | {P + k: P - 1 - k for k in range(P)}
-    sched = Schedule("dualpipe", P, N, chains=chains, stage_rank=stage_rank, chain_of_mb=[0] * half + [1] * half)
+    rank_of_stage = {k: k for k in range(P)} | {P + k: P - 1 - k for k in range(P)}
+    sched = Schedule("dualpipe", P, N, chains=chains, rank_of_stage=rank_of_stage, chain_of_mb=[0] * half + [1] * half,
+                     module_of_stage={s: s % P for s in range(2 * P)})  # a stage and its mirror: one module
     for r in range(P):
         h = min(r, P - 1 - r)
         if r < P // 2:  # shallow in direction 0

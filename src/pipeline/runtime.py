@@ -1,9 +1,12 @@
 """Execute one rank's action list with real stage modules and point-to-point transfers.
 
-    runner = PipelineRunner(schedule, rank, stage_modules, group, p2p_shape, dtype)
-    losses = runner.step(inputs={mb: x}, targets={mb: y}, loss_fn=...)
+    runner = PipelineRunner(schedule, rank, stage_modules, group, p2p_shape, dtype, store=store)
+    result = runner.step(inputs={mb: x}, targets={mb: y}, loss_fn=...)   # result.losses, result.metrics
 
-`stage_modules[s]` is this rank's module for stage s. The runner executes the rank's actions with
+`stage_modules[s]` is this rank's module for stage s. A module returns its output, or (output,
+metrics); the loss function returns the loss, or (loss, metrics): `metrics` are detached tensors
+of one shape (a model's loss terms, say) that the runner adds up over the step and returns, so
+nothing is kept on the modules. The runner executes the rank's actions with
 their transfers made explicit (moetron.pipeline.transfers): `RECV_*` posts a receive one compute
 action ahead, `SEND_*` sends what the compute before it produced; each run of them between two
 compute actions goes out as one `batch_isend_irecv` per communicator (tagged by kind, micro-batch
@@ -11,7 +14,8 @@ and stage; activations and gradients on separate communicators when the group ha
 A forward waits for its input, runs the module and keeps (input, output) for backward; the last
 stage of a chain applies `loss_fn(output, target) * loss_scale`. `B` back-propagates to the stage
 input with the weight gradients of linear and grouped-expert layers queued in the
-`WeightGradStore`; `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
+`WeightGradStore` it is handed (layers that `moetron.parallel.weight_grads.defer_weight_grads`
+converted queue them; others compute theirs at once); `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
 backward on a side thread while the forward runs here; backward collectives use lane 1, copies of
 the groups (moetron.comm.lanes), forward ones lane 0: one micro-batch's all-to-all is in
 flight while the other computes (`overlap=False` runs them one after the other). Where the groups
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Callable, Optional
@@ -43,10 +48,18 @@ import torch.distributed as dist
 from torch import nn
 
 from moetron.comm.lanes import GroupLike, LaneGroup
-from moetron.pipeline.schedule import Action, Schedule
-from moetron.pipeline.transfers import TRANSFER_KINDS, peer_stage, with_transfers
-from moetron.pipeline.weight_grads import WeightGradStore, enable_weight_deferral
+from moetron.parallel.weight_grads import WeightGradStore
+from moetron.pipeline.schedule import Action, ActionKind, Schedule
+from moetron.pipeline.transfers import peer_stage, with_transfers
 from moetron.profiling import label
+
+K = ActionKind
+
+
+@dataclass
+class StepResult:
+    losses: dict[int, torch.Tensor]  # micro-batch -> its loss (detached), on ranks that run a last stage
+    metrics: Optional[torch.Tensor]  # the sum of what the modules and the loss returned as metrics, or None
 
 
 class PipelineRunner:
@@ -71,15 +84,13 @@ class PipelineRunner:
         self.store = store or WeightGradStore()
         self.overlap = overlap
         self._pool: Optional[ThreadPoolExecutor] = None
-        for module in stage_modules.values():
-            enable_weight_deferral(module, self.store)
 
     # -- transfers -------------------------------------------------------------------------------
     def _tag(self, kind: int, mb: int, stage: int) -> int:
         return (kind * self.sched.num_microbatches + mb) * 4096 + stage
 
     def _peer(self, stage: int) -> int:
-        rank = self.sched.stage_rank[stage]
+        rank = self.sched.rank_of_stage[stage]
         group = self._p2p_groups[0]
         return dist.get_global_rank(group, rank) if group is not None else rank
 
@@ -88,9 +99,9 @@ class PipelineRunner:
         NCCL launches a batch together); receives are waited for by the compute that consumes them."""
         batches: dict[int, list[tuple[Action, int, dist.P2POp]]] = {}
         for a in actions:
-            kind = 0 if a.kind.endswith("_F") else 1  # activation or gradient
+            kind = 0 if a.kind in (K.SEND_F, K.RECV_F) else 1  # activation or gradient
             group, peer = self._p2p_groups[kind], peer_stage(self.sched, a)
-            if a.kind.startswith("RECV"):
+            if a.kind in (K.RECV_F, K.RECV_B):
                 buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
                 op = dist.P2POp(dist.irecv, buf, self._peer(peer), group, self._tag(kind, a.mb, a.stage))
             else:
@@ -100,7 +111,7 @@ class PipelineRunner:
         for batch in batches.values():
             works = dist.batch_isend_irecv([op for _, _, op in batch])
             for (a, kind, op), work in zip(batch, works):
-                if a.kind.startswith("RECV"):
+                if a.kind in (K.RECV_F, K.RECV_B):
                     self._posted[(kind, a.mb, a.stage)] = (work, op.tensor)
                 else:
                     self._sends.append((work, op.tensor))
@@ -125,7 +136,7 @@ class PipelineRunner:
         prev = self.sched.prev_stage(mb, stage)
         if prev is None:
             x = self._inputs[mb]
-        elif self.sched.stage_rank[prev] == self.rank:
+        elif self.sched.rank_of_stage[prev] == self.rank:
             x = self._local_acts.pop((mb, stage)).detach()
         else:
             x = self._received(0, mb, stage)
@@ -136,20 +147,30 @@ class PipelineRunner:
         stream.wait_stream(ambient)  # the input arrived on the ambient stream
         self._use_on(x, stage)
         with self._device_module.stream(stream):
-            out = self.modules[stage](x)
+            out = self._keep_metrics(self.modules[stage](x))
             if self.sched.next_stage(mb, stage) is None:
-                loss = self._loss_fn(out, self._targets[mb])
+                loss = self._keep_metrics(self._loss_fn(out, self._targets[mb]))
                 self._losses[mb] = loss.detach()
                 out = loss * self._loss_scale
         ambient.wait_stream(stream)  # sends and the next chunk read the output there
         self._saved[(mb, stage)] = (x, out)
         return out
 
+    def _keep_metrics(self, returned):
+        """The tensor of (tensor, metrics), adding metrics to the step's sum; a tensor as it is."""
+        if not isinstance(returned, tuple):
+            return returned
+        out, metrics = returned
+        if metrics is not None:
+            metrics = metrics.detach()
+            self._metrics = metrics if self._metrics is None else self._metrics + metrics
+        return out
+
     def _forward_emit(self, mb: int, stage: int, out: torch.Tensor) -> None:
         nxt = self.sched.next_stage(mb, stage)
         if nxt is None:
             return
-        if self.sched.stage_rank[nxt] == self.rank:
+        if self.sched.rank_of_stage[nxt] == self.rank:
             self._local_acts[(mb, nxt)] = out
         else:
             self._outbox[(0, mb, stage)] = out.detach()
@@ -158,7 +179,7 @@ class PipelineRunner:
         nxt = self.sched.next_stage(mb, stage)
         if nxt is None:
             return None
-        if self.sched.stage_rank[nxt] == self.rank:
+        if self.sched.rank_of_stage[nxt] == self.rank:
             return self._local_grads.pop((mb, stage))
         return self._received(1, mb, stage)
 
@@ -184,7 +205,7 @@ class PipelineRunner:
         prev = self.sched.prev_stage(mb, stage)
         if prev is None:
             return
-        if self.sched.stage_rank[prev] == self.rank:
+        if self.sched.rank_of_stage[prev] == self.rank:
             self._local_grads[(mb, prev)] = grad_x
         else:
             self._outbox[(1, mb, stage)] = grad_x
@@ -270,20 +291,22 @@ class PipelineRunner:
         self.action_spans.append((a.kind, started, ended))
 
     def _dispatch(self, a: Action) -> None:
-        if a.kind == "F":
+        if a.kind == K.F:
             self._forward(a.mb, a.stage)
-        elif a.kind in ("B", "BW"):
-            self._backward(a.mb, a.stage, defer_weights=a.kind == "B")
-        elif a.kind == "W":
+        elif a.kind in (K.B, K.BW):
+            self._backward(a.mb, a.stage, defer_weights=a.kind == K.B)
+        elif a.kind == K.W:
             self.store.run_oldest()
         else:
             self._forward_backward(a)
 
     def step(self, inputs: dict[int, torch.Tensor], targets: dict[int, torch.Tensor],
-             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loss_scale: float = 1.0) -> dict[int, torch.Tensor]:
-        """Run this rank's actions for one optimizer step; return {micro-batch: loss} of its last stages."""
+             loss_fn: Callable, loss_scale: float = 1.0) -> StepResult:
+        """Run this rank's actions for one optimizer step: the losses of its last stages' micro-batches
+        and the sum of the metrics its modules and the loss returned."""
         self._inputs, self._targets, self._loss_fn, self._loss_scale = inputs, targets, loss_fn, loss_scale
         self._saved, self._local_acts, self._local_grads, self._losses = {}, {}, {}, {}
+        self._metrics: Optional[torch.Tensor] = None
         self._posted, self._outbox, self._sends = {}, {}, []
         self.busy_s, self._idle_adjust_s, self._waits = 0.0, 0.0, threading.local()
         self.action_s: dict[str, list[float]] = {}
@@ -292,7 +315,7 @@ class PipelineRunner:
         started = time.perf_counter()
         transfers: list[Action] = []
         for action in self.actions:
-            if action.kind in TRANSFER_KINDS:
+            if action.kind.is_transfer:
                 transfers.append(action)
                 continue
             self._post_transfers(transfers)
@@ -303,4 +326,4 @@ class PipelineRunner:
             work.wait()
         self.step_s = time.perf_counter() - started
         assert not (self._saved or self._posted or self._outbox or len(self.store)), "schedule left work undone"
-        return self._losses
+        return StepResult(self._losses, self._metrics)

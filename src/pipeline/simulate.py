@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from moetron.pipeline.builders import build_schedule
-from moetron.pipeline.schedule import Action, Schedule
+from moetron.pipeline.schedule import Action, ActionKind, Schedule, ScheduleError
 
 
 @dataclass
@@ -32,13 +32,13 @@ class Costs:
     comm: float = 0.0
 
     def of(self, a: Action) -> float:
-        if a.kind == "F":
+        if a.kind == ActionKind.F:
             return self.f
-        if a.kind == "B":
+        if a.kind == ActionKind.B:
             return self.b
-        if a.kind == "W":
+        if a.kind == ActionKind.W:
             return self.w
-        if a.kind == "BW":
+        if a.kind == ActionKind.BW:
             return self.b + self.w
         return self.fb if self.fb is not None else self.f + self.b + self.w
 
@@ -51,19 +51,15 @@ class SimResult:
     peak_activations: list[int]
 
 
-class ScheduleError(ValueError):
-    pass
-
-
 def _parts(a: Action):
     """(event, mb, stage) produced by an action: forward, input gradient, weight gradient."""
-    if a.kind == "F":
+    if a.kind == ActionKind.F:
         return [("F", a.mb, a.stage)]
-    if a.kind == "B":
+    if a.kind == ActionKind.B:
         return [("B", a.mb, a.stage)]
-    if a.kind == "W":
+    if a.kind == ActionKind.W:
         return [("W", a.mb, a.stage)]
-    if a.kind == "BW":
+    if a.kind == ActionKind.BW:
         return [("B", a.mb, a.stage), ("W", a.mb, a.stage)]
     return [("F", a.mb, a.stage), ("B", a.mb2, a.stage2), ("W", a.mb2, a.stage2)]
 
@@ -86,9 +82,9 @@ def validate(sched: Schedule) -> None:
     for rank, acts in enumerate(sched.actions):
         for a in acts:
             for kind, mb, stage in _parts(a):
-                if sched.stage_rank.get(stage) != rank:
+                if sched.rank_of_stage.get(stage) != rank:
                     raise ScheduleError(f"{sched.name}: {a} on rank {rank}, but stage {stage} runs on rank "
-                                        f"{sched.stage_rank.get(stage)}")
+                                        f"{sched.rank_of_stage.get(stage)}")
                 if stage not in sched.chains[sched.chain_of_mb[mb]]:
                     raise ScheduleError(f"{sched.name}: {a}: micro-batch {mb} never visits stage {stage}")
                 seen[(kind, mb, stage)] += 1

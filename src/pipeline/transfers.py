@@ -19,24 +19,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from moetron.pipeline.schedule import Action, Schedule
-from moetron.pipeline.simulate import ScheduleError
+from moetron.pipeline.schedule import TRANSFER_KINDS, Action, ActionKind, Schedule, ScheduleError
 
-TRANSFER_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
+K = ActionKind
 
 
 def _forward_halves(a: Action) -> list[tuple[int, int]]:
-    return [(a.mb, a.stage)] if a.kind in ("F", "FB") else []
+    return [(a.mb, a.stage)] if a.kind in (K.F, K.FB) else []
 
 
 def _backward_halves(a: Action) -> list[tuple[int, int]]:
-    if a.kind in ("B", "BW"):
+    if a.kind in (K.B, K.BW):
         return [(a.mb, a.stage)]
-    return [(a.mb2, a.stage2)] if a.kind == "FB" else []
+    return [(a.mb2, a.stage2)] if a.kind == K.FB else []
 
 
 def _remote(sched: Schedule, rank: int, stage) -> bool:
-    return stage is not None and sched.stage_rank[stage] != rank
+    return stage is not None and sched.rank_of_stage[stage] != rank
 
 
 def with_transfers(sched: Schedule) -> list[list[Action]]:
@@ -49,14 +48,14 @@ def with_transfers(sched: Schedule) -> list[list[Action]]:
             post_at = max(i - 1, 0)
             for mb, stage in _forward_halves(a):
                 if _remote(sched, rank, sched.prev_stage(mb, stage)):
-                    receives[post_at].append(Action("RECV_F", mb, stage))
+                    receives[post_at].append(Action(K.RECV_F, mb, stage))
                 if _remote(sched, rank, sched.next_stage(mb, stage)):
-                    sends[i].append(Action("SEND_F", mb, stage))
+                    sends[i].append(Action(K.SEND_F, mb, stage))
             for mb, stage in _backward_halves(a):
                 if _remote(sched, rank, sched.next_stage(mb, stage)):
-                    receives[post_at].append(Action("RECV_B", mb, stage))
+                    receives[post_at].append(Action(K.RECV_B, mb, stage))
                 if _remote(sched, rank, sched.prev_stage(mb, stage)):
-                    sends[i].append(Action("SEND_B", mb, stage))
+                    sends[i].append(Action(K.SEND_B, mb, stage))
         out: list[Action] = []
         for i, a in enumerate(acts):
             out += receives[i] + [a] + sends[i]
@@ -67,15 +66,15 @@ def with_transfers(sched: Schedule) -> list[list[Action]]:
 def peer_stage(sched: Schedule, a: Action) -> int:
     """The stage at the other end of a transfer action: the next stage for SEND_F and RECV_B, the
     previous one for RECV_F and SEND_B."""
-    if a.kind in ("SEND_F", "RECV_B"):
+    if a.kind in (K.SEND_F, K.RECV_B):
         return sched.next_stage(a.mb, a.stage)
     return sched.prev_stage(a.mb, a.stage)
 
 
 def transfer_route(sched: Schedule, rank: int, a: Action) -> tuple[int, int, str]:
     """(sender rank, receiver rank, "F" or "B") of a transfer action on `rank`."""
-    peer = sched.stage_rank[peer_stage(sched, a)]
-    return (rank, peer, a.kind[-1]) if a.kind.startswith("SEND") else (peer, rank, a.kind[-1])
+    peer = sched.rank_of_stage[peer_stage(sched, a)]
+    return (rank, peer, a.kind[-1]) if a.kind in (K.SEND_F, K.SEND_B) else (peer, rank, a.kind[-1])
 
 
 def check_transfers(sched: Schedule, lowered: list[list[Action]]) -> None:
@@ -86,7 +85,7 @@ def check_transfers(sched: Schedule, lowered: list[list[Action]]) -> None:
             if a.kind not in TRANSFER_KINDS:
                 continue
             route = transfer_route(sched, rank, a)
-            if a.kind.startswith("SEND"):  # a message is named by its micro-batch and the stage that receives it
+            if a.kind in (K.SEND_F, K.SEND_B):  # a message is named by its micro-batch and the stage that receives it
                 sent[route].append((a.mb, peer_stage(sched, a)))
             else:
                 received[route].append((a.mb, a.stage))

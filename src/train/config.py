@@ -2,21 +2,25 @@
 
 `conf/config.yaml` composes the groups model / parallel / cluster / precision / optim / data /
 logging (+ the `train` settings) on top of `RootConfig`, so a misspelled key or a value of the wrong
-type is an error naming it. `validate(cfg, world_size)` checks what types cannot (divisibility,
-paths, sizes) before any process group starts; every message names the key and the fix.
+type is an error naming it. The `model` node belongs to the architecture `model.arch` names: its
+spec's config class types it (`validate` merges the two, so its keys are checked the same way).
+`validate(cfg, world_size)` checks what types cannot (divisibility, paths, sizes) before any
+process group starts; every message names the key and the fix.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
 from moetron.comm.dispatch.deepep import deepep_problems
-from moetron.models.deepseek_v3.config import DeepSeekV3Config
+from moetron.models.registry import get_spec
 from moetron.parallel.dims import ParallelDims, Topology
 from moetron.parallel.expert_parallel import DISPATCHERS
-from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
+from moetron.pipeline.builders import BUILDERS, build_schedule
+from moetron.pipeline.schedule import ScheduleError
 
 
 @dataclass
@@ -32,11 +36,11 @@ class TrainSettings:
     exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps of this invocation; 0: run to max_steps
     log_every: int = 1
     deterministic: Optional[bool] = None  # None: deterministic on CPU, not on GPU
-    # Piecewise-constant schedules in tokens, [[from_tokens, value], ...]; the report's: lambda from
-    # the model config (0.3) then 0.1 after 10T tokens; u from the model config (0.001) then 0 after 14.3T.
-    mtp_weight_schedule: list[Any] = field(default_factory=lambda: [[0, "${model.mtp_loss_weight}"], [10.0e12, 0.1]])
-    bias_update_schedule: list[Any] = field(
-        default_factory=lambda: [[0, "${model.bias_update_speed}"], [14.3e12, 0.0]])
+    # Piecewise-constant schedules in tokens, [[from_tokens, value], ...], for models with MTP and
+    # loss-free balancing. None: the report's, lambda = model.mtp_loss_weight (0.3) then 0.1 after
+    # 10T tokens; u = model.bias_update_speed (0.001) then 0 after 14.3T.
+    mtp_weight_schedule: Optional[list[Any]] = None
+    bias_update_schedule: Optional[list[Any]] = None
 
 
 @dataclass
@@ -116,7 +120,10 @@ class LoggingConfig:
 
 @dataclass
 class RootConfig:
-    model: DeepSeekV3Config = field(default_factory=DeepSeekV3Config)
+    # Python modules imported before the model is built: a module of your own registers its
+    # architecture there (moetron.models.register_model), e.g. imports=[my_models.dense]
+    imports: list[str] = field(default_factory=list)
+    model: Any = None  # typed by the config class of model.arch's spec (see `model_config`)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -135,10 +142,25 @@ DTYPES = ("auto", "float32", "bfloat16")
 WANDB_MODES = ("auto", "disabled", "offline", "online")
 
 
+def model_config(cfg):
+    """The spec of `model.arch` and the typed, validated model config (after `imports`)."""
+    for module in cfg.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"imports: cannot import {module!r} ({err}); check the name and that it is on "
+                             "PYTHONPATH") from err
+    if cfg.model is None or "arch" not in cfg.model:
+        raise ValueError("model.arch is not set: choose a model preset (model=tiny) or set model.arch")
+    spec = get_spec(cfg.model.arch)
+    return spec, spec.config(cfg.model)
+
+
 def validate(cfg, world_size: int) -> ParallelDims:
     """Check a composed config against the world size; return the parallel dimensions."""
     problems = []
-    par, train, model = cfg.parallel, cfg.train, cfg.model
+    par, train = cfg.parallel, cfg.train
+    spec, model = model_config(cfg)
     if par.schedule not in BUILDERS:
         problems.append(f"parallel.schedule={par.schedule!r}: choose one of {sorted(BUILDERS)}")
     if par.dispatcher not in DISPATCHERS:
@@ -147,13 +169,10 @@ def validate(cfg, world_size: int) -> ParallelDims:
     dp = par.dp if par.dp is not None else max(world_size // max(model_ranks, 1), 1)
     dims = ParallelDims(pp=par.pp, dp=dp, ep=par.ep)
     topology = Topology.from_config(cfg.cluster, world_size)
-    problems += dims.problems(world_size, topology, model.n_routed_experts)
-    ep_nodes = dims.ep_nodes(topology)
+    problems += dims.problems(world_size, topology)
+    problems += spec.problems(model, dims, topology, train.seq_len)
     if par.dispatcher == "deepep" and dims.ep > 1:
-        problems += deepep_problems(min(dims.ep, topology.gpus_per_node), ep_nodes)
-    if ep_nodes > 1 and model.topk_group < model.n_group and model.n_group != ep_nodes:
-        problems.append(f"node-limited routing maps expert groups to nodes: the EP group spans {ep_nodes} nodes, so set "
-                        f"model.n_group={ep_nodes} (model.topk_group = M, the most nodes per token)")
+        problems += deepep_problems(min(dims.ep, topology.gpus_per_node), dims.ep_nodes(topology))
     data_ranks = dims.dp * dims.ep  # each dp x ep rank of a stage reads its own sequences
     if train.micro_batch < 1 or train.global_batch % (train.micro_batch * data_ranks):
         problems.append(f"train.global_batch={train.global_batch} must be a multiple of train.micro_batch x dp x ep = "
@@ -161,13 +180,14 @@ def validate(cfg, world_size: int) -> ParallelDims:
     elif par.pp > 1 and par.schedule in BUILDERS:
         micro_per_pipeline = train.global_batch // (train.micro_batch * data_ranks)
         try:
-            build_schedule(par.schedule, par.pp, micro_per_pipeline)
-        except MinimumMicrobatches as err:
+            schedule = build_schedule(par.schedule, par.pp, micro_per_pipeline)
+        except ScheduleError as err:
             problems.append(f"{err}: each pipeline gets train.global_batch / (train.micro_batch x dp x ep) = "
                             f"{micro_per_pipeline} micro-batches; raise train.global_batch or lower train.micro_batch")
-    if train.seq_len > model.max_position_embeddings:
-        problems.append(f"train.seq_len={train.seq_len} exceeds model.max_position_embeddings="
-                        f"{model.max_position_embeddings}")
+        else:
+            if par.layout and len(par.layout) != schedule.num_modules:
+                problems.append(f"parallel.layout lists {len(par.layout)} stages, but {par.schedule} on "
+                                f"parallel.pp={par.pp} ranks cuts the model into {schedule.num_modules}")
     if train.ckpt_every < 1 or train.ckpt_keep < 1:
         problems.append("train.ckpt_every and train.ckpt_keep must be >= 1")
     for key, value in (("precision.compute_dtype", cfg.precision.compute_dtype),
@@ -181,7 +201,7 @@ def validate(cfg, world_size: int) -> ParallelDims:
         problems.append(f"optim.implementation={cfg.optim.implementation!r}: choose auto, torch or apex")
     for key in ("mtp_weight_schedule", "bias_update_schedule"):
         schedule = getattr(train, key)
-        if not schedule or any(len(point) != 2 for point in schedule) or schedule[0][0] != 0:
+        if schedule is not None and (not schedule or any(len(point) != 2 for point in schedule) or schedule[0][0] != 0):
             problems.append(f"train.{key} must be [[0, value], [tokens, value], ...] in increasing tokens")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))

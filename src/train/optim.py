@@ -1,11 +1,14 @@
 """Optimizer and schedules: AdamW (torch fused where the device allows, BF16 moments as an option,
-NVIDIA apex's FusedAdam only if installed), warmup + cosine LR, piecewise schedules in tokens."""
+NVIDIA apex's FusedAdam only if installed), warmup + cosine LR; piecewise schedules in tokens
+(`piecewise`, defined with the model specs that follow them)."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
+
+from moetron.models.spec import piecewise  # noqa: F401  (re-exported: schedules of the train config)
 
 
 def lr_at(step: int, cfg, max_steps: int) -> float:
@@ -16,15 +19,6 @@ def lr_at(step: int, cfg, max_steps: int) -> float:
     progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def piecewise(schedule, tokens: float) -> float:
-    """Value of a [[from_tokens, value], ...] schedule after `tokens` tokens."""
-    value = schedule[0][1]
-    for start, v in schedule:
-        if tokens >= start:
-            value = v
-    return float(value)
 
 
 class AdamWLowPrecisionMoments(torch.optim.Optimizer):

@@ -1,10 +1,18 @@
 """The training loop of `moetron-train`: validate, build, resume, step, log, checkpoint.
 
-One optimizer step: this rank's micro-batches run forward and backward (the whole model, or its
-pipeline stages under the schedule; each micro-batch loss scaled by 1 / micro-batches), gradients
-are averaged over data- and expert-parallel ranks and summed where pipeline ranks share a parameter,
-clipped by the whole model's norm, and AdamW steps; then the routers' loss-free biases move by the
-step's loads summed over all ranks (`finish_moe_step`), and metrics are reduced and logged from rank 0.
+The trainer names no model: the spec of `model.arch` (moetron.models.registry) builds it,
+parallelizes it, cuts it into pipeline stages, gives the loss options of a step, and runs its hooks
+after the optimizer step. One optimizer step:
+
+1. this rank's micro-batches run forward and backward: the whole model, or its pipeline stages
+   under the schedule; each micro-batch loss scaled by 1 / micro-batches; the loss terms come back
+   as values (moetron.train.micro_batches);
+2. the step finalizer (moetron.parallel.finalize) averages gradients over data- and expert-parallel
+   ranks, sums them where pipeline ranks share a parameter, and clips by the whole model's norm;
+3. AdamW steps;
+4. the step's metrics (loss terms, bubble, all-to-all bytes, the spec's statistics: MoE loads and
+   biases) are summed over all ranks in one all-reduce; the spec's hook updates the routers'
+   loss-free biases from the loads; rank 0 logs.
 """
 from __future__ import annotations
 
@@ -16,22 +24,19 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moetron.models import build_model
-from moetron.models.deepseek_v3 import finish_moe_step
-from moetron.models.deepseek_v3.parallelize import expert_parameters, parallelize
-from moetron.models.deepseek_v3.params import training_flops_per_token
+from moetron.models.outputs import LOSS_TERMS
 from moetron.parallel.dims import Topology, build_groups
-from moetron.parallel.grad_reduce import clip_grad_norm, reduce_gradients
-from moetron.parallel.materialize import held_parameters, held_state_dict, load_held_state_dict, materialize
-from moetron.pipeline.builders import comm_lanes
+from moetron.parallel.finalize import StepFinalizer
+from moetron.parallel.materialize import held_state_dict, load_held_state_dict, materialize
+from moetron.pipeline.builders import build_schedule, comm_lanes
+from moetron.profiling import StepProfiler
 from moetron.train import checkpoint
-from moetron.train.config import validate
+from moetron.train.config import model_config, validate
 from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
-from moetron.train.distributed import all_reduce_mean, init_process_group, pick_device, world_from_env
+from moetron.train.distributed import init_process_group, pick_device, world_from_env
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
-from moetron.train.optim import build_optimizer, lr_at, piecewise
-from moetron.profiling import StepProfiler
+from moetron.train.optim import build_optimizer, lr_at
 
 
 class UserInputError(Exception):
@@ -92,7 +97,7 @@ def train(cfg, run_dir: Path) -> dict:
     try:  # everything a user can get wrong is checked here, before any process group starts
         dims = validate(cfg, world.size)
         topology = Topology.from_config(cfg.cluster, world.size)
-        model_cfg = OmegaConf.to_object(cfg.model).validate()
+        spec, model_cfg = model_config(cfg)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
         if model_cfg.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
@@ -114,13 +119,35 @@ def train(cfg, run_dir: Path) -> dict:
             if lanes > 1:
                 how = "in turns, one order on every rank" if groups.order else "as each half reaches them"
                 print(f"F&B pairs overlap; their collectives are issued {how}", flush=True)
-        return _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler)
+        return _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler)
     finally:
         if world_group is not None:
             torch.distributed.destroy_process_group()
 
 
-def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict:
+def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
+    """The model on the meta device, parallelized; this rank's stages (under pp); only what this rank
+    holds allocated and initialised; its micro-batch runner and step finalizer."""
+    dims, par = groups.dims, cfg.parallel
+    model = spec.build(model_cfg, device="meta").train()
+    made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1)
+    if dims.pp == 1:
+        materialize(model, [model], device, cfg.train.seed)
+        micro = LocalMicroBatches(model, device, _compute_dtype(cfg, device))
+        finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip)
+        return model, made, micro, finalizer
+    schedule = build_schedule(par.schedule, dims.pp, num_microbatches)
+    layout = [list(ids) for ids in par.layout] if par.layout else None
+    parts = spec.pipeline_split(model, schedule, groups.pp_rank, layout, num_microbatches)
+    materialize(model, parts.held_modules, device, cfg.train.seed)
+    p2p_shape = (cfg.train.micro_batch, cfg.train.seq_len, model_cfg.hidden_size)
+    micro = PipelinedMicroBatches(schedule, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
+                                  _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store)
+    finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared)
+    return model, made, micro, finalizer
+
+
+def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -> dict:
     tcfg = cfg.train
     deterministic = tcfg.deterministic if tcfg.deterministic is not None else device.type == "cpu"
     torch.use_deterministic_algorithms(deterministic)
@@ -129,13 +156,9 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
     np.random.seed(tcfg.seed)
     dims = groups.dims
     data_ranks = dims.dp * dims.ep  # every dp x ep rank of the stage reads its own sequences
-    micro_per_rank = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
-    # built on meta; this rank allocates and initialises only what it holds (its stages, its experts)
-    model = parallelize(build_model(model_cfg, device="meta").train(), groups, cfg.parallel.dispatcher)
-    held = [model] if dims.pp == 1 else PipelinedMicroBatches.held_modules(model, cfg, groups, micro_per_rank)
-    materialize(model, held, device, tcfg.seed)
+    num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
+    model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
     optimizer = build_optimizer(model, cfg.optim, device)
-    compute_dtype = _compute_dtype(cfg, device)
     start_step, tokens_seen = _resume(run_dir, cfg, model, optimizer, groups)
     if world.is_main and start_step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
@@ -145,7 +168,8 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
                   "(raise train.max_steps to train on)", flush=True)
         return {}
 
-    flops_per_token = training_flops_per_token(model, tcfg.seq_len)
+    flops_per_token = spec.flops_per_token(model_cfg, tcfg.seq_len)  # from the config: the same in every layout
+    loss_names = spec.loss_metrics(model_cfg)
     tokens_per_step = tcfg.global_batch * tcfg.seq_len
     end_step = tcfg.max_steps if not tcfg.exit_after_steps else min(tcfg.max_steps, start_step + tcfg.exit_after_steps)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -156,12 +180,6 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
         console = Console(cfg.logging.progress, start_step, tcfg.max_steps)
 
     metrics, first_loss, step = {}, None, start_step
-    experts = [p for p in expert_parameters(model) if not p.is_meta]
-    expert_ids = {id(p) for p in experts}
-    replicated = [p for p in held_parameters(model) if p.requires_grad and id(p) not in expert_ids]
-    world_group = torch.distributed.group.WORLD if world.size > 1 else None
-    micro = (LocalMicroBatches(model, device, compute_dtype) if dims.pp == 1 else
-             PipelinedMicroBatches(model, cfg, groups, device, compute_dtype, micro_per_rank))
     profiler = StepProfiler(cfg.logging.profile, world.rank, run_dir, device)
     try:
         for step in range(start_step, end_step):
@@ -170,26 +188,27 @@ def _train_loop(cfg, run_dir, world, groups, device, model_cfg, sampler) -> dict
             lr = lr_at(step, cfg.optim, tcfg.max_steps)
             for group_ in optimizer.param_groups:
                 group_["lr"] = lr
-            batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.stage_rank,
+            batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.dp_ep_rank,
                                                  data_ranks))
-            sums = micro.run(batches, piecewise(tcfg.mtp_weight_schedule, tokens_seen))  # loss, lm, mtp, balance
-            reduce_gradients(replicated, experts, groups.stage_group, groups.edp_group, data_ranks)
-            micro.after_backward()
-            grad_norm = clip_grad_norm(replicated, experts, cfg.optim.grad_clip, groups.ep_group, groups.pp_group,
-                                       micro.copies)
+            loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, tokens_seen))
+            grad_norm = finalizer.finish_gradients()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            moe = finish_moe_step(model, piecewise(tcfg.bias_update_schedule, tokens_seen), world_group)
+            summed = finalizer.reduce_metrics(_step_parts(loss_sums, micro, made, spec, model, device))
+            extra = spec.after_step(model, summed, tcfg, tokens_seen)
             tokens_seen += tokens_per_step
-            losses = all_reduce_mean(sums / micro_per_rank, groups.stage_group, data_ranks, device)
-            traffic = _traffic_bytes(model, world_group, device)
             step_time = time.perf_counter() - t0
 
-            metrics = _step_metrics(step + 1, tokens_seen, losses, lr, grad_norm, moe, step_time,
-                                    tokens_per_step, flops_per_token, world.size, cfg, model_cfg, device)
-            metrics.update(traffic)
-            if micro.bubble_ratio is not None:
-                metrics["pipeline/bubble_ratio"] = micro.bubble_ratio
+            # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x ep)
+            losses = summed.pop("losses") / (num_microbatches * data_ranks)
+            metrics = _step_metrics(step + 1, tokens_seen, losses, loss_names, lr, grad_norm, step_time,
+                                    tokens_per_step, flops_per_token, world.size, cfg, device)
+            metrics.update(extra)
+            if "a2a_bytes" in summed:
+                ib, nvlink = summed["a2a_bytes"].tolist()
+                metrics.update({"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)})
+            if "idle" in summed:  # the measured idle share of the step, mean over all ranks
+                metrics["pipeline/bubble_ratio"] = float(summed["idle"]) / world.size
             first_loss = metrics["loss"] if first_loss is None else first_loss
             if world.is_main:
                 if (step + 1) % tcfg.log_every == 0 or step + 1 == end_step:
@@ -250,37 +269,27 @@ def _barrier(world) -> None:
         torch.distributed.barrier()
 
 
-def _traffic_bytes(model, stage_group, device) -> dict:
-    """Bytes the step's forward dispatch and combine sent over each link class, summed over ranks."""
-    counter = getattr(model, "traffic", None)
-    if counter is None:
-        return {}
-    moved = counter.take()
-    totals = torch.tensor([moved["ib"], moved["nvlink"]], dtype=torch.float64, device=device)
-    if stage_group is not None:
-        torch.distributed.all_reduce(totals, group=stage_group)
-    ib, nvlink = totals.tolist()
-    return {"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)}
+def _step_parts(loss_sums, micro, made, spec, model, device) -> dict:
+    """This rank's metrics of the step, to be summed over all ranks in one collective."""
+    parts = {"losses": loss_sums}
+    if micro.idle is not None:
+        parts["idle"] = micro.idle
+    if made.traffic is not None:
+        moved = made.traffic.take()  # bytes the forward dispatch and combine sent, by link class
+        parts["a2a_bytes"] = torch.tensor([moved["ib"], moved["nvlink"]], dtype=torch.float64, device=device)
+    parts.update(spec.step_stats(model, device))
+    return parts
 
 
-def _step_metrics(step, tokens, losses, lr, grad_norm, moe, step_time, tokens_per_step, flops_per_token,
-                  world_size, cfg, model_cfg, device) -> dict:
-    loss, lm, mtp, balance = (float(v) for v in losses)
+def _step_metrics(step, tokens, losses, loss_names, lr, grad_norm, step_time, tokens_per_step, flops_per_token,
+                  world_size, cfg, device) -> dict:
     tokens_per_s = tokens_per_step / step_time
     tflops_per_rank = tokens_per_s * flops_per_token / world_size / 1e12
-    metrics = {"step": step, "tokens": tokens, "loss": loss, "loss/lm": lm, "lr": lr, "grad_norm": grad_norm,
+    metrics = {"step": step, "tokens": tokens, "lr": lr, "grad_norm": grad_norm,
                "throughput/tokens_per_s": tokens_per_s, "throughput/tflops": tflops_per_rank,
                "throughput/mfu": tflops_per_rank / cfg.cluster.peak_tflops, "step_time_s": step_time,
                "memory/peak_gib": peak_memory_gib(device)}
-    if model_cfg.num_nextn_predict_layers:
-        metrics["loss/mtp"] = mtp
-    balance_key = {"loss_free": "loss/seq_aux", "seq_aux": "loss/seq_aux", "aux_loss": "loss/aux"}.get(model_cfg.balance_mode)
-    if balance_key:
-        metrics[balance_key] = balance
-    if moe.maxvio:
-        metrics["moe/maxvio_batch"] = moe.maxvio_mean
-        for layer, value in moe.maxvio.items():
-            metrics[f"moe/maxvio_batch/layer_{layer}"] = value
-            metrics[f"moe/load/layer_{layer}"] = moe.tokens_per_expert[layer]
-            metrics[f"moe/bias_abs_mean/layer_{layer}"] = moe.bias_abs_mean[layer]
+    for term, value in zip(LOSS_TERMS, losses.tolist()):
+        if term in loss_names:
+            metrics[loss_names[term]] = value
     return metrics

@@ -7,7 +7,7 @@ import torch
 
 from moetron.models.deepseek_v3 import finish_moe_step, load_preset
 from moetron.models.deepseek_v3.model import DeepSeekV3
-from moetron.models.deepseek_v3.parallelize import expert_parameters, parallelize
+from moetron.models.deepseek_v3.parallelize import parallelize
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.grad_reduce import reduce_gradients
 from tests.dist.harness import run_ranks
@@ -27,14 +27,14 @@ def _model_ep(rank, world, dp, ep, nodes, dispatcher):
     ids = torch.randint(0, cfg.vocab_size, (world * SEQS_PER_RANK, SEQ + 1))
     model = copy.deepcopy(reference)
     groups = build_groups(ParallelDims(pp=1, dp=dp, ep=ep), Topology(nodes, world // nodes), rank)
-    parallelize(model, groups, dispatcher)
+    made = parallelize(model, groups, dispatcher)
 
     reference(ids[:, :-1], ids[:, 1:]).loss.backward()
     mine = ids[rank * SEQS_PER_RANK:(rank + 1) * SEQS_PER_RANK]
     model(mine[:, :-1], mine[:, 1:]).loss.backward()
-    experts = expert_parameters(model)
+    experts = made.expert_params
     replicated = [p for p in model.parameters() if all(p is not e for e in experts)]
-    reduce_gradients(replicated, experts, groups.stage_group, groups.edp_group, dp * ep)
+    reduce_gradients(replicated, experts, groups.dp_ep_group, groups.edp_group, dp * ep)
 
     ref_params = dict(reference.named_parameters())
     local = cfg.n_routed_experts // ep
@@ -45,7 +45,7 @@ def _model_ep(rank, world, dp, ep, nodes, dispatcher):
             ref_grad = ref_grad[groups.ep_rank * local:(groups.ep_rank + 1) * local]
         pairs[name] = (p.grad, ref_grad)
     finish_moe_step(reference)
-    finish_moe_step(model, group=groups.stage_group)
+    finish_moe_step(model, group=groups.dp_ep_group)
     biases = {n: (b, dict(reference.named_buffers())[n]) for n, b in model.named_buffers() if n.endswith("expert_bias")}
     return {"grads": pairs, "biases": biases}
 

@@ -5,7 +5,6 @@ equals one process on the same data."""
 import copy
 import threading
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,10 +12,10 @@ import torch
 import moetron.comm.a2a as a2a_module
 from moetron.comm.lanes import IssueOrder, current_lane
 from moetron.models.deepseek_v3 import DeepSeekV3, load_preset
-from moetron.models.deepseek_v3.parallelize import expert_parameters, parallelize
+from moetron.models import get_spec
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
-from moetron.parallel.grad_reduce import reduce_gradients
-from moetron.pipeline.builders import comm_lanes
+from moetron.parallel.finalize import StepFinalizer
+from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.train.micro_batches import PipelinedMicroBatches
 from tests.dist.harness import run_ranks
 
@@ -45,13 +44,18 @@ class RecordingOrder(IssueOrder):
 
 
 def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher="alltoall", order=None):
-    """`model` under EP and the trainer's pipelined micro-batches; returns (groups, micro)."""
+    """`model` under EP and the trainer's pipelined micro-batches and step finalizer, built as the
+    trainer builds them; returns (groups, micro, finalizer)."""
     groups = build_groups(dims, Topology(1, world), rank, comm_lanes(schedule, dims.pp, overlap))
     groups.order = order
-    parallelize(model, groups, dispatcher)
-    run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule=schedule, layout=None, overlap_fb=overlap),
-                              train=SimpleNamespace(micro_batch=ROWS, seq_len=SEQ))
-    return groups, PipelinedMicroBatches(model, run_cfg, groups, torch.device("cpu"), dtype, n)
+    spec = get_spec("deepseek_v3")
+    made = spec.parallelize(model, groups, dispatcher, defer_weights=True)
+    sched = build_schedule(schedule, dims.pp, n)
+    parts = spec.pipeline_split(model, sched, groups.pp_rank, None, n)
+    micro = PipelinedMicroBatches(sched, parts, groups.pp_rank, groups.lanes("pp"), (ROWS, SEQ, model.cfg.hidden_size),
+                                  torch.device("cpu"), dtype, overlap, made.weight_grad_store)
+    finalizer = StepFinalizer(model, made.expert_params, groups, 0.0, parts.holders, parts.shared)
+    return groups, micro, finalizer
 
 
 def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall", ordered=False):
@@ -65,8 +69,8 @@ def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall",
 
     model = copy.deepcopy(reference)
     order = RecordingOrder() if ordered else None
-    groups, micro = _pipelined(model, rank, world, ParallelDims(pp=pp, dp=dp, ep=ep), schedule, overlap,
-                               torch.float32, n, dispatcher, order)
+    groups, micro, finalizer = _pipelined(model, rank, world, ParallelDims(pp=pp, dp=dp, ep=ep), schedule, overlap,
+                                          torch.float32, n, dispatcher, order)
     seen = set()  # (main thread?, lane) of every exchange, forward and backward
     real_exchange = a2a_module._exchange
 
@@ -76,20 +80,15 @@ def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall",
 
     a2a_module._exchange = recording_exchange
     try:
-        mine = ids[groups.stage_rank]
-        micro.run([(b[:, :-1], b[:, 1:]) for b in mine], mtp_weight=reference.mtp_loss_weight)
+        mine = ids[groups.dp_ep_rank]
+        micro.run([(b[:, :-1], b[:, 1:]) for b in mine], {"mtp_weight": cfg.mtp_loss_weight})
     finally:
         a2a_module._exchange = real_exchange
-    experts = expert_parameters(model)
-    replicated = [p for p in model.parameters() if p.requires_grad and all(p is not e for e in experts)]
-    reduce_gradients(replicated, experts, groups.stage_group, groups.edp_group, data_ranks)
-    micro.after_backward()
+    finalizer.finish_gradients()  # grad_clip 0: reduce and sum only
 
     ref_params = dict(reference.named_parameters())
     local = cfg.n_routed_experts // ep
-    held = {id(p) for m in micro.parts.stage_modules.values() for p in m.parameters()}
-    if micro.parts.tail is not None:
-        held |= {id(p) for p in micro.parts.tail.parameters()}
+    held = {id(p) for m in micro.parts.held_modules for p in m.parameters()}
     pairs = {}
     for name, p in model.named_parameters():
         if id(p) not in held:
@@ -163,9 +162,9 @@ def _bf16_recompute_grads(rank, world, overlap):
                       recompute_mla_up_proj=True, recompute_swiglu=True)
     model = DeepSeekV3(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 4, ROWS, SEQ + 1))
-    groups, micro = _pipelined(model, rank, world, ParallelDims(pp=2, dp=1, ep=2), "dualpipev", overlap,
-                               torch.bfloat16, 4)
-    sums = micro.run([(b[:, :-1], b[:, 1:]) for b in ids[groups.stage_rank]], mtp_weight=0.3)
+    groups, micro, _ = _pipelined(model, rank, world, ParallelDims(pp=2, dp=1, ep=2), "dualpipev", overlap,
+                                  torch.bfloat16, 4)
+    sums = micro.run([(b[:, :-1], b[:, 1:]) for b in ids[groups.dp_ep_rank]], {"mtp_weight": 0.3})
     return sums, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 

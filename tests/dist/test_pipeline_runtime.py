@@ -23,10 +23,6 @@ def _blocks(num):
     return [nn.Sequential(nn.Linear(HIDDEN, 32), nn.GELU(), nn.Linear(32, HIDDEN)) for _ in range(num)]
 
 
-def _depth(name, P, stage):
-    return stage % P if name == "dualpipe" else stage
-
-
 def _data(n):
     g = torch.Generator().manual_seed(7)
     return ({mb: torch.randn(ROWS, HIDDEN, generator=g) for mb in range(n)},
@@ -51,14 +47,14 @@ def _reference(name, P, n):
 def _pipeline(rank, world, name, n):
     sched = build_schedule(name, world, n)
     blocks = _blocks(len(sched.chains[0]))
-    mine = {s: copy.deepcopy(blocks[_depth(name, world, s)]) for s, r in sched.stage_rank.items() if r == rank}
+    mine = {s: copy.deepcopy(blocks[sched.module_of_stage[s]]) for s in sched.stages_on(rank)}
     runner = PipelineRunner(sched, rank, mine, dist.group.WORLD, (ROWS, HIDDEN))
     inputs, targets = _data(n)
-    losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n)
+    losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n).losses
     # the timeline: one span per compute action, in the rank's order, one after the other
     assert [k for k, _, _ in runner.action_spans] == [a.kind for a in sched.actions[rank]]
     assert all(s0 <= e0 <= s1 for (_, s0, e0), (_, s1, _) in zip(runner.action_spans, runner.action_spans[1:]))
-    return losses, {_depth(name, world, s): [p.grad for p in m.parameters()] for s, m in mine.items()}
+    return losses, {sched.module_of_stage[s]: [p.grad for p in m.parameters()] for s, m in mine.items()}
 
 
 @pytest.mark.parametrize("name", ["1f1b", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev"])
@@ -108,7 +104,7 @@ class _SleepStage(nn.Module):
 
 def _pair_times(rank, world, overlap, s):
     sched = build_schedule("dualpipev", world, 2 * world)
-    mine = {st: _SleepStage(s) for st, r in sched.stage_rank.items() if r == rank}
+    mine = {st: _SleepStage(s) for st in sched.stages_on(rank)}
     runner = PipelineRunner(sched, rank, mine, dist.group.WORLD, (ROWS, HIDDEN), overlap=overlap)
     original = runner._run
     pair_s = []
@@ -192,7 +188,7 @@ def test_one_rank_dualpipev_runs_each_chunk_on_its_stream(overlap):
     handed_over = []  # (stage, what): tensors made elsewhere, read on the stage's stream
     runner._use_on = lambda t, stage: handed_over.append((stage, t is not None))
     inputs, targets = _data(n)
-    losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n)
+    losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n).losses
     assert all(torch.equal(losses[mb], ref_losses[mb]) for mb in range(n))
     for block, ref in zip(blocks, ref_grads):
         for p, r in zip(block.parameters(), ref):

@@ -1,7 +1,5 @@
 """Meta-device build + per-rank materialisation: each pipeline rank allocates only its stages, each
 EP rank only its experts, and what they hold equals the whole model initialised in one process."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -9,7 +7,8 @@ from moetron.models import build_model, load_preset
 from moetron.models.deepseek_v3.parallelize import parallelize
 from moetron.parallel.dims import ParallelDims, ParallelGroups, Topology
 from moetron.parallel.materialize import held_state_dict, load_held_state_dict, materialize
-from moetron.train.micro_batches import PipelinedMicroBatches
+from moetron.models.stages import pipeline_split
+from moetron.pipeline.builders import build_schedule
 
 SEED = 1234
 
@@ -28,13 +27,20 @@ def _whole(cfg, seed=SEED):
 def test_each_rank_holds_only_its_part_initialised_as_the_whole_model(schedule, pp, ep):
     cfg = load_preset("tiny", num_hidden_layers=4, n_routed_experts=8)
     whole = held_state_dict(_whole(cfg))
-    run_cfg = SimpleNamespace(parallel=SimpleNamespace(schedule=schedule, layout=None))
+    sched = build_schedule(schedule, pp, 2 * pp)
     seen = set()
     for rank in range(pp * ep):
         groups = _groups(pp, ep, rank)
-        model = parallelize(build_model(cfg, device="meta"), groups, "alltoall")
-        held = PipelinedMicroBatches.held_modules(model, run_cfg, groups, num_micro=2 * pp)
-        materialize(model, held, torch.device("cpu"), SEED)
+        model = build_model(cfg, device="meta")
+        made = parallelize(model, groups, "alltoall", defer_weights=True)
+        parts = pipeline_split(model, sched, groups.pp_rank, None, 2 * pp)
+        ids = {id(p) for p in model.parameters()}
+        materialize(model, parts.held_modules, torch.device("cpu"), SEED)
+        # parameters keep their identity: what parallelize and the split recorded stays true
+        assert ids == {id(p) for p in model.parameters()}
+        held_ids = {id(p) for m in parts.held_modules for p in m.parameters()}
+        assert all(not p.is_meta for p in made.expert_params if id(p) in held_ids)
+        assert len(made.expert_params) == (0 if ep == 1 else 2 * (cfg.num_hidden_layers - 1 + 1))  # MoE + MTP layers
         mine = held_state_dict(model)
         if schedule != "dualpipe":  # DualPipe mirrors: every rank holds every stage once
             assert len(mine) < len(whole)

@@ -2,10 +2,13 @@
 import pytest
 import torch
 
-from moetron.models import build_model, load_preset
+from moetron.models import Parallelized, build_model, get_spec, load_preset
 from moetron.models.deepseek_v3 import DeepSeekV3, LMOutput
 from moetron.models.deepseek_v3.mtp import IGNORE_INDEX, shift_left
-from moetron.models.deepseek_v3.params import count_parameters
+from moetron.models.deepseek_v3.experts import GroupedExperts
+from moetron.models.deepseek_v3.parallelize import shard_moe_layers
+from moetron.models.deepseek_v3.params import count_parameters, training_flops_per_token
+from moetron.parallel.dims import ParallelDims, ParallelGroups, Topology
 
 
 def _batch(cfg, batch=4, seq=32):
@@ -63,9 +66,35 @@ def test_mtp_targets_are_shifted_by_depth():
     assert shift_left(labels, 2, fill=IGNORE_INDEX).tolist() == [[2, 3, 4, 5, 6, 7, 8, 9, -100, -100]]
 
 
+@pytest.mark.parametrize("preset", ["tiny", "mini", "v3_671b"])
+def test_parameter_count_from_the_config_equals_the_modules(preset):
+    cfg = load_preset(preset)
+    model = build_model(cfg, device="meta")
+    count = count_parameters(cfg)
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    assert count.total == sum(p.numel() for p in model.parameters()) - mtp and count.mtp == mtp
+    routed = sum(m.gate_up_proj.numel() + m.down_proj.numel() for m in model.layers.modules()
+                 if isinstance(m, GroupedExperts))
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    assert count.activated == count.total - routed * (E - K) // E
+
+
+def test_training_flops_do_not_depend_on_the_expert_parallel_layout():
+    """The FLOPs come from the config: a rank's module under EP holds 1/ep of the routed experts,
+    and the figure must not shrink with it (it did when counted from the module)."""
+    cfg = load_preset("tiny")
+    spec = get_spec(cfg.arch)
+    whole = spec.flops_per_token(cfg, 2048)
+    model = build_model(cfg, device="meta")
+    groups = ParallelGroups(ParallelDims(pp=1, dp=1, ep=4), Topology(1, 4), 1, None, None, None, None, None)
+    shard_moe_layers(model, groups, "alltoall", Parallelized())  # the module now holds 2 of 8 experts
+    assert model.layers[1].mlp.experts.gate_up_proj.shape[0] == 2
+    assert spec.flops_per_token(cfg, 2048) == whole == training_flops_per_token(cfg, 2048)
+    assert whole == 5250048.0  # what counting the whole model's modules gave (the old way, right at ep=1)
+
+
 def test_v3_671b_parameter_count():
-    model = build_model(load_preset("v3_671b"), device="meta")
-    count = count_parameters(model)
+    count = count_parameters(load_preset("v3_671b"))
     print(f"v3_671b: {count.total / 1e9:.2f}B total, {count.activated / 1e9:.2f}B activated per token, "
           f"MTP {count.mtp / 1e9:.2f}B")
     # The report: 671B total, 37B activated (rounded; embedding and head give ~37.5B).

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
-from moetron.pipeline.schedule import Action, Schedule
-from moetron.pipeline.simulate import Costs, ScheduleError, simulate
-from moetron.pipeline.transfers import TRANSFER_KINDS, check_transfers, with_transfers
+from moetron.pipeline.schedule import TRANSFER_KINDS, Action, ActionKind, Schedule, ScheduleError
+from moetron.pipeline.simulate import Costs, simulate
+from moetron.pipeline.transfers import check_transfers, with_transfers
 
 # (f, b_input, w, f&b); the DualPipe row of the table assumes a forward costs what an input
 # backward costs (f == b_input): under that premise the simulator must match it exactly.
@@ -80,7 +80,7 @@ def test_too_few_microbatches_get_a_clear_error(name, pp, n, message):
 
 
 def _two_ranks(actions):
-    return Schedule("hand", 2, 1, chains=[[0, 1]], stage_rank={0: 0, 1: 1}, chain_of_mb=[0], actions=actions)
+    return Schedule("hand", 2, 1, chains=[[0, 1]], rank_of_stage={0: 0, 1: 1}, chain_of_mb=[0], actions=actions)
 
 
 def test_validator_finds_deadlocks_and_missing_or_misplaced_work():

@@ -77,6 +77,7 @@ def test_other_ranks_and_cut_short_windows_write_nothing(tmp_path):
 ])
 def test_bad_profile_settings_name_the_key(change, message):
     cfg = OmegaConf.structured(RootConfig)
+    cfg.model = {"arch": "deepseek_v3"}  # the model group's preset, as Hydra composes it
     cfg.train.global_batch = 32  # 8 sequences on each of the 4 ranks
     cfg.logging.profile.enabled = True
     for key, value in change.items():

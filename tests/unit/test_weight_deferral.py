@@ -1,16 +1,17 @@
-"""B/W split: a DeferrableLinear's weight gradient waits in the store until W runs it."""
+"""B/W split: a DeferrableLinear's weight gradient waits in the store until W runs it; the converter
+swaps modules, sharing their parameters, and never rewrites a class in place."""
 import copy
 
 import torch
 from torch import nn
 
-from moetron.pipeline.weight_grads import DeferrableLinear, WeightGradStore, enable_weight_deferral
+from moetron.parallel.weight_grads import DeferrableLinear, WeightGradStore, defer_weight_grads
 
 
 def test_weight_gradient_is_deferred_then_equal():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4))
-    deferred = enable_weight_deferral(copy.deepcopy(plain), WeightGradStore())
+    deferred = defer_weight_grads(copy.deepcopy(plain), WeightGradStore())
     store = deferred[0].weight_grad_store
     assert all(isinstance(m, DeferrableLinear) for m in (deferred[0], deferred[2]))
     x = torch.randn(5, 8, requires_grad=True)
@@ -36,7 +37,7 @@ def test_grouped_expert_weight_gradient_is_deferred_then_equal():
     plain = GroupedExperts(4, 16, 8)
     torch.nn.init.normal_(plain.gate_up_proj, std=0.2)
     torch.nn.init.normal_(plain.down_proj, std=0.2)
-    deferred = enable_weight_deferral(copy.deepcopy(plain), WeightGradStore())
+    deferred = defer_weight_grads(copy.deepcopy(plain), WeightGradStore())
     store = deferred.weight_grad_store
     counts = torch.tensor([3, 0, 5, 2])
     x = torch.randn(10, 16, requires_grad=True)
@@ -62,7 +63,7 @@ def test_deferred_weight_gradients_under_bf16_autocast_land_in_float32():
     plain = nn.ModuleDict({"linear": nn.Linear(16, 16, bias=False), "experts": GroupedExperts(4, 16, 8)})
     torch.nn.init.normal_(plain["experts"].gate_up_proj, std=0.2)
     torch.nn.init.normal_(plain["experts"].down_proj, std=0.2)
-    deferred = enable_weight_deferral(copy.deepcopy(plain), WeightGradStore())
+    deferred = defer_weight_grads(copy.deepcopy(plain), WeightGradStore())
     store = deferred["linear"].weight_grad_store
     counts = torch.tensor([3, 0, 5, 2])
     x = torch.randn(10, 16)

@@ -5,7 +5,10 @@
     out = model(input_ids_BS, labels_BS)              # training: out.loss = L_main + L_MTP + balance
 
 `labels_BS[:, i]` is the token after `input_ids_BS[:, i]` (IGNORE_INDEX to skip a position).
-The total loss is L_main + (lambda / D) sum_k L^k (report eq. 25) + the layers' balance losses.
+The total loss is L_main + (lambda / D) sum_k L^k (report eq. 25) + the layers' balance losses;
+lambda is `mtp_weight` (the trainer follows its schedule in tokens), else `cfg.mtp_loss_weight`.
+`forward` is made of `embed`, `run_layers` and `loss_terms`, the pieces pipeline stages run
+(`moetron.models.stages`), so the whole model and its stages share one path.
 Parameter names follow transformers' DeepseekV3ForCausalLM without its `model.` prefix, so
 `moetron.models.hf` maps checkpoints by a short rename table.
 
@@ -14,8 +17,7 @@ Shape legend: B batch, S sequence, H hidden, V vocabulary, R rotary dim.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,26 +29,12 @@ from moetron.models.deepseek_v3.experts import GroupedExperts
 from moetron.models.deepseek_v3.layers import RMSNorm, rotary_cos_sin
 from moetron.models.deepseek_v3.mtp import IGNORE_INDEX, MTPModule, mtp_depths
 from moetron.models.deepseek_v3.router import TopKRouter
-
-
-@dataclass
-class LMOutput:
-    loss: torch.Tensor  # what to back-propagate
-    loss_lm: torch.Tensor  # next-token cross entropy
-    loss_mtp: Optional[torch.Tensor]  # (lambda / D) * sum_k L^k, None without MTP
-    loss_balance: Optional[torch.Tensor]  # sum of the layers' alpha-weighted balance losses
-    logits_BSV: torch.Tensor
+from moetron.models.outputs import LMOutput, LossTerms, add_optional
 
 
 def cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy over positions whose label is not IGNORE_INDEX (in float32)."""
     return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def _add(total: Optional[torch.Tensor], term: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if term is None:
-        return total
-    return term if total is None else total + term
 
 
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -71,8 +59,6 @@ class DeepSeekV3(nn.Module):
         self.mtp = nn.ModuleList(
             MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)
         )
-        # lambda of the MTP loss; the trainer follows its schedule in tokens (0.3, then 0.1).
-        self.mtp_loss_weight = cfg.mtp_loss_weight
         self.init_weights()
 
     @torch.no_grad()
@@ -110,25 +96,53 @@ class DeepSeekV3(nn.Module):
             elif isinstance(module, RMSNorm) and not module.weight.is_meta:
                 module.weight.fill_(1.0)
 
-    def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None):
-        cfg = self.cfg
-        S = input_ids_BS.shape[1]
-        h_BSH = self.embed_tokens(input_ids_BS)
-        cos_SR2, sin_SR2 = rotary_cos_sin(S, cfg.qk_rope_head_dim, cfg.rope_theta, h_BSH.device, h_BSH.dtype)
-        balance = None
-        for layer in self.layers:
-            h_BSH, layer_balance = layer(h_BSH, cos_SR2, sin_SR2)
-            balance = _add(balance, layer_balance)
-        logits_BSV = self.lm_head(self.norm(h_BSH))
-        if labels_BS is None:
-            return logits_BSV
+    # -- the pieces of the forward pass (pipeline stages run them too) ------------------------------
+    def embedding_modules(self) -> list[nn.Module]:
+        return [self.embed_tokens]
 
+    def head_modules(self) -> list[nn.Module]:
+        """What `loss_terms` reads: final norm, head, MTP depths and the embedding they use."""
+        return [self.norm, self.lm_head, self.embed_tokens, self.mtp]
+
+    def embed(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids_BS)
+
+    def _rotary(self, h_BSH: torch.Tensor):
+        cfg = self.cfg
+        return rotary_cos_sin(h_BSH.shape[1], cfg.qk_rope_head_dim, cfg.rope_theta, h_BSH.device, h_BSH.dtype)
+
+    def run_layers(self, h_BSH: torch.Tensor, layers: Iterable[nn.Module]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Decoder blocks in order; returns the hidden state and the sum of their balance losses."""
+        cos_SR2, sin_SR2 = self._rotary(h_BSH)
+        balance = None
+        for layer in layers:
+            h_BSH, layer_balance = layer(h_BSH, cos_SR2, sin_SR2)
+            balance = add_optional(balance, layer_balance)
+        return h_BSH, balance
+
+    def loss_terms(self, h_BSH: torch.Tensor, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor,
+                   mtp_weight: Optional[float] = None) -> LossTerms:
+        """After the last block: next-token loss, (lambda / D) sum_k L^k over the MTP depths (eqs.
+        21-25), and the MTP blocks' balance losses."""
+        lam = self.cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
+        logits_BSV = self.lm_head(self.norm(h_BSH))
         loss_lm = cross_entropy(logits_BSV, labels_BS)
-        loss_mtp = None
+        cos_SR2, sin_SR2 = self._rotary(h_BSH)
+        loss_mtp = balance = None
         for normed_BSH, labels_k_BS, depth_balance in mtp_depths(self.mtp, self.embed_tokens, h_BSH, input_ids_BS,
                                                                  labels_BS, cos_SR2, sin_SR2):
             loss_k = cross_entropy(self.lm_head(normed_BSH), labels_k_BS)
-            loss_mtp = _add(loss_mtp, loss_k * (self.mtp_loss_weight / len(self.mtp)))
-            balance = _add(balance, depth_balance)
-        loss = _add(_add(loss_lm, loss_mtp), balance)
-        return LMOutput(loss, loss_lm, loss_mtp, balance, logits_BSV)
+            loss_mtp = add_optional(loss_mtp, loss_k * (lam / len(self.mtp)))
+            balance = add_optional(balance, depth_balance)
+        return LossTerms(loss_lm, loss_mtp, balance, logits_BSV)
+
+    def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None,
+                mtp_weight: Optional[float] = None):
+        """Logits [B, S, V] without labels (MTP skipped); with labels, an LMOutput."""
+        h_BSH, balance = self.run_layers(self.embed(input_ids_BS), self.layers)
+        if labels_BS is None:
+            return self.lm_head(self.norm(h_BSH))
+        terms = self.loss_terms(h_BSH, input_ids_BS, labels_BS, mtp_weight)
+        balance = add_optional(balance, terms.balance)
+        loss = add_optional(add_optional(terms.lm, terms.mtp), balance)
+        return LMOutput(loss, terms.lm, terms.mtp, balance, terms.logits_BSV)

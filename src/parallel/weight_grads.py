@@ -1,9 +1,11 @@
 """Weight gradients a pipeline B action defers to a later W action (zero-bubble's B/W split).
 
-`enable_weight_deferral(module, store)` turns every nn.Linear of `module` into a DeferrableLinear
-and hands `store` to every layer that can defer (grouped experts carry a `weight_grad_store`).
-While `store.enabled`, their backward computes the input gradient and queues the weight gradient
-as a closure; `close_batch` ends one B action's batch and `run_oldest` (a W action) runs it.
+`defer_weight_grads(module, store)` is a module converter (`moetron.parallel.convert`): it
+replaces every nn.Linear of `module` by a DeferrableLinear sharing its parameters, and hands
+`store` to every layer that declares a `weight_grad_store` slot (grouped experts do). While
+`store.enabled`, their backward computes the input gradient and queues the weight gradient as a
+closure; `close_batch` ends one B action's batch and `run_oldest` (a W action) runs it.
+`parallelize` applies it when a pipeline runs; the pipeline runtime is handed the store.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moetron.parallel.convert import replace_modules
 
 
 class WeightGradStore:
@@ -80,7 +84,17 @@ class _DeferrableLinearFn(torch.autograd.Function):
 class DeferrableLinear(nn.Linear):
     """nn.Linear whose weight gradient a pipeline B action may defer to a later W action."""
 
-    weight_grad_store: Optional[WeightGradStore] = None
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 store: Optional[WeightGradStore] = None, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_grad_store = store
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, store: WeightGradStore) -> "DeferrableLinear":
+        """A DeferrableLinear holding `linear`'s own parameters (not copies)."""
+        new = cls(linear.in_features, linear.out_features, bias=False, store=store, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_grad_store is None or not torch.is_grad_enabled():
@@ -88,12 +102,11 @@ class DeferrableLinear(nn.Linear):
         return _DeferrableLinearFn.apply(x, self.weight, self.bias, self.weight_grad_store)
 
 
-def enable_weight_deferral(module: nn.Module, store: WeightGradStore) -> nn.Module:
-    """Make every nn.Linear inside `module` a DeferrableLinear, and hand `store` to it and to every
-    other layer that can defer (those with a `weight_grad_store` attribute, e.g. grouped experts)."""
+def defer_weight_grads(module: nn.Module, store: WeightGradStore) -> nn.Module:
+    """Replace every nn.Linear inside `module` by a DeferrableLinear on the same parameters, and
+    hand `store` to every layer with a `weight_grad_store` slot (e.g. grouped experts)."""
+    replace_modules(module, lambda m: type(m) is nn.Linear, lambda m: DeferrableLinear.from_linear(m, store))
     for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = DeferrableLinear
         if hasattr(m, "weight_grad_store"):
             m.weight_grad_store = store
     return module

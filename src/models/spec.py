@@ -1,0 +1,122 @@
+"""A model spec: everything the trainer needs to know about an architecture, in one place.
+
+The trainer names no model. It looks up the spec of `model.arch` in the registry
+(`moetron.models.registry`) and asks it for the config class, the model, how to parallelize it,
+how to cut it into pipeline stages, the loss options of a step, the statistics to reduce after a
+step and what to do with them, and the model FLOPs per token. A new architecture subclasses
+`ModelSpec`, overrides what differs, and calls `register_model(MySpec())`; `moetron-train
+imports=[my_package.my_model] model.arch=my_arch` imports it before the model is built.
+
+The defaults fit a decoder that exposes the pieces of its forward pass
+(`moetron.models.stages`): no expert parallelism, an even pipeline split, no step hooks.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from moetron.models.stages import PipelineParts, pipeline_split
+from moetron.parallel.weight_grads import WeightGradStore, defer_weight_grads
+
+
+@dataclass
+class Parallelized:
+    """What `parallelize` made, handed to the trainer (nothing is attached to the model)."""
+
+    expert_params: list = field(default_factory=list)  # sharded over EP: gradients reduce over expert-DP
+    traffic: Any = None  # a moetron.comm.traffic.TrafficCounter of the token exchanges, or None
+    weight_grad_store: Optional[WeightGradStore] = None  # where B actions queue weight gradients for W
+    dispatcher_buffers: Any = None  # one set shared by every MoE layer (DeepEP), or None
+
+
+def piecewise(schedule, tokens: float) -> float:
+    """Value of a [[from_tokens, value], ...] schedule after `tokens` tokens."""
+    value = schedule[0][1]
+    for start, v in schedule:
+        if tokens >= start:
+            value = v
+    return float(value)
+
+
+class ModelSpec:
+    """The default spec of a dense decoder; subclasses set `arch` and `config_cls` and override."""
+
+    arch: str = ""
+    config_cls: type = object
+
+    # -- config and model ------------------------------------------------------------------------
+    def config(self, node) -> Any:
+        """The typed config from a Hydra/OmegaConf node (or a dict): unknown keys and wrong types raise
+        ValueError naming `model.<key>`; then the config's own `validate()`, where it has one."""
+        if isinstance(node, self.config_cls):
+            cfg = node
+        else:
+            try:
+                merged = OmegaConf.merge(OmegaConf.structured(self.config_cls), node)
+                cfg = OmegaConf.to_object(merged)
+            except OmegaConfBaseException as err:
+                key = getattr(err, "full_key", None) or getattr(err, "key", None)
+                raise ValueError(f"model.{key}: {str(err).splitlines()[0]} (model.arch={self.arch!r}, "
+                                 f"schema {self.config_cls.__name__})") from err
+        if callable(getattr(cfg, "validate", None)):
+            cfg.validate()
+        return cfg
+
+    def build(self, cfg, device: Optional[torch.device | str] = None) -> nn.Module:
+        """The whole model; `device="meta"` builds without allocating (materialised per rank later)."""
+        with torch.device(device) if device is not None else nullcontext():
+            return self.build_module(cfg)
+
+    def build_module(self, cfg) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__}.build_module")
+
+    def problems(self, cfg, dims, topology, seq_len: int) -> list[str]:
+        """What this model cannot do in this layout, each naming the key and the fix (checked before
+        any process group starts)."""
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if limit is not None and seq_len > limit:
+            return [f"train.seq_len={seq_len} exceeds model.max_position_embeddings={limit}"]
+        return []
+
+    # -- parallelism -----------------------------------------------------------------------------
+    def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool) -> Parallelized:
+        """Apply parallelism without touching model code: here only the weight-gradient deferral a
+        pipeline's B/W split needs (a module converter)."""
+        made = Parallelized()
+        if defer_weights:
+            made.weight_grad_store = WeightGradStore()
+            defer_weight_grads(model, made.weight_grad_store)
+        return made
+
+    def pipeline_split(self, model: nn.Module, schedule, pp_rank: int, layout: Optional[list],
+                       num_microbatches: int) -> PipelineParts:
+        return pipeline_split(model, schedule, pp_rank, layout, num_microbatches)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def loss_options(self, cfg, train_cfg, tokens_seen: int) -> dict:
+        """Keyword arguments of the model's loss for the next step (schedules in tokens)."""
+        return {}
+
+    def loss_metrics(self, cfg) -> dict[str, str]:
+        """Metric names of the `LOSS_TERMS` entries this model reports (the others are not logged)."""
+        return {"loss": "loss", "lm": "loss/lm"}
+
+    def step_stats(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+        """This rank's float64 statistics of the step, to be summed over all ranks (one packed
+        collective with the trainer's own metrics)."""
+        return {}
+
+    def after_step(self, model: nn.Module, summed: dict[str, torch.Tensor], train_cfg, tokens_seen: int) -> dict:
+        """Run after the optimizer step with the summed statistics; return metrics to log."""
+        return {}
+
+    def flops_per_token(self, cfg, seq_len: int) -> float:
+        """Model FLOPs of one training token, from the config (the same in every layout)."""
+        raise NotImplementedError(f"{type(self).__name__}.flops_per_token")
+
