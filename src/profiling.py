@@ -34,7 +34,7 @@ def label(name: str):
     return record_function(name) if getattr(autograd_profiler, "_is_profiler_enabled", True) else nullcontext()
 
 
-def _all_threads_config():
+def all_threads_config():
     """The profiler setting that records every thread, not only the one that started it (newer torch)."""
     try:
         return torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
@@ -57,7 +57,7 @@ class StepProfiler:
     def begin(self, step: int) -> None:
         """Call before step `step` (1-based) runs."""
         if self.active and step == self.first:
-            config = _all_threads_config()
+            config = all_threads_config()
             self._prof = profile(activities=self.activities, **({"experimental_config": config} if config else {}))
             self._prof.start()
 

@@ -229,9 +229,9 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
         if world.is_main:
             summary = None
             if metrics:
+                maxvio = f", MaxVio {metrics['moe/maxvio_batch']:.3f}" if "moe/maxvio_batch" in metrics else ""
                 summary = (f"done: step {metrics['step']}/{tcfg.max_steps}, loss {first_loss:.4f} -> {metrics['loss']:.4f}, "
-                           f"{metrics['throughput/tokens_per_s']:.0f} tokens/s, MaxVio {metrics.get('moe/maxvio_batch', 0):.3f}; "
-                           f"run dir {run_dir}")
+                           f"{metrics['throughput/tokens_per_s']:.0f} tokens/s{maxvio}; run dir {run_dir}")
             console.close(summary)
             jsonl.close()
             wandb.close()

@@ -18,9 +18,9 @@ from moetron.models.deepseek_v3.moe import MoE
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.expert_parallel import make_dispatcher
 from tests.dist.harness import run_ranks
-from tests.dist.test_expert_parallel import _ep_vs_reference, _moe_cfg, _rel
-from tests.dist.test_expert_parallel_model import _model_ep
-from tests.dist.test_pipeline_expert_parallel import _pair_turns, _pp_ep
+from tests.dist.test_expert_parallel import ep_vs_reference, moe_cfg, rel_error
+from tests.dist.test_expert_parallel_model import model_ep
+from tests.dist.test_pipeline_expert_parallel import pair_turns, pp_ep
 from tests.fakes import fake_deep_ep
 
 
@@ -38,7 +38,7 @@ def _buffers_made():
 
 
 def _layer(rank, world, nodes, node_limited):
-    out = _ep_vs_reference(rank, world, nodes, "deepep", node_limited)
+    out = ep_vs_reference(rank, world, nodes, "deepep", node_limited)
     out["buffers"] = _buffers_made()
     return out
 
@@ -49,20 +49,20 @@ def test_deepep_layer_matches_single_process(deep_ep, ep, nodes, node_limited):
     assert (results[0]["loads"] == 0).any(), "the skew should leave some experts without tokens"
     for rank, res in enumerate(results):
         y, y_ref = res["y"]
-        assert _rel(y, y_ref) < 1e-6, f"rank {rank}"
+        assert rel_error(y, y_ref) < 1e-6, f"rank {rank}"
         assert len(res["grads"]) == 1 + len(list(_ref_layer_params(nodes, node_limited)))
         for name, (grad, ref) in res["grads"].items():
-            assert _rel(grad, ref) < 1e-5, f"rank {rank} {name}"
+            assert rel_error(grad, ref) < 1e-5, f"rank {rank} {name}"
         # one buffer (no lanes without a pipeline): forward dispatch + combine, backward combine + dispatch
         assert len(res["buffers"]) == 1 and res["buffers"][0][1] == 4
 
 
 def _ref_layer_params(nodes, node_limited):
-    return MoE(_moe_cfg(nodes, node_limited), 1).parameters()
+    return MoE(moe_cfg(nodes, node_limited), 1).parameters()
 
 
 def _whole_model(rank, world):
-    out = _model_ep(rank, world, 1, 4, 2, "deepep")
+    out = model_ep(rank, world, 1, 4, 2, "deepep")
     out["buffers"] = _buffers_made()
     return out
 
@@ -73,13 +73,13 @@ def test_deepep_whole_model_matches_single_process(deep_ep):
     for res in results:
         assert len(res["buffers"]) == 1 and res["grads"]
         for name, (grad, ref) in res["grads"].items():
-            assert _rel(grad, ref) < 1e-5, name
+            assert rel_error(grad, ref) < 1e-5, name
         for name, (bias, ref) in res["biases"].items():
             assert torch.equal(bias, ref), name
 
 
 def _pipelined(rank, world, ordered):
-    out = _pp_ep(rank, world, 2, 1, 2, "dualpipev", True, 4, "deepep", ordered)
+    out = pp_ep(rank, world, 2, 1, 2, "dualpipev", True, 4, "deepep", ordered)
     out["buffers"] = _buffers_made()
     return out
 
@@ -93,12 +93,12 @@ def test_deepep_under_overlapped_pipeline_uses_one_buffer_per_lane(deep_ep, orde
     for res in results:
         for name, (grad, ref) in res["grads"].items():
             assert grad is not None, name
-            assert _rel(grad, ref) < 1e-5, name
+            assert rel_error(grad, ref) < 1e-5, name
         groups = [group for group, _ in res["buffers"]]
         assert len(groups) == 2 and groups[0] != groups[1], res["buffers"]
         assert all(calls > 0 for _, calls in res["buffers"])
     if ordered:  # a dispatch and a combine each way: the halves alternate, lane 0 first
-        turns = [lanes for res in results for lanes in _pair_turns(res["order_log"])]
+        turns = [lanes for res in results for lanes in pair_turns(res["order_log"])]
         assert [0, 1, 0, 1] in turns
         assert all(lanes in ([0, 1] * 2, [0] * len(lanes), [1] * len(lanes)) for lanes in turns), turns
 
@@ -134,7 +134,7 @@ def test_deepep_traffic_totals_equal_the_hierarchical_path(deep_ep):
 
 def _bf16_wire(rank, world):
     DeepEPDispatcher.wire_dtype = torch.bfloat16
-    return _ep_vs_reference(rank, world, 1, "deepep", False)
+    return ep_vs_reference(rank, world, 1, "deepep", False)
 
 
 def test_deepep_bfloat16_wire_keeps_the_model_dtype(deep_ep):
@@ -142,9 +142,9 @@ def test_deepep_bfloat16_wire_keeps_the_model_dtype(deep_ep):
     for res in run_ranks(2, _bf16_wire):
         y, y_ref = res["y"]
         assert y.dtype == torch.float32
-        assert 0 < _rel(y, y_ref) < 2e-2  # bfloat16 rounding of tokens and partial outputs, no more
+        assert 0 < rel_error(y, y_ref) < 2e-2  # bfloat16 rounding of tokens and partial outputs, no more
         for name, (grad, ref) in res["grads"].items():
-            assert grad.dtype == torch.float32 and _rel(grad, ref) < 5e-2, name
+            assert grad.dtype == torch.float32 and rel_error(grad, ref) < 5e-2, name
 
 
 def test_deepep_missing_says_how_to_get_it(monkeypatch):

@@ -15,18 +15,18 @@ from tests.dist.harness import run_ranks
 TOKENS_PER_RANK, NUM_EXPERTS = 24, 16
 
 
-def _rel(a, b):
+def rel_error(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _moe_cfg(nodes: int, node_limited: bool):
+def moe_cfg(nodes: int, node_limited: bool):
     return load_preset("tiny", n_routed_experts=NUM_EXPERTS, num_experts_per_tok=4,
                        n_group=nodes if node_limited else 1, topk_group=1)
 
 
-def _ep_vs_reference(rank, world, nodes, dispatcher, node_limited):
+def ep_vs_reference(rank, world, nodes, dispatcher, node_limited):
     torch.manual_seed(0)
-    cfg = _moe_cfg(nodes, node_limited)
+    cfg = moe_cfg(nodes, node_limited)
     reference = MoE(cfg, layer_idx=1)
     for p in reference.parameters():
         torch.nn.init.normal_(p, std=0.2)
@@ -72,15 +72,15 @@ CASES = [(ep, nodes, limited) for ep, nodes in LAYOUTS for limited in ([False, T
 @pytest.mark.parametrize("ep,nodes,node_limited", CASES,
                          ids=[f"ep{e}x{n}node{'-node_limited' if lim else ''}" for e, n, lim in CASES])
 def test_expert_parallel_matches_single_process(ep, nodes, node_limited, dispatcher):
-    results = run_ranks(ep, _ep_vs_reference, nodes, dispatcher, node_limited)
+    results = run_ranks(ep, ep_vs_reference, nodes, dispatcher, node_limited)
     assert (results[0]["loads"] == 0).any(), "the skew should leave some experts without tokens"
     for rank, res in enumerate(results):
         y, y_ref = res["y"]
         # Each token's expert outputs are summed per rank, then across ranks: the float32 sum order
         # differs from the single process, so agreement is to rounding, 1e-6 relative.
-        assert _rel(y, y_ref) < 1e-6, f"rank {rank}"
-        assert len(res["grads"]) == 1 + len(list(MoE(_moe_cfg(nodes, node_limited), 1).parameters()))
+        assert rel_error(y, y_ref) < 1e-6, f"rank {rank}"
+        assert len(res["grads"]) == 1 + len(list(MoE(moe_cfg(nodes, node_limited), 1).parameters()))
         for name, (grad, ref) in res["grads"].items():
-            assert _rel(grad, ref) < 1e-5, f"rank {rank} {name}"  # gradients: 1e-5 relative
+            assert rel_error(grad, ref) < 1e-5, f"rank {rank} {name}"  # gradients: 1e-5 relative
     if nodes == 1:
         assert all(r["traffic"]["ib"] == 0 for r in results)

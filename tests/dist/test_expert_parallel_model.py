@@ -15,11 +15,11 @@ from tests.dist.harness import run_ranks
 SEQS_PER_RANK, SEQ = 2, 32
 
 
-def _rel(a, b):
+def rel_error(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _model_ep(rank, world, dp, ep, nodes, dispatcher):
+def model_ep(rank, world, dp, ep, nodes, dispatcher):
     torch.manual_seed(0)
     cfg = load_preset("tiny", n_routed_experts=8, n_group=nodes, topk_group=1,
                       bias_update_speed=0.01)
@@ -53,12 +53,12 @@ def _model_ep(rank, world, dp, ep, nodes, dispatcher):
 @pytest.mark.parametrize("dp,ep,nodes,dispatcher", [(1, 4, 1, "alltoall"), (2, 2, 1, "hierarchical"),
                                                     (1, 4, 2, "hierarchical"), (2, 4, 2, "hierarchical")])
 def test_whole_model_under_expert_parallelism(dp, ep, nodes, dispatcher):
-    results = run_ranks(dp * ep, _model_ep, dp, ep, nodes, dispatcher)
+    results = run_ranks(dp * ep, model_ep, dp, ep, nodes, dispatcher)
     for rank, res in enumerate(results):
         assert len(res["grads"]) == len(list(DeepSeekV3(load_preset("tiny")).parameters()))
         for name, (grad, ref) in res["grads"].items():
             # float32; per-rank partial sums reduced across ranks: 1e-5 relative
-            assert _rel(grad, ref) < 1e-5, f"rank {rank}: {name}"
+            assert rel_error(grad, ref) < 1e-5, f"rank {rank}: {name}"
         for name, (bias, ref) in res["biases"].items():
             assert torch.equal(bias, ref), f"rank {rank}: {name}"  # loads are integers: exact
             assert torch.equal(bias, results[0]["biases"][name][0])

@@ -58,7 +58,7 @@ def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher
     return groups, micro, finalizer
 
 
-def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall", ordered=False):
+def pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall", ordered=False):
     torch.manual_seed(0)
     cfg = load_preset("tiny", num_hidden_layers=LAYERS, n_routed_experts=8)
     reference = DeepSeekV3(cfg).train()
@@ -105,7 +105,7 @@ def _pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall",
     (2, 2, 2, "dualpipev", True)])
 def test_pipeline_with_expert_parallelism_matches_one_process(pp, dp, ep, schedule, overlap):
     n = 2 * pp
-    results = run_ranks(pp * dp * ep, _pp_ep, pp, dp, ep, schedule, overlap, n)
+    results = run_ranks(pp * dp * ep, pp_ep, pp, dp, ep, schedule, overlap, n)
     names = set()
     for res in results:
         names |= res["grads"].keys()
@@ -123,7 +123,7 @@ def _check_grads(res) -> None:
         assert float((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) < 1e-5, name
 
 
-def _pair_turns(log: list) -> list[list[int]]:
+def pair_turns(log: list) -> list[list[int]]:
     """The lanes of the collectives issued inside each F&B pair, in order."""
     pairs, current = [], None
     for entry in log:
@@ -142,12 +142,12 @@ def test_ordered_pairs_issue_collectives_in_one_order_on_every_rank(schedule, di
     """With an IssueOrder (the trainer's default under NCCL) the halves of each pair take turns: lane 0
     first, one collective each, then the longer half alone; the EP peers of a stage log the very
     same sequence; the gradients still equal one process."""
-    results = run_ranks(8, _pp_ep, 2, 2, 2, schedule, True, 4, dispatcher, True)
+    results = run_ranks(8, pp_ep, 2, 2, 2, schedule, True, 4, dispatcher, True)
     # some pairs have a dense or embedding chunk on one side (no collectives); rank 1's all have MoE layers
-    assert any(0 in lanes and 1 in lanes for res in results for lanes in _pair_turns(res["order_log"]))
+    assert any(0 in lanes and 1 in lanes for res in results for lanes in pair_turns(res["order_log"]))
     for res in results:
         _check_grads(res)
-        for lanes in _pair_turns(res["order_log"]):
+        for lanes in pair_turns(res["order_log"]):
             n0, n1 = lanes.count(0), lanes.count(1)
             both = min(n0, n1)
             assert lanes == [0, 1] * both + [0] * (n0 - both) + [1] * (n1 - both)

@@ -32,9 +32,14 @@ def test_ep4_on_one_node_matches_ep1(tmp_path):
     run_cli([*SMALL, f"hydra.run.dir={tmp_path / 'ep1'}"], tmp_path)
     proc = torchrun(4, ["model=tiny", "parallel.ep=4", *SMALL, f"hydra.run.dir={tmp_path / 'ep4'}"], tmp_path)
     assert "placement: pp=1 dp=1 ep=4" in proc.stdout
-    ep4 = read_metrics(tmp_path / "ep4")
-    assert_same_curve(read_metrics(tmp_path / "ep1"), ep4)
+    ep1, ep4 = read_metrics(tmp_path / "ep1"), read_metrics(tmp_path / "ep4")
+    assert_same_curve(ep1, ep4)
     assert all(r["comm/a2a_bytes/nvlink"] > 0 and r["comm/a2a_bytes/ib"] == 0 for r in ep4)
+    for a, b in zip(ep1, ep4):
+        # model FLOPs per token (TFLOP/s per rank x ranks / tokens/s) do not depend on the layout: each
+        # EP rank holds a quarter of the routed experts, and the figure used to shrink with them
+        assert b["throughput/tflops"] * 4 / b["throughput/tokens_per_s"] == pytest.approx(
+            a["throughput/tflops"] / a["throughput/tokens_per_s"], rel=1e-12)
 
 
 def test_ep4_over_two_virtual_nodes_with_node_limited_routing_resumes(tmp_path):

@@ -10,7 +10,7 @@ from torch import nn
 
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.runtime import PipelineRunner
-from moetron.profiling import StepProfiler, _all_threads_config, label
+from moetron.profiling import StepProfiler, all_threads_config, label
 from moetron.train.config import RootConfig, validate
 
 ROWS, HIDDEN = 4, 16
@@ -47,7 +47,7 @@ def test_trace_of_the_chosen_steps_holds_both_halves_of_each_pair(tmp_path):
         if label.startswith("pipeline."):
             threads.setdefault(label, set()).add(e["tid"])
     assert {"pipeline.F", "pipeline.FB", "pipeline.FB.forward"} <= set(threads)
-    if _all_threads_config() is not None:  # the side thread's backward is in the trace, on its own thread
+    if all_threads_config() is not None:  # the side thread's backward is in the trace, on its own thread
         assert threads["pipeline.FB.backward"].isdisjoint(threads["pipeline.FB.forward"])
     pairs = sum(a.kind == "FB" for a in build_schedule("dualpipev", 1, 4).actions[0])
     assert sum(1 for e in events if e.get("name", "").startswith("pipeline.FB.forward")) == 2 * pairs  # 2 steps

@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from moetron.comm.dispatch.ep import _ExpertParallelDispatcher
+from moetron.comm.dispatch.ep import ExpertParallelDispatcher
 from moetron.comm.lanes import GroupLike, LaneGroup, current_lane, issuing
 
 GPUS_PER_DEEPEP_NODE = 8  # DeepEP's internode kernels assume 8 NVLink peers per node (NUM_MAX_NVL_PEERS)
@@ -135,7 +135,7 @@ class _Combine(torch.autograd.Function):
         return grad_MH, None, None
 
 
-class DeepEPDispatcher(_ExpertParallelDispatcher):
+class DeepEPDispatcher(ExpertParallelDispatcher):
     """Flat over the EP group as DeepEP sees it; node-aware inside DeepEP's kernels.
 
     `ranks_per_node` is the EP group's ranks on one node (for the traffic counters).

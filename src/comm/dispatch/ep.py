@@ -34,7 +34,7 @@ class EPDispatchHandle:
     num_rows: int
 
 
-class _ExpertParallelDispatcher:
+class ExpertParallelDispatcher:
     def __init__(self, num_experts: int, ep_rank: int, ep_size: int, codec=None,
                  traffic: Optional[TrafficCounter] = None) -> None:
         self.num_local = num_experts // ep_size
@@ -67,7 +67,7 @@ class _ExpertParallelDispatcher:
         return y_MH
 
 
-class AllToAllDispatcher(_ExpertParallelDispatcher):
+class AllToAllDispatcher(ExpertParallelDispatcher):
     """Flat: every destination rank of the EP group gets each of its tokens once."""
 
     def __init__(self, num_experts: int, ep_rank: int, ep_size: int, ep_group: GroupLike,
@@ -85,7 +85,7 @@ class AllToAllDispatcher(_ExpertParallelDispatcher):
         return x_MH, expert_MK, weight_MK, [hop]
 
 
-class HierarchicalDispatcher(_ExpertParallelDispatcher):
+class HierarchicalDispatcher(ExpertParallelDispatcher):
     """Two hops: inter-node among same-local-index ranks (once per node), then intra-node fan-out.
     A hop with a single destination (one node; one EP rank per node) is skipped.
 
