@@ -178,12 +178,12 @@ def validate(cfg, world_size: int) -> ParallelDims:
         problems.append(f"train.global_batch={train.global_batch} must be a multiple of train.micro_batch x dp x ep = "
                         f"{train.micro_batch} x {dims.dp} x {dims.ep}")
     elif par.pp > 1 and par.schedule in BUILDERS:
-        micro_per_pipeline = train.global_batch // (train.micro_batch * data_ranks)
+        num_microbatches = train.global_batch // (train.micro_batch * data_ranks)
         try:
-            schedule = build_schedule(par.schedule, par.pp, micro_per_pipeline)
+            schedule = build_schedule(par.schedule, par.pp, num_microbatches)
         except ScheduleError as err:
             problems.append(f"{err}: each pipeline gets train.global_batch / (train.micro_batch x dp x ep) = "
-                            f"{micro_per_pipeline} micro-batches; raise train.global_batch or lower train.micro_batch")
+                            f"{num_microbatches} micro-batches; raise train.global_batch or lower train.micro_batch")
         else:
             if par.layout and len(par.layout) != schedule.num_modules:
                 problems.append(f"parallel.layout lists {len(par.layout)} stages, but {par.schedule} on "
