@@ -81,7 +81,7 @@ class PipelineRunner:
         self.shape, self.dtype, self.device = p2p_shape, dtype, device
         self._device_module = torch.get_device_module(device)  # torch.cuda on GPUs; torch.cpu's streams do nothing
         self._streams = {stage: self._device_module.Stream() for stage in stage_modules}
-        self.store = store or WeightGradStore()
+        self.store = store if store is not None else WeightGradStore()  # an empty store is falsy (len 0)
         self.overlap = overlap
         self._pool: Optional[ThreadPoolExecutor] = None
 

@@ -48,7 +48,12 @@ def _pipeline(rank, world, name, n):
                             store=made.weight_grad_store)
     inputs, targets = _micro_batches(n, model.cfg.vocab_size)
     loss_fn = functools.partial(parts.tail, mtp_weight=MTP_WEIGHT) if parts.tail is not None else None
+    deferred = []  # weight gradients B actions queued for W actions, through the store parallelize made
+    put = made.weight_grad_store.put
+    made.weight_grad_store.put = lambda fn: deferred.append(1) or put(fn)
     result = runner.step(inputs, targets, loss_fn, loss_scale=1.0 / n)
+    splits = any(a.kind == "B" for a in sched.actions[rank])
+    assert (len(deferred) > 0) == splits, (name, rank, len(deferred))
     return result.metrics, {name_: p.grad for name_, p in model.named_parameters() if p.grad is not None}
 
 
