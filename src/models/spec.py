@@ -98,6 +98,10 @@ class ModelSpec:
                        num_microbatches: int) -> PipelineParts:
         return pipeline_split(model, schedule, pp_rank, layout, num_microbatches)
 
+    def activation_shape(self, cfg, micro_batch: int, seq_len: int) -> tuple[int, ...]:
+        """The shape of what one pipeline stage sends the next: [B, S, H]."""
+        return (micro_batch, seq_len, cfg.hidden_size)
+
     # -- one step ----------------------------------------------------------------------------------
     def loss_options(self, cfg, train_cfg, tokens_seen: int) -> dict:
         """Keyword arguments of the model's loss for the next step (schedules in tokens)."""

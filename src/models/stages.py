@@ -102,10 +102,6 @@ class PipelineParts:
         """The modules this rank runs (its stages and, on a last stage, the loss tail)."""
         return [*self.stage_modules.values(), *([self.tail] if self.tail is not None else [])]
 
-    def shared_sets(self) -> list[tuple[int, ...]]:
-        """Every pp-rank set that shares a parameter (the same list on all ranks: it comes from the schedule)."""
-        return sorted({ranks for ranks in self.holders.values() if len(ranks) > 1})
-
 
 def pipeline_split(model: nn.Module, schedule, pp_rank: int, layout: Optional[list] = None,
                    num_microbatches: int = 1) -> PipelineParts:

@@ -1,36 +1,36 @@
 """Execute one rank's action list with real stage modules and point-to-point transfers.
 
     runner = PipelineRunner(schedule, rank, stage_modules, group, p2p_shape, dtype, store=store)
-    result = runner.step(inputs={mb: x}, targets={mb: y}, loss_fn=...)   # result.losses, result.metrics
+    result = runner.step(inputs={mb: x}, targets={mb: y}, loss_fn=...)  # .losses, .metrics
 
 `stage_modules[s]` is this rank's module for stage s. A module returns its output, or (output,
-metrics); the loss function returns the loss, or (loss, metrics): `metrics` are detached tensors
-of one shape (a model's loss terms, say) that the runner adds up over the step and returns, so
-nothing is kept on the modules. The runner executes the rank's actions with
-their transfers made explicit (moetron.pipeline.transfers): `RECV_*` posts a receive one compute
-action ahead, `SEND_*` sends what the compute before it produced; each run of them between two
-compute actions goes out as one `batch_isend_irecv` per communicator (tagged by kind, micro-batch
-and stage; activations and gradients on separate communicators when the group has two lanes).
-A forward waits for its input, runs the module and keeps (input, output) for backward; the last
-stage of a chain applies `loss_fn(output, target) * loss_scale`. `B` back-propagates to the stage
-input with the weight gradients of linear and grouped-expert layers queued in the
-`WeightGradStore` it is handed (layers that `moetron.parallel.weight_grads.defer_weight_grads`
-converted queue them; others compute theirs at once); `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its
-backward on a side thread while the forward runs here; backward collectives use lane 1, copies of
-the groups (moetron.comm.lanes), forward ones lane 0: one micro-batch's all-to-all is in
-flight while the other computes (`overlap=False` runs them one after the other). Where the groups
-carry an `IssueOrder`, the two halves take turns issuing collectives, so every rank issues them in
-one order. On a GPU each stage module (chunk) runs its forward on a stream of its own, and autograd
-runs every backward kernel on its forward's stream, so the two halves of a pair (always different
-chunks) are on different streams and can run at once; each forward first waits for the device's
-current stream (where its input arrived) and that stream then waits for it (where its output is
-sent or used); inputs and incoming gradients are recorded on the stream that reads them
-(`record_stream`), so the caching allocator does not hand their memory to another stream too
-early. The step waits for all sends before it returns. `busy_s` (compute, receive waits excluded) and
-`step_s` (wall time) of the last step give the measured bubble; `action_s` holds each compute
-action's busy seconds by kind (costs for the simulator), `action_spans` its (kind, start, end) in
-`time.perf_counter()` seconds (a timeline). In profiler traces each action carries a label
-(`pipeline.F mb3 stage1`; a pair's halves `pipeline.FB.forward ...`, `pipeline.FB.backward ...`).
+metrics); the loss function returns the loss, or (loss, metrics): `metrics` are detached tensors of
+one shape (a model's loss terms, say) that the runner adds up over the step and returns, so nothing
+is kept on the modules. The runner executes the rank's actions with their transfers made explicit
+(moetron.pipeline.transfers): `RECV_*` posts a receive one compute action ahead, `SEND_*` sends what
+the compute before it produced; each run of them between two compute actions goes out as one
+`batch_isend_irecv` per communicator (tagged by kind, micro-batch and stage; activations and
+gradients on separate communicators when the group has two lanes). A forward waits for its input,
+runs the module and keeps (input, output) for backward; the last stage of a chain applies
+`loss_fn(output, target) * loss_scale`. `B` back-propagates to the stage input with the weight
+gradients of linear and grouped-expert layers queued in the `WeightGradStore` it is handed (layers
+that `moetron.parallel.weight_grads.defer_weight_grads` converted queue them; others compute theirs
+at once); `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its backward on a side
+thread while the forward runs here; backward collectives use lane 1, copies of the groups
+(moetron.comm.lanes), forward ones lane 0: one micro-batch's all-to-all is in flight while the other
+computes (`overlap=False` runs them one after the other). Where the groups carry an `IssueOrder`,
+the two halves take turns issuing collectives, so every rank issues them in one order. On a GPU each
+stage module (chunk) runs its forward on a stream of its own, and autograd runs every backward
+kernel on its forward's stream, so the two halves of a pair (always different chunks) are on
+different streams and can run at once; each forward first waits for the device's current stream
+(where its input arrived) and that stream then waits for it (where its output is sent or used);
+inputs and incoming gradients are recorded on the stream that reads them (`record_stream`), so the
+caching allocator does not hand their memory to another stream too early. The step waits for all
+sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s` (wall time) of the
+last step give the measured bubble; `action_s` holds each compute action's busy seconds by kind
+(costs for the simulator), `action_spans` its (kind, start, end) in `time.perf_counter()` seconds (a
+timeline). In profiler traces each action carries a label (`pipeline.F mb3 stage1`; a pair's halves
+`pipeline.FB.forward ...`, `pipeline.FB.backward ...`).
 
 Shape legend: B micro-batch rows, F features.
 """
@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch

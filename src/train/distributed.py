@@ -1,5 +1,5 @@
-"""Ranks from the launcher's environment (torchrun or SLURM), process-group setup, and the
-data-parallel gradient average. Groups are returned to the caller, never kept in globals."""
+"""Ranks from the launcher's environment (torchrun or SLURM) and process-group setup. Groups are
+returned to the caller, never kept in globals."""
 from __future__ import annotations
 
 import os
@@ -53,14 +53,3 @@ def init_process_group(world: World, device: torch.device) -> Optional[dist.Proc
     else:
         dist.init_process_group("gloo", rank=world.rank, world_size=world.size)
     return dist.group.WORLD
-
-
-def all_reduce_mean(values: torch.Tensor, group: Optional[dist.ProcessGroup], size: int,
-                    device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """Mean over the group of host-side values; the reduction runs on `device` (NCCL takes no CPU
-    tensors) and the result comes back to the host."""
-    if group is not None and size > 1:
-        on_device = values.to(device)
-        dist.all_reduce(on_device, group=group)
-        values = on_device.cpu() / size
-    return values

@@ -16,6 +16,7 @@ after the optimizer step. One optimizer step:
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _resume(run_dir: Path, cfg, model, optimizer, groups):
+def _resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, groups):
     """(step, tokens) of the newest loadable checkpoint, restored into model/optimizer/RNG; (0, 0) if none."""
     model_name, optim_name = _shard_names(groups)
     found = checkpoint.load_latest(run_dir / "checkpoints", (model_name, optim_name, "trainer")) if cfg.train.resume else None
@@ -75,8 +76,9 @@ def _resume(run_dir: Path, cfg, model, optimizer, groups):
         return 0, 0
     step, parts = found
     parts = {"model": parts[model_name], "optim": parts[optim_name], "trainer": parts["trainer"]}
-    saved_model_cfg = parts["trainer"]["config"]["model"]
-    current_model_cfg = OmegaConf.to_container(cfg.model)
+    # compared as typed configs: a preset lists some keys, the schema's defaults fill the rest
+    saved_model_cfg = dataclasses.asdict(spec.config(parts["trainer"]["config"]["model"]))
+    current_model_cfg = dataclasses.asdict(model_cfg)
     if saved_model_cfg != current_model_cfg:
         changed = sorted(k for k in current_model_cfg if saved_model_cfg.get(k) != current_model_cfg[k])
         raise UserInputError(f"the checkpoint in {run_dir / 'checkpoints'} was trained with other model settings "
@@ -140,7 +142,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     layout = [list(ids) for ids in par.layout] if par.layout else None
     parts = spec.pipeline_split(model, schedule, groups.pp_rank, layout, num_microbatches)
     materialize(model, parts.held_modules, device, cfg.train.seed)
-    p2p_shape = (cfg.train.micro_batch, cfg.train.seq_len, model_cfg.hidden_size)
+    p2p_shape = spec.activation_shape(model_cfg, cfg.train.micro_batch, cfg.train.seq_len)
     micro = PipelinedMicroBatches(schedule, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
                                   _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store)
     finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared)
@@ -159,7 +161,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
     num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
     model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
     optimizer = build_optimizer(model, cfg.optim, device)
-    start_step, tokens_seen = _resume(run_dir, cfg, model, optimizer, groups)
+    start_step, tokens_seen = _resume(run_dir, cfg, spec, model_cfg, model, optimizer, groups)
     if world.is_main and start_step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
     if start_step >= tcfg.max_steps:
