@@ -44,6 +44,14 @@ def piecewise(schedule, tokens: float) -> float:
     return float(value)
 
 
+def defer_decoder_weight_grads(model: nn.Module, made: Parallelized) -> None:
+    """Make the decoder blocks' weight gradients deferrable to W actions (`model.layers`, the whole
+    model if it has none), through a new store recorded in `made`. The loss tail stays as it is: its
+    deferred gradients would keep the logits' gradient, [B, S, V] per head, alive until W."""
+    made.weight_grad_store = WeightGradStore()
+    defer_weight_grads(getattr(model, "layers", model), made.weight_grad_store)
+
+
 class ModelSpec:
     """The default spec of a dense decoder; subclasses set `arch` and `config_cls` and override."""
 
@@ -62,7 +70,8 @@ class ModelSpec:
                 cfg = OmegaConf.to_object(merged)
             except OmegaConfBaseException as err:
                 key = getattr(err, "full_key", None) or getattr(err, "key", None)
-                raise ValueError(f"model.{key}: {str(err).splitlines()[0]} (model.arch={self.arch!r}, "
+                where = f"model.{key}: " if key else "model: "
+                raise ValueError(f"{where}{str(err).splitlines()[0]} (model.arch={self.arch!r}, "
                                  f"schema {self.config_cls.__name__})") from err
         if callable(getattr(cfg, "validate", None)):
             cfg.validate()
@@ -90,8 +99,7 @@ class ModelSpec:
         pipeline's B/W split needs (a module converter)."""
         made = Parallelized()
         if defer_weights:
-            made.weight_grad_store = WeightGradStore()
-            defer_weight_grads(model, made.weight_grad_store)
+            defer_decoder_weight_grads(model, made)
         return made
 
     def pipeline_split(self, model: nn.Module, schedule, pp_rank: int, layout: Optional[list],

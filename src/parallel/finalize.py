@@ -11,11 +11,18 @@ It owns the split of this rank's parameters:
   held by several pipeline ranks, whose gradients are summed over those ranks.
 
 `finish_gradients()` reduces, sums, computes the whole model's gradient norm and clips (returns the
-norm). `reduce_metrics(parts)` sums a dict of float64 device tensors over all ranks in one
-all-reduce. ZeRO-1 will replace the data-parallel all-reduce here by a reduce-scatter.
+norm); `optimizer_param_groups` gives the optimizer what it steps on, `after_optimizer_step()`
+finishes the step. `reduce_metrics(parts)` sums a dict of float64 device tensors over all ranks in
+one all-reduce.
+
+With `zero1` (`moetron.parallel.zero1`), the optimizer steps on FP32 master shards instead of the
+parameters: replicated parameters are sharded over the dp x ep group, expert parameters over the
+expert-data-parallel group; gradients are reduce-scattered instead of all-reduced, the norm is
+summed from the shards, and the updated shards are all-gathered back into the parameters.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,11 +32,12 @@ from torch import nn
 from moetron.parallel.dims import ParallelGroups, pipeline_subgroups
 from moetron.parallel.grad_reduce import clip_grad_norm, reduce_gradients, sum_shared_gradients
 from moetron.parallel.materialize import held_parameters
+from moetron.parallel.zero1 import ShardedParams
 
 
 class StepFinalizer:
     def __init__(self, model: nn.Module, expert_params: list, groups: ParallelGroups, grad_clip: float,
-                 pp_holders: Optional[dict] = None, pp_shared: Optional[dict] = None) -> None:
+                 pp_holders: Optional[dict] = None, pp_shared: Optional[dict] = None, zero1: bool = False) -> None:
         """`expert_params`: the EP-sharded parameters (from `parallelize`); `pp_holders`: id(param) ->
         the pipeline ranks holding it, and `pp_shared`: pipeline-rank set -> this rank's parameters
         they share (both from the pipeline split; None without pipelining). Every rank must build
@@ -42,20 +50,77 @@ class StepFinalizer:
         self.pp_shared = pp_shared or {}
         shared_sets = sorted({ranks for ranks in (pp_holders or {}).values() if len(ranks) > 1})
         self._shared_groups = pipeline_subgroups(groups.dims, groups.rank, shared_sets) if shared_sets else {}
+        self.model, self.zero1 = model, zero1
+        self.sharded: list[ShardedParams] = []
+        if zero1:
+            dims, (_, dp_idx, ep_idx) = groups.dims, groups.dims.coords(groups.rank)
+            self.sharded = [ShardedParams(self.replicated, groups.dp_ep_group, self.data_ranks, groups.dp_ep_rank),
+                            ShardedParams(self.experts, groups.edp_group, dims.dp, dp_idx)]
+        self._shard_of = {id(p): shard for sp in self.sharded for p, shard in zip(sp.params, sp.shards)}
 
     @property
     def data_ranks(self) -> int:
         """Ranks of a pipeline stage that read their own sequences (dp x ep)."""
         return self.groups.dims.dp * self.groups.dims.ep
 
+    def optimizer_param_groups(self, weight_decay: float) -> list[dict]:
+        """What the optimizer steps on, in model order: the held parameters, or under ZeRO-1 their
+        master shards. Weight decay on matrices and expert stacks, none on norms and vectors."""
+        held = [p for p in held_parameters(self.model) if p.requires_grad]
+        decay = [self._shard_of.get(id(p), p) for p in held if p.ndim >= 2]
+        no_decay = [self._shard_of.get(id(p), p) for p in held if p.ndim < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
     def finish_gradients(self) -> float:
         """Average over data- and expert-data-parallel ranks, sum over pipeline ranks sharing a
         parameter, clip by the whole model's norm (optim.grad_clip; 0: no clipping); return the norm."""
         g = self.groups
-        reduce_gradients(self.replicated, self.experts, g.dp_ep_group, g.edp_group, self.data_ranks)
-        if self.pp_shared:
+        if not self.zero1:
+            reduce_gradients(self.replicated, self.experts, g.dp_ep_group, g.edp_group, self.data_ranks)
+            if self.pp_shared:
+                sum_shared_gradients(self.pp_shared, self._shared_groups)
+            return clip_grad_norm(self.replicated, self.experts, self.grad_clip, g.ep_group, g.pp_group,
+                                  self.pp_copies)
+        if self.pp_shared:  # full gradients first: the pipeline ranks sharing a parameter shard it alike
             sum_shared_gradients(self.pp_shared, self._shared_groups)
-        return clip_grad_norm(self.replicated, self.experts, self.grad_clip, g.ep_group, g.pp_group, self.pp_copies)
+        replicated, experts = self.sharded
+        for sharded in self.sharded:
+            sharded.reduce_scatter_grads(1.0 / self.data_ranks)
+        return self._clip_shards(replicated, experts)
+
+    def _clip_shards(self, replicated: ShardedParams, experts: ShardedParams) -> float:
+        """The whole model's norm from the shards: replicated shards summed over dp x ep, expert
+        shards over expert-DP then EP, then the pipeline; clip the shard gradients by it."""
+        g = self.groups
+        replicated_sq = replicated.shard_sq_norm(self.pp_copies)
+        if g.dp_ep_group is not None:
+            dist.all_reduce(replicated_sq, group=g.dp_ep_group)
+        expert_sq = experts.shard_sq_norm(self.pp_copies).to(replicated_sq.device)
+        for group in (g.edp_group, g.ep_group):
+            if group is not None:
+                dist.all_reduce(expert_sq, group=group)
+        total_sq = replicated_sq + expert_sq
+        if g.pp_group is not None:
+            dist.all_reduce(total_sq, group=g.pp_group)
+        total = math.sqrt(float(total_sq))
+        if self.grad_clip > 0 and total > self.grad_clip:
+            shards = [s.grad for sp in self.sharded for s in sp.shards]
+            torch._foreach_mul_(shards, self.grad_clip / (total + 1e-6))
+        return total
+
+    def after_optimizer_step(self) -> None:
+        """ZeRO-1: the updated master shards back into every rank's parameters. Then no gradients."""
+        for sharded in self.sharded:
+            sharded.all_gather_params()
+        for p in held_parameters(self.model):
+            p.grad = None
+        for shard in self._shard_of.values():
+            shard.grad = None
+
+    def load_shards_from_params(self) -> None:
+        """After a checkpoint loaded into the parameters: the master shards follow."""
+        for sharded in self.sharded:
+            sharded.load_shards_from_params()
 
     def reduce_metrics(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each tensor summed over all ranks, in one all-reduce (float64, on the device the tensors are

@@ -58,7 +58,7 @@ K = ActionKind
 
 @dataclass
 class StepResult:
-    losses: dict[int, torch.Tensor]  # micro-batch -> its loss (detached), on ranks that run a last stage
+    losses: dict[int, torch.Tensor]  # micro-batch -> the loss it back-propagated (unscaled, detached), last stages only
     metrics: Optional[torch.Tensor]  # the sum of what the modules and the loss returned as metrics, or None
 
 
@@ -161,9 +161,8 @@ class PipelineRunner:
         if not isinstance(returned, tuple):
             return returned
         out, metrics = returned
-        if metrics is not None:
-            metrics = metrics.detach()
-            self._metrics = metrics if self._metrics is None else self._metrics + metrics
+        if metrics is not None:  # kept alive to the end of the step: summed there, on the ambient stream
+            self._metrics.append(metrics.detach())
         return out
 
     def _forward_emit(self, mb: int, stage: int, out: torch.Tensor) -> None:
@@ -306,7 +305,7 @@ class PipelineRunner:
         and the sum of the metrics its modules and the loss returned."""
         self._inputs, self._targets, self._loss_fn, self._loss_scale = inputs, targets, loss_fn, loss_scale
         self._saved, self._local_acts, self._local_grads, self._losses = {}, {}, {}, {}
-        self._metrics: Optional[torch.Tensor] = None
+        self._metrics: list[torch.Tensor] = []
         self._posted, self._outbox, self._sends = {}, {}, []
         self.busy_s, self._idle_adjust_s, self._waits = 0.0, 0.0, threading.local()
         self.action_s: dict[str, list[float]] = {}
@@ -326,4 +325,5 @@ class PipelineRunner:
             work.wait()
         self.step_s = time.perf_counter() - started
         assert not (self._saved or self._posted or self._outbox or len(self.store)), "schedule left work undone"
-        return StepResult(self._losses, self._metrics)
+        metrics = torch.stack(self._metrics).sum(0) if self._metrics else None
+        return StepResult(self._losses, metrics)

@@ -46,7 +46,6 @@ class ActionKind(str, Enum):
         return self.name.startswith(("SEND", "RECV"))
 
 
-COMPUTE_KINDS = (ActionKind.F, ActionKind.B, ActionKind.W, ActionKind.BW, ActionKind.FB)
 TRANSFER_KINDS = (ActionKind.SEND_F, ActionKind.RECV_F, ActionKind.SEND_B, ActionKind.RECV_B)
 
 

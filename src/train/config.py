@@ -19,8 +19,7 @@ from moetron.comm.dispatch.deepep import deepep_problems
 from moetron.models.registry import get_spec
 from moetron.parallel.dims import ParallelDims, Topology
 from moetron.parallel.expert_parallel import DISPATCHERS
-from moetron.pipeline.builders import BUILDERS, build_schedule
-from moetron.pipeline.schedule import ScheduleError
+from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
 
 
 @dataclass
@@ -51,6 +50,9 @@ class ParallelConfig:
     schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zb1p | dualpipe | dualpipev (used when pp > 1)
     layout: Optional[list[Any]] = None  # decoder layers per stage module, e.g. [[0, 1], [2]]; None: even
     dispatcher: str = "hierarchical"  # alltoall | hierarchical | deepep (expert-parallel token exchange)
+    # ZeRO-1: optimizer state and FP32 master weights sharded over the ranks holding copies
+    # (moetron.parallel.zero1); None: on when dp > 1
+    zero1: Optional[bool] = None
     overlap_fb: bool = True  # dualpipe(v): run the forward and backward of each F&B pair at once
     # overlapped pairs: forward and backward take turns issuing collectives, in one order on every
     # rank (moetron.comm.lanes); None: on under NCCL, whose blocking kernels need it, off under gloo
@@ -181,7 +183,7 @@ def validate(cfg, world_size: int) -> ParallelDims:
         num_microbatches = train.global_batch // (train.micro_batch * data_ranks)
         try:
             schedule = build_schedule(par.schedule, par.pp, num_microbatches)
-        except ScheduleError as err:
+        except MinimumMicrobatches as err:
             problems.append(f"{err}: each pipeline gets train.global_batch / (train.micro_batch x dp x ep) = "
                             f"{num_microbatches} micro-batches; raise train.global_batch or lower train.micro_batch")
         else:

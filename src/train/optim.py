@@ -1,14 +1,11 @@
 """Optimizer and schedules: AdamW (torch fused where the device allows, BF16 moments as an option,
-NVIDIA apex's FusedAdam only if installed), warmup + cosine LR; piecewise schedules in tokens
-(`piecewise`, defined with the model specs that follow them)."""
+NVIDIA apex's FusedAdam only if installed), warmup + cosine LR. (Schedules in tokens:
+`moetron.models.spec.piecewise`, beside the model specs that follow them.)"""
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
-
-from moetron.models.spec import piecewise  # noqa: F401  (re-exported: schedules of the train config)
 
 
 def lr_at(step: int, cfg, max_steps: int) -> float:
@@ -53,17 +50,9 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
                 p.add_((exp_avg / (1 - beta1 ** t) / denom).to(p.dtype), alpha=-group["lr"])
 
 
-def param_groups(model: nn.Module, weight_decay: float):
-    """Weight decay on matrices (and expert weight stacks), none on norms and vectors; only the
-    parameters this rank holds (those another pipeline rank holds stay on the meta device)."""
-    params = [p for p in model.parameters() if p.requires_grad and not p.is_meta]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `groups` (`StepFinalizer.optimizer_param_groups`: the held parameters, or their
+    ZeRO-1 master shards, with weight decay on matrices only)."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.moments_dtype == "bfloat16":
         return AdamWLowPrecisionMoments(groups, moments_dtype=torch.bfloat16, weight_decay=cfg.weight_decay, **kwargs)
@@ -76,3 +65,11 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
     fused = cfg.implementation == "auto" and device.type == "cuda"
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
+def optimizer_state_gib(optimizer: torch.optim.Optimizer) -> float:
+    """This rank's optimizer state and the master weights it steps on (the parameters, or their
+    ZeRO-1 shards), in GiB."""
+    tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += [p for group in optimizer.param_groups for p in group["params"]]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30

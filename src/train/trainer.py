@@ -37,7 +37,7 @@ from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
-from moetron.train.optim import build_optimizer, lr_at
+from moetron.train.optim import build_optimizer, lr_at, optimizer_state_gib
 
 
 class UserInputError(Exception):
@@ -61,9 +61,9 @@ def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, groups):
+def _resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, groups, finalizer):
     """(step, tokens) of the newest loadable checkpoint, restored into model/optimizer/RNG; (0, 0) if none."""
-    model_name, optim_name = _shard_names(groups)
+    model_name, optim_name = _shard_names(groups, finalizer.zero1)
     found = checkpoint.load_latest(run_dir / "checkpoints", (model_name, optim_name, "trainer")) if cfg.train.resume else None
     steps = [found[0] if found else 0]
     if groups.dims.world_size > 1:  # every rank must resume from the same step
@@ -77,7 +77,11 @@ def _resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, groups):
     step, parts = found
     parts = {"model": parts[model_name], "optim": parts[optim_name], "trainer": parts["trainer"]}
     # compared as typed configs: a preset lists some keys, the schema's defaults fill the rest
-    saved_model_cfg = dataclasses.asdict(spec.config(parts["trainer"]["config"]["model"]))
+    try:
+        saved_model_cfg = dataclasses.asdict(spec.config(parts["trainer"]["config"]["model"]))
+    except ValueError as err:
+        raise UserInputError(f"the checkpoint in {run_dir / 'checkpoints'} has model settings this version cannot "
+                             f"read ({err}); use a new hydra.run.dir or train.resume=false") from err
     current_model_cfg = dataclasses.asdict(model_cfg)
     if saved_model_cfg != current_model_cfg:
         changed = sorted(k for k in current_model_cfg if saved_model_cfg.get(k) != current_model_cfg[k])
@@ -88,6 +92,7 @@ def _resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, groups):
         load_held_state_dict(model, parts["model"])
     except KeyError as err:
         raise UserInputError(f"{run_dir / 'checkpoints'}: {err.args[0]}; use a new hydra.run.dir or train.resume=false") from err
+    finalizer.load_shards_from_params()
     optimizer.load_state_dict(parts["optim"])
     _set_rng_state(parts["trainer"]["rng"])
     return step, parts["trainer"]["tokens"]
@@ -136,7 +141,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     if dims.pp == 1:
         materialize(model, [model], device, cfg.train.seed)
         micro = LocalMicroBatches(model, device, _compute_dtype(cfg, device))
-        finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip)
+        finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, zero1=_zero1(cfg, dims))
         return model, made, micro, finalizer
     schedule = build_schedule(par.schedule, dims.pp, num_microbatches)
     layout = [list(ids) for ids in par.layout] if par.layout else None
@@ -145,8 +150,14 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     p2p_shape = spec.activation_shape(model_cfg, cfg.train.micro_batch, cfg.train.seq_len)
     micro = PipelinedMicroBatches(schedule, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
                                   _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store)
-    finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared)
+    finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared,
+                              zero1=_zero1(cfg, dims))
     return model, made, micro, finalizer
+
+
+def _zero1(cfg, dims) -> bool:
+    """parallel.zero1, or (unset) on whenever dp > 1."""
+    return cfg.parallel.zero1 if cfg.parallel.zero1 is not None else dims.dp > 1
 
 
 def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -> dict:
@@ -160,8 +171,8 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
     data_ranks = dims.dp * dims.ep  # every dp x ep rank of the stage reads its own sequences
     num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
     model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    start_step, tokens_seen = _resume(run_dir, cfg, spec, model_cfg, model, optimizer, groups)
+    optimizer = build_optimizer(finalizer.optimizer_param_groups(cfg.optim.weight_decay), cfg.optim, device)
+    start_step, tokens_seen = _resume(run_dir, cfg, spec, model_cfg, model, optimizer, groups, finalizer)
     if world.is_main and start_step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
     if start_step >= tcfg.max_steps:
@@ -195,7 +206,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
             loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, tokens_seen))
             grad_norm = finalizer.finish_gradients()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            finalizer.after_optimizer_step()  # ZeRO-1: gather the updated shards; no gradients left
             summed = finalizer.reduce_metrics(_step_parts(loss_sums, micro, made, spec, model, device))
             extra = spec.after_step(model, summed, tcfg, tokens_seen)
             tokens_seen += tokens_per_step
@@ -206,6 +217,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
             metrics = _step_metrics(step + 1, tokens_seen, losses, loss_names, lr, grad_norm, step_time,
                                     tokens_per_step, flops_per_token, world.size, cfg, device)
             metrics.update(extra)
+            metrics["memory/optimizer_state_gib"] = optimizer_state_gib(optimizer)
             if "a2a_bytes" in summed:
                 ib, nvlink = summed["a2a_bytes"].tolist()
                 metrics.update({"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)})
@@ -225,7 +237,8 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                 else:
                     print(line, flush=True)
             if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step:
-                _save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups)
+                _save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups,
+                      finalizer.zero1)
     finally:
         profiler.close()
         if world.is_main:
@@ -240,22 +253,30 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
     return metrics
 
 
-def _shard_names(groups) -> tuple[str, str]:
-    """Checkpoint part names of this rank's model and optimizer: one pair per EP rank under EP."""
-    suffix = (f"-pp{groups.pp_rank}" if groups.dims.pp > 1 else "") + (f"-ep{groups.ep_rank}" if groups.dims.ep > 1 else "")
-    return f"model{suffix}", f"optim{suffix}"
+def _shard_names(groups, zero1: bool) -> tuple[str, str]:
+    """Checkpoint part names of this rank's model and optimizer: one model file per (pp, ep) rank,
+    and one optimizer file per (pp, ep) rank, or per (pp, dp, ep) rank under ZeRO-1 (sharded state)."""
+    dims, (pp_idx, dp_idx, ep_idx) = groups.dims, groups.dims.coords(groups.rank)
+    suffix = (f"-pp{pp_idx}" if dims.pp > 1 else "") + (f"-ep{ep_idx}" if dims.ep > 1 else "")
+    optim_suffix = suffix + (f"-dp{dp_idx}" if zero1 else "")
+    return f"model{suffix}", f"optim{optim_suffix}"
 
 
-def _save(run_dir, step, tokens, model, optimizer, config_dict, keep, world, groups) -> None:
-    """Rank 0 stages the folder; the first dp replica of every (pp, ep) rank writes its shard; rank 0 commits."""
+def _save(run_dir, step, tokens, model, optimizer, config_dict, keep, world, groups, zero1: bool) -> None:
+    """Rank 0 stages the folder; the first dp replica of every (pp, ep) rank writes its model shard and
+    optimizer state (under ZeRO-1 every rank writes its optimizer shard); rank 0 commits."""
     root = run_dir / "checkpoints"
     if world.is_main:
         checkpoint.begin(root, step)
     _barrier(world)
     _, dp_idx, _ = groups.dims.coords(world.rank)
+    model_name, optim_name = _shard_names(groups, zero1)
+    parts = {}
     if dp_idx == 0:
-        model_name, optim_name = _shard_names(groups)
-        parts = {model_name: held_state_dict(model), optim_name: optimizer.state_dict()}
+        parts[model_name] = held_state_dict(model)
+    if dp_idx == 0 or zero1:
+        parts[optim_name] = optimizer.state_dict()
+    if parts:
         if world.is_main:
             parts["trainer"] = {"step": step, "tokens": tokens, "data_position": step, "rng": _rng_state(),
                                 "config": config_dict}

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moetron.parallel.weight_grads import WeightGradStore, defer_weight_grads
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.runtime import PipelineRunner
 from tests.dist.harness import run_ranks
@@ -47,10 +48,15 @@ def _reference(name, P, n):
 def _pipeline(rank, world, name, n):
     sched = build_schedule(name, world, n)
     blocks = _blocks(len(sched.chains[0]))
-    mine = {s: copy.deepcopy(blocks[sched.module_of_stage[s]]) for s in sched.stages_on(rank)}
-    runner = PipelineRunner(sched, rank, mine, dist.group.WORLD, (ROWS, HIDDEN))
+    store = WeightGradStore()  # B actions defer the converted linears' weight gradients to W actions
+    mine = {s: defer_weight_grads(copy.deepcopy(blocks[sched.module_of_stage[s]]), store) for s in sched.stages_on(rank)}
+    runner = PipelineRunner(sched, rank, mine, dist.group.WORLD, (ROWS, HIDDEN), store=store)
     inputs, targets = _data(n)
+    queued = []
+    put = store.put
+    store.put = lambda fn: queued.append(1) or put(fn)
     losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n).losses
+    assert bool(queued) == any(a.kind == "B" for a in sched.actions[rank])
     # the timeline: one span per compute action, in the rank's order, one after the other
     assert [k for k, _, _ in runner.action_spans] == [a.kind for a in sched.actions[rank]]
     assert all(s0 <= e0 <= s1 for (_, s0, e0), (_, s1, _) in zip(runner.action_spans, runner.action_spans[1:]))

@@ -8,7 +8,8 @@ import torch
 
 from moetron.train import checkpoint
 from moetron.train.data import ByteTokenizer, PackedSampler, load_token_file, load_tokens, write_token_file
-from moetron.train.optim import AdamWLowPrecisionMoments, lr_at, piecewise
+from moetron.models.spec import piecewise
+from moetron.train.optim import AdamWLowPrecisionMoments, lr_at
 
 
 def test_byte_tokenizer_round_trip():

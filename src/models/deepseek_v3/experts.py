@@ -93,7 +93,7 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.recompute_swiglu = recompute_swiglu
         self.use_grouped_mm = True
-        self.weight_grad_store = None  # set by a pipeline runtime to defer weight gradients to W
+        self.weight_grad_store = None  # handed in by parallelize's converter, to defer weight gradients to W
         self.first_expert = 0  # global index of expert 0 here (expert parallelism shards the stack)
 
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

@@ -81,8 +81,8 @@ def apply_moe_step(model: nn.Module, summed: dict[str, torch.Tensor], bias_updat
         load_E, bias_E = loads_LE[i], bias_LE[i]
         speed = router.cfg.bias_update_speed if bias_update_speed is None else bias_update_speed
         if router.cfg.balance_mode == "loss_free" and speed > 0:
-            load_f = load_E.to(bias_E.dtype)
-            bias_E = bias_E + speed * torch.sign(load_f.mean() - load_f)
+            # the sign in float64: exact for any token count (float32 is exact to 2^24 per layer only)
+            bias_E = bias_E + speed * torch.sign(load_E.mean() - load_E).to(bias_E.dtype)
         if _held(router):
             router.expert_bias.copy_(bias_E)
             router.tokens_per_expert.zero_()

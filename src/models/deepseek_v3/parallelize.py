@@ -14,7 +14,7 @@ from torch import nn
 from moetron.comm.dispatch.deepep import DeepEPBuffers
 from moetron.comm.traffic import TrafficCounter
 from moetron.models.deepseek_v3.moe import MoE
-from moetron.models.spec import ModelSpec, Parallelized
+from moetron.models.spec import Parallelized, defer_decoder_weight_grads
 from moetron.parallel.dims import ParallelGroups
 from moetron.parallel.expert_parallel import make_dispatcher, shard_experts
 
@@ -38,7 +38,9 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
 def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hierarchical",
                 defer_weights: bool = False) -> Parallelized:
     """Expert parallelism over `groups`, and (`defer_weights`, for pipelines) deferrable weight
-    gradients, the generic part every decoder gets."""
-    made = ModelSpec().parallelize(model, groups, dispatcher, defer_weights)
+    gradients in the decoder blocks, as every decoder gets them."""
+    made = Parallelized()
+    if defer_weights:
+        defer_decoder_weight_grads(model, made)
     shard_moe_layers(model, groups, dispatcher, made)
     return made

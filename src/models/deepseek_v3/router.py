@@ -45,7 +45,7 @@ def limit_to_top_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int) 
 class TopKRouter(nn.Module):
     """Chooses K experts per token and their gates; counts the step's load per expert.
 
-    `expert_bias` is a buffer (never a parameter): `balance.finish_moe_step` updates it after each
+    `expert_bias` is a buffer (never a parameter): `moe_step.apply_moe_step` updates it after each
     optimizer step from `tokens_per_expert`, which accumulates over all micro-batches of the step.
     """
 

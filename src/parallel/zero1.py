@@ -1,0 +1,110 @@
+"""ZeRO-1 (Rajbhandari et al. 2020, "ZeRO", stage 1): optimizer state and FP32 master weights
+sharded over the ranks that hold copies of a parameter.
+
+Each parameter is cut along dim 0 into `size` even shards (dim 0 padded up to a multiple of
+`size`), so a shard is addressable by (parameter name, shard index) whatever else the rank holds.
+Rank i of the group keeps shard i of every parameter as an FP32 master copy, on which the optimizer
+steps. One step:
+
+1. `reduce_scatter_grads(scale)`: each rank receives the sum over the group of its shard of every
+   gradient (times `scale`), in buckets (one collective per bucket);
+2. the caller clips the shard gradients by the whole model's norm and steps the optimizer on the
+   master shards (AdamW is elementwise: the shard update equals the slice of the full update);
+3. `all_gather_params()`: the updated shards travel back into every rank's full parameter.
+
+Shape legend: D0 a parameter's dim 0, R rows per shard (ceil(D0 / size)), N group size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+BUCKET_NUMEL = 1 << 24  # shard elements per collective (64 MiB of float32 across the group's ranks)
+
+
+class ShardedParams:
+    """Parameters replicated over `group` (`size` ranks, this one `rank`), with this rank's master shards."""
+
+    def __init__(self, params: list[nn.Parameter], group: Optional[dist.ProcessGroup], size: int, rank: int,
+                 bucket_numel: int = BUCKET_NUMEL) -> None:
+        self.params, self.group, self.size, self.rank = params, group, size, rank
+        self.rows = [math.ceil(p.shape[0] / size) for p in params]  # R per parameter
+        with torch.no_grad():
+            self.shards = [nn.Parameter(self._padded(p.detach(), r)[rank * r:(rank + 1) * r].float().clone())
+                           for p, r in zip(params, self.rows)]
+        self.buckets: list[list[int]] = []  # parameter indices per collective
+        current, numel = [], 0
+        for i, shard in enumerate(self.shards):
+            if current and numel + shard.numel() > bucket_numel:
+                self.buckets.append(current)
+                current, numel = [], 0
+            current.append(i)
+            numel += shard.numel()
+        if current:
+            self.buckets.append(current)
+
+    @torch.no_grad()
+    def load_shards_from_params(self) -> None:
+        """Master shards from the full parameters (after a checkpoint loaded into them)."""
+        for p, r, shard in zip(self.params, self.rows, self.shards):
+            shard.copy_(self._padded(p.detach(), r)[self.rank * r:(self.rank + 1) * r])
+
+    def _padded(self, t: torch.Tensor, rows: int) -> torch.Tensor:
+        """t with dim 0 zero-padded to rows x size: [R N, ...]."""
+        extra = rows * self.size - t.shape[0]
+        if extra == 0:
+            return t
+        return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
+
+    def reduce_scatter_grads(self, scale: float) -> None:
+        """shard.grad = scale x (sum over the group of this rank's shard of p.grad); a missing
+        gradient counts as zeros (every rank must join every bucket)."""
+        for bucket in self.buckets:
+            columns = []
+            for i in bucket:
+                p, r = self.params[i], self.rows[i]
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                columns.append(self._padded(grad.detach().float(), r).reshape(self.size, -1))  # [N, R x rest]
+            send_NC = torch.cat(columns, dim=1)
+            mine_C = torch.empty(send_NC.shape[1], dtype=send_NC.dtype, device=send_NC.device)
+            if self.group is None:
+                mine_C.copy_(send_NC[0])
+            else:
+                _reduce_scatter(mine_C, send_NC.reshape(-1), group=self.group)
+            mine_C.mul_(scale)
+            offset = 0
+            for i in bucket:
+                shard = self.shards[i]
+                shard.grad = mine_C[offset:offset + shard.numel()].view_as(shard).clone()
+                offset += shard.numel()
+
+    @torch.no_grad()
+    def all_gather_params(self) -> None:
+        """Every rank's full parameters from the group's updated master shards."""
+        for bucket in self.buckets:
+            mine_C = torch.cat([self.shards[i].detach().reshape(-1) for i in bucket])
+            if self.group is None:
+                all_NC = mine_C.view(1, -1)
+            else:
+                all_NC = torch.empty(self.size * mine_C.numel(), dtype=mine_C.dtype, device=mine_C.device)
+                _all_gather(all_NC, mine_C, group=self.group)
+                all_NC = all_NC.view(self.size, -1)
+            offset = 0
+            for i in bucket:
+                p, r, n = self.params[i], self.rows[i], self.shards[i].numel()
+                full = all_NC[:, offset:offset + n].reshape(r * self.size, *p.shape[1:])[:p.shape[0]]
+                p.copy_(full.to(p.dtype))
+                offset += n
+
+    def shard_sq_norm(self, copies: dict) -> torch.Tensor:
+        """Sum of squares of this rank's shard gradients, a parameter held by n pipeline ranks counting 1/n."""
+        terms = [s.grad.pow(2).sum() / copies.get(id(p), 1) for p, s in zip(self.params, self.shards)]
+        device = self.shards[0].device if self.shards else torch.device("cpu")
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
