@@ -22,13 +22,15 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="pkg://moetron.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    from moetron.train.distributed import world_from_env
     from moetron.train.trainer import UserInputError, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = train(cfg, run_dir)
     except UserInputError as err:
-        print(f"moetron-train: error: {err}", file=sys.stderr)
+        if world_from_env().is_main:  # every rank finds the same mistake: say it once
+            print(f"moetron-train: error: {err}", file=sys.stderr)
         sys.exit(2)
     return float(metrics.get("loss", float("nan")))  # the sweep objective
 

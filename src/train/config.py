@@ -4,22 +4,16 @@
 logging (+ the `train` settings) on top of `RootConfig`, so a misspelled key or a value of the wrong
 type is an error naming it. The `model` node belongs to the architecture `model.arch` names: its
 spec's config class types it (`validate` merges the two, so its keys are checked the same way).
-`validate(cfg, world_size)` checks what types cannot (divisibility, paths, sizes) before any
+`moetron.train.validate` checks what types cannot (ranges, divisibility, layouts) before any
 process group starts; every message names the key and the fix.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from moetron.comm.dispatch.deepep import deepep_problems
-from moetron.models.registry import get_spec
-from moetron.parallel.dims import ParallelDims, Topology
-from moetron.parallel.expert_parallel import DISPATCHERS
-from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
 
 
 @dataclass
@@ -125,7 +119,7 @@ class RootConfig:
     # Python modules imported before the model is built: a module of your own registers its
     # architecture there (moetron.models.register_model), e.g. imports=[my_models.dense]
     imports: list[str] = field(default_factory=list)
-    model: Any = None  # typed by the config class of model.arch's spec (see `model_config`)
+    model: Any = None  # typed by the config class of model.arch's spec (moetron.train.validate.model_config)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -138,90 +132,3 @@ class RootConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="root_schema", node=RootConfig)
-
-
-DTYPES = ("auto", "float32", "bfloat16")
-WANDB_MODES = ("auto", "disabled", "offline", "online")
-
-
-def model_config(cfg):
-    """The spec of `model.arch` and the typed, validated model config (after `imports`)."""
-    for module in cfg.imports:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise ValueError(f"imports: cannot import {module!r} ({err}); check the name and that it is on "
-                             "PYTHONPATH") from err
-    if cfg.model is None or "arch" not in cfg.model:
-        raise ValueError("model.arch is not set: choose a model preset (model=tiny) or set model.arch")
-    spec = get_spec(cfg.model.arch)
-    return spec, spec.config(cfg.model)
-
-
-def validate(cfg, world_size: int) -> ParallelDims:
-    """Check a composed config against the world size; return the parallel dimensions."""
-    problems = []
-    par, train = cfg.parallel, cfg.train
-    spec, model = model_config(cfg)
-    if par.schedule not in BUILDERS:
-        problems.append(f"parallel.schedule={par.schedule!r}: choose one of {sorted(BUILDERS)}")
-    if par.dispatcher not in DISPATCHERS:
-        problems.append(f"parallel.dispatcher={par.dispatcher!r}: choose one of {DISPATCHERS}")
-    model_ranks = par.pp * par.ep
-    dp = par.dp if par.dp is not None else max(world_size // max(model_ranks, 1), 1)
-    dims = ParallelDims(pp=par.pp, dp=dp, ep=par.ep)
-    topology = Topology.from_config(cfg.cluster, world_size)
-    problems += dims.problems(world_size, topology)
-    problems += spec.problems(model, dims, topology, train.seq_len)
-    if par.dispatcher == "deepep" and dims.ep > 1:
-        problems += deepep_problems(min(dims.ep, topology.gpus_per_node), dims.ep_nodes(topology))
-    data_ranks = dims.dp * dims.ep  # each dp x ep rank of a stage reads its own sequences
-    if train.micro_batch < 1 or train.global_batch % (train.micro_batch * data_ranks):
-        problems.append(f"train.global_batch={train.global_batch} must be a multiple of train.micro_batch x dp x ep = "
-                        f"{train.micro_batch} x {dims.dp} x {dims.ep}")
-    elif par.pp > 1 and par.schedule in BUILDERS:
-        num_microbatches = train.global_batch // (train.micro_batch * data_ranks)
-        try:
-            schedule = build_schedule(par.schedule, par.pp, num_microbatches)
-        except MinimumMicrobatches as err:
-            problems.append(f"{err}: each pipeline gets train.global_batch / (train.micro_batch x dp x ep) = "
-                            f"{num_microbatches} micro-batches; raise train.global_batch or lower train.micro_batch")
-        else:
-            if par.layout and len(par.layout) != schedule.num_modules:
-                problems.append(f"parallel.layout lists {len(par.layout)} stages, but {par.schedule} on "
-                                f"parallel.pp={par.pp} ranks cuts the model into {schedule.num_modules}")
-    if train.ckpt_every < 1 or train.ckpt_keep < 1:
-        problems.append("train.ckpt_every and train.ckpt_keep must be >= 1")
-    for key, value in (("precision.compute_dtype", cfg.precision.compute_dtype),
-                       ("optim.moments_dtype", cfg.optim.moments_dtype)):
-        if value not in DTYPES:
-            problems.append(f"{key}={value!r}: choose one of {DTYPES[1:] if key.startswith('optim') else DTYPES}")
-    if cfg.logging.wandb.mode not in WANDB_MODES:
-        problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
-    problems += _profile_problems(cfg.logging.profile, train.max_steps, world_size)
-    if cfg.optim.implementation not in ("auto", "torch", "apex"):
-        problems.append(f"optim.implementation={cfg.optim.implementation!r}: choose auto, torch or apex")
-    for key in ("mtp_weight_schedule", "bias_update_schedule"):
-        schedule = getattr(train, key)
-        if schedule is not None and (not schedule or any(len(point) != 2 for point in schedule) or schedule[0][0] != 0):
-            problems.append(f"train.{key} must be [[0, value], [tokens, value], ...] in increasing tokens")
-    if problems:
-        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
-    return dims
-
-
-def _profile_problems(profile, max_steps: int, world_size: int) -> list[str]:
-    if not profile.enabled:
-        return []
-    problems = []
-    if profile.start_step < 1 or profile.num_steps < 1:
-        problems.append(f"logging.profile.start_step={profile.start_step} and logging.profile.num_steps="
-                        f"{profile.num_steps} must be >= 1")
-    elif profile.start_step + profile.num_steps - 1 > max_steps:
-        problems.append(f"logging.profile: steps {profile.start_step}-{profile.start_step + profile.num_steps - 1} "
-                        f"run past train.max_steps={max_steps}; lower logging.profile.start_step or num_steps")
-    outside = [r for r in profile.ranks if not 0 <= r < world_size]
-    if outside:
-        problems.append(f"logging.profile.ranks has {outside}, outside the {world_size} rank(s) of this run; "
-                        f"use ranks 0-{world_size - 1}, or [] for all")
-    return problems

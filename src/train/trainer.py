@@ -32,7 +32,7 @@ from moetron.parallel.materialize import held_state_dict, load_held_state_dict, 
 from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.profiling import StepProfiler
 from moetron.train import checkpoint
-from moetron.train.config import model_config, validate
+from moetron.train.validate import model_config, validate
 from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
@@ -110,6 +110,9 @@ def train(cfg, run_dir: Path) -> dict:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
                              f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
         sampler = PackedSampler(load_tokens(cfg.data.path, tokenizer), cfg.train.seq_len, cfg.train.seed)
+        if not cfg.train.resume and checkpoint.step_dirs(run_dir / "checkpoints"):
+            raise ValueError(f"train.resume=false, but {run_dir} holds checkpoints of an earlier run: starting over "
+                             "there would mix the two runs' metrics and checkpoints; use a new hydra.run.dir")
     except (ValueError, FileNotFoundError) as err:
         raise UserInputError(str(err)) from err
 

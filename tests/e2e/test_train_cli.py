@@ -88,11 +88,23 @@ def test_corrupt_and_partial_checkpoints_are_skipped_and_kept(tmp_path):
     ("data.path=missing/corpus", "data file not found: missing/corpus.json"),
     ("parallel.pp=2", "world size 1 != parallel.pp*parallel.dp*parallel.ep = 2*1*1: launch 2 ranks"),
     ("logging.wandb.mode=sometimes", "logging.wandb.mode"),
+    # numbers out of range name the key, the value and the bound, with no traceback
+    ("parallel.ep=0", "parallel.ep=0 must be at least 1"),
+    ("train.seq_len=0", "train.seq_len=0 must be at least 2"),
+    ("optim.lr=-1", "optim.lr=-1.0 must be positive"),
+    ("train.max_steps=-5", "train.max_steps=-5 must be at least 1"),
+    ("optim.beta2=1.5", "optim.beta2=1.5 must be in [0, 1)"),
+    ("model.hidden_size=0", "model.hidden_size=0 must be at least 1"),
+    # a key added with Hydra's `+` (the fix Hydra suggests for a misspelled one) is refused too
+    ("+train.max_step=10", "train.max_step: Key 'max_step' not in 'TrainSettings'"),
 ])
 def test_bad_input_gets_a_clear_error(tmp_path, override, message):
-    proc = run_cli(["train.max_steps=1", *FAST, override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False)
+    first = [] if override.startswith("train.max_steps") else ["train.max_steps=1"]
+    proc = run_cli([*first, *FAST, override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False,
+                   env_extra={"HYDRA_FULL_ERROR": "0"})  # as a user runs it: Hydra's short errors
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -138,3 +150,22 @@ def test_data_parallel_matches_single_process(tmp_path):
         # Same global batch split over 2 ranks: gradients are summed in another order, so float32
         # results agree to rounding (1e-5 relative), not bitwise.
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_a_mistake_is_reported_once_under_torchrun(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "moetron.train", "optim.lr=-1", *FAST, f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.count("moetron-train: error: invalid config") == 1  # rank 0 says it; the others exit 2
+
+
+def test_resume_false_in_a_run_directory_with_checkpoints_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(["train.max_steps=2", *FAST, f"hydra.run.dir={run_dir}"], tmp_path)
+    before = (run_dir / "metrics.jsonl").read_text()
+    proc = run_cli(["train.max_steps=2", *FAST, "train.resume=false", f"hydra.run.dir={run_dir}"], tmp_path,
+                   check=False)
+    assert proc.returncode == 2 and "use a new hydra.run.dir" in proc.stderr and str(run_dir) in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing of the first run is touched

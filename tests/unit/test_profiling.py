@@ -11,7 +11,8 @@ from torch import nn
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.runtime import PipelineRunner
 from moetron.profiling import StepProfiler, all_threads_config, label
-from moetron.train.config import RootConfig, validate
+from moetron.train.config import RootConfig
+from moetron.train.validate import validate
 
 ROWS, HIDDEN = 4, 16
 

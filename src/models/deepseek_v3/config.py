@@ -13,6 +13,10 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 BALANCE_MODES = ("loss_free", "seq_aux", "aux_loss", "none")
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                   "v_head_dim", "max_position_embeddings", "num_experts_per_tok", "n_group", "topk_group")
+COUNT_FIELDS = ("first_k_dense_replace", "n_routed_experts", "n_shared_experts", "num_nextn_predict_layers")
 
 
 @dataclass
@@ -72,7 +76,12 @@ class DeepSeekV3Config:
 
     def validate(self) -> "DeepSeekV3Config":
         """Raise ValueError naming the key and the fix for an inconsistent config."""
-        problems = []
+        problems = [f"model.{key}={getattr(self, key)} must be at least 1" for key in POSITIVE_FIELDS
+                    if getattr(self, key) is not None and getattr(self, key) < 1]
+        problems += [f"model.{key}={getattr(self, key)} must be at least 0" for key in COUNT_FIELDS
+                     if getattr(self, key) < 0]
+        if problems:  # the checks below divide by these
+            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
         if self.balance_mode not in BALANCE_MODES:
             problems.append(f"model.balance_mode={self.balance_mode!r}: choose one of {BALANCE_MODES}")
         if self.n_routed_experts % self.n_group:

@@ -1,0 +1,167 @@
+"""Everything a user can get wrong in a composed config, checked before any process group starts.
+
+`validate(cfg, world_size)` returns the parallel dimensions or raises ValueError listing every
+problem, each naming the key, the value and the fix: keys the schemas do not know (however they
+were added: Hydra's `+key=value` included), numbers out of range, and what must agree across
+groups (world size and layout, batch sizes and ranks, the schedule's micro-batches, experts and EP,
+node-limited routing and nodes, dispatchers this machine cannot run).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from moetron.comm.dispatch.deepep import deepep_problems
+from moetron.models.registry import get_spec
+from moetron.parallel.dims import ParallelDims, Topology
+from moetron.parallel.expert_parallel import DISPATCHERS
+from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
+from moetron.train.config import RootConfig
+
+DTYPES = ("auto", "float32", "bfloat16")
+WANDB_MODES = ("auto", "disabled", "offline", "online")
+
+# (key, lowest allowed value) per numeric setting; a None value is "unset" and skips the check
+AT_LEAST = [
+    ("parallel.pp", 1), ("parallel.ep", 1), ("parallel.dp", 1),
+    ("train.max_steps", 1), ("train.global_batch", 1), ("train.micro_batch", 1), ("train.seq_len", 2),
+    ("train.ckpt_every", 1), ("train.ckpt_keep", 1), ("train.exit_after_steps", 0), ("train.log_every", 1),
+    ("optim.warmup_steps", 0), ("optim.weight_decay", 0.0), ("optim.grad_clip", 0.0),
+    ("cluster.nodes", 1), ("cluster.gpus_per_node", 1), ("cluster.nvlink_gbps", 0.0), ("cluster.ib_gbps", 0.0),
+]
+POSITIVE = ["optim.lr", "optim.eps", "cluster.peak_tflops"]
+UNIT_INTERVAL = ["optim.min_lr_ratio"]  # [0, 1]
+BETAS = ["optim.beta1", "optim.beta2"]  # [0, 1)
+
+
+def model_config(cfg):
+    """The spec of `model.arch` and the typed, validated model config (after `imports`)."""
+    for module in cfg.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"imports: cannot import {module!r} ({err}); check the name and that it is on "
+                             "PYTHONPATH") from err
+    if cfg.model is None or "arch" not in cfg.model:
+        raise ValueError("model.arch is not set: choose a model preset (model=tiny) or set model.arch")
+    spec = get_spec(cfg.model.arch)
+    return spec, spec.config(cfg.model)
+
+
+def unknown_key_problems(cfg) -> list[str]:
+    """Keys outside the schemas (the model's is checked by its spec)."""
+    rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "model"}
+    try:
+        OmegaConf.merge(OmegaConf.structured(RootConfig), rest)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        return [f"{key}: {str(err).splitlines()[0]}; remove it or fix its spelling (`moetron-train --cfg job` "
+                "prints every key)"]
+    return []
+
+
+def range_problems(cfg) -> list[str]:
+    """Every numeric setting inside its range, named with its value and the bound."""
+    problems = []
+
+    def value(key):
+        return OmegaConf.select(cfg, key)
+
+    def bad(v) -> bool:
+        return isinstance(v, float) and not math.isfinite(v)
+
+    for key, low in AT_LEAST:
+        v = value(key)
+        if v is not None and (bad(v) or v < low):
+            problems.append(f"{key}={v} must be at least {low}")
+    for key in POSITIVE:
+        v = value(key)
+        if bad(v) or v <= 0:
+            problems.append(f"{key}={v} must be positive")
+    for key in UNIT_INTERVAL:
+        v = value(key)
+        if bad(v) or not 0 <= v <= 1:
+            problems.append(f"{key}={v} must be in [0, 1]")
+    for key in BETAS:
+        v = value(key)
+        if bad(v) or not 0 <= v < 1:
+            problems.append(f"{key}={v} must be in [0, 1)")
+    return problems
+
+
+def validate(cfg, world_size: int) -> ParallelDims:
+    """Check a composed config against the world size; return the parallel dimensions."""
+    problems = unknown_key_problems(cfg) + range_problems(cfg)
+    spec, model = model_config(cfg)
+    if problems:  # the checks below divide by these sizes
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    par, train = cfg.parallel, cfg.train
+    if par.schedule not in BUILDERS:
+        problems.append(f"parallel.schedule={par.schedule!r}: choose one of {sorted(BUILDERS)}")
+    if par.dispatcher not in DISPATCHERS:
+        problems.append(f"parallel.dispatcher={par.dispatcher!r}: choose one of {DISPATCHERS}")
+    dp = par.dp if par.dp is not None else max(world_size // (par.pp * par.ep), 1)
+    dims = ParallelDims(pp=par.pp, dp=dp, ep=par.ep)
+    topology = Topology.from_config(cfg.cluster, world_size)
+    problems += dims.problems(world_size, topology)
+    problems += spec.problems(model, dims, topology, train.seq_len)
+    if par.dispatcher == "deepep" and dims.ep > 1:
+        problems += deepep_problems(min(dims.ep, topology.gpus_per_node), dims.ep_nodes(topology))
+    problems += _batch_problems(cfg, dims)
+    for key, v in (("precision.compute_dtype", cfg.precision.compute_dtype),
+                   ("optim.moments_dtype", cfg.optim.moments_dtype)):
+        if v not in DTYPES:
+            problems.append(f"{key}={v!r}: choose one of {DTYPES[1:] if key.startswith('optim') else DTYPES}")
+    if cfg.logging.wandb.mode not in WANDB_MODES:
+        problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
+    problems += _profile_problems(cfg.logging.profile, train.max_steps, world_size)
+    if cfg.optim.implementation not in ("auto", "torch", "apex"):
+        problems.append(f"optim.implementation={cfg.optim.implementation!r}: choose auto, torch or apex")
+    for key in ("mtp_weight_schedule", "bias_update_schedule"):
+        schedule = getattr(train, key)
+        if schedule is not None and (not schedule or any(len(point) != 2 for point in schedule) or schedule[0][0] != 0):
+            problems.append(f"train.{key} must be [[0, value], [tokens, value], ...] in increasing tokens")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    return dims
+
+
+def _batch_problems(cfg, dims: ParallelDims) -> list[str]:
+    """Batch sizes against the data ranks, and the micro-batches the schedule needs."""
+    par, train = cfg.parallel, cfg.train
+    data_ranks = dims.dp * dims.ep  # each dp x ep rank of a stage reads its own sequences
+    if train.global_batch % (train.micro_batch * data_ranks):
+        return [f"train.global_batch={train.global_batch} must be a multiple of train.micro_batch x dp x ep = "
+                f"{train.micro_batch} x {dims.dp} x {dims.ep}"]
+    if par.pp == 1 or par.schedule not in BUILDERS:
+        return []
+    num_microbatches = train.global_batch // (train.micro_batch * data_ranks)
+    try:
+        schedule = build_schedule(par.schedule, par.pp, num_microbatches)
+    except MinimumMicrobatches as err:
+        return [f"{err}: each pipeline gets train.global_batch / (train.micro_batch x dp x ep) = "
+                f"{num_microbatches} micro-batches; raise train.global_batch or lower train.micro_batch"]
+    if par.layout and len(par.layout) != schedule.num_modules:
+        return [f"parallel.layout lists {len(par.layout)} stages, but {par.schedule} on parallel.pp={par.pp} "
+                f"ranks cuts the model into {schedule.num_modules}"]
+    return []
+
+
+def _profile_problems(profile, max_steps: int, world_size: int) -> list[str]:
+    if not profile.enabled:
+        return []
+    problems = []
+    if profile.start_step < 1 or profile.num_steps < 1:
+        problems.append(f"logging.profile.start_step={profile.start_step} and logging.profile.num_steps="
+                        f"{profile.num_steps} must be >= 1")
+    elif profile.start_step + profile.num_steps - 1 > max_steps:
+        problems.append(f"logging.profile: steps {profile.start_step}-{profile.start_step + profile.num_steps - 1} "
+                        f"run past train.max_steps={max_steps}; lower logging.profile.start_step or num_steps")
+    outside = [r for r in profile.ranks if not 0 <= r < world_size]
+    if outside:
+        problems.append(f"logging.profile.ranks has {outside}, outside the {world_size} rank(s) of this run; "
+                        f"use ranks 0-{world_size - 1}, or [] for all")
+    return problems
