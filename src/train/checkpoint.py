@@ -6,6 +6,11 @@ then renamed into place: a crash leaves either the whole checkpoint or none unde
 Loading tries the newest complete checkpoint first; one that fails to load is reported with its
 path and the next older one is tried. Only complete checkpoints older than the newest `keep` are
 ever deleted; incomplete or corrupt folders are left for the user to inspect.
+
+Loading never runs code from a file: every part loads with `torch.load(weights_only=True)`
+(tensors, numbers, strings and containers only). Checkpoints written before 2026-12-01 kept NumPy's
+RNG state as an array; exactly the NumPy globals that rebuild a plain array are allowed for them.
+A file that needs anything else is refused as corrupt, without running it.
 """
 from __future__ import annotations
 
@@ -16,9 +21,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 MARKER = "COMPLETE"
+# what a plain NumPy array needs to unpickle (the RNG state of older checkpoints); nothing callable else
+_NUMPY_ARRAY_GLOBALS = [getattr(getattr(np, "_core", None) or np.core, "multiarray")._reconstruct, np.ndarray,
+                        np.dtype, type(np.dtype(np.uint32))]
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -92,6 +101,12 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale)
 
 
+def load_part(path: Path) -> Any:
+    """One checkpoint file, without unpickling anything but tensors, plain data and NumPy arrays."""
+    with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_latest(root: Path, names: tuple[str, ...]) -> Optional[tuple[int, dict[str, Any]]]:
     """The newest checkpoint under root that loads completely, as (step, {name: object})."""
     for step, path in step_dirs(root):
@@ -99,7 +114,7 @@ def load_latest(root: Path, names: tuple[str, ...]) -> Optional[tuple[int, dict[
             warnings.warn(f"skipping incomplete checkpoint {path} (no {MARKER} marker); it is left in place")
             continue
         try:
-            parts = {name: torch.load(path / f"{name}.pt", map_location="cpu", weights_only=False) for name in names}
+            parts = {name: load_part(path / f"{name}.pt") for name in names}
         except Exception as err:  # any unreadable file makes the checkpoint unusable
             warnings.warn(f"skipping corrupt checkpoint {path}: {type(err).__name__}: {err}; it is left in place")
             continue

@@ -43,6 +43,6 @@ def test_zero1_resumes_from_its_optimizer_shards_bitwise(tmp_path):
     step = tmp_path / "split" / "checkpoints" / "step_00000010"
     assert sorted(p.name for p in step.iterdir()) == ["COMPLETE", "model.pt", "optim-dp0.pt", "optim-dp1.pt",
                                                       "trainer.pt"]
-    shard0 = torch.load(step / "optim-dp0.pt", weights_only=False)
-    full = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000010" / "optim-dp0.pt", weights_only=False)
+    shard0 = torch.load(step / "optim-dp0.pt", weights_only=True)
+    full = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000010" / "optim-dp0.pt", weights_only=True)
     assert shard0["state"].keys() == full["state"].keys()

@@ -99,3 +99,27 @@ def test_token_file_checks(tmp_path):
         load_token_file(tmp_path / "out" / "c")
     with pytest.raises(FileNotFoundError, match="input file not found"):
         write_token_file([tmp_path / "nope.jsonl"], tmp_path / "x", ByteTokenizer())
+
+
+class _RunsCode:
+    """A pickle that runs a command when unpickled (what a checkpoint handed over by someone may hold)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running(tmp_path):
+    root, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    checkpoint.save(root, 1, {"trainer": {"step": 1, "rng": torch.get_rng_state()}}, keep=2)
+    checkpoint.save(root, 2, {"trainer": {"step": 2}}, keep=2)
+    torch.save({"step": 2, "payload": _RunsCode(marker)}, root / "step_00000002" / "trainer.pt")
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint .*step_00000002.*Unpickl"):
+        step, parts = checkpoint.load_latest(root, ("trainer",))
+    assert not marker.exists()  # refused, not run
+    assert step == 1 and parts["trainer"]["step"] == 1  # the previous complete checkpoint
+    assert (root / "step_00000002").is_dir()  # left in place for the user to inspect
