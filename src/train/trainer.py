@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def train(cfg, run_dir: Path) -> dict:
     device = pick_device(world)
     world_group = init_process_group(world, device)
     try:
+        run_dir = _agree_on_run_dir(run_dir, world)
         lanes = comm_lanes(cfg.parallel.schedule, dims.pp, cfg.parallel.overlap_fb)
         ordered = cfg.parallel.ordered_issue
         if ordered is None:  # NCCL's kernels block until all members join: one issue order on every rank
@@ -141,6 +143,22 @@ def train(cfg, run_dir: Path) -> dict:
     finally:
         if world_group is not None:
             torch.distributed.destroy_process_group()
+
+
+def _agree_on_run_dir(run_dir: Path, world) -> Path:
+    """Rank 0's run directory, on every rank. Hydra names its default folder after the second a
+    process starts, so the ranks of one job may each have made their own; the others follow rank 0,
+    and a folder Hydra made for this process that holds nothing but Hydra's own files is removed."""
+    if world.size == 1:
+        return run_dir
+    chosen = [str(run_dir)]
+    torch.distributed.broadcast_object_list(chosen, src=0)
+    if Path(chosen[0]) == run_dir or not run_dir.is_dir():
+        return Path(chosen[0])
+    hydra_only = all(p.name == ".hydra" or (p.suffix == ".log" and p.stat().st_size == 0) for p in run_dir.iterdir())
+    if hydra_only:  # .hydra/ and Hydra's empty job log: nothing of the user's
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return Path(chosen[0])
 
 
 def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
