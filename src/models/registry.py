@@ -25,6 +25,10 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def registered_specs() -> list[ModelSpec]:
+    return list(_SPECS.values())
+
+
 def get_spec(arch: str) -> ModelSpec:
     if arch not in _SPECS:
         raise ValueError(f"model.arch={arch!r} is unknown; registered: {sorted(_SPECS)}. An architecture of "

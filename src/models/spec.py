@@ -124,8 +124,10 @@ class ModelSpec:
         collective with the trainer's own metrics)."""
         return {}
 
-    def after_step(self, model: nn.Module, summed: dict[str, torch.Tensor], train_cfg, tokens_seen: int) -> dict:
-        """Run after the optimizer step with the summed statistics; return metrics to log."""
+    def after_step(self, model: nn.Module, summed: dict[str, torch.Tensor], train_cfg, tokens_seen: int,
+                   update: bool = True) -> dict:
+        """Run after the optimizer step with the summed statistics; return metrics to log. `update`
+        False: the step was skipped (a non-finite gradient), so change no state, only report."""
         return {}
 
     def flops_per_token(self, cfg, seq_len: int) -> float:

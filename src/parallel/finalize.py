@@ -108,9 +108,10 @@ class StepFinalizer:
             torch._foreach_mul_(shards, self.grad_clip / (total + 1e-6))
         return total
 
-    def after_optimizer_step(self) -> None:
-        """ZeRO-1: the updated master shards back into every rank's parameters. Then no gradients."""
-        for sharded in self.sharded:
+    def after_optimizer_step(self, gather: bool = True) -> None:
+        """ZeRO-1: the updated master shards back into every rank's parameters (`gather=False`: the
+        step was skipped, nothing changed). Then no gradients."""
+        for sharded in self.sharded if gather else []:
             sharded.all_gather_params()
         for p in held_parameters(self.model):
             p.grad = None

@@ -107,12 +107,22 @@ def load_part(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class OtherLayout(Exception):
+    """A complete checkpoint without the files this rank needs: another parallel layout wrote it."""
+
+
 def load_latest(root: Path, names: tuple[str, ...]) -> Optional[tuple[int, dict[str, Any]]]:
-    """The newest checkpoint under root that loads completely, as (step, {name: object})."""
+    """The newest checkpoint under root that loads completely, as (step, {name: object}). A complete
+    one that lacks some of `names` raises OtherLayout: it is valid, never to be skipped as corrupt."""
     for step, path in step_dirs(root):
         if not (path / MARKER).is_file():
             warnings.warn(f"skipping incomplete checkpoint {path} (no {MARKER} marker); it is left in place")
             continue
+        missing = [f"{name}.pt" for name in names if not (path / f"{name}.pt").is_file()]
+        if missing:
+            present = sorted(p.name for p in path.glob("*.pt"))
+            raise OtherLayout(f"the newest checkpoint {path} was written by another parallel layout: it holds "
+                              f"{', '.join(present)}, and this run needs {', '.join(missing)}")
         try:
             parts = {name: load_part(path / f"{name}.pt") for name in names}
         except Exception as err:  # any unreadable file makes the checkpoint unusable

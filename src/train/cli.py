@@ -23,6 +23,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="pkg://moetron.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from moetron.train.distributed import world_from_env
+    from moetron.train.interrupts import TrainingStopped
     from moetron.train.trainer import UserInputError, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -32,6 +33,9 @@ def main(cfg: DictConfig) -> float:
         if world_from_env().is_main:  # every rank finds the same mistake: say it once
             print(f"moetron-train: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as err:
+        print(f"moetron-train: rank {world_from_env().rank}: stopped: {err}", file=sys.stderr)
+        sys.exit(3)
     return float(metrics.get("loss", float("nan")))  # the sweep objective
 
 

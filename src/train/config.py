@@ -28,6 +28,8 @@ class TrainSettings:
     resume: bool = True  # resume from the newest complete checkpoint of the run directory
     exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps of this invocation; 0: run to max_steps
     log_every: int = 1
+    on_nonfinite: str = "stop"  # a NaN/inf gradient: stop (naming step and parameter) | skip the step
+    collective_timeout_s: float = 1800.0  # a collective that waits longer on a peer fails instead of hanging
     deterministic: Optional[bool] = None  # None: deterministic on CPU, not on GPU
     # Piecewise-constant schedules in tokens, [[from_tokens, value], ...], for models with MTP and
     # loss-free balancing. None: the report's, lambda = model.mtp_loss_weight (0.3) then 0.1 after
@@ -130,5 +132,12 @@ class RootConfig:
 
 
 def register_configs() -> None:
+    """The root schema, and each registered architecture's config class as `model/<arch>_schema`:
+    a preset names it first in its defaults list, so every key of its model can be overridden and
+    is type-checked when Hydra composes."""
+    from moetron.models.registry import registered_specs
+
     cs = ConfigStore.instance()
     cs.store(name="root_schema", node=RootConfig)
+    for spec in registered_specs():
+        cs.store(group="model", name=f"{spec.arch}_schema", node=spec.config_cls)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -38,8 +39,9 @@ def pick_device(world: World) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(world: World, device: torch.device) -> Optional[dist.ProcessGroup]:
-    """The world group (NCCL on GPUs, gloo on CPU), or None for a single process."""
+def init_process_group(world: World, device: torch.device, timeout_s: float = 1800.0) -> Optional[dist.ProcessGroup]:
+    """The world group (NCCL on GPUs, gloo on CPU), or None for a single process. A collective that
+    waits on a peer longer than `timeout_s` (train.collective_timeout_s) fails instead of hanging."""
     if world.size == 1:
         return None
     for key in ("MASTER_ADDR", "MASTER_PORT"):
@@ -49,7 +51,8 @@ def init_process_group(world: World, device: torch.device) -> Optional[dist.Proc
     if device.type == "cuda":
         # bound to the device, NCCL sets up the communicators of every group as it is made (all ranks
         # alike, in order), rather than at its first collective in the middle of a schedule
-        dist.init_process_group("nccl", rank=world.rank, world_size=world.size, device_id=device)
+        dist.init_process_group("nccl", rank=world.rank, world_size=world.size, device_id=device,
+                                timeout=timedelta(seconds=timeout_s))
     else:
-        dist.init_process_group("gloo", rank=world.rank, world_size=world.size)
+        dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timedelta(seconds=timeout_s))
     return dist.group.WORLD

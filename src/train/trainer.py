@@ -17,6 +17,7 @@ after the optimizer step. One optimizer step:
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import shutil
 import time
@@ -36,6 +37,7 @@ from moetron.train import checkpoint
 from moetron.train.validate import model_config, validate
 from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
+from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.optim import build_optimizer, lr_at, optimizer_state_gib
@@ -73,7 +75,12 @@ def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
 def _resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, groups, finalizer):
     """(step, tokens) of the newest loadable checkpoint, restored into model/optimizer/RNG; (0, 0) if none."""
     model_name, optim_name = _shard_names(groups, finalizer.zero1)
-    found = checkpoint.load_latest(run_dir / "checkpoints", (model_name, optim_name, "trainer")) if cfg.train.resume else None
+    try:
+        found = checkpoint.load_latest(run_dir / "checkpoints", (model_name, optim_name, "trainer")) if cfg.train.resume else None
+    except checkpoint.OtherLayout as err:
+        raise UserInputError(f"{err}. Resume with the layout that wrote it (parallel.pp, parallel.ep, parallel.dp, "
+                             "parallel.zero1), or start in a new hydra.run.dir: checkpoints do not move between "
+                             "layouts yet") from err
     steps = [found[0] if found else 0]
     if groups.dims.world_size > 1:  # every rank must resume from the same step
         steps = [None] * groups.dims.world_size
@@ -126,7 +133,7 @@ def train(cfg, run_dir: Path) -> dict:
         raise UserInputError(str(err)) from err
 
     device = pick_device(world)
-    world_group = init_process_group(world, device)
+    world_group = init_process_group(world, device, cfg.train.collective_timeout_s)
     try:
         run_dir = _agree_on_run_dir(run_dir, world)
         lanes = comm_lanes(cfg.parallel.schedule, dims.pp, cfg.parallel.overlap_fb)
@@ -223,62 +230,82 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
 
     metrics, first_loss, step = {}, None, start_step
     profiler = StepProfiler(cfg.logging.profile, world.rank, run_dir, device)
-    try:
-        for step in range(start_step, end_step):
-            profiler.begin(step + 1)
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.optim, tcfg.max_steps)
-            for group_ in optimizer.param_groups:
-                group_["lr"] = lr
-            batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.dp_ep_rank,
-                                                 data_ranks))
-            loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, tokens_seen))
-            grad_norm = finalizer.finish_gradients()
-            optimizer.step()
-            finalizer.after_optimizer_step()  # ZeRO-1: gather the updated shards; no gradients left
-            summed = finalizer.reduce_metrics(_step_parts(loss_sums, micro, made, spec, model, device))
-            extra = spec.after_step(model, summed, tcfg, tokens_seen)
-            tokens_seen += tokens_per_step
-            step_time = time.perf_counter() - t0
+    skipped = 0  # steps with a non-finite gradient norm, skipped (train.on_nonfinite=skip)
+    with StopRequests() as stops:  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit
+        try:
+            for step in range(start_step, end_step):
+                profiler.begin(step + 1)
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg.optim, tcfg.max_steps)
+                for group_ in optimizer.param_groups:
+                    group_["lr"] = lr
+                batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.dp_ep_rank,
+                                                     data_ranks))
+                loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, tokens_seen))
+                grad_norm = finalizer.finish_gradients()
+                finite = math.isfinite(grad_norm)  # reduced over every rank: all of them agree
+                if not finite and tcfg.on_nonfinite == "stop":
+                    raise TrainingStopped(f"step {step + 1}: the gradient norm is {grad_norm}; the first non-finite "
+                                          f"gradient on rank {world.rank} is {first_nonfinite_gradient(model)}. No "
+                                          "checkpoint was written from it; lower optim.lr, or train.on_nonfinite=skip")
+                if finite:
+                    optimizer.step()
+                skipped += not finite
+                finalizer.after_optimizer_step(gather=finite)  # ZeRO-1: gather the updated shards; no gradients left
+                parts = _step_parts(loss_sums, micro, made, spec, model, device)
+                parts["stop"] = stops.flag(device)
+                summed = finalizer.reduce_metrics(parts)
+                stop_now = float(summed.pop("stop")) > 0
+                extra = spec.after_step(model, summed, tcfg, tokens_seen, update=finite)
+                tokens_seen += tokens_per_step
+                step_time = time.perf_counter() - t0
 
-            # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x ep)
-            losses = summed.pop("losses") / (num_microbatches * data_ranks)
-            metrics = _step_metrics(step + 1, tokens_seen, losses, loss_names, lr, grad_norm, step_time,
-                                    tokens_per_step, flops_per_token, world.size, cfg, device)
-            metrics.update(extra)
-            metrics["memory/optimizer_state_gib"] = optimizer_state_gib(optimizer)
-            if "a2a_bytes" in summed:
-                ib, nvlink = summed["a2a_bytes"].tolist()
-                metrics.update({"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)})
-            if "idle" in summed:  # the measured idle share of the step, mean over all ranks
-                metrics["pipeline/bubble_ratio"] = float(summed["idle"]) / world.size
-            first_loss = metrics["loss"] if first_loss is None else first_loss
+                # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x ep)
+                losses = summed.pop("losses") / (num_microbatches * data_ranks)
+                metrics = _step_metrics(step + 1, tokens_seen, losses, loss_names, lr, grad_norm, step_time,
+                                        tokens_per_step, flops_per_token, world.size, cfg, device)
+                metrics.update(extra)
+                metrics["memory/optimizer_state_gib"] = optimizer_state_gib(optimizer)
+                metrics["train/skipped_steps"] = skipped
+                if "a2a_bytes" in summed:
+                    ib, nvlink = summed["a2a_bytes"].tolist()
+                    metrics.update({"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)})
+                if "idle" in summed:  # the measured idle share of the step, mean over all ranks
+                    metrics["pipeline/bubble_ratio"] = float(summed["idle"]) / world.size
+                first_loss = metrics["loss"] if first_loss is None else first_loss
+                if world.is_main:
+                    if (step + 1) % tcfg.log_every == 0 or step + 1 == end_step:
+                        jsonl.log(metrics)
+                        wandb.log(metrics, step + 1)
+                    console.update(metrics)
+                trace = profiler.end(step + 1)
+                if trace is not None:
+                    line = f"rank {world.rank}: profile of {profiler.steps} in {trace}"
+                    if console is not None:
+                        console.note(line)
+                    else:
+                        print(line, flush=True)
+                if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step or stop_now:
+                    _save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups,
+                          finalizer.zero1)
+                if stop_now:
+                    if world.is_main:
+                        how = stops.signal_name or "a stop signal on another rank"
+                        (console.note if console else print)(
+                            f"stopped by {how} after step {step + 1}, checkpoint written in {run_dir / 'checkpoints'}; "
+                            "run the same command to resume")
+                    break
+        finally:
+            profiler.close()
             if world.is_main:
-                if (step + 1) % tcfg.log_every == 0 or step + 1 == end_step:
-                    jsonl.log(metrics)
-                    wandb.log(metrics, step + 1)
-                console.update(metrics)
-            trace = profiler.end(step + 1)
-            if trace is not None:
-                line = f"rank {world.rank}: profile of {profiler.steps} in {trace}"
-                if console is not None:
-                    console.note(line)
-                else:
-                    print(line, flush=True)
-            if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step:
-                _save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups,
-                      finalizer.zero1)
-    finally:
-        profiler.close()
-        if world.is_main:
-            summary = None
-            if metrics:
-                maxvio = f", MaxVio {metrics['moe/maxvio_batch']:.3f}" if "moe/maxvio_batch" in metrics else ""
-                summary = (f"done: step {metrics['step']}/{tcfg.max_steps}, loss {first_loss:.4f} -> {metrics['loss']:.4f}, "
-                           f"{metrics['throughput/tokens_per_s']:.0f} tokens/s{maxvio}; run dir {run_dir}")
-            console.close(summary)
-            jsonl.close()
-            wandb.close()
+                summary = None
+                if metrics:
+                    maxvio = f", MaxVio {metrics['moe/maxvio_batch']:.3f}" if "moe/maxvio_batch" in metrics else ""
+                    summary = (f"done: step {metrics['step']}/{tcfg.max_steps}, loss {first_loss:.4f} -> {metrics['loss']:.4f}, "
+                               f"{metrics['throughput/tokens_per_s']:.0f} tokens/s{maxvio}; run dir {run_dir}")
+                console.close(summary)
+                jsonl.close()
+                wandb.close()
     return metrics
 
 

@@ -29,6 +29,7 @@ AT_LEAST = [
     ("parallel.pp", 1), ("parallel.ep", 1), ("parallel.dp", 1),
     ("train.max_steps", 1), ("train.global_batch", 1), ("train.micro_batch", 1), ("train.seq_len", 2),
     ("train.ckpt_every", 1), ("train.ckpt_keep", 1), ("train.exit_after_steps", 0), ("train.log_every", 1),
+    ("train.collective_timeout_s", 1.0),
     ("optim.warmup_steps", 0), ("optim.weight_decay", 0.0), ("optim.grad_clip", 0.0),
     ("cluster.nodes", 1), ("cluster.gpus_per_node", 1), ("cluster.nvlink_gbps", 0.0), ("cluster.ib_gbps", 0.0),
 ]
@@ -118,6 +119,8 @@ def validate(cfg, world_size: int) -> ParallelDims:
     if cfg.logging.wandb.mode not in WANDB_MODES:
         problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
     problems += _profile_problems(cfg.logging.profile, train.max_steps, world_size)
+    if train.on_nonfinite not in ("stop", "skip"):
+        problems.append(f"train.on_nonfinite={train.on_nonfinite!r}: choose stop or skip")
     if cfg.optim.implementation not in ("auto", "torch", "apex"):
         problems.append(f"optim.implementation={cfg.optim.implementation!r}: choose auto, torch or apex")
     for key in ("mtp_weight_schedule", "bias_update_schedule"):

@@ -32,6 +32,7 @@ class ToyDenseConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 512
     initializer_range: float = 0.02
+    nan_at_forward: int = 0  # tests of non-finite steps: the n-th forward pass (1-based) yields NaN; 0 never
 
 
 class Attention(nn.Module):
@@ -68,6 +69,7 @@ class ToyDense(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.forwards = 0
         self.init_weights()
 
     @torch.no_grad()
@@ -91,7 +93,9 @@ class ToyDense(nn.Module):
         return [self.norm, self.lm_head]
 
     def embed(self, input_ids_BS):
-        return self.embed_tokens(input_ids_BS)
+        self.forwards += 1
+        h_BSH = self.embed_tokens(input_ids_BS)
+        return h_BSH * float("nan") if self.forwards == self.cfg.nan_at_forward else h_BSH
 
     def run_layers(self, h_BSH, layers: Iterable[nn.Module]):
         head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads

@@ -117,5 +117,7 @@ def load_preset(name: str, **overrides) -> DeepSeekV3Config:
                            if p.name.endswith(".yaml"))
         raise ValueError(f"no model preset {name!r}; available: {available}")
     schema = OmegaConf.structured(DeepSeekV3Config)
-    merged = OmegaConf.merge(schema, OmegaConf.create(preset_file.read_text()), OmegaConf.create(overrides))
+    preset = OmegaConf.create(preset_file.read_text())
+    preset.pop("defaults", None)  # Hydra's defaults list (the schema this merge applies itself)
+    merged = OmegaConf.merge(schema, preset, OmegaConf.create(overrides))
     return OmegaConf.to_object(merged).validate()

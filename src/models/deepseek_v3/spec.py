@@ -56,11 +56,11 @@ class DeepSeekV3Spec(ModelSpec):
     def step_stats(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
         return local_moe_stats(model, device)
 
-    def after_step(self, model: nn.Module, summed: dict, train_cfg, tokens_seen: int) -> dict:
+    def after_step(self, model: nn.Module, summed: dict, train_cfg, tokens_seen: int, update: bool = True) -> dict:
         """The loss-free bias update from the step's loads (speed u, then 0 after 14.3T tokens), and
         the MoE metrics: MaxVio per layer and mean, tokens per expert, mean |bias|."""
         schedule = train_cfg.bias_update_schedule or [[0, model.cfg.bias_update_speed], list(BIAS_SPEED_LATER)]
-        speed = piecewise(schedule, tokens_seen)
+        speed = piecewise(schedule, tokens_seen) if update else 0.0  # a skipped step moves no bias
         moe = apply_moe_step(model, summed, speed)
         if not moe.maxvio:
             return {}

@@ -1,0 +1,62 @@
+"""Stopping a run without losing it: signals that end it cleanly, and gradients that are not finite.
+
+- SIGTERM, SIGUSR1 (what SLURM sends before a time limit with `--signal`) and a first SIGINT ask
+  the run to stop: every rank finishes the current step, the ranks agree in the step's metrics
+  reduction (no collective of its own), a checkpoint is written and the run exits with one message.
+  Restarting the same command (a requeued job does) resumes from it. A second SIGINT aborts at once.
+- A gradient norm that is not finite (NaN or inf anywhere, on any rank: the norm is reduced over
+  all of them, so every rank sees the same value without another collective) skips the step
+  (`train.on_nonfinite=skip`: no optimizer step, no bias update, counted in `train/skipped_steps`)
+  or stops the run naming the step and the first parameter whose gradient is not finite (`stop`).
+  A checkpoint is never written from a non-finite state: a skipped step leaves the weights as they were.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Optional
+
+import torch
+from torch import nn
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (a non-finite gradient under train.on_nonfinite=stop); the message says why."""
+
+
+class StopRequests:
+    """While entered, the stop signals set `signal_name` instead of killing the process."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal_name is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+        self.signal_name = signal.Signals(signum).name
+
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """1 if this rank was asked to stop, for the step's metrics reduction (any rank stops all)."""
+        return torch.tensor(0.0 if self.signal_name is None else 1.0, dtype=torch.float64, device=device)
+
+
+def first_nonfinite_gradient(model: nn.Module) -> Optional[str]:
+    """The name of the first parameter (model order) whose gradient holds a NaN or inf on this rank.
+    Called only once a step is known to be non-finite, so its host syncs cost nothing otherwise."""
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return name
+    return None
