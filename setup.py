@@ -34,6 +34,7 @@ setup(
         "console_scripts": [
             "moetron-train=moetron.train.cli:main",
             "moetron-data=moetron.train.data_cli:main",
+            "moetron-export=moetron.train.export_cli:main",
         ],
     },
     extras_require={

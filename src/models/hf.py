@@ -124,3 +124,47 @@ def to_hf(model: DeepSeekV3, **config_overrides) -> nn.Module:
         warnings.warn(f"to_hf leaves out {len(model.mtp)} MTP depth(s): transformers' DeepseekV3ForCausalLM "
                       "has no MTP modules")
     return hf_model
+
+
+MTP_FILE = "mtp.safetensors"  # MTP weights, beside the Hugging Face files (transformers has no MTP module)
+
+
+def save_hf_folder(model: DeepSeekV3, out_dir) -> None:
+    """`model` as a Hugging Face folder: config and safetensors that transformers'
+    DeepseekV3ForCausalLM loads, and the MTP depths' weights in MTP_FILE (moetron names)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MTP left out: saved on its own below
+        to_hf(model).save_pretrained(out, safe_serialization=True)
+    mtp = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith("mtp.")}
+    if mtp:
+        save_file(mtp, str(out / MTP_FILE))
+
+
+def load_hf_folder(cfg: DeepSeekV3Config, folder) -> dict:
+    """The whole model's state dict (moetron names) from a Hugging Face DeepseekV3 folder, MTP
+    weights from MTP_FILE where it is there; the folder's config must describe `cfg`'s model."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    transformers = _import_transformers()
+    folder = Path(folder)
+    hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    theirs = config_from_hf(hf_model.config)
+    differ = [f for f in _SHARED_FIELDS if getattr(theirs, f) != getattr(cfg, f)]
+    if differ:
+        raise ValueError(f"model.init_from={folder}: its config differs from the model's in "
+                         f"{', '.join('model.' + f for f in differ)}; set them as the folder's config.json has them")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MTP comes from its own file
+        state = from_hf(hf_model, **{f: getattr(cfg, f) for f in ("num_nextn_predict_layers", "mtp_loss_weight")}).state_dict()
+    if (folder / MTP_FILE).is_file():
+        state.update(load_file(str(folder / MTP_FILE)))
+    elif cfg.num_nextn_predict_layers:
+        warnings.warn(f"{folder} has no {MTP_FILE}: the MTP depths start from a fresh initialisation")
+    return state

@@ -130,6 +130,15 @@ class ModelSpec:
         False: the step was skipped (a non-finite gradient), so change no state, only report."""
         return {}
 
+    # -- Hugging Face folders (moetron-export, model.init_from) -------------------------------------
+    def save_hf(self, model: nn.Module, out_dir) -> None:
+        """Write the whole model (on the CPU) as a Hugging Face folder."""
+        raise NotImplementedError(f"{self.arch} has no Hugging Face export")
+
+    def load_hf(self, cfg, folder) -> dict:
+        """The whole model's state dict (moetron names) from a Hugging Face folder."""
+        raise NotImplementedError(f"{self.arch} cannot start from a Hugging Face folder (model.init_from)")
+
     def flops_per_token(self, cfg, seq_len: int) -> float:
         """Model FLOPs of one training token, from the config (the same in every layout)."""
         raise NotImplementedError(f"{type(self).__name__}.flops_per_token")

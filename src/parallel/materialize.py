@@ -50,3 +50,51 @@ def load_held_state_dict(model: nn.Module, state: dict) -> None:
         raise KeyError(f"the checkpoint shard lacks {len(missing)} tensor(s) this rank holds, e.g. {missing[:3]}: "
                        "it was written with another parallel layout (parallel.pp / parallel.ep / parallel.layout)")
     model.load_state_dict({name: state[name] for name in held}, strict=False)
+
+
+def _expert_offsets(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> global index of its row 0, for parameters of modules sharded over EP (those
+    with a `first_expert` slot; moetron.parallel.expert_parallel.shard_experts sets it)."""
+    offsets = {}
+    for prefix, module in model.named_modules():
+        first = getattr(module, "first_expert", None)
+        if first is not None:
+            for name, _ in module.named_parameters(recurse=False):
+                offsets[f"{prefix}.{name}" if prefix else name] = first
+    return offsets
+
+
+@torch.no_grad()
+def load_whole_state_dict(model: nn.Module, whole: dict) -> None:
+    """Load a whole model's state (every layer, every expert) into the parts this rank holds: its
+    pipeline stages, and of an EP-sharded stack only its experts' rows."""
+    offsets = _expert_offsets(model)
+    for name, tensor in held_state_dict(model).items():
+        if name not in whole:
+            raise KeyError(f"{name} is missing from the state being loaded")
+        src = whole[name]
+        if src.shape != tensor.shape and name in offsets:
+            src = src[offsets[name]:offsets[name] + tensor.shape[0]]
+        if src.shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(src.shape)} does not fit {tuple(tensor.shape)}")
+        tensor.copy_(src)
+
+
+def merge_shards(shards: list[tuple[dict, int]], whole_shapes: dict) -> dict:
+    """A whole model's state from per-rank held state dicts, each with the EP index that wrote it:
+    an entry whose dim 0 is smaller than the whole tensor's is rows [ep x rows, (ep + 1) x rows)."""
+    whole: dict = {}
+    for state, ep_index in shards:
+        for name, tensor in state.items():
+            shape = whole_shapes[name]
+            if tuple(tensor.shape) == tuple(shape):
+                whole.setdefault(name, tensor)
+                continue
+            if name not in whole:
+                whole[name] = tensor.new_empty(shape)
+            rows = tensor.shape[0]
+            whole[name][ep_index * rows:(ep_index + 1) * rows] = tensor
+    missing = sorted(set(whole_shapes) - set(whole))
+    if missing:
+        raise KeyError(f"the shards lack {len(missing)} tensor(s), e.g. {missing[:3]}")
+    return whole

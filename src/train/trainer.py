@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from moetron.models.outputs import LOSS_TERMS
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
-from moetron.parallel.materialize import held_state_dict, load_held_state_dict, materialize
+from moetron.parallel.materialize import held_state_dict, load_held_state_dict, load_whole_state_dict, materialize
 from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.profiling import StepProfiler
 from moetron.train import checkpoint
@@ -176,6 +176,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1)
     if dims.pp == 1:
         materialize(model, [model], device, cfg.train.seed)
+        _init_from(spec, model_cfg, model)
         micro = LocalMicroBatches(model, device, _compute_dtype(cfg, device))
         finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, zero1=_zero1(cfg, dims))
         return model, made, micro, finalizer
@@ -183,12 +184,20 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     layout = [list(ids) for ids in par.layout] if par.layout else None
     parts = spec.pipeline_split(model, schedule, groups.pp_rank, layout, num_microbatches)
     materialize(model, parts.held_modules, device, cfg.train.seed)
+    _init_from(spec, model_cfg, model)
     p2p_shape = spec.activation_shape(model_cfg, cfg.train.micro_batch, cfg.train.seq_len)
     micro = PipelinedMicroBatches(schedule, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
                                   _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store)
     finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared,
                               zero1=_zero1(cfg, dims))
     return model, made, micro, finalizer
+
+
+def _init_from(spec, model_cfg, model) -> None:
+    """model.init_from: the weights of a Hugging Face folder, into what this rank holds."""
+    folder = getattr(model_cfg, "init_from", None)
+    if folder:
+        load_whole_state_dict(model, spec.load_hf(model_cfg, folder))
 
 
 def _zero1(cfg, dims) -> bool:

@@ -65,6 +65,7 @@ class DeepSeekV3Config:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.006
     tie_word_embeddings: bool = False
+    init_from: Optional[str] = None  # a Hugging Face folder (moetron-export writes one) to start from
 
     @property
     def qk_head_dim(self) -> int:

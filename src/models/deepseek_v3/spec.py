@@ -1,6 +1,8 @@
 """DeepSeek-V3's model spec: what the trainer asks of the architecture (moetron.models.spec)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -9,6 +11,7 @@ from moetron.models.deepseek_v3.model import DeepSeekV3
 from moetron.models.deepseek_v3.moe_step import apply_moe_step, local_moe_stats
 from moetron.models.deepseek_v3.parallelize import parallelize
 from moetron.models.deepseek_v3.params import training_flops_per_token
+from moetron.models.hf import load_hf_folder, save_hf_folder
 from moetron.models.spec import ModelSpec, Parallelized, piecewise
 
 BALANCE_METRIC = {"loss_free": "loss/seq_aux", "seq_aux": "loss/seq_aux", "aux_loss": "loss/aux"}
@@ -31,6 +34,9 @@ class DeepSeekV3Spec(ModelSpec):
         if cfg.n_routed_experts % dims.ep:
             out.append(f"model.n_routed_experts={cfg.n_routed_experts} is not divisible by parallel.ep={dims.ep}: "
                        "choose an ep that divides it")
+        if cfg.init_from and not (Path(cfg.init_from) / "config.json").is_file():
+            out.append(f"model.init_from={cfg.init_from}: no Hugging Face folder there (config.json is missing); "
+                       "moetron-export RUN_DIR --hf OUT_DIR writes one")
         ep_nodes = dims.ep_nodes(topology)
         if ep_nodes > 1 and cfg.topk_group < cfg.n_group and cfg.n_group != ep_nodes:
             out.append(f"node-limited routing maps expert groups to nodes: the EP group spans {ep_nodes} nodes, "
@@ -70,6 +76,12 @@ class DeepSeekV3Spec(ModelSpec):
             metrics[f"moe/load/layer_{layer}"] = moe.tokens_per_expert[layer]
             metrics[f"moe/bias_abs_mean/layer_{layer}"] = moe.bias_abs_mean[layer]
         return metrics
+
+    def save_hf(self, model: nn.Module, out_dir) -> None:
+        save_hf_folder(model, out_dir)
+
+    def load_hf(self, cfg: DeepSeekV3Config, folder) -> dict:
+        return load_hf_folder(cfg, folder)
 
     def flops_per_token(self, cfg: DeepSeekV3Config, seq_len: int) -> float:
         return training_flops_per_token(cfg, seq_len)

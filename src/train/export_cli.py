@@ -1,0 +1,60 @@
+"""`moetron-export RUN_DIR --hf OUT_DIR`: the newest complete checkpoint of a run as a Hugging Face
+folder (config.json + safetensors that transformers' DeepseekV3ForCausalLM loads; MTP weights in
+their own file), whatever the parallel layout that wrote it (its per-rank shards are merged).
+
+    moetron-export outputs/quickstart --hf exported/quickstart
+    moetron-train model.init_from=exported/quickstart ...        # start a run from it
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from moetron.parallel.materialize import merge_shards
+from moetron.train import checkpoint
+from moetron.train.validate import model_config
+
+
+def newest_complete(run_dir: Path) -> Path:
+    for _, path in checkpoint.step_dirs(run_dir / "checkpoints"):
+        if (path / checkpoint.MARKER).is_file():
+            return path
+    raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
+
+
+def export(run_dir: Path, out_dir: Path) -> Path:
+    """Write the whole model of the newest complete checkpoint under `run_dir` to `out_dir`."""
+    step_dir = newest_complete(run_dir)
+    cfg = OmegaConf.create(checkpoint.load_part(step_dir / "trainer.pt")["config"])
+    spec, model_cfg = model_config(cfg)
+    whole_shapes = {name: tuple(t.shape) for name, t in spec.build(model_cfg, device="meta").state_dict().items()}
+    shards = []
+    for path in sorted(step_dir.glob("model*.pt")):
+        ep = re.search(r"-ep(\d+)", path.stem)
+        shards.append((checkpoint.load_part(path), int(ep.group(1)) if ep else 0))
+    model = spec.build(model_cfg)
+    model.load_state_dict(merge_shards(shards, whole_shapes))
+    spec.save_hf(model.eval(), out_dir)
+    return step_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="moetron-export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a moetron-train run directory (it holds checkpoints/)")
+    parser.add_argument("--hf", type=Path, required=True, metavar="OUT_DIR", help="the Hugging Face folder to write")
+    args = parser.parse_args(argv)
+    try:
+        step_dir = export(args.run_dir, args.hf)
+    except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as err:
+        print(f"moetron-export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {step_dir} to {args.hf}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

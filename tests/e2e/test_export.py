@@ -1,0 +1,65 @@
+"""moetron-export writes a run's newest checkpoint, whatever its layout, as a Hugging Face folder that
+transformers loads; `model.init_from` starts a run from such a folder in any layout."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moetron.models import build_model
+from moetron.models.deepseek_v3 import load_preset
+from moetron.parallel.materialize import merge_shards
+from moetron.train import checkpoint
+from moetron.train.data import ByteTokenizer, PackedSampler, load_tokens
+from tests.e2e.test_expert_parallel_cli import torchrun
+from tests.e2e.test_train_cli import read_metrics, run_cli
+
+transformers = pytest.importorskip("transformers")
+RUN = ["model=tiny", "train.seq_len=64", "train.global_batch=16", "train.micro_batch=2", "logging.progress=false"]
+
+
+def _whole_model(run_dir):
+    """The checkpoint's whole model, merged from its (pp, ep) shards in this process."""
+    step_dir = sorted((run_dir / "checkpoints").iterdir())[-1]
+    model = build_model(load_preset("tiny"))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shards = [(checkpoint.load_part(p), int(p.stem.split("-ep")[1]) if "-ep" in p.stem else 0)
+              for p in step_dir.glob("model*.pt")]
+    model.load_state_dict(merge_shards(shards, shapes))
+    return model.eval()
+
+
+def test_export_from_a_pipelined_expert_parallel_run_and_start_from_it(tmp_path):
+    run_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
+    torchrun(4, [*RUN, "train.max_steps=3", "parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev",
+                 f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "moetron.train.export_cli", str(run_dir), "--hf", str(hf_dir)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "mtp.safetensors").is_file()
+
+    ours = _whole_model(run_dir)
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # the same weights and float32 ops in another library: 1e-5 relative
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+
+    # a run that starts from the folder: its first loss is the exported weights' loss on the first batch
+    sampler = PackedSampler(load_tokens("builtin", ByteTokenizer()), 64, 0)
+    ours.train()  # the balance loss counts in training (with gradients on), as in the run
+    expected = float(torch.stack([ours(x, y).loss.detach() for x, y in sampler.micro_batches(0, 16, 8, 0, 1)]).mean())
+    one = run_cli([*RUN, "train.micro_batch=8", "train.max_steps=1", f"model.init_from={hf_dir}",
+                   f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    ep2 = torchrun(2, [*RUN, "train.max_steps=1", "parallel.ep=2", f"model.init_from={hf_dir}",
+                       f"hydra.run.dir={tmp_path / 'ep2'}"], tmp_path)
+    assert one.returncode == 0 and ep2.returncode == 0
+    for name in ("one", "ep2"):
+        # float32; micro-batches and expert shards sum in another order: 1e-5 relative
+        assert read_metrics(tmp_path / name)[0]["loss"] == pytest.approx(expected, rel=1e-5), name
+
+
+def test_init_from_a_missing_folder_names_the_key(tmp_path):
+    proc = run_cli([*RUN, "train.max_steps=1", f"model.init_from={tmp_path / 'nothing'}",
+                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "model.init_from=" in proc.stderr and "moetron-export" in proc.stderr
