@@ -8,9 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+# forward SLURM's SIGUSR1 too, and give the ranks time to finish the step and checkpoint (interrupts.py)
+STOP="--signals-to-handle=SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout=600"
 if [ "$gpus" -gt 0 ]; then
-  exec torchrun --standalone --nproc_per_node="$gpus" -m moetron.train hydra.run.dir=outputs/quickstart "$@"
+  exec torchrun --standalone --nproc_per_node="$gpus" $STOP -m moetron.train hydra.run.dir=outputs/quickstart "$@"
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec torchrun --standalone --nproc_per_node=4 -m moetron.train hydra.run.dir=outputs/quickstart \
+exec torchrun --standalone --nproc_per_node=4 $STOP -m moetron.train hydra.run.dir=outputs/quickstart \
   parallel.pp=2 parallel.ep=2 parallel.schedule=dualpipev train.micro_batch=2 "$@"

@@ -156,7 +156,7 @@ def load_hf_folder(cfg: DeepSeekV3Config, folder) -> dict:
     folder = Path(folder)
     hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     theirs = config_from_hf(hf_model.config)
-    differ = [f for f in _SHARED_FIELDS if getattr(theirs, f) != getattr(cfg, f)]
+    differ = [f for f in (*_SHARED_FIELDS, "rope_theta") if getattr(theirs, f) != getattr(cfg, f)]
     if differ:
         raise ValueError(f"model.init_from={folder}: its config differs from the model's in "
                          f"{', '.join('model.' + f for f in differ)}; set them as the folder's config.json has them")

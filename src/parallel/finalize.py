@@ -53,7 +53,7 @@ class StepFinalizer:
         self.model, self.zero1 = model, zero1
         self.sharded: list[ShardedParams] = []
         if zero1:
-            dims, (_, dp_idx, ep_idx) = groups.dims, groups.dims.coords(groups.rank)
+            dims, (_, dp_idx, _) = groups.dims, groups.dims.coords(groups.rank)
             self.sharded = [ShardedParams(self.replicated, groups.dp_ep_group, self.data_ranks, groups.dp_ep_rank),
                             ShardedParams(self.experts, groups.edp_group, dims.dp, dp_idx)]
         self._shard_of = {id(p): shard for sp in self.sharded for p, shard in zip(sp.params, sp.shards)}

@@ -84,6 +84,7 @@ def merge_shards(shards: list[tuple[dict, int]], whole_shapes: dict) -> dict:
     """A whole model's state from per-rank held state dicts, each with the EP index that wrote it:
     an entry whose dim 0 is smaller than the whole tensor's is rows [ep x rows, (ep + 1) x rows)."""
     whole: dict = {}
+    rows_filled: dict = {}  # name -> rows written, for EP-sharded tensors
     for state, ep_index in shards:
         for name, tensor in state.items():
             shape = whole_shapes[name]
@@ -94,6 +95,10 @@ def merge_shards(shards: list[tuple[dict, int]], whole_shapes: dict) -> dict:
                 whole[name] = tensor.new_empty(shape)
             rows = tensor.shape[0]
             whole[name][ep_index * rows:(ep_index + 1) * rows] = tensor
+            rows_filled.setdefault(name, set()).update(range(ep_index * rows, (ep_index + 1) * rows))
+    gaps = sorted(name for name, filled in rows_filled.items() if len(filled) != whole_shapes[name][0])
+    if gaps:
+        raise KeyError(f"the shards cover only some experts of {gaps[:3]}: a model-*-ep<i>.pt file is missing")
     missing = sorted(set(whole_shapes) - set(whole))
     if missing:
         raise KeyError(f"the shards lack {len(missing)} tensor(s), e.g. {missing[:3]}")

@@ -26,7 +26,7 @@ from torch import nn
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-BUCKET_NUMEL = 1 << 24  # shard elements per collective (64 MiB of float32 across the group's ranks)
+BUCKET_NUMEL = 1 << 24  # elements of one collective's send buffer, all ranks' shards (64 MiB of float32)
 
 
 class ShardedParams:
@@ -42,7 +42,7 @@ class ShardedParams:
         self.buckets: list[list[int]] = []  # parameter indices per collective
         current, numel = [], 0
         for i, shard in enumerate(self.shards):
-            if current and numel + shard.numel() > bucket_numel:
+            if current and (numel + shard.numel()) * size > bucket_numel:
                 self.buckets.append(current)
                 current, numel = [], 0
             current.append(i)

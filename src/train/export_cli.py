@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         step_dir = export(args.run_dir, args.hf)
-    except (FileNotFoundError, ValueError, KeyError, NotImplementedError) as err:
+    except (FileNotFoundError, ValueError, KeyError, NotImplementedError, ImportError) as err:
         print(f"moetron-export: error: {err}", file=sys.stderr)
         return 2
     print(f"exported {step_dir} to {args.hf}")

@@ -3,7 +3,8 @@
 - SIGTERM, SIGUSR1 (what SLURM sends before a time limit with `--signal`) and a first SIGINT ask
   the run to stop: every rank finishes the current step, the ranks agree in the step's metrics
   reduction (no collective of its own), a checkpoint is written and the run exits with one message.
-  Restarting the same command (a requeued job does) resumes from it. A second SIGINT aborts at once.
+  Restarting the same command (a requeued job does) resumes from it. A second SIGINT, more than
+  two seconds after the first, aborts at once.
 - A gradient norm that is not finite (NaN or inf anywhere, on any rank: the norm is reduced over
   all of them, so every rank sees the same value without another collective) skips the step
   (`train.on_nonfinite=skip`: no optimizer step, no bias update, counted in `train/skipped_steps`)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -32,6 +34,7 @@ class StopRequests:
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None
         self._previous: dict = {}
+        self._first_at = 0.0
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -44,9 +47,12 @@ class StopRequests:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signal_name is not None:
-            raise KeyboardInterrupt  # the second Ctrl-C: abort now
-        self.signal_name = signal.Signals(signum).name
+        # a terminal's Ctrl-C reaches a rank twice under torchrun (from the terminal, then forwarded by
+        # the agent): only a SIGINT a moment after the first is a second Ctrl-C, which aborts now
+        if signum == signal.SIGINT and self.signal_name is not None and time.monotonic() - self._first_at > 2.0:
+            raise KeyboardInterrupt
+        if self.signal_name is None:
+            self.signal_name, self._first_at = signal.Signals(signum).name, time.monotonic()
 
     def flag(self, device: torch.device) -> torch.Tensor:
         """1 if this rank was asked to stop, for the step's metrics reduction (any rank stops all)."""

@@ -16,7 +16,6 @@ after the optimizer step. One optimizer step:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import shutil
@@ -30,39 +29,19 @@ from omegaconf import OmegaConf
 from moetron.models.outputs import LOSS_TERMS
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
-from moetron.parallel.materialize import held_state_dict, load_held_state_dict, load_whole_state_dict, materialize
+from moetron.parallel.materialize import load_whole_state_dict, materialize
 from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.profiling import StepProfiler
 from moetron.train import checkpoint
-from moetron.train.validate import model_config, validate
 from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
+from moetron.train.errors import UserInputError
 from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.optim import build_optimizer, lr_at, optimizer_state_gib
-
-
-class UserInputError(Exception):
-    """A config, data or checkpoint problem the user can fix; its message names the key and the fix."""
-
-
-def _rng_state() -> dict:
-    """The RNG states as tensors and plain data (a checkpoint loads with weights_only=True)."""
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    if isinstance(numpy_state, dict):
-        numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
-    np.random.set_state(numpy_state)  # a tuple with an array: a checkpoint from before 2026-12-01
+from moetron.train.run_state import resume, save
+from moetron.train.validate import model_config, validate
 
 
 def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
@@ -72,51 +51,11 @@ def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, groups, finalizer):
-    """(step, tokens) of the newest loadable checkpoint, restored into model/optimizer/RNG; (0, 0) if none."""
-    model_name, optim_name = _shard_names(groups, finalizer.zero1)
-    try:
-        found = checkpoint.load_latest(run_dir / "checkpoints", (model_name, optim_name, "trainer")) if cfg.train.resume else None
-    except checkpoint.OtherLayout as err:
-        raise UserInputError(f"{err}. Resume with the layout that wrote it (parallel.pp, parallel.ep, parallel.dp, "
-                             "parallel.zero1), or start in a new hydra.run.dir: checkpoints do not move between "
-                             "layouts yet") from err
-    steps = [found[0] if found else 0]
-    if groups.dims.world_size > 1:  # every rank must resume from the same step
-        steps = [None] * groups.dims.world_size
-        torch.distributed.all_gather_object(steps, found[0] if found else 0)
-    if len(set(steps)) > 1:
-        raise UserInputError(f"ranks found different newest checkpoints in {run_dir / 'checkpoints'} (steps {steps}); "
-                             "a shard is missing or corrupt: remove the newest step folder to resume from the previous one")
-    if found is None:
-        return 0, 0
-    step, parts = found
-    parts = {"model": parts[model_name], "optim": parts[optim_name], "trainer": parts["trainer"]}
-    # compared as typed configs: a preset lists some keys, the schema's defaults fill the rest
-    try:
-        saved_model_cfg = dataclasses.asdict(spec.config(parts["trainer"]["config"]["model"]))
-    except ValueError as err:
-        raise UserInputError(f"the checkpoint in {run_dir / 'checkpoints'} has model settings this version cannot "
-                             f"read ({err}); use a new hydra.run.dir or train.resume=false") from err
-    current_model_cfg = dataclasses.asdict(model_cfg)
-    if saved_model_cfg != current_model_cfg:
-        changed = sorted(k for k in current_model_cfg if saved_model_cfg.get(k) != current_model_cfg[k])
-        raise UserInputError(f"the checkpoint in {run_dir / 'checkpoints'} was trained with other model settings "
-                             f"({', '.join('model.' + k for k in changed)}); use a new hydra.run.dir or "
-                             "train.resume=false")
-    try:
-        load_held_state_dict(model, parts["model"])
-    except KeyError as err:
-        raise UserInputError(f"{run_dir / 'checkpoints'}: {err.args[0]}; use a new hydra.run.dir or train.resume=false") from err
-    finalizer.load_shards_from_params()
-    optimizer.load_state_dict(parts["optim"])
-    _set_rng_state(parts["trainer"]["rng"])
-    return step, parts["trainer"]["tokens"]
-
-
 def train(cfg, run_dir: Path) -> dict:
     """Run training as `cfg` says, in `run_dir`; returns the last step's metrics (on every rank)."""
     world = world_from_env()
+    if cfg.train.resume and checkpoint.step_dirs(run_dir / "checkpoints") and cfg.model.get("init_from"):
+        cfg.model.init_from = None  # a run that resumes starts from its checkpoint, not from model.init_from
     try:  # everything a user can get wrong is checked here, before any process group starts
         dims = validate(cfg, world.size)
         topology = Topology.from_config(cfg.cluster, world.size)
@@ -154,18 +93,20 @@ def train(cfg, run_dir: Path) -> dict:
 
 def _agree_on_run_dir(run_dir: Path, world) -> Path:
     """Rank 0's run directory, on every rank. Hydra names its default folder after the second a
-    process starts, so the ranks of one job may each have made their own; the others follow rank 0,
-    and a folder Hydra made for this process that holds nothing but Hydra's own files is removed."""
+    process starts, so the ranks of one job may each have made their own; all follow rank 0, which
+    alone removes the other folders that hold nothing but Hydra's own files."""
     if world.size == 1:
         return run_dir
-    chosen = [str(run_dir)]
-    torch.distributed.broadcast_object_list(chosen, src=0)
-    if Path(chosen[0]) == run_dir or not run_dir.is_dir():
-        return Path(chosen[0])
-    hydra_only = all(p.name == ".hydra" or (p.suffix == ".log" and p.stat().st_size == 0) for p in run_dir.iterdir())
-    if hydra_only:  # .hydra/ and Hydra's empty job log: nothing of the user's
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return Path(chosen[0])
+    dirs = [None] * world.size
+    torch.distributed.all_gather_object(dirs, str(run_dir))
+    if world.is_main:
+        for other in {Path(d) for d in dirs} - {run_dir}:
+            try:
+                if all(p.name == ".hydra" or (p.suffix == ".log" and p.stat().st_size == 0) for p in other.iterdir()):
+                    shutil.rmtree(other)  # .hydra/ and Hydra's empty job log: nothing of the user's
+            except OSError:
+                pass  # gone already, or not ours to remove
+    return Path(dirs[0])
 
 
 def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
@@ -217,7 +158,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
     num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
     model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
     optimizer = build_optimizer(finalizer.optimizer_param_groups(cfg.optim.weight_decay), cfg.optim, device)
-    start_step, tokens_seen = _resume(run_dir, cfg, spec, model_cfg, model, optimizer, groups, finalizer)
+    start_step, tokens_seen = resume(run_dir, cfg, spec, model_cfg, model, optimizer, groups, finalizer)
     if world.is_main and start_step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
     if start_step >= tcfg.max_steps:
@@ -295,7 +236,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                     else:
                         print(line, flush=True)
                 if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step or stop_now:
-                    _save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups,
+                    save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups,
                           finalizer.zero1)
                 if stop_now:
                     if world.is_main:
@@ -316,45 +257,6 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                 jsonl.close()
                 wandb.close()
     return metrics
-
-
-def _shard_names(groups, zero1: bool) -> tuple[str, str]:
-    """Checkpoint part names of this rank's model and optimizer: one model file per (pp, ep) rank,
-    and one optimizer file per (pp, ep) rank, or per (pp, dp, ep) rank under ZeRO-1 (sharded state)."""
-    dims, (pp_idx, dp_idx, ep_idx) = groups.dims, groups.dims.coords(groups.rank)
-    suffix = (f"-pp{pp_idx}" if dims.pp > 1 else "") + (f"-ep{ep_idx}" if dims.ep > 1 else "")
-    optim_suffix = suffix + (f"-dp{dp_idx}" if zero1 else "")
-    return f"model{suffix}", f"optim{optim_suffix}"
-
-
-def _save(run_dir, step, tokens, model, optimizer, config_dict, keep, world, groups, zero1: bool) -> None:
-    """Rank 0 stages the folder; the first dp replica of every (pp, ep) rank writes its model shard and
-    optimizer state (under ZeRO-1 every rank writes its optimizer shard); rank 0 commits."""
-    root = run_dir / "checkpoints"
-    if world.is_main:
-        checkpoint.begin(root, step)
-    _barrier(world)
-    _, dp_idx, _ = groups.dims.coords(world.rank)
-    model_name, optim_name = _shard_names(groups, zero1)
-    parts = {}
-    if dp_idx == 0:
-        parts[model_name] = held_state_dict(model)
-    if dp_idx == 0 or zero1:
-        parts[optim_name] = optimizer.state_dict()
-    if parts:
-        if world.is_main:
-            parts["trainer"] = {"step": step, "tokens": tokens, "data_position": step, "rng": _rng_state(),
-                                "config": config_dict}
-        checkpoint.write(checkpoint.staging_dir(root, step), parts)
-    _barrier(world)
-    if world.is_main:
-        checkpoint.commit(root, step, keep)
-    _barrier(world)
-
-
-def _barrier(world) -> None:
-    if world.size > 1:
-        torch.distributed.barrier()
 
 
 def _step_parts(loss_sums, micro, made, spec, model, device) -> dict:

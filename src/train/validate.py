@@ -40,7 +40,7 @@ BETAS = ["optim.beta1", "optim.beta2"]  # [0, 1)
 
 def model_config(cfg):
     """The spec of `model.arch` and the typed, validated model config (after `imports`)."""
-    for module in cfg.imports:
+    for module in cfg.get("imports") or []:  # absent in configs saved before the key existed
         try:
             importlib.import_module(module)
         except ImportError as err:

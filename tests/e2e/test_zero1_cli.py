@@ -1,5 +1,9 @@
 """ZeRO-1 through the CLI: sharded optimizer state trains exactly as replicated state does, holds a
 1/dp share of it, and resumes from its per-rank optimizer shards."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -46,3 +50,20 @@ def test_zero1_resumes_from_its_optimizer_shards_bitwise(tmp_path):
     shard0 = torch.load(step / "optim-dp0.pt", weights_only=True)
     full = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000010" / "optim-dp0.pt", weights_only=True)
     assert shard0["state"].keys() == full["state"].keys()
+
+
+def test_resuming_with_another_layout_stops_every_rank_with_the_reason(tmp_path):
+    """dp=2 with ZeRO-1 resumed at dp=4: two ranks find their optimizer shards, two do not; all stop
+    with the reason (none waits on the others), and the checkpoint is left as it was."""
+    args = [*RUN, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    torchrun(2, args, tmp_path)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "moetron.train",
+           *[a.replace("max_steps=2", "max_steps=3") for a in args]]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("was written by another parallel layout") == 1  # said once, by rank 0
+    assert "Resume with the layout that wrote it" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir()) == before
+    assert len(read_metrics(tmp_path / "run")) == 2

@@ -66,3 +66,15 @@ def test_held_state_dict_round_trip_and_missing_entries():
     partial.pop("norm.weight")
     with pytest.raises(KeyError, match="another parallel layout"):
         load_held_state_dict(target, partial)
+
+
+def test_merging_shards_places_experts_and_refuses_gaps():
+    from moetron.parallel.materialize import merge_shards
+
+    shapes = {"experts": (4, 2), "norm": (2,)}
+    whole = torch.arange(8.0).view(4, 2)
+    shards = [({"experts": whole[2:], "norm": torch.ones(2)}, 1), ({"experts": whole[:2], "norm": torch.ones(2)}, 0)]
+    merged = merge_shards(shards, shapes)
+    assert torch.equal(merged["experts"], whole) and torch.equal(merged["norm"], torch.ones(2))
+    with pytest.raises(KeyError, match="a model-\\*-ep<i>.pt file is missing"):
+        merge_shards(shards[:1], shapes)

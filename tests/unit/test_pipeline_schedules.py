@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
-from moetron.pipeline.schedule import TRANSFER_KINDS, Action, ActionKind, Schedule, ScheduleError
+from moetron.pipeline.schedule import TRANSFER_KINDS, Action, Schedule, ScheduleError
 from moetron.pipeline.simulate import Costs, simulate
 from moetron.pipeline.transfers import check_transfers, with_transfers
 

@@ -123,3 +123,34 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running(tmp_path):
     assert not marker.exists()  # refused, not run
     assert step == 1 and parts["trainer"]["step"] == 1  # the previous complete checkpoint
     assert (root / "step_00000002").is_dir()  # left in place for the user to inspect
+
+
+_KILLED_WRITER = """
+import sys, time, torch
+from pathlib import Path
+from moetron.train import checkpoint
+root = Path(sys.argv[1])
+real_save = torch.save
+def slow_save(obj, f):  # the process is killed while its second file is half written
+    real_save(obj, f)
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow_save
+checkpoint.save(root, 2, {"model": {"w": torch.tensor([2.0])}, "optim": {"s": torch.tensor([2.0])}}, keep=2)
+"""
+
+
+def test_a_writer_killed_with_sigkill_leaves_the_previous_checkpoint_the_newest(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "ckpt"
+    checkpoint.save(root, 1, {"model": {"w": torch.tensor([1.0])}, "optim": {"s": torch.tensor([1.0])}}, keep=2)
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(root)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"  # inside the write of step 2
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=60)
+    assert not (root / "step_00000002").exists()  # never renamed into place: nothing half-written is visible
+    step, parts = checkpoint.load_latest(root, ("model", "optim"))
+    assert step == 1 and float(parts["model"]["w"]) == 1.0
