@@ -11,6 +11,7 @@ local index on every node).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -103,6 +104,7 @@ class ParallelGroups:
     pp_group: Optional[dist.ProcessGroup] = None  # my pipeline: the pp ranks with my dp and ep index
     extra_lanes: list = field(default_factory=list)  # lanes 1..: {"ep", "nvl", "ib", "pp": copy} (comm.lanes)
     order: Optional[IssueOrder] = None  # lanes take turns issuing during F&B pairs (comm.lanes)
+    timeout: Optional[timedelta] = None  # how long a collective of these groups waits on a peer
 
     @property
     def pp_rank(self) -> int:
@@ -127,22 +129,29 @@ class ParallelGroups:
         return LaneGroup([getattr(self, f"{name}_group"), *(lane[name] for lane in self.extra_lanes)], self.order)
 
 
-def _make_groups(rank_lists: list[list[int]], rank: int) -> Optional[dist.ProcessGroup]:
-    """Create every group of a partition (all ranks must call this alike); return the one holding rank."""
+def _make_groups(rank_lists: list[list[int]], rank: int, timeout: Optional[timedelta] = None
+                 ) -> Optional[dist.ProcessGroup]:
+    """Create every group of a partition (all ranks must call this alike); return the one holding rank.
+    `timeout`: how long a collective waits on a peer (new groups do not inherit the world's)."""
     mine = None
     for ranks in rank_lists:
-        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
         if rank in ranks:
             mine = group
     return mine
 
 
 def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int = 1,
-                 ordered: bool = False) -> ParallelGroups:
+                 ordered: bool = False, timeout: Optional[timedelta] = None) -> ParallelGroups:
     """All process groups, from the rank grid; call on every rank after init_process_group. `lanes` > 1
     adds copies of the ep, nvl, ib and pp groups, so a backward can communicate while a forward does;
-    `ordered` makes the lanes take turns issuing while both are busy (NCCL needs it)."""
+    `ordered` makes the lanes take turns issuing while both are busy (NCCL needs it); `timeout`: how
+    long their collectives wait on a peer (train.collective_timeout_s)."""
     grid = dims.grid()
+
+    def make(lists):
+        return _make_groups(lists, rank, timeout)
+
     ep_lists = grid.reshape(-1, dims.ep).tolist()
     edp_lists = grid.permute(0, 2, 1).reshape(-1, dims.dp).tolist()
     dp_ep_lists = grid.reshape(dims.pp, -1).tolist()
@@ -150,25 +159,25 @@ def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int =
     nvl_lists = [ep[i:i + per_node] for ep in ep_lists for i in range(0, dims.ep, per_node)]
     ib_lists = [ep[local::per_node] for ep in ep_lists for local in range(per_node)]
     pp_lists = grid.permute(1, 2, 0).reshape(-1, dims.pp).tolist()
-    groups = ParallelGroups(dims, topology, rank,
-                            ep_group=_make_groups(ep_lists, rank), edp_group=_make_groups(edp_lists, rank),
-                            dp_ep_group=_make_groups(dp_ep_lists, rank), nvl_group=_make_groups(nvl_lists, rank),
-                            ib_group=_make_groups(ib_lists, rank), pp_group=_make_groups(pp_lists, rank))
+    groups = ParallelGroups(dims, topology, rank, ep_group=make(ep_lists), edp_group=make(edp_lists),
+                            dp_ep_group=make(dp_ep_lists), nvl_group=make(nvl_lists), ib_group=make(ib_lists),
+                            pp_group=make(pp_lists), timeout=timeout)
     copied = {"ep": ep_lists, "nvl": nvl_lists, "ib": ib_lists, "pp": pp_lists}
     groups.order = IssueOrder() if ordered and lanes > 1 else None
     for _ in range(lanes - 1):
-        groups.extra_lanes.append({name: _make_groups(lists, rank) for name, lists in copied.items()})
+        groups.extra_lanes.append({name: make(lists) for name, lists in copied.items()})
     return groups
 
 
-def pipeline_subgroups(dims: ParallelDims, rank: int, pp_sets: list[tuple[int, ...]]) -> dict:
+def pipeline_subgroups(dims: ParallelDims, rank: int, pp_sets: list[tuple[int, ...]],
+                       timeout: Optional[timedelta] = None) -> dict:
     """For each set of pp indices, the group of those pipeline ranks in my (dp, ep) column (every
     rank creates all of them, in the same order). Returns {pp set: group} for the sets I belong to."""
     grid = dims.grid()
     mine = {}
     for pp_set in pp_sets:
         lists = [[int(grid[q, d, e]) for q in pp_set] for d in range(dims.dp) for e in range(dims.ep)]
-        group = _make_groups(lists, rank)
+        group = _make_groups(lists, rank, timeout)
         if dims.coords(rank)[0] in pp_set:
             mine[pp_set] = group
     return mine

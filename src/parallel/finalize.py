@@ -49,7 +49,7 @@ class StepFinalizer:
         self.pp_copies = {pid: len(ranks) for pid, ranks in (pp_holders or {}).items()}
         self.pp_shared = pp_shared or {}
         shared_sets = sorted({ranks for ranks in (pp_holders or {}).values() if len(ranks) > 1})
-        self._shared_groups = pipeline_subgroups(groups.dims, groups.rank, shared_sets) if shared_sets else {}
+        self._shared_groups = pipeline_subgroups(groups.dims, groups.rank, shared_sets, groups.timeout) if shared_sets else {}
         self.model, self.zero1 = model, zero1
         self.sharded: list[ShardedParams] = []
         if zero1:

@@ -10,6 +10,8 @@
   (`train.on_nonfinite=skip`: no optimizer step, no bias update, counted in `train/skipped_steps`)
   or stops the run naming the step and the first parameter whose gradient is not finite (`stop`).
   A checkpoint is never written from a non-finite state: a skipped step leaves the weights as they were.
+- A collective that waits on a dead or hung peer longer than `train.collective_timeout_s` stops the
+  run on the ranks still alive, each naming itself, the step and the phase it was in.
 """
 from __future__ import annotations
 
@@ -57,6 +59,12 @@ class StopRequests:
     def flag(self, device: torch.device) -> torch.Tensor:
         """1 if this rank was asked to stop, for the step's metrics reduction (any rank stops all)."""
         return torch.tensor(0.0 if self.signal_name is None else 1.0, dtype=torch.float64, device=device)
+
+
+def is_timeout(err: BaseException) -> bool:
+    """A collective gave up waiting on a peer (gloo and NCCL say so in their messages)."""
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def first_nonfinite_gradient(model: nn.Module) -> Optional[str]:

@@ -20,6 +20,7 @@ import math
 import random
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from moetron.train import checkpoint
 from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
 from moetron.train.errors import UserInputError
-from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient
+from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient, is_timeout
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.optim import build_optimizer, lr_at, optimizer_state_gib
@@ -79,7 +80,8 @@ def train(cfg, run_dir: Path) -> dict:
         ordered = cfg.parallel.ordered_issue
         if ordered is None:  # NCCL's kernels block until all members join: one issue order on every rank
             ordered = world_group is not None and torch.distributed.get_backend() == "nccl"
-        groups = build_groups(dims, topology, world.rank, lanes, ordered)
+        timeout = timedelta(seconds=cfg.train.collective_timeout_s)  # every group: new ones do not inherit it
+        groups = build_groups(dims, topology, world.rank, lanes, ordered, timeout)
         if world.is_main and world.size > 1:
             print(dims.placement(topology), flush=True)
             if lanes > 1:
@@ -184,6 +186,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
     with StopRequests() as stops:  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit
         try:
             for step in range(start_step, end_step):
+                phase = "the forward and backward passes"  # named if a peer stops answering
                 profiler.begin(step + 1)
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg.optim, tcfg.max_steps)
@@ -192,6 +195,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                 batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.dp_ep_rank,
                                                      data_ranks))
                 loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, tokens_seen))
+                phase = "the gradient reduction"
                 grad_norm = finalizer.finish_gradients()
                 finite = math.isfinite(grad_norm)  # reduced over every rank: all of them agree
                 if not finite and tcfg.on_nonfinite == "stop":
@@ -202,6 +206,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                     optimizer.step()
                 skipped += not finite
                 finalizer.after_optimizer_step(gather=finite)  # ZeRO-1: gather the updated shards; no gradients left
+                phase = "the metrics reduction"
                 parts = _step_parts(loss_sums, micro, made, spec, model, device)
                 parts["stop"] = stops.flag(device)
                 summed = finalizer.reduce_metrics(parts)
@@ -235,6 +240,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                         console.note(line)
                     else:
                         print(line, flush=True)
+                phase = "writing a checkpoint"
                 if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step or stop_now:
                     save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups,
                           finalizer.zero1)
@@ -245,6 +251,12 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                             f"stopped by {how} after step {step + 1}, checkpoint written in {run_dir / 'checkpoints'}; "
                             "run the same command to resume")
                     break
+        except RuntimeError as err:
+            if not is_timeout(err):
+                raise
+            raise TrainingStopped(f"step {step + 1}: rank {world.rank} had no answer from a peer within "
+                                  f"train.collective_timeout_s={tcfg.collective_timeout_s:g} s during {phase}: a rank "
+                                  f"is dead or hung (see its log). torch: {str(err).splitlines()[0]}") from err
         finally:
             profiler.close()
             if world.is_main:

@@ -77,3 +77,19 @@ def test_a_nonfinite_step_stops_the_run_naming_it_and_saves_nothing_from_it(tmp_
     assert "train.on_nonfinite=skip" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000001"]
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+
+
+def test_a_hung_peer_ends_the_run_with_a_message_naming_the_rank_and_the_phase(tmp_path):
+    run_dir = tmp_path / "run"
+    procs = _two_ranks(tmp_path, ["train.max_steps=400", "train.ckpt_every=1000", "train.collective_timeout_s=3",
+                                  *FAST, f"hydra.run.dir={run_dir}"])
+    try:
+        _wait_for_steps(run_dir, 2, procs)
+        procs[1].send_signal(signal.SIGSTOP)  # hung: alive, but never answers
+        out, err = procs[0].communicate(timeout=120)
+        assert procs[0].returncode == 3, err[-2000:]
+        assert "rank 0 had no answer from a peer within train.collective_timeout_s=3 s during" in err
+        assert "Traceback" not in err
+    finally:
+        procs[1].kill()
+        procs[1].wait()
