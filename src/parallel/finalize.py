@@ -22,7 +22,6 @@ summed from the shards, and the updated shards are all-gathered back into the pa
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -30,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moetron.parallel.dims import ParallelGroups, pipeline_subgroups
-from moetron.parallel.grad_reduce import clip_grad_norm, reduce_gradients, sum_shared_gradients
+from moetron.parallel.grad_reduce import (clip_by_global_norm, clip_grad_norm, reduce_gradients, squared_norm,
+                                          sum_shared_gradients)
 from moetron.parallel.materialize import held_parameters
 from moetron.parallel.zero1 import ShardedParams
 
@@ -49,7 +49,8 @@ class StepFinalizer:
         self.pp_copies = {pid: len(ranks) for pid, ranks in (pp_holders or {}).items()}
         self.pp_shared = pp_shared or {}
         shared_sets = sorted({ranks for ranks in (pp_holders or {}).values() if len(ranks) > 1})
-        self._shared_groups = pipeline_subgroups(groups.dims, groups.rank, shared_sets, groups.timeout) if shared_sets else {}
+        self._shared_groups = (pipeline_subgroups(groups.dims, groups.rank, shared_sets, groups.timeout)
+                               if shared_sets else {})
         self.model, self.zero1 = model, zero1
         self.sharded: list[ShardedParams] = []
         if zero1:
@@ -90,23 +91,18 @@ class StepFinalizer:
 
     def _clip_shards(self, replicated: ShardedParams, experts: ShardedParams) -> float:
         """The whole model's norm from the shards: replicated shards summed over dp x ep, expert
-        shards over expert-DP then EP, then the pipeline; clip the shard gradients by it."""
+        shards over expert-DP (then, as without ZeRO, EP and the pipeline); clip the shard gradients."""
         g = self.groups
-        replicated_sq = replicated.shard_sq_norm(self.pp_copies)
-        if g.dp_ep_group is not None:
-            dist.all_reduce(replicated_sq, group=g.dp_ep_group)
-        expert_sq = experts.shard_sq_norm(self.pp_copies).to(replicated_sq.device)
-        for group in (g.edp_group, g.ep_group):
+        device = next((p.device for p in [*self.replicated, *self.experts]), torch.device("cpu"))
+        squares = []
+        for sharded, group in ((replicated, g.dp_ep_group), (experts, g.edp_group)):
+            square = squared_norm([(s.grad, self.pp_copies.get(id(p), 1))
+                                   for p, s in zip(sharded.params, sharded.shards)], device)
             if group is not None:
-                dist.all_reduce(expert_sq, group=group)
-        total_sq = replicated_sq + expert_sq
-        if g.pp_group is not None:
-            dist.all_reduce(total_sq, group=g.pp_group)
-        total = math.sqrt(float(total_sq))
-        if self.grad_clip > 0 and total > self.grad_clip:
-            shards = [s.grad for sp in self.sharded for s in sp.shards]
-            torch._foreach_mul_(shards, self.grad_clip / (total + 1e-6))
-        return total
+                dist.all_reduce(square, group=group)
+            squares.append(square)
+        grads = [s.grad for sp in self.sharded for s in sp.shards]
+        return clip_by_global_norm(*squares, grads, self.grad_clip, g.ep_group, g.pp_group)
 
     def after_optimizer_step(self, gather: bool = True) -> None:
         """ZeRO-1: the updated master shards back into every rank's parameters (`gather=False`: the

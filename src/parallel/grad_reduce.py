@@ -48,26 +48,41 @@ def sum_shared_gradients(shared: dict[tuple[int, ...], list], groups: dict) -> N
         _all_reduce_flat([p.grad for p in params], groups[pp_set], 1.0)
 
 
-def clip_grad_norm(replicated, experts, max_norm: float, ep_group: Optional[dist.ProcessGroup],
-                   pp_group: Optional[dist.ProcessGroup] = None, copies: Optional[dict] = None) -> float:
-    """Clip by the norm of the whole model's gradient: expert shards are summed over the EP group,
-    pipeline ranks' parts over the pp group (a parameter held by n pipeline ranks counts 1/n on
-    each, `copies[id(p)] = n`), so every rank scales by the same factor."""
-    copies = copies or {}
-    device = next((p.device for p in [*replicated, *experts]), torch.device("cpu"))  # NCCL reduces device tensors
+def squared_norm(grads_and_copies: Sequence[tuple[torch.Tensor, int]], device: torch.device) -> torch.Tensor:
+    """Sum of squares of the gradients, each divided by the number of pipeline ranks holding its
+    parameter (so that the pipeline's sum counts it once); on `device` (NCCL reduces device tensors)."""
+    terms = [grad.detach().float().pow(2).sum() / copies for grad, copies in grads_and_copies]
+    return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
 
-    def sq_norm(params):
-        terms = [p.grad.detach().float().pow(2).sum() / copies.get(id(p), 1) for p in params if p.grad is not None]
-        return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
 
-    expert_sq = sq_norm(experts)
+def clip_by_global_norm(replicated_sq: torch.Tensor, expert_sq: torch.Tensor, grads: Sequence[torch.Tensor],
+                        max_norm: float, ep_group: Optional[dist.ProcessGroup],
+                        pp_group: Optional[dist.ProcessGroup]) -> float:
+    """The whole model's gradient norm from this rank's squared parts: the expert part summed over
+    the EP group, the total over the pipeline; `grads` scaled in place when it exceeds `max_norm`
+    (0: never), by the same factor on every rank. Returns the norm."""
     if ep_group is not None:
         dist.all_reduce(expert_sq, group=ep_group)
-    total_sq = sq_norm(replicated) + expert_sq
+    total_sq = replicated_sq + expert_sq
     if pp_group is not None:
         dist.all_reduce(total_sq, group=pp_group)
     total = math.sqrt(float(total_sq))
     if max_norm > 0 and total > max_norm:
-        scale = max_norm / (total + 1e-6)
-        torch._foreach_mul_([p.grad for p in (*replicated, *experts) if p.grad is not None], scale)
+        torch._foreach_mul_(list(grads), max_norm / (total + 1e-6))
     return total
+
+
+def clip_grad_norm(replicated, experts, max_norm: float, ep_group: Optional[dist.ProcessGroup],
+                   pp_group: Optional[dist.ProcessGroup] = None, copies: Optional[dict] = None) -> float:
+    """Clip by the norm of the whole model's gradient (after `reduce_gradients`: every rank of the
+    expert-data-parallel group holds the same expert gradients); a parameter held by n pipeline
+    ranks counts 1/n on each, `copies[id(p)] = n`."""
+    copies = copies or {}
+    device = next((p.device for p in [*replicated, *experts]), torch.device("cpu"))
+
+    def parts(params):
+        return [(p.grad, copies.get(id(p), 1)) for p in params if p.grad is not None]
+
+    grads = [p.grad for p in (*replicated, *experts) if p.grad is not None]
+    return clip_by_global_norm(squared_norm(parts(replicated), device), squared_norm(parts(experts), device), grads,
+                               max_norm, ep_group, pp_group)

@@ -102,9 +102,3 @@ class ShardedParams:
                 full = all_NC[:, offset:offset + n].reshape(r * self.size, *p.shape[1:])[:p.shape[0]]
                 p.copy_(full.to(p.dtype))
                 offset += n
-
-    def shard_sq_norm(self, copies: dict) -> torch.Tensor:
-        """Sum of squares of this rank's shard gradients, a parameter held by n pipeline ranks counting 1/n."""
-        terms = [s.grad.pow(2).sum() / copies.get(id(p), 1) for p, s in zip(self.params, self.shards)]
-        device = self.shards[0].device if self.shards else torch.device("cpu")
-        return torch.stack(terms).sum() if terms else torch.zeros((), device=device)

@@ -183,6 +183,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
     metrics, first_loss, step = {}, None, start_step
     profiler = StepProfiler(cfg.logging.profile, world.rank, run_dir, device)
     skipped = 0  # steps with a non-finite gradient norm, skipped (train.on_nonfinite=skip)
+    optimizer_gib = None  # this rank's optimizer state and master weights
     with StopRequests() as stops:  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit
         try:
             for step in range(start_step, end_step):
@@ -204,6 +205,8 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                                           "checkpoint was written from it; lower optim.lr, or train.on_nonfinite=skip")
                 if finite:
                     optimizer.step()
+                    if optimizer_gib is None:  # the state exists after the first step, and keeps its size
+                        optimizer_gib = optimizer_state_gib(optimizer)
                 skipped += not finite
                 finalizer.after_optimizer_step(gather=finite)  # ZeRO-1: gather the updated shards; no gradients left
                 phase = "the metrics reduction"
@@ -215,18 +218,12 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                 tokens_seen += tokens_per_step
                 step_time = time.perf_counter() - t0
 
-                # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x ep)
-                losses = summed.pop("losses") / (num_microbatches * data_ranks)
-                metrics = _step_metrics(step + 1, tokens_seen, losses, loss_names, lr, grad_norm, step_time,
-                                        tokens_per_step, flops_per_token, world.size, cfg, device)
+                metrics = _step_metrics(step + 1, tokens_seen, lr, grad_norm, step_time, tokens_per_step,
+                                        flops_per_token, world.size, cfg, device)
+                metrics.update(_reduced_metrics(summed, loss_names, num_microbatches * data_ranks, world.size))
                 metrics.update(extra)
-                metrics["memory/optimizer_state_gib"] = optimizer_state_gib(optimizer)
-                metrics["train/skipped_steps"] = skipped
-                if "a2a_bytes" in summed:
-                    ib, nvlink = summed["a2a_bytes"].tolist()
-                    metrics.update({"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)})
-                if "idle" in summed:  # the measured idle share of the step, mean over all ranks
-                    metrics["pipeline/bubble_ratio"] = float(summed["idle"]) / world.size
+                gib = optimizer_gib if optimizer_gib is not None else optimizer_state_gib(optimizer)
+                metrics.update({"memory/optimizer_state_gib": gib, "train/skipped_steps": skipped})
                 first_loss = metrics["loss"] if first_loss is None else first_loss
                 if world.is_main:
                     if (step + 1) % tcfg.log_every == 0 or step + 1 == end_step:
@@ -283,15 +280,24 @@ def _step_parts(loss_sums, micro, made, spec, model, device) -> dict:
     return parts
 
 
-def _step_metrics(step, tokens, losses, loss_names, lr, grad_norm, step_time, tokens_per_step, flops_per_token,
-                  world_size, cfg, device) -> dict:
+def _step_metrics(step, tokens, lr, grad_norm, step_time, tokens_per_step, flops_per_token, world_size, cfg,
+                  device) -> dict:
     tokens_per_s = tokens_per_step / step_time
     tflops_per_rank = tokens_per_s * flops_per_token / world_size / 1e12
-    metrics = {"step": step, "tokens": tokens, "lr": lr, "grad_norm": grad_norm,
-               "throughput/tokens_per_s": tokens_per_s, "throughput/tflops": tflops_per_rank,
-               "throughput/mfu": tflops_per_rank / cfg.cluster.peak_tflops, "step_time_s": step_time,
-               "memory/peak_gib": peak_memory_gib(device)}
-    for term, value in zip(LOSS_TERMS, losses.tolist()):
-        if term in loss_names:
-            metrics[loss_names[term]] = value
+    return {"step": step, "tokens": tokens, "lr": lr, "grad_norm": grad_norm,
+            "throughput/tokens_per_s": tokens_per_s, "throughput/tflops": tflops_per_rank,
+            "throughput/mfu": tflops_per_rank / cfg.cluster.peak_tflops, "step_time_s": step_time,
+            "memory/peak_gib": peak_memory_gib(device)}
+
+
+def _reduced_metrics(summed: dict, loss_names: dict, loss_count: int, world_size: int) -> dict:
+    """The trainer's own parts of the step's summed metrics (`_step_parts`), as logged values."""
+    # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x ep)
+    losses = summed.pop("losses") / loss_count
+    metrics = {loss_names[term]: value for term, value in zip(LOSS_TERMS, losses.tolist()) if term in loss_names}
+    if "a2a_bytes" in summed:
+        ib, nvlink = summed.pop("a2a_bytes").tolist()
+        metrics.update({"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)})
+    if "idle" in summed:  # the measured idle share of the step, mean over all ranks
+        metrics["pipeline/bubble_ratio"] = float(summed.pop("idle")) / world_size
     return metrics

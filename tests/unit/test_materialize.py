@@ -40,7 +40,8 @@ def test_each_rank_holds_only_its_part_initialised_as_the_whole_model(schedule, 
         assert ids == {id(p) for p in model.parameters()}
         held_ids = {id(p) for m in parts.held_modules for p in m.parameters()}
         assert all(not p.is_meta for p in made.expert_params if id(p) in held_ids)
-        assert len(made.expert_params) == (0 if ep == 1 else 2 * (cfg.num_hidden_layers - 1 + 1))  # MoE + MTP layers
+        moe_layers = cfg.num_moe_layers + cfg.num_nextn_predict_layers  # the MTP block is a MoE layer too
+        assert len(made.expert_params) == (0 if ep == 1 else 2 * moe_layers)  # gate_up_proj and down_proj each
         mine = held_state_dict(model)
         if schedule != "dualpipe":  # DualPipe mirrors: every rank holds every stage once
             assert len(mine) < len(whole)
