@@ -40,6 +40,7 @@ def make_dispatcher(name: str, num_experts: int, groups: ParallelGroups, traffic
 def shard_experts(experts: nn.Module, ep_rank: int, ep_size: int) -> None:
     """Keep only this rank's experts [ep_rank * L, (ep_rank + 1) * L) of every [E, ...] parameter."""
     for name, param in list(experts.named_parameters(recurse=False)):
+        experts.global_experts = param.shape[0]  # rows of the whole stack
         local = param.shape[0] // ep_size
         shard = param[ep_rank * local:(ep_rank + 1) * local].clone()
         setattr(experts, name, nn.Parameter(shard, requires_grad=param.requires_grad))

@@ -52,29 +52,30 @@ def load_held_state_dict(model: nn.Module, state: dict) -> None:
     model.load_state_dict({name: state[name] for name in held}, strict=False)
 
 
-def _expert_offsets(model: nn.Module) -> dict[str, int]:
-    """Parameter name -> global index of its row 0, for parameters of modules sharded over EP (those
-    with a `first_expert` slot; moetron.parallel.expert_parallel.shard_experts sets it)."""
-    offsets = {}
+def expert_rows(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Parameter name -> (global index of its row 0, rows of the whole stack), for the parameters of
+    expert stacks (modules with `first_expert` and `global_experts` slots, which
+    moetron.parallel.expert_parallel.shard_experts keeps true under EP)."""
+    rows = {}
     for prefix, module in model.named_modules():
-        first = getattr(module, "first_expert", None)
-        if first is not None:
+        first, total = getattr(module, "first_expert", None), getattr(module, "global_experts", None)
+        if first is not None and total is not None:
             for name, _ in module.named_parameters(recurse=False):
-                offsets[f"{prefix}.{name}" if prefix else name] = first
-    return offsets
+                rows[f"{prefix}.{name}" if prefix else name] = (first, total)
+    return rows
 
 
 @torch.no_grad()
 def load_whole_state_dict(model: nn.Module, whole: dict) -> None:
     """Load a whole model's state (every layer, every expert) into the parts this rank holds: its
     pipeline stages, and of an EP-sharded stack only its experts' rows."""
-    offsets = _expert_offsets(model)
+    rows = expert_rows(model)
     for name, tensor in held_state_dict(model).items():
         if name not in whole:
             raise KeyError(f"{name} is missing from the state being loaded")
         src = whole[name]
-        if src.shape != tensor.shape and name in offsets:
-            src = src[offsets[name]:offsets[name] + tensor.shape[0]]
+        if src.shape != tensor.shape and name in rows:
+            src = src[rows[name][0]:rows[name][0] + tensor.shape[0]]
         if src.shape != tensor.shape:
             raise ValueError(f"{name}: shape {tuple(src.shape)} does not fit {tuple(tensor.shape)}")
         tensor.copy_(src)

@@ -1,11 +1,13 @@
 """Atomic checkpoints of a training run, the newest `keep` kept, corrupt ones skipped loudly.
 
-Layout: <run dir>/checkpoints/step_00000050/{model.pt, optim.pt, trainer.pt, COMPLETE}.
+Layout: <run dir>/checkpoints/step_00000050/{<parts>, COMPLETE}; what the parts are is the
+writer's business (moetron.train.run_state: torch.distributed.checkpoint files and trainer.pt).
 A checkpoint is written into a hidden temp folder, every file fsynced, the COMPLETE marker last,
 then renamed into place: a crash leaves either the whole checkpoint or none under its final name.
-Loading tries the newest complete checkpoint first; one that fails to load is reported with its
-path and the next older one is tried. Only complete checkpoints older than the newest `keep` are
-ever deleted; incomplete or corrupt folders are left for the user to inspect.
+Loading tries the newest complete checkpoint first (`complete_dirs`); one that fails to load is
+reported with its path (`skip_corrupt`) and the next older one is tried. Only complete checkpoints
+older than the newest `keep` are ever deleted; incomplete or corrupt folders are left for the user
+to inspect.
 
 Loading never runs code from a file: every part loads with `torch.load(weights_only=True)`
 (tensors, numbers, strings and containers only). Checkpoints written before 2026-12-01 kept NumPy's
@@ -19,7 +21,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -107,26 +109,15 @@ def load_part(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class OtherLayout(Exception):
-    """A complete checkpoint without the files this rank needs: another parallel layout wrote it."""
-
-
-def load_latest(root: Path, names: tuple[str, ...]) -> Optional[tuple[int, dict[str, Any]]]:
-    """The newest checkpoint under root that loads completely, as (step, {name: object}). A complete
-    one that lacks some of `names` raises OtherLayout: it is valid, never to be skipped as corrupt."""
+def complete_dirs(root: Path) -> Iterator[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints under root, newest first; an incomplete one is
+    reported and skipped (and left in place)."""
     for step, path in step_dirs(root):
-        if not (path / MARKER).is_file():
+        if (path / MARKER).is_file():
+            yield step, path
+        else:
             warnings.warn(f"skipping incomplete checkpoint {path} (no {MARKER} marker); it is left in place")
-            continue
-        missing = [f"{name}.pt" for name in names if not (path / f"{name}.pt").is_file()]
-        if missing:
-            present = sorted(p.name for p in path.glob("*.pt"))
-            raise OtherLayout(f"the newest checkpoint {path} was written by another parallel layout: it holds "
-                              f"{', '.join(present)}, and this run needs {', '.join(missing)}")
-        try:
-            parts = {name: load_part(path / f"{name}.pt") for name in names}
-        except Exception as err:  # any unreadable file makes the checkpoint unusable
-            warnings.warn(f"skipping corrupt checkpoint {path}: {type(err).__name__}: {err}; it is left in place")
-            continue
-        return step, parts
-    return None
+
+
+def skip_corrupt(path: Path, err: BaseException) -> None:
+    warnings.warn(f"skipping corrupt checkpoint {path}: {type(err).__name__}: {err}; it is left in place")

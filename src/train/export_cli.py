@@ -1,6 +1,8 @@
 """`moetron-export RUN_DIR --hf OUT_DIR`: the newest complete checkpoint of a run as a Hugging Face
 folder (config.json + safetensors that transformers' DeepseekV3ForCausalLM loads; MTP weights in
-their own file), whatever the parallel layout that wrote it (its per-rank shards are merged).
+their own file), whatever the parallel layout that wrote it: its tensors are read whole. Checkpoints
+in the per-rank format of before 2026-12-02 export too (their shards are merged), which is how
+they move to this version.
 
     moetron-export outputs/quickstart --hf exported/quickstart
     moetron-train model.init_from=exported/quickstart ...        # start a run from it
@@ -15,14 +17,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from moetron.parallel.materialize import merge_shards
-from moetron.train import checkpoint
+from moetron.parallel.row_shards import MODEL_PREFIX
+from moetron.train import checkpoint, dcp_io
 from moetron.train.validate import model_config
 
 
 def newest_complete(run_dir: Path) -> Path:
-    for _, path in checkpoint.step_dirs(run_dir / "checkpoints"):
-        if (path / checkpoint.MARKER).is_file():
-            return path
+    for _, path in checkpoint.complete_dirs(run_dir / "checkpoints"):
+        return path
     raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
 
 
@@ -31,15 +33,23 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     step_dir = newest_complete(run_dir)
     cfg = OmegaConf.create(checkpoint.load_part(step_dir / "trainer.pt")["config"])
     spec, model_cfg = model_config(cfg)
-    whole_shapes = {name: tuple(t.shape) for name, t in spec.build(model_cfg, device="meta").state_dict().items()}
+    model = spec.build(model_cfg)
+    if (step_dir / dcp_io.METADATA_FILE).is_file():
+        model.load_state_dict(dcp_io.load_whole(step_dir, MODEL_PREFIX))
+    else:
+        model.load_state_dict(_merge_per_rank_files(step_dir, model))
+    spec.save_hf(model.eval(), out_dir)
+    return step_dir
+
+
+def _merge_per_rank_files(step_dir: Path, model) -> dict:
+    """The whole model from a checkpoint of before 2026-12-02: one model-[pp<i>][-ep<j>].pt per rank."""
+    whole_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     shards = []
     for path in sorted(step_dir.glob("model*.pt")):
         ep = re.search(r"-ep(\d+)", path.stem)
         shards.append((checkpoint.load_part(path), int(ep.group(1)) if ep else 0))
-    model = spec.build(model_cfg)
-    model.load_state_dict(merge_shards(shards, whole_shapes))
-    spec.save_hf(model.eval(), out_dir)
-    return step_dir
+    return merge_shards(shards, whole_shapes)
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,13 @@
-"""What a run saves and restores besides the model: checkpoint part names per rank, RNG states,
-and the resume and save steps of the training loop (moetron.train.checkpoint does the atomic writes).
+"""What a run saves and restores: the model and optimizer state under names that do not depend on
+the parallel layout (moetron.parallel.row_shards), written and read with torch.distributed.checkpoint
+(moetron.train.dcp_io), and `trainer.pt` (step, tokens, skipped steps, RNG, the config and the
+layout that wrote it); moetron.train.checkpoint makes the folder appear whole or not at all.
 
-Checkpoints hold one model shard per (pp, ep) rank and one optimizer file per (pp, ep) rank, or per
-rank under ZeRO-1; resuming needs the layout that wrote them (a checkpoint of another layout stops
-the run with the reason). RNG states are stored as tensors and plain data, so every part loads
-with `weights_only=True`.
+A checkpoint written in one layout resumes in any other: change parallel.pp, parallel.ep,
+parallel.dp, the schedule or parallel.zero1 between runs, and every rank loads what it now holds
+from whatever the writing ranks held. The data position is the step (the sampler draws each step's
+sequences from the step number) and the RNG state is restored, so the run goes on as if it had
+never stopped. Everything loads with `weights_only=True` or DCP's metadata classes only.
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetron.parallel.materialize import held_state_dict, load_held_state_dict
-from moetron.train import checkpoint
+from moetron.parallel.row_shards import model_state, optimizer_state
+from moetron.train import checkpoint, dcp_io
 from moetron.train.errors import UserInputError
 
 
@@ -38,99 +41,91 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(numpy_state)  # a tuple with an array: a checkpoint from before 2026-12-01
 
 
-def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, groups, finalizer):
-    """(step, tokens) of the newest loadable checkpoint, restored into model/optimizer/RNG; (0, 0) if none."""
-    model_name, optim_name = shard_names(groups, finalizer.zero1)
-    found, other_layout = None, None
+def training_state(model, optimizer, finalizer) -> dict:
+    """This rank's part of the model and optimizer state, under layout-independent names."""
+    return {**model_state(model), **optimizer_state(model, optimizer, finalizer.sharded)}
+
+
+@dataclasses.dataclass
+class Progress:
+    """How far a run has come (where it resumes: 0s for a new run)."""
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+
+
+def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer) -> Progress:
+    """Restore the newest loadable checkpoint under run_dir into model, optimizer and RNG, whatever
+    layout wrote it. A corrupt one is skipped with a warning; one that cannot be loaded into this
+    run stops it with the reason (every rank sees the same files and the same outcome)."""
+    if not cfg.train.resume:
+        return Progress()
+    for step, path in checkpoint.complete_dirs(run_dir / "checkpoints"):
+        try:
+            trainer = checkpoint.load_part(path / "trainer.pt")
+        except Exception as err:  # unreadable: try the previous one
+            checkpoint.skip_corrupt(path, err)
+            continue
+        _check_model_settings(path, trainer, spec, model_cfg)
+        if not (path / dcp_io.METADATA_FILE).is_file():
+            raise UserInputError(
+                f"{path} is in the per-rank format of moetron before 2026-12-02 (written with layout "
+                f"{trainer.get('layout')}), which this version does not resume. Export its weights with "
+                f"`moetron-export {run_dir} --hf OUT_DIR` and start a run from them in a new hydra.run.dir "
+                "(model.init_from=OUT_DIR), or finish this run with the version that wrote it")
+        try:
+            dcp_io.load_state(path, training_state(model, optimizer, finalizer))
+        except (KeyError, ValueError) as err:
+            raise UserInputError(f"{path} does not fit this run: {err}; use a new hydra.run.dir or "
+                                 "train.resume=false") from err
+        except Exception as err:  # a part that cannot be read: the same on every rank (DCP gathers failures)
+            checkpoint.skip_corrupt(path, err)
+            continue
+        finalizer.load_shards_from_params()
+        set_rng_state(trainer["rng"])
+        return Progress(step, trainer["tokens"], trainer.get("skipped_steps", 0))
+    return Progress()
+
+
+def _check_model_settings(path: Path, trainer: dict, spec, model_cfg) -> None:
+    """The checkpoint's model settings equal this run's (compared as typed configs: a preset lists
+    some keys, the schema's defaults fill the rest; where a run started does not bind its resume)."""
     try:
-        found = checkpoint.load_latest(run_dir / "checkpoints", (model_name, optim_name, "trainer")) if cfg.train.resume else None
-    except checkpoint.OtherLayout as err:
-        other_layout = str(err)
-    # every rank learns every rank's outcome before any raises (one rank alone raising would leave
-    # the others waiting in the next collective)
-    outcomes = [other_layout or (found[0] if found else 0)]
-    if groups.dims.world_size > 1:
-        outcomes = [None] * groups.dims.world_size
-        torch.distributed.all_gather_object(outcomes, other_layout or (found[0] if found else 0))
-    layout_error = next((o for o in outcomes if isinstance(o, str)), None)
-    if layout_error is not None:
-        raise UserInputError(f"{layout_error}. {_RESUME_WITH_THE_LAYOUT}")
-    steps = outcomes
-    if len(set(steps)) > 1:
-        raise UserInputError(f"ranks found different newest checkpoints in {run_dir / 'checkpoints'} (steps {steps}); "
-                             "a shard is missing or corrupt: remove the newest step folder to resume from the previous one")
-    if found is None:
-        return 0, 0
-    step, parts = found
-    parts = {"model": parts[model_name], "optim": parts[optim_name], "trainer": parts["trainer"]}
-    saved_layout, layout = parts["trainer"].get("layout"), layout_of(groups, finalizer.zero1)
-    if saved_layout is not None and saved_layout != layout:  # the same on every rank: all raise
-        raise UserInputError(f"the newest checkpoint in {run_dir / 'checkpoints'} was written with layout "
-                             f"{saved_layout}, this run has {layout}. {_RESUME_WITH_THE_LAYOUT}")
-    # compared as typed configs: a preset lists some keys, the schema's defaults fill the rest
-    try:
-        saved_model_cfg = dataclasses.asdict(spec.config(parts["trainer"]["config"]["model"]))
+        saved = dataclasses.asdict(spec.config(trainer["config"]["model"]))
     except ValueError as err:
-        raise UserInputError(f"the checkpoint in {run_dir / 'checkpoints'} has model settings this version cannot "
-                             f"read ({err}); use a new hydra.run.dir or train.resume=false") from err
-    current_model_cfg = dataclasses.asdict(model_cfg)
-    for config in (saved_model_cfg, current_model_cfg):  # where a run started does not bind its resume
+        raise UserInputError(f"the checkpoint {path} has model settings this version cannot read ({err}); use a "
+                             "new hydra.run.dir or train.resume=false") from err
+    current = dataclasses.asdict(model_cfg)
+    for config in (saved, current):
         config.pop("init_from", None)
-    if saved_model_cfg != current_model_cfg:
-        changed = sorted(k for k in current_model_cfg if saved_model_cfg.get(k) != current_model_cfg[k])
-        raise UserInputError(f"the checkpoint in {run_dir / 'checkpoints'} was trained with other model settings "
+    if saved != current:
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        raise UserInputError(f"the checkpoint {path} was trained with other model settings "
                              f"({', '.join('model.' + k for k in changed)}); use a new hydra.run.dir or "
                              "train.resume=false")
-    try:
-        load_held_state_dict(model, parts["model"])
-    except KeyError as err:
-        raise UserInputError(f"{run_dir / 'checkpoints'}: {err.args[0]}; use a new hydra.run.dir or train.resume=false") from err
-    finalizer.load_shards_from_params()
-    optimizer.load_state_dict(parts["optim"])
-    set_rng_state(parts["trainer"]["rng"])
-    return step, parts["trainer"]["tokens"]
-
-
-_RESUME_WITH_THE_LAYOUT = ("Resume with the layout that wrote it (parallel.pp, parallel.ep, parallel.dp, parallel.zero1), "
-                           "or start in a new hydra.run.dir: checkpoints do not move between layouts yet")
 
 
 def layout_of(groups, zero1: bool) -> dict:
-    """What a checkpoint's files depend on, stored with it and compared on resume."""
+    """The layout that wrote a checkpoint, kept in trainer.pt for the record (it loads into any other)."""
     dims = groups.dims
     return {"pp": dims.pp, "dp": dims.dp, "ep": dims.ep, "zero1": zero1}
 
 
-def shard_names(groups, zero1: bool) -> tuple[str, str]:
-    """Checkpoint part names of this rank's model and optimizer: one model file per (pp, ep) rank,
-    and one optimizer file per (pp, ep) rank, or per (pp, dp, ep) rank under ZeRO-1 (sharded state)."""
-    dims, (pp_idx, dp_idx, ep_idx) = groups.dims, groups.dims.coords(groups.rank)
-    suffix = (f"-pp{pp_idx}" if dims.pp > 1 else "") + (f"-ep{ep_idx}" if dims.ep > 1 else "")
-    optim_suffix = suffix + (f"-dp{dp_idx}" if zero1 else "")
-    return f"model{suffix}", f"optim{optim_suffix}"
-
-
-def save(run_dir, step, tokens, model, optimizer, config_dict, keep, world, groups, zero1: bool) -> None:
-    """Rank 0 stages the folder; the first dp replica of every (pp, ep) rank writes its model shard and
-    optimizer state (under ZeRO-1 every rank writes its optimizer shard); rank 0 commits."""
+def save(run_dir: Path, step: int, progress: Progress, model, optimizer, finalizer, config_dict: dict, keep: int,
+         world, groups) -> None:
+    """Rank 0 stages the folder; every rank writes what it holds (a tensor several ranks hold is
+    written once); rank 0 adds trainer.pt and commits. `progress`: its tokens and skipped steps."""
     root = run_dir / "checkpoints"
     if world.is_main:
         checkpoint.begin(root, step)
     barrier(world)
-    _, dp_idx, _ = groups.dims.coords(world.rank)
-    model_name, optim_name = shard_names(groups, zero1)
-    parts = {}
-    if dp_idx == 0:
-        parts[model_name] = held_state_dict(model)
-    if dp_idx == 0 or zero1:
-        parts[optim_name] = optimizer.state_dict()
-    if parts:
-        if world.is_main:
-            parts["trainer"] = {"step": step, "tokens": tokens, "data_position": step, "rng": rng_state(),
-                                "config": config_dict, "layout": layout_of(groups, zero1)}
-        checkpoint.write(checkpoint.staging_dir(root, step), parts)
-    barrier(world)
+    staging = checkpoint.staging_dir(root, step)
+    dcp_io.save_state(staging, training_state(model, optimizer, finalizer))  # collective: all written after it
     if world.is_main:
+        trainer = {"step": step, "tokens": progress.tokens, "skipped_steps": progress.skipped_steps,
+                   "data_position": step, "rng": rng_state(), "config": config_dict,
+                   "layout": layout_of(groups, finalizer.zero1)}
+        checkpoint.write(staging, {"trainer": trainer})
         checkpoint.commit(root, step, keep)
     barrier(world)
 

@@ -160,7 +160,8 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
     num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
     model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
     optimizer = build_optimizer(finalizer.optimizer_param_groups(cfg.optim.weight_decay), cfg.optim, device)
-    start_step, tokens_seen = resume(run_dir, cfg, spec, model_cfg, model, optimizer, groups, finalizer)
+    progress = resume(run_dir, cfg, spec, model_cfg, model, optimizer, finalizer)  # step, tokens, skipped steps
+    start_step = progress.step
     if world.is_main and start_step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
     if start_step >= tcfg.max_steps:
@@ -182,7 +183,6 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
 
     metrics, first_loss, step = {}, None, start_step
     profiler = StepProfiler(cfg.logging.profile, world.rank, run_dir, device)
-    skipped = 0  # steps with a non-finite gradient norm, skipped (train.on_nonfinite=skip)
     optimizer_gib = None  # this rank's optimizer state and master weights
     with StopRequests() as stops:  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit
         try:
@@ -195,7 +195,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                     group_["lr"] = lr
                 batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.dp_ep_rank,
                                                      data_ranks))
-                loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, tokens_seen))
+                loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, progress.tokens))
                 phase = "the gradient reduction"
                 grad_norm = finalizer.finish_gradients()
                 finite = math.isfinite(grad_norm)  # reduced over every rank: all of them agree
@@ -207,23 +207,23 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                     optimizer.step()
                     if optimizer_gib is None:  # the state exists after the first step, and keeps its size
                         optimizer_gib = optimizer_state_gib(optimizer)
-                skipped += not finite
+                progress.skipped_steps += not finite  # train.on_nonfinite=skip: a non-finite gradient norm
                 finalizer.after_optimizer_step(gather=finite)  # ZeRO-1: gather the updated shards; no gradients left
                 phase = "the metrics reduction"
                 parts = _step_parts(loss_sums, micro, made, spec, model, device)
                 parts["stop"] = stops.flag(device)
                 summed = finalizer.reduce_metrics(parts)
                 stop_now = float(summed.pop("stop")) > 0
-                extra = spec.after_step(model, summed, tcfg, tokens_seen, update=finite)
-                tokens_seen += tokens_per_step
+                extra = spec.after_step(model, summed, tcfg, progress.tokens, update=finite)
+                progress.tokens += tokens_per_step
                 step_time = time.perf_counter() - t0
 
-                metrics = _step_metrics(step + 1, tokens_seen, lr, grad_norm, step_time, tokens_per_step,
+                metrics = _step_metrics(step + 1, progress.tokens, lr, grad_norm, step_time, tokens_per_step,
                                         flops_per_token, world.size, cfg, device)
                 metrics.update(_reduced_metrics(summed, loss_names, num_microbatches * data_ranks, world.size))
                 metrics.update(extra)
                 gib = optimizer_gib if optimizer_gib is not None else optimizer_state_gib(optimizer)
-                metrics.update({"memory/optimizer_state_gib": gib, "train/skipped_steps": skipped})
+                metrics.update({"memory/optimizer_state_gib": gib, "train/skipped_steps": progress.skipped_steps})
                 first_loss = metrics["loss"] if first_loss is None else first_loss
                 if world.is_main:
                     if (step + 1) % tcfg.log_every == 0 or step + 1 == end_step:
@@ -239,8 +239,8 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                         print(line, flush=True)
                 phase = "writing a checkpoint"
                 if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step or stop_now:
-                    save(run_dir, step + 1, tokens_seen, model, optimizer, config_dict, tcfg.ckpt_keep, world, groups,
-                          finalizer.zero1)
+                    save(run_dir, step + 1, progress, model, optimizer, finalizer, config_dict, tcfg.ckpt_keep, world,
+                         groups)
                 if stop_now:
                     if world.is_main:
                         how = stops.signal_name or "a stop signal on another rank"

@@ -8,8 +8,7 @@ import torch
 
 from moetron.models import build_model
 from moetron.models.deepseek_v3 import load_preset
-from moetron.parallel.materialize import merge_shards
-from moetron.train import checkpoint
+from moetron.train import dcp_io
 from moetron.train.data import ByteTokenizer, PackedSampler, load_tokens
 from tests.e2e.test_expert_parallel_cli import torchrun
 from tests.e2e.test_train_cli import read_metrics, run_cli
@@ -19,13 +18,10 @@ RUN = ["model=tiny", "train.seq_len=64", "train.global_batch=16", "train.micro_b
 
 
 def _whole_model(run_dir):
-    """The checkpoint's whole model, merged from its (pp, ep) shards in this process."""
+    """The checkpoint's whole model, read in this process."""
     step_dir = sorted((run_dir / "checkpoints").iterdir())[-1]
     model = build_model(load_preset("tiny"))
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    shards = [(checkpoint.load_part(p), int(p.stem.split("-ep")[1]) if "-ep" in p.stem else 0)
-              for p in step_dir.glob("model*.pt")]
-    model.load_state_dict(merge_shards(shards, shapes))
+    model.load_state_dict(dcp_io.load_whole(step_dir, "model/"))
     return model.eval()
 
 

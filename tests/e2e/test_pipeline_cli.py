@@ -38,7 +38,7 @@ def test_dualpipe_resumes_from_pipeline_sharded_checkpoints(tmp_path):
     assert "at step 2" in torchrun(2, args, tmp_path).stdout
     assert_same_curve(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "dual"))
     names = sorted(p.name for p in (tmp_path / "dual" / "checkpoints" / "step_00000004").iterdir())
-    assert names == ["COMPLETE", "model-pp0.pt", "model-pp1.pt", "optim-pp0.pt", "optim-pp1.pt", "trainer.pt"]
+    assert names == [".metadata", "COMPLETE", "__0_0.distcp", "__1_0.distcp", "trainer.pt"]
 
 
 def test_too_few_microbatches_for_the_schedule(tmp_path):

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moetron.train import dcp_io
+
 FAST = ["train.seq_len=64", "train.global_batch=8", "train.micro_batch=4", "logging.progress=false"]
 
 
@@ -59,8 +61,8 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path):
     keys = ("loss", "loss/lm", "loss/mtp", "loss/seq_aux", "grad_norm", "lr", "moe/load/layer_1")
     # CPU float32 with deterministic algorithms: every logged value is bit-for-bit the same.
     assert [[r[k] for k in keys] for r in split] == [[r[k] for k in keys] for r in whole]
-    final = "checkpoints/step_00000008/model.pt"
-    a, b = torch.load(tmp_path / "whole" / final), torch.load(tmp_path / "split" / final)
+    final = "checkpoints/step_00000008"
+    a, b = dcp_io.load_whole(tmp_path / "whole" / final, ""), dcp_io.load_whole(tmp_path / "split" / final, "")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -68,7 +70,7 @@ def test_corrupt_and_partial_checkpoints_are_skipped_and_kept(tmp_path):
     run_dir = tmp_path / "run"
     run_cli(["train.max_steps=4", "train.ckpt_every=2", "train.ckpt_keep=3", *FAST, f"hydra.run.dir={run_dir}"], tmp_path)
     ckpts = run_dir / "checkpoints"
-    (ckpts / "step_00000004" / "model.pt").write_bytes(b"not a checkpoint")
+    (ckpts / "step_00000004" / "__0_0.distcp").write_bytes(b"not a checkpoint")
     partial = ckpts / "step_00000006"
     partial.mkdir()
     proc = run_cli(["train.max_steps=5", "train.ckpt_every=2", "train.ckpt_keep=3", *FAST, f"hydra.run.dir={run_dir}"],

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from moetron.train import dcp_io
+
 from tests.e2e.test_expert_parallel_cli import torchrun
 from tests.e2e.test_train_cli import read_metrics
 
@@ -44,26 +46,27 @@ def test_zero1_resumes_from_its_optimizer_shards_bitwise(tmp_path):
     # CPU float32, deterministic: the resumed run is the uninterrupted one, bit for bit
     assert [[r[k] for k in keys] for r in read_metrics(tmp_path / "split")] == \
         [[r[k] for k in keys] for r in read_metrics(tmp_path / "whole")]
-    step = tmp_path / "split" / "checkpoints" / "step_00000010"
-    assert sorted(p.name for p in step.iterdir()) == ["COMPLETE", "model.pt", "optim-dp0.pt", "optim-dp1.pt",
-                                                      "trainer.pt"]
-    shard0 = torch.load(step / "optim-dp0.pt", weights_only=True)
-    full = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000010" / "optim-dp0.pt", weights_only=True)
-    assert shard0["state"].keys() == full["state"].keys()
+    step = "checkpoints/step_00000010"
+    # each rank wrote its own optimizer shard: two data files, read back as whole tensors
+    assert sorted(p.name for p in (tmp_path / "split" / step).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    split, whole = dcp_io.load_whole(tmp_path / "split" / step, ""), dcp_io.load_whole(tmp_path / "whole" / step, "")
+    assert split.keys() == whole.keys() and all(torch.equal(split[k], whole[k]) for k in whole)
 
 
-def test_resuming_with_another_layout_stops_every_rank_with_the_reason(tmp_path):
-    """dp=2 with ZeRO-1 resumed at dp=4: two ranks find their optimizer shards, two do not; all stop
-    with the reason (none waits on the others), and the checkpoint is left as it was."""
+def test_a_checkpoint_of_the_per_rank_format_is_refused_with_how_to_move_it(tmp_path):
+    """A checkpoint of before 2026-12-02 (one file per rank, no DCP metadata): every rank stops with
+    the way to carry its weights over, said once, and the checkpoint is left as it was."""
     args = [*RUN, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"]
     torchrun(2, args, tmp_path)
-    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "moetron.train",
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    (step / dcp_io.METADATA_FILE).unlink()  # what the old format lacks
+    before = sorted(p.name for p in step.iterdir())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moetron.train",
            *[a.replace("max_steps=2", "max_steps=3") for a in args]]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert proc.stderr.count("was written by another parallel layout") == 1  # said once, by rank 0
-    assert "Resume with the layout that wrote it" in proc.stderr
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir()) == before
+    assert proc.stderr.count("is in the per-rank format of moetron before 2026-12-02") == 1  # said once, by rank 0
+    assert f"moetron-export {tmp_path / 'run'} --hf OUT_DIR" in proc.stderr
+    assert sorted(p.name for p in step.iterdir()) == before
     assert len(read_metrics(tmp_path / "run")) == 2

@@ -95,6 +95,7 @@ class GroupedExperts(nn.Module):
         self.use_grouped_mm = True
         self.weight_grad_store = None  # handed in by parallelize's converter, to defer weight gradients to W
         self.first_expert = 0  # global index of expert 0 here (expert parallelism shards the stack)
+        self.global_experts = num_experts  # experts in the whole stack, whatever this rank holds
 
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         store = self.weight_grad_store

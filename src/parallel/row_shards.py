@@ -1,0 +1,98 @@
+"""The training state under names and shapes that do not depend on the parallel layout.
+
+A checkpoint keys every tensor by what it is in the whole model, never by the rank that held it:
+- the model: its parameter and buffer names (global layer index, `state_dict` names); an expert
+  stack sharded over EP keeps its whole shape [E, ...], row e being global expert e;
+- the optimizer: `optim/<parameter name>/<state>` (`exp_avg`, `exp_avg_sq`, `step`), each moment of
+  the parameter's whole shape, whether this rank steps on the whole parameter, its experts' rows,
+  or (ZeRO-1) a row range of them.
+
+What a rank holds of such a tensor is a `RowShard` (rows [row_offset, row_offset + rows) of a tensor
+of `global_rows` rows) or the whole tensor. `moetron.train.dcp_io` saves and loads these with
+torch.distributed.checkpoint, which reshards: a checkpoint written in one layout loads in any other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetron.parallel.materialize import expert_rows, held_state_dict
+
+OPTIM_PREFIX = "optim/"
+MODEL_PREFIX = "model/"
+
+
+@dataclass
+class RowShard:
+    """Rows [row_offset, row_offset + local.shape[0]) of a tensor of `global_rows` rows; `local` is
+    this rank's storage of them (a view: loading writes into it)."""
+    local: torch.Tensor
+    row_offset: int
+    global_rows: int
+
+    @property
+    def global_shape(self) -> torch.Size:
+        return torch.Size((self.global_rows, *self.local.shape[1:]))
+
+
+def model_state(model: nn.Module) -> dict:
+    """What this rank holds of the model (`model/<name>`): whole tensors, and its rows of the expert stacks."""
+    rows = expert_rows(model)
+    state = {}
+    for name, tensor in held_state_dict(model).items():
+        first, global_rows = rows.get(name, (0, _rows(tensor)))
+        whole = _rows(tensor) == global_rows
+        state[MODEL_PREFIX + name] = tensor if whole else RowShard(tensor, first, global_rows)
+    return state
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: list) -> dict:
+    """What this rank holds of the optimizer state (`optim/<name>/<state>`), whole or as row shards:
+    its experts' rows under EP, and under ZeRO-1 (`sharded`: the finalizer's ShardedParams) its
+    shard's rows of those. Creates the state (zeros) where the optimizer has not stepped yet, so that
+    a checkpoint can load into it."""
+    init_optimizer_state(optimizer)
+    rows = expert_rows(model)
+    # optimizer parameter -> (name, the model's parameter, first row and rows of it that it steps on)
+    targets = {id(p): (name, p, 0, _rows(p)) for name, p in model.named_parameters() if not p.is_meta}
+    for group in sharded:
+        for p, shard, r in zip(group.params, group.shards, group.rows):
+            name = targets[id(p)][0]
+            first = group.rank * r
+            targets[id(shard)] = (name, p, first, max(0, min(r, _rows(p) - first)))  # the rest is padding
+    state = {}
+    for param in (p for group in optimizer.param_groups for p in group["params"]):
+        name, held, first, count = targets[id(param)]
+        offset, global_rows = rows.get(name, (0, _rows(held)))
+        for key, value in optimizer.state[param].items():
+            fqn = f"{OPTIM_PREFIX}{name}/{key}"
+            if not torch.is_tensor(value) or value.ndim == 0:
+                state[fqn] = value  # the step count: the same on every rank holding the parameter
+            elif count == global_rows:
+                state[fqn] = value
+            elif count:
+                state[fqn] = RowShard(value[:count], offset + first, global_rows)
+    return state
+
+
+def _rows(p: torch.Tensor) -> int:
+    return p.shape[0] if p.ndim else 0
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's state as its first step would create it (moments of zeros, step 0), for parameters that
+    have none yet."""
+    moments_dtype = getattr(optimizer, "moments_dtype", None)
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            if optimizer.state[p]:
+                continue
+            dtype = moments_dtype or p.dtype
+            optimizer.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)}
