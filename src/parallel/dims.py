@@ -105,6 +105,7 @@ class ParallelGroups:
     extra_lanes: list = field(default_factory=list)  # lanes 1..: {"ep", "nvl", "ib", "pp": copy} (comm.lanes)
     order: Optional[IssueOrder] = None  # lanes take turns issuing during F&B pairs (comm.lanes)
     timeout: Optional[timedelta] = None  # how long a collective of these groups waits on a peer
+    members: dict = field(default_factory=dict)  # group name ("ep", "edp", "dp_ep", "pp", ...) -> my group's ranks
 
     @property
     def pp_rank(self) -> int:
@@ -124,18 +125,25 @@ class ParallelGroups:
     def ep_ranks_per_node(self) -> int:
         return min(self.dims.ep, self.topology.gpus_per_node)
 
+    def describe(self, names: list[str]) -> str:
+        """My groups among `names` that have peers, for messages: "dp_ep group [0, 1, 2, 3], ..."."""
+        found = [f"{name} group {self.members[name]}" for name in names if len(self.members.get(name, [])) > 1]
+        return ", ".join(found) or "no group of several ranks"
+
     def lanes(self, name: str) -> LaneGroup:
         """Group `name` ("ep", "nvl", "ib" or "pp") with one copy per lane (see moetron.comm.lanes)."""
         return LaneGroup([getattr(self, f"{name}_group"), *(lane[name] for lane in self.extra_lanes)], self.order)
 
 
-def _make_groups(rank_lists: list[list[int]], rank: int, timeout: Optional[timedelta] = None
+def _make_groups(rank_lists: list[list[int]], rank: int, timeout: Optional[timedelta] = None, name: str = ""
                  ) -> Optional[dist.ProcessGroup]:
     """Create every group of a partition (all ranks must call this alike); return the one holding rank.
-    `timeout`: how long a collective waits on a peer (new groups do not inherit the world's)."""
+    `timeout`: how long a collective waits on a peer (new groups do not inherit the world's); `name`
+    goes into each group's description (NCCL's timeout reports name it)."""
     mine = None
     for ranks in rank_lists:
-        group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
+        desc = f"{name}{ranks}"
+        group = dist.new_group(ranks, timeout=timeout, group_desc=desc) if len(ranks) > 1 else None
         if rank in ranks:
             mine = group
     return mine
@@ -149,8 +157,8 @@ def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int =
     long their collectives wait on a peer (train.collective_timeout_s)."""
     grid = dims.grid()
 
-    def make(lists):
-        return _make_groups(lists, rank, timeout)
+    def make(lists, name):
+        return _make_groups(lists, rank, timeout, name)
 
     ep_lists = grid.reshape(-1, dims.ep).tolist()
     edp_lists = grid.permute(0, 2, 1).reshape(-1, dims.dp).tolist()
@@ -159,13 +167,16 @@ def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int =
     nvl_lists = [ep[i:i + per_node] for ep in ep_lists for i in range(0, dims.ep, per_node)]
     ib_lists = [ep[local::per_node] for ep in ep_lists for local in range(per_node)]
     pp_lists = grid.permute(1, 2, 0).reshape(-1, dims.pp).tolist()
-    groups = ParallelGroups(dims, topology, rank, ep_group=make(ep_lists), edp_group=make(edp_lists),
-                            dp_ep_group=make(dp_ep_lists), nvl_group=make(nvl_lists), ib_group=make(ib_lists),
-                            pp_group=make(pp_lists), timeout=timeout)
+    partitions = {"ep": ep_lists, "edp": edp_lists, "dp_ep": dp_ep_lists, "nvl": nvl_lists, "ib": ib_lists,
+                  "pp": pp_lists}
+    made = {f"{name}_group": make(lists, name) for name, lists in partitions.items()}
+    members = {name: next(r for r in lists if rank in r) for name, lists in partitions.items()}
+    members["world"] = list(range(dims.world_size))
+    groups = ParallelGroups(dims, topology, rank, **made, timeout=timeout, members=members)
     copied = {"ep": ep_lists, "nvl": nvl_lists, "ib": ib_lists, "pp": pp_lists}
     groups.order = IssueOrder() if ordered and lanes > 1 else None
-    for _ in range(lanes - 1):
-        groups.extra_lanes.append({name: make(lists) for name, lists in copied.items()})
+    for lane in range(1, lanes):
+        groups.extra_lanes.append({name: make(lists, f"{name}-lane{lane}") for name, lists in copied.items()})
     return groups
 
 
@@ -177,7 +188,7 @@ def pipeline_subgroups(dims: ParallelDims, rank: int, pp_sets: list[tuple[int, .
     mine = {}
     for pp_set in pp_sets:
         lists = [[int(grid[q, d, e]) for q in pp_set] for d in range(dims.dp) for e in range(dims.ep)]
-        group = _make_groups(lists, rank, timeout)
+        group = _make_groups(lists, rank, timeout, f"pp-shared{list(pp_set)}")
         if dims.coords(rank)[0] in pp_set:
             mine[pp_set] = group
     return mine

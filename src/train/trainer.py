@@ -187,7 +187,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
     with StopRequests() as stops:  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit
         try:
             for step in range(start_step, end_step):
-                phase = "the forward and backward passes"  # named if a peer stops answering
+                phase = "forward_backward"  # named if a peer stops answering (_PHASES)
                 profiler.begin(step + 1)
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg.optim, tcfg.max_steps)
@@ -196,7 +196,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                 batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.dp_ep_rank,
                                                      data_ranks))
                 loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, progress.tokens))
-                phase = "the gradient reduction"
+                phase = "gradients"
                 grad_norm = finalizer.finish_gradients()
                 finite = math.isfinite(grad_norm)  # reduced over every rank: all of them agree
                 if not finite and tcfg.on_nonfinite == "stop":
@@ -209,7 +209,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                         optimizer_gib = optimizer_state_gib(optimizer)
                 progress.skipped_steps += not finite  # train.on_nonfinite=skip: a non-finite gradient norm
                 finalizer.after_optimizer_step(gather=finite)  # ZeRO-1: gather the updated shards; no gradients left
-                phase = "the metrics reduction"
+                phase = "metrics"
                 parts = _step_parts(loss_sums, micro, made, spec, model, device)
                 parts["stop"] = stops.flag(device)
                 summed = finalizer.reduce_metrics(parts)
@@ -237,7 +237,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                         console.note(line)
                     else:
                         print(line, flush=True)
-                phase = "writing a checkpoint"
+                phase = "checkpoint"
                 if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step or stop_now:
                     save(run_dir, step + 1, progress, model, optimizer, finalizer, config_dict, tcfg.ckpt_keep, world,
                          groups)
@@ -251,9 +251,11 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
         except RuntimeError as err:
             if not is_timeout(err):
                 raise
+            what, group_names = _PHASES[phase]
             raise TrainingStopped(f"step {step + 1}: rank {world.rank} had no answer from a peer within "
-                                  f"train.collective_timeout_s={tcfg.collective_timeout_s:g} s during {phase}: a rank "
-                                  f"is dead or hung (see its log). torch: {str(err).splitlines()[0]}") from err
+                                  f"train.collective_timeout_s={tcfg.collective_timeout_s:g} s during {what} "
+                                  f"(its collectives here: {groups.describe(group_names)}): a rank is dead or hung "
+                                  f"(see its log). torch: {str(err).splitlines()[0]}") from err
         finally:
             profiler.close()
             if world.is_main:
@@ -266,6 +268,13 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                 jsonl.close()
                 wandb.close()
     return metrics
+
+
+# phase of a step -> (its name in messages, the process groups its collectives use: ParallelGroups.members)
+_PHASES = {"forward_backward": ("the forward and backward passes", ["ep", "pp"]),
+           "gradients": ("the gradient reduction", ["dp_ep", "edp", "ep", "pp"]),
+           "metrics": ("the metrics reduction", ["world"]),
+           "checkpoint": ("writing a checkpoint", ["world"])}
 
 
 def _step_parts(loss_sums, micro, made, spec, model, device) -> dict:

@@ -2,6 +2,7 @@
 non-finite gradient skips the step or stops the run with its name, never saving a NaN state."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def test_a_nonfinite_step_stops_the_run_naming_it_and_saves_nothing_from_it(tmp_
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
 
 
-def test_a_hung_peer_ends_the_run_with_a_message_naming_the_rank_and_the_phase(tmp_path):
+def test_a_hung_peer_ends_the_run_with_a_message_naming_the_rank_the_phase_and_the_group(tmp_path):
     run_dir = tmp_path / "run"
     procs = _two_ranks(tmp_path, ["train.max_steps=400", "train.ckpt_every=1000", "train.collective_timeout_s=3",
                                   *FAST, f"hydra.run.dir={run_dir}"])
@@ -89,6 +90,7 @@ def test_a_hung_peer_ends_the_run_with_a_message_naming_the_rank_and_the_phase(t
         out, err = procs[0].communicate(timeout=120)
         assert procs[0].returncode == 3, err[-2000:]
         assert "rank 0 had no answer from a peer within train.collective_timeout_s=3 s during" in err
+        assert re.search(r"\(its collectives here: (dp_ep group \[0, 1\]|world group \[0, 1\])", err), err[-2000:]
         assert "Traceback" not in err
     finally:
         procs[1].kill()
