@@ -37,11 +37,14 @@ from moetron.parallel.zero1 import ShardedParams
 
 class StepFinalizer:
     def __init__(self, model: nn.Module, expert_params: list, groups: ParallelGroups, grad_clip: float,
-                 pp_holders: Optional[dict] = None, pp_shared: Optional[dict] = None, zero1: bool = False) -> None:
+                 pp_holders: Optional[dict] = None, pp_shared: Optional[dict] = None, zero1: bool = False,
+                 overlap_param_gather: bool = False) -> None:
         """`expert_params`: the EP-sharded parameters (from `parallelize`); `pp_holders`: id(param) ->
         the pipeline ranks holding it, and `pp_shared`: pipeline-rank set -> this rank's parameters
         they share (both from the pipeline split; None without pipelining). Every rank must build
-        one: the pipeline-shared sets get process groups of their own."""
+        one: the pipeline-shared sets get process groups of their own. `overlap_param_gather`
+        (ZeRO-1): the updated shards are gathered while the next step starts, each module's forward
+        waiting for its own parameters; call `finish_gather()` before reading them elsewhere."""
         expert_ids = {id(p) for p in expert_params}
         self.experts = [p for p in expert_params if not p.is_meta]
         self.replicated = [p for p in held_parameters(model) if p.requires_grad and id(p) not in expert_ids]
@@ -58,6 +61,9 @@ class StepFinalizer:
             self.sharded = [ShardedParams(self.replicated, groups.dp_ep_group, self.data_ranks, groups.dp_ep_rank),
                             ShardedParams(self.experts, groups.edp_group, dims.dp, dp_idx)]
         self._shard_of = {id(p): shard for sp in self.sharded for p, shard in zip(sp.params, sp.shards)}
+        self.overlap_gather = zero1 and overlap_param_gather
+        for sharded in self.sharded if self.overlap_gather else []:
+            sharded.wait_before_forward(model)
 
     @property
     def data_ranks(self) -> int:
@@ -108,11 +114,16 @@ class StepFinalizer:
         """ZeRO-1: the updated master shards back into every rank's parameters (`gather=False`: the
         step was skipped, nothing changed). Then no gradients."""
         for sharded in self.sharded if gather else []:
-            sharded.all_gather_params()
+            sharded.all_gather_params(async_op=self.overlap_gather)
         for p in held_parameters(self.model):
             p.grad = None
         for shard in self._shard_of.values():
             shard.grad = None
+
+    def finish_gather(self) -> None:
+        """ZeRO-1 with overlap_param_gather: every parameter updated (before a checkpoint, or the end)."""
+        for sharded in self.sharded:
+            sharded.finish_gather()
 
     def load_shards_from_params(self) -> None:
         """After a checkpoint loaded into the parameters: the master shards follow."""

@@ -10,13 +10,17 @@ steps. One step:
    gradient (times `scale`), in buckets (one collective per bucket);
 2. the caller clips the shard gradients by the whole model's norm and steps the optimizer on the
    master shards (AdamW is elementwise: the shard update equals the slice of the full update);
-3. `all_gather_params()`: the updated shards travel back into every rank's full parameter.
+3. `all_gather_params()`: the updated shards travel back into every rank's full parameter. With
+   `async_op=True` the gathers run while the rank goes on (metrics, logging, the next step's data
+   and the forward of earlier layers): each module's forward pre-hook waits for its own parameters'
+   bucket only (`wait_before_forward`), as Megatron-Core's `overlap_param_gather` does.
 
 Shape legend: D0 a parameter's dim 0, R rows per shard (ceil(D0 / size)), N group size.
 """
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -49,6 +53,9 @@ class ShardedParams:
             numel += shard.numel()
         if current:
             self.buckets.append(current)
+        self._bucket_of = {id(self.params[i]): b for b, bucket in enumerate(self.buckets) for i in bucket}
+        self._pending: dict[int, tuple] = {}  # bucket -> (its gather's work or None, the gathered [N, C])
+        self._landing = threading.Lock()  # DualPipe's F&B pairs run a forward on a second thread
 
     @torch.no_grad()
     def load_shards_from_params(self) -> None:
@@ -86,19 +93,56 @@ class ShardedParams:
                 offset += shard.numel()
 
     @torch.no_grad()
-    def all_gather_params(self) -> None:
-        """Every rank's full parameters from the group's updated master shards."""
-        for bucket in self.buckets:
+    def all_gather_params(self, async_op: bool = False) -> None:
+        """Every rank's full parameters from the group's updated master shards. `async_op`: start the
+        gathers and return; each bucket lands in its parameters when `wait_for(param)` or
+        `finish_gather()` asks for it (the next forward's pre-hooks do: `wait_before_forward`)."""
+        self.finish_gather()
+        for b, bucket in enumerate(self.buckets):
             mine_C = torch.cat([self.shards[i].detach().reshape(-1) for i in bucket])
             if self.group is None:
-                all_NC = mine_C.view(1, -1)
-            else:
-                all_NC = torch.empty(self.size * mine_C.numel(), dtype=mine_C.dtype, device=mine_C.device)
-                _all_gather(all_NC, mine_C, group=self.group)
-                all_NC = all_NC.view(self.size, -1)
-            offset = 0
-            for i in bucket:
-                p, r, n = self.params[i], self.rows[i], self.shards[i].numel()
-                full = all_NC[:, offset:offset + n].reshape(r * self.size, *p.shape[1:])[:p.shape[0]]
-                p.copy_(full.to(p.dtype))
-                offset += n
+                self._pending[b] = (None, mine_C.view(1, -1))
+                continue
+            all_NC = torch.empty(self.size * mine_C.numel(), dtype=mine_C.dtype, device=mine_C.device)
+            work = _all_gather(all_NC, mine_C, group=self.group, async_op=True)
+            self._pending[b] = (work, all_NC.view(self.size, -1))
+        if not async_op:
+            self.finish_gather()
+
+    @torch.no_grad()
+    def _land(self, b: int) -> None:
+        """Wait for bucket b's gather and copy it into its parameters."""
+        work, all_NC = self._pending.pop(b)
+        if work is not None:
+            work.wait()
+        offset = 0
+        for i in self.buckets[b]:
+            p, r, n = self.params[i], self.rows[i], self.shards[i].numel()
+            full = all_NC[:, offset:offset + n].reshape(r * self.size, *p.shape[1:])[:p.shape[0]]
+            p.copy_(full.to(p.dtype))
+            offset += n
+
+    def wait_for(self, params) -> None:
+        """Land the pending buckets that hold any of `params`."""
+        if not self._pending:  # the common case once a step's first forward has landed everything it needs
+            return
+        with self._landing:
+            for b in sorted({self._bucket_of[id(p)] for p in params if id(p) in self._bucket_of} & set(self._pending)):
+                self._land(b)
+
+    def finish_gather(self) -> None:
+        """Land every pending bucket (before anything reads the parameters outside a forward)."""
+        with self._landing:
+            for b in sorted(self._pending):
+                self._land(b)
+
+    def wait_before_forward(self, model: nn.Module) -> list:
+        """Forward pre-hooks on every module owning parameters of these buckets: a module's forward
+        waits for its own parameters' gather only, so the gathers of later layers overlap the
+        compute of earlier ones. Returns the hook handles."""
+        handles = []
+        for module in model.modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in self._bucket_of]
+            if own:
+                handles.append(module.register_forward_pre_hook(lambda _m, _args, own=own: self.wait_for(own)))
+        return handles

@@ -49,6 +49,9 @@ class ParallelConfig:
     # ZeRO-1: optimizer state and FP32 master weights sharded over the ranks holding copies
     # (moetron.parallel.zero1); None: on when dp > 1
     zero1: Optional[bool] = None
+    # ZeRO-1: the updated shards' all-gather runs on while the next step starts, each module's forward
+    # waiting for its own parameters only (Megatron-Core's overlap_param_gather)
+    overlap_param_gather: bool = True
     overlap_fb: bool = True  # dualpipe(v): run the forward and backward of each F&B pair at once
     # overlapped pairs: forward and backward take turns issuing collectives, in one order on every
     # rank (moetron.comm.lanes); None: on under NCCL, whose blocking kernels need it, off under gloo

@@ -121,7 +121,8 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
         materialize(model, [model], device, cfg.train.seed)
         _init_from(spec, model_cfg, model)
         micro = LocalMicroBatches(model, device, _compute_dtype(cfg, device))
-        finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, zero1=_zero1(cfg, dims))
+        finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, zero1=_zero1(cfg, dims),
+                                  overlap_param_gather=par.overlap_param_gather)
         return model, made, micro, finalizer
     schedule = build_schedule(par.schedule, dims.pp, num_microbatches)
     layout = [list(ids) for ids in par.layout] if par.layout else None
@@ -132,7 +133,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     micro = PipelinedMicroBatches(schedule, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
                                   _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store)
     finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared,
-                              zero1=_zero1(cfg, dims))
+                              zero1=_zero1(cfg, dims), overlap_param_gather=par.overlap_param_gather)
     return model, made, micro, finalizer
 
 
@@ -239,6 +240,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                         print(line, flush=True)
                 phase = "checkpoint"
                 if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step or stop_now:
+                    finalizer.finish_gather()  # ZeRO-1: the parameters as the optimizer left them
                     save(run_dir, step + 1, progress, model, optimizer, finalizer, config_dict, tcfg.ckpt_keep, world,
                          groups)
                 if stop_now:

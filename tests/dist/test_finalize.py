@@ -32,3 +32,34 @@ def test_metrics_are_summed_in_one_all_reduce():
         assert torch.equal(out["losses"], torch.full((4,), 3.0, dtype=torch.float64))  # 0 + 1 + 2
         assert torch.equal(out["loads_LE"], torch.arange(6, dtype=torch.float64).view(2, 3) * 6)
         assert out["idle"].shape == () and float(out["idle"]) == 0.75
+
+
+def _overlapped_gather(rank, world):
+    """ZeRO-1's updated shards gathered asynchronously: a module's parameters are stale until its
+    forward (or finish_gather) lands their bucket, and then equal what a blocking gather gives."""
+    import torch.distributed as dist
+
+    from moetron.parallel.zero1 import ShardedParams
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    params = list(model.parameters())
+    sharded = ShardedParams(params, dist.group.WORLD, world, rank, bucket_numel=50)  # a bucket per layer
+    sharded.wait_before_forward(model)
+    for shard in sharded.shards:
+        shard.data.add_(1.0)  # what an optimizer step would do to every rank's shard
+    before = [p.detach().clone() for p in params]
+    sharded.all_gather_params(async_op=True)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # nothing landed yet
+    x = torch.randn(4, 6)
+    model[0](x)  # the first layer's forward lands its own bucket only
+    landed = [not torch.equal(p, b) for p, b in zip(params, before)]
+    sharded.finish_gather()
+    return len(sharded.buckets), landed, [p.detach().clone() for p in params], [b + 1.0 for b in before]
+
+
+def test_an_overlapped_parameter_gather_lands_each_bucket_when_its_module_runs():
+    for buckets, landed, after, expected in run_ranks(2, _overlapped_gather):
+        assert buckets == 2
+        assert landed[:2] == [True, True] and landed[2:] == [False, False]
+        assert all(torch.equal(a, e) for a, e in zip(after, expected))
