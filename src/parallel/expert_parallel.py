@@ -15,8 +15,9 @@ DISPATCHERS = ("alltoall", "hierarchical", "deepep")
 
 
 def make_dispatcher(name: str, num_experts: int, groups: ParallelGroups, traffic: Optional[TrafficCounter] = None,
-                    deepep_buffers: Optional[DeepEPBuffers] = None):
-    """The dispatcher `parallel.dispatcher` names, for this rank's EP group.
+                    deepep_buffers: Optional[DeepEPBuffers] = None, codec=None):
+    """The dispatcher `parallel.dispatcher` names, for this rank's EP group; `codec`: how token rows
+    travel (moetron.comm.dispatch.hop.IdentityCodec's interface; None: as they are).
 
     DeepEP's buffers are large: pass one `DeepEPBuffers` for all the layers of a model.
     """
@@ -26,11 +27,14 @@ def make_dispatcher(name: str, num_experts: int, groups: ParallelGroups, traffic
     if name == "alltoall":
         first_rank = groups.rank - ep_rank
         nodes = [topo.node_of(first_rank + e) for e in range(dims.ep)]
-        return AllToAllDispatcher(num_experts, ep_rank, dims.ep, ep_group, nodes, traffic=traffic)
+        return AllToAllDispatcher(num_experts, ep_rank, dims.ep, ep_group, nodes, traffic=traffic, codec=codec)
     if name == "hierarchical":
         return HierarchicalDispatcher(num_experts, ep_rank, dims.ep, groups.ep_ranks_per_node, ib_group, nvl_group,
-                                      traffic=traffic)
+                                      traffic=traffic, codec=codec)
     if name == "deepep":
+        if codec is not None:
+            raise ValueError("parallel.dispatcher=deepep does not take a codec (FP8 dispatch): set "
+                             "precision.fp8_dispatch=false, or use the alltoall or hierarchical dispatcher")
         return DeepEPDispatcher(num_experts, ep_rank, dims.ep, deepep_buffers or DeepEPBuffers(ep_group),
                                 groups.ep_ranks_per_node, traffic=traffic)
     raise ValueError(f"parallel.dispatcher={name!r}: choose one of {DISPATCHERS}")

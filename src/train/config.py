@@ -73,6 +73,10 @@ class PrecisionConfig:
     name: str = "auto"
     compute_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32 | bfloat16
     master_dtype: str = "float32"  # parameters and gradients
+    # FP8 GEMMs with 1x128 / 128x128 scales in the decoder's linears and experts (moetron.precision)
+    fp8: bool = False
+    backend: str = "auto"  # auto | emulated | torch | te: who runs the FP8 GEMMs (auto: torch on Hopper)
+    fp8_dispatch: bool = True  # with fp8: tokens travel to their experts as E4M3 tiles (combine stays)
 
 
 @dataclass

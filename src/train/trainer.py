@@ -33,6 +33,7 @@ from moetron.parallel.finalize import StepFinalizer
 from moetron.parallel.materialize import load_whole_state_dict, materialize
 from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.profiling import StepProfiler
+from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train import checkpoint
 from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
@@ -116,7 +117,9 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     holds allocated and initialised; its micro-batch runner and step finalizer."""
     dims, par = groups.dims, cfg.parallel
     model = spec.build(model_cfg, device="meta").train()
-    made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1)
+    fp8 = resolve_backend(cfg.precision.backend, device) if cfg.precision.fp8 else None
+    made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1, fp8_backend=fp8,
+                            fp8_dispatch=bool(fp8) and cfg.precision.fp8_dispatch)
     if dims.pp == 1:
         materialize(model, [model], device, cfg.train.seed)
         _init_from(spec, model_cfg, model)

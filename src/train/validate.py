@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -19,6 +20,7 @@ from moetron.models.registry import get_spec
 from moetron.parallel.dims import ParallelDims, Topology
 from moetron.parallel.expert_parallel import DISPATCHERS
 from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
+from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train.config import RootConfig
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -116,6 +118,15 @@ def validate(cfg, world_size: int) -> ParallelDims:
                    ("optim.moments_dtype", cfg.optim.moments_dtype)):
         if v not in DTYPES:
             problems.append(f"{key}={v!r}: choose one of {DTYPES[1:] if key.startswith('optim') else DTYPES}")
+    if cfg.precision.fp8:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what pick_device will choose
+        try:
+            resolve_backend(cfg.precision.backend, device)
+        except ValueError as err:
+            problems.append(str(err))
+        if cfg.precision.fp8_dispatch and par.dispatcher == "deepep" and dims.ep > 1:
+            problems.append("precision.fp8_dispatch=true: parallel.dispatcher=deepep sends BF16 only here; set "
+                            "precision.fp8_dispatch=false or parallel.dispatcher=hierarchical")
     if cfg.logging.wandb.mode not in WANDB_MODES:
         problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
     problems += _profile_problems(cfg.logging.profile, train.max_steps, world_size)

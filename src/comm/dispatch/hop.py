@@ -21,14 +21,17 @@ from moetron.comm.traffic import TrafficCounter
 
 
 class IdentityCodec:
-    """The payload codec hook: how token rows travel. FP8 dispatch (1x128 tiles + scales) plugs in
-    here; identity sends the rows as they are."""
+    """The payload codec hook: how token rows travel in the dispatch direction (the combine sends
+    outputs as they are). `exchange` sends rows x[sum(send[:p]) : ...] to peer p and returns the rows
+    received, differentiable in x; `bytes_per_row` is what one row costs on the wire. Identity sends
+    the rows as they are; FP8 dispatch (moetron.precision.fp8_dispatch) sends E4M3 tiles and scales."""
 
-    def encode(self, x_NH: torch.Tensor) -> list[torch.Tensor]:
-        return [x_NH]
+    def exchange(self, x_NH: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        return all_to_all(x_NH, send, recv, group)
 
-    def decode(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return parts[0]
+    def round_trip(self, x_NH: torch.Tensor) -> torch.Tensor:
+        """The rows as a peer would receive them (the local dispatcher's view, so that EP = 1 agrees)."""
+        return x_NH
 
     def bytes_per_row(self, x_NH: torch.Tensor) -> int:
         return x_NH.shape[-1] * x_NH.element_size()
@@ -70,7 +73,7 @@ def send_hop(x_RH, expert_RK, weight_RK, dest_RK, num_dest: int, group, links: S
     plan = plan_hop(expert_RK, dest_RK, num_dest)
     send, recv = torch.stack([plan.send_counts_D, exchange_counts(plan.send_counts_D, group)]).tolist()  # one sync
     x_NH = x_RH.index_select(0, plan.row_idx_N)
-    x_MH = codec.decode([all_to_all(part, send, recv, group) for part in codec.encode(x_NH)])
+    x_MH = codec.exchange(x_NH, send, recv, group)
     # gates and expert ids in one exchange (packing the rows too would copy the payload once more)
     weight_MK, expert_MK = all_to_all_packed([weight_RK.index_select(0, plan.row_idx_N), plan.sent_expert_NK],
                                              send, recv, group)

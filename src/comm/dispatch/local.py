@@ -20,10 +20,15 @@ class LocalDispatchHandle:
 class LocalDispatcher:
     """EP = 1: all experts are local, so dispatch is a permutation of token copies."""
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, codec=None) -> None:
+        """`codec`: rows reach the experts as that codec delivers them (`codec.round_trip`), as they
+        would under expert parallelism (FP8 dispatch rounds them); None: as they are."""
         self.num_experts = num_experts
+        self.codec = codec
 
     def dispatch(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor):
+        if self.codec is not None:
+            x_TH = self.codec.round_trip(x_TH)
         K = topk_idx_TK.shape[1]
         expert_of_row = topk_idx_TK.reshape(-1)
         order_S = torch.argsort(expert_of_row, stable=True)

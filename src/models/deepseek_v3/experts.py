@@ -96,12 +96,19 @@ class GroupedExperts(nn.Module):
         self.weight_grad_store = None  # handed in by parallelize's converter, to defer weight gradients to W
         self.first_expert = 0  # global index of expert 0 here (expert parallelism shards the stack)
         self.global_experts = num_experts  # experts in the whole stack, whatever this rank holds
+        # a grouped GEMM of another precision (FP8: moetron.precision.convert hands one in), called
+        # as expert_gemm(x_SK, w_ENK, tokens_per_expert_E, weight_grad_store); None: grouped_mm
+        self.expert_gemm = None
+
+    def _gemm(self, x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        if self.expert_gemm is not None:
+            return self.expert_gemm(x_SK, w_ENK, tokens_per_expert_E, self.weight_grad_store)
+        return grouped_mm(x_SK, w_ENK, tokens_per_expert_E, self.use_grouped_mm, self.weight_grad_store)
 
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        store = self.weight_grad_store
-        gate_up_S2I = grouped_mm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E, self.use_grouped_mm, store)
+        gate_up_S2I = self._gemm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
         act_SI, region = maybe_recompute(self.recompute_swiglu, swiglu, gate_SI, up_SI)
-        y_SH = grouped_mm(act_SI, self.down_proj, tokens_per_expert_E, self.use_grouped_mm, store)
+        y_SH = self._gemm(act_SI, self.down_proj, tokens_per_expert_E)
         discard_all([region], after=y_SH)
         return y_SH

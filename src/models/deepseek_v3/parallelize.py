@@ -9,20 +9,30 @@ trainer builds the model on the meta device and allocates only what its rank hol
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 from moetron.comm.dispatch.deepep import DeepEPBuffers
+from moetron.comm.dispatch.local import LocalDispatcher
 from moetron.comm.traffic import TrafficCounter
 from moetron.models.deepseek_v3.moe import MoE
 from moetron.models.spec import Parallelized, defer_decoder_weight_grads
 from moetron.parallel.dims import ParallelGroups
 from moetron.parallel.expert_parallel import make_dispatcher, shard_experts
+from moetron.precision.convert import convert_to_fp8
+from moetron.precision.fp8_dispatch import FP8DispatchCodec
 
 
-def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, made: Parallelized) -> None:
-    """Shard every MoE layer's routed experts over the EP group and plug an EP dispatcher; record
-    what was made (traffic counter, expert parameters, DeepEP buffers) in `made`."""
+def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, made: Parallelized,
+                     codec=None) -> None:
+    """Shard every MoE layer's routed experts over the EP group and plug an EP dispatcher (`codec`:
+    how token rows travel; None: as they are); record what was made (traffic counter, expert
+    parameters, DeepEP buffers) in `made`."""
     if groups is None or groups.dims.ep == 1:  # None: one process
+        for module in model.modules() if codec is not None else []:
+            if isinstance(module, MoE):  # nothing travels, but the rows are rounded as they would be
+                module.dispatcher = LocalDispatcher(model.cfg.n_routed_experts, codec)
         return
     made.traffic = TrafficCounter()
     if dispatcher == "deepep":  # one set of (large) buffers for all layers
@@ -31,16 +41,23 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
         if isinstance(module, MoE):
             shard_experts(module.experts, groups.ep_rank, groups.dims.ep)
             module.dispatcher = make_dispatcher(dispatcher, model.cfg.n_routed_experts, groups, made.traffic,
-                                                made.dispatcher_buffers)
+                                                made.dispatcher_buffers, codec)
             made.expert_params += list(module.experts.parameters())
 
 
 def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hierarchical",
-                defer_weights: bool = False) -> Parallelized:
-    """Expert parallelism over `groups`, and (`defer_weights`, for pipelines) deferrable weight
+                defer_weights: bool = False, fp8_backend: Optional[str] = None,
+                fp8_dispatch: bool = False) -> Parallelized:
+    """FP8 (`fp8_backend`: "emulated" or "torch") in the decoder and MTP blocks (attention
+    projections, dense MLPs, shared and routed experts; the embedding, head and routers stay as they
+    are, report section 3.3.1), expert parallelism over `groups` (`fp8_dispatch`: tokens travel to
+    their experts in FP8, section 3.3.3), and (`defer_weights`, for pipelines) deferrable weight
     gradients in the decoder blocks, as every decoder gets them."""
     made = Parallelized()
+    if fp8_backend:
+        convert_to_fp8(model.layers, fp8_backend)
+        convert_to_fp8(model.mtp, fp8_backend)
     if defer_weights:
         defer_decoder_weight_grads(model, made)
-    shard_moe_layers(model, groups, dispatcher, made)
+    shard_moe_layers(model, groups, dispatcher, made, FP8DispatchCodec() if fp8_dispatch else None)
     return made

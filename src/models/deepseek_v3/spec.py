@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -43,8 +44,9 @@ class DeepSeekV3Spec(ModelSpec):
                        f"so set model.n_group={ep_nodes} (model.topk_group = M, the most nodes per token)")
         return out
 
-    def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool) -> Parallelized:
-        return parallelize(model, groups, dispatcher, defer_weights)
+    def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
+                    fp8_backend: Optional[str] = None, fp8_dispatch: bool = False) -> Parallelized:
+        return parallelize(model, groups, dispatcher, defer_weights, fp8_backend, fp8_dispatch)
 
     def loss_options(self, cfg: DeepSeekV3Config, train_cfg, tokens_seen: int) -> dict:
         """lambda of the MTP loss after `tokens_seen` tokens (`train.mtp_weight_schedule`)."""

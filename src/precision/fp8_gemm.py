@@ -1,0 +1,94 @@
+"""FP8 GEMMs on quantized operands, y = a b^T, for the three products of a linear layer:
+
+- forward  y  = x  W^T: a = x as 1x128 tiles (along K), b = W as 128x128 blocks;
+- dgrad    dx = dy W  : a = dy as 1x128 tiles (along N), b = W^T as blocks (W's, transposed);
+- wgrad    dW = dy^T x: a = dy^T and b = x^T, both as 1x128 tiles along the tokens.
+
+Backends:
+- `emulated` (the reference, any device): the exact quantized values, multiplied in float32 one
+  128-wide chunk of the reduction at a time, each chunk's product scaled and accumulated in float32,
+  as the report's promotion of partial sums every 128 elements (section 3.3.2) does;
+- `torch`: `torch._scaled_mm` with 1x128 / 128x128 block scales (Hopper, CUDA 12.9+), in the scale
+  layouts measured on an H200 (../shared/reference/h200-measurements.md). CPU builds refuse them.
+
+Shape legend: M rows of a, N rows of b, Kp the padded reduction, Kt = Kp / 128 chunks.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from moetron.precision.quantize import TILE, Blocks, Tiles
+
+Operand = Union[Tiles, Blocks]
+BACKENDS = ("auto", "emulated", "torch", "te")
+
+
+def _row_scales(b: Operand) -> torch.Tensor:
+    return b.row_scales() if isinstance(b, Blocks) else b.scale
+
+
+def emulated_mm(a: Tiles, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
+    """a b^T [M, N] from FP8 operands: float32 products per 128-chunk of the reduction, scaled by the
+    two operands' scales of that chunk and accumulated in float32."""
+    if a.data.shape[1] != b.data.shape[1]:
+        raise ValueError(f"reduction dims differ: {a.data.shape[1]} vs {b.data.shape[1]}")
+    M, Kp = a.data.shape
+    N = b.data.shape[0]
+    a_MTC = a.data.float().view(M, Kp // TILE, TILE)
+    b_NTC = b.data.float().view(N, Kp // TILE, TILE)
+    b_scale_NT = _row_scales(b)
+    out_MN = torch.zeros(M, N, dtype=torch.float32, device=a.data.device)
+    for t in range(Kp // TILE):
+        partial_MN = a_MTC[:, t] @ b_NTC[:, t].t()
+        out_MN.addcmul_(partial_MN, a.scale[:, t, None] * b_scale_NT[None, :, t])
+    return out_MN.to(out_dtype)
+
+
+def torch_scaled_mm(a: Tiles, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
+    """a b^T with torch's blockwise scaled GEMM (Hopper). Scales go in outer-dim-major layouts:
+    scale_a (M, Kt) as the transpose of a [Kt, M] tensor, scale_b (Kt, Nb) as that of [Nb, Kt].
+    Not yet run on a GPU by this project: benchmarks/gpu/device_check.sh holds it against `emulated`."""
+    scale_a = a.scale.t().contiguous().t()
+    scale_b = b.scale.contiguous().t()  # blocks [Nb, Kt] or, for the weight gradient, tiles [N, Kt]
+    return torch._scaled_mm(a.data, b.data.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
+def fp8_mm(a: Tiles, b: Operand, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """a b^T on `backend` ("emulated" or "torch"; resolved, see `resolve_backend`)."""
+    if backend == "torch":
+        return torch_scaled_mm(a, b, out_dtype)
+    return emulated_mm(a, b, out_dtype)
+
+
+def torch_blockwise_available(device: torch.device) -> tuple[bool, str]:
+    """(whether torch's blockwise scaled GEMM can run here, what is missing if not)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, "a CUDA GPU (torch's CPU build refuses 1x128/128x128 block scales)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return False, f"a Hopper GPU (sm_90); this one is sm_{major}{minor}"
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    if cuda < (12, 9):
+        return False, f"CUDA 12.9 or newer in the torch build (it has {torch.version.cuda})"
+    return True, ""
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend to run: `auto` is `torch` on Hopper and `emulated` elsewhere. A backend this
+    machine cannot run raises ValueError naming precision.backend and what is missing."""
+    if name not in BACKENDS:
+        raise ValueError(f"precision.backend={name!r}: choose one of {list(BACKENDS)}")
+    if name == "emulated":
+        return name
+    ok, missing = torch_blockwise_available(device)
+    if name == "auto":
+        return "torch" if ok else "emulated"
+    if name == "torch" and not ok:
+        raise ValueError(f"precision.backend=torch needs {missing}; use precision.backend=emulated (any device) "
+                         "or auto")
+    if name == "te":
+        raise ValueError("precision.backend=te (transformer-engine's Float8BlockScaling) is not wired in yet; use "
+                         "precision.backend=torch on Hopper, or emulated")
+    return name

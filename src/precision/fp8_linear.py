@@ -1,0 +1,150 @@
+"""FP8 linear layers (DeepSeek-V3 report, section 3.3, figure 6): the forward, input-gradient and
+weight-gradient GEMMs of a linear layer in E4M3 with fine-grained scales, FP32 accumulation.
+
+- forward: y = x W^T, x in 1x128 tiles along K, W in 128x128 blocks; y in the compute dtype;
+- input gradient: dx = dy W, dy in 1x128 tiles along N, W^T as W's blocks transposed;
+- weight gradient: dW = dy^T x, dy^T and x^T in 1x128 tiles along the tokens (the backward
+  re-quantizes the transposed activations); dW in float32 for the FP32 master weights.
+
+`FP8Linear` replaces an nn.Linear (same parameters), `FP8GroupedExperts` the routed experts' grouped
+GEMMs (one FP8 GEMM per expert). Both keep the `weight_grad_store` slot of pipeline W actions: with
+the store enabled, the weight gradient is queued, not computed (moetron.parallel.weight_grads).
+
+Shape legend: M tokens, K in features, N out features, E experts, S rows grouped by expert.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moetron.precision.fp8_gemm import fp8_mm
+from moetron.precision.quantize import quantize_blocks, quantize_tiles
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def _weight_grad(grad_MN: torch.Tensor, x_MK: torch.Tensor, backend: str) -> torch.Tensor:
+    """dW = dy^T x [N, K] in float32, both operands tiled along the tokens."""
+    return fp8_mm(quantize_tiles(grad_MN.t()), quantize_tiles(x_MK.t()), torch.float32, backend)
+
+
+def _queue_or_return(store, param, compute):
+    """The weight gradient now, or (store enabled: a B action) queued for the W action."""
+    if store is None or not store.enabled:
+        return compute()
+
+    @torch.no_grad()
+    def accumulate():
+        grad = compute().to(param.dtype)
+        param.grad = grad if param.grad is None else param.grad + grad
+
+    store.put(accumulate)
+    return None
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, backend, store, out_dtype):
+        x_MK = x.reshape(-1, x.shape[-1])
+        w_q = quantize_blocks(weight.detach())
+        y_MN = fp8_mm(quantize_tiles(x_MK), w_q, out_dtype, backend)
+        ctx.save_for_backward(x_MK)
+        ctx.w_q, ctx.weight, ctx.backend, ctx.store, ctx.in_shape = w_q, weight, backend, store, x.shape
+        return y_MN.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x_MK,) = ctx.saved_tensors
+        grad_MN = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = fp8_mm(quantize_tiles(grad_MN), ctx.w_q.transposed(), grad_out.dtype, ctx.backend)
+            grad_x = grad_x.view(ctx.in_shape).to(x_MK.dtype)
+        grad_w = _queue_or_return(ctx.store, ctx.weight, lambda: _weight_grad(grad_MN, x_MK, ctx.backend))
+        return grad_x, grad_w, None, None, None
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear (no bias) whose three GEMMs run in FP8 on `backend` ("emulated" or "torch")."""
+
+    def __init__(self, in_features: int, out_features: int, backend: str = "emulated", device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.backend = backend
+        self.weight_grad_store = None  # a pipeline's store, handed in by defer_weight_grads
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: str) -> "FP8Linear":
+        """An FP8Linear holding `linear`'s own weight (not a copy)."""
+        if linear.bias is not None:
+            raise ValueError("FP8Linear has no bias; DeepSeek-V3's linears have none")
+        new = cls(linear.in_features, linear.out_features, backend, device="meta")
+        new.weight = linear.weight
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.backend, self.weight_grad_store)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend}"
+
+
+class _FP8GroupedFn(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] W[e]^T in FP8, one GEMM per expert."""
+
+    @staticmethod
+    def forward(ctx, x_SK, w_ENK, counts, backend, store, out_dtype):
+        rows = x_SK.split(counts)
+        w_q = [quantize_blocks(w_ENK[e].detach()) for e in range(len(counts))]
+        outs = [fp8_mm(quantize_tiles(r), w_q[e], out_dtype, backend) for e, r in enumerate(rows) if r.shape[0]]
+        ctx.save_for_backward(x_SK)
+        ctx.w_q, ctx.w, ctx.counts, ctx.backend, ctx.store = w_q, w_ENK, counts, backend, store
+        N = w_ENK.shape[1]
+        return torch.cat(outs) if outs else x_SK.new_zeros(0, N, dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_SN):
+        (x_SK,) = ctx.saved_tensors
+        grads, xs = grad_SN.split(ctx.counts), x_SK.split(ctx.counts)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            parts = [fp8_mm(quantize_tiles(g), ctx.w_q[e].transposed(), grad_SN.dtype, ctx.backend)
+                     for e, g in enumerate(grads) if g.shape[0]]
+            grad_x = torch.cat(parts).to(x_SK.dtype) if parts else torch.zeros_like(x_SK)
+
+        def weight_grad():
+            w = ctx.w
+            out = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            for e, (g, x) in enumerate(zip(grads, xs)):
+                if g.shape[0]:  # an expert without rows has a zero gradient
+                    out[e] = _weight_grad(g, x, ctx.backend)
+            return out
+
+        return grad_x, _queue_or_return(ctx.store, ctx.w, weight_grad), None, None, None, None
+
+
+class FP8GroupedGemm:
+    """The grouped expert GEMM in FP8, for layers with an `expert_gemm` slot (grouped experts):
+    rows of x grouped by expert times each expert's w[e]^T -> [S, N]."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def __call__(self, x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                 store=None) -> torch.Tensor:
+        return _FP8GroupedFn.apply(x_SK, w_ENK, tokens_per_expert_E.tolist(), self.backend, store,
+                                   _compute_dtype(x_SK))
+
+    def __repr__(self) -> str:
+        return f"FP8GroupedGemm(backend={self.backend})"
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
+               store: Optional[object] = None) -> torch.Tensor:
+    """x W^T in FP8 (functional form of FP8Linear)."""
+    return _FP8LinearFn.apply(x, weight, backend, store, _compute_dtype(x))
+
