@@ -6,7 +6,10 @@
 # autograd, benchmarks/gpu/fb_streams.py) and mini_metrics.jsonl + mini.log (the `mini` model
 # trained by `python -m moetron.train` on this GPU: the trainer's first CUDA run, and its
 # throughput), and mini_trace.json.gz: a torch.profiler trace of one step near the end
-# (logging.profile; its step's time is not a throughput reading). On a CPU, the same plumbing in small:
+# (logging.profile; its step's time is not a throughput reading); fp8_linear.json (FP8 linear and
+# grouped GEMMs against BF16 at DeepSeek-V3's shapes, and the torch backend against emulated,
+# benchmarks/gpu/fp8_linear.py), fp8_test.log (the CUDA-only FP8 tests) and mini_fp8_metrics.jsonl
+# (the same training with precision=fp8: its loss against BF16's and its throughput). On a CPU, the same plumbing in small:
 #   DEVICE=cpu MODEL=tiny STEPS=3 SEQ=64 FB_ARGS="--hidden 64 --rows 64 --steps 3" bash benchmarks/gpu/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,6 +29,13 @@ echo "== fb_streams"
 timeout 150 python3 benchmarks/gpu/fb_streams.py --device "$DEVICE" $FB_ARGS --json > "$OUT/fb_streams.json" 2> "$OUT/fb_streams.err"
 echo "rc=$?"; cat "$OUT/fb_streams.json"; tail -5 "$OUT/fb_streams.err"
 
+echo "== fp8 linear"
+if [ "$DEVICE" = cuda ]; then
+    timeout 200 python3 benchmarks/gpu/fp8_linear.py --backend torch --json > "$OUT/fp8_linear.json" 2> "$OUT/fp8_linear.err"
+    echo "rc=$?"; head -c 3000 "$OUT/fp8_linear.json"; tail -5 "$OUT/fp8_linear.err"
+    timeout 120 python3 -m pytest -q tests/unit/test_fp8.py > "$OUT/fp8_test.log" 2>&1; echo "rc=$?"; tail -3 "$OUT/fp8_test.log"
+fi
+
 echo "== $MODEL training, $STEPS steps"
 run_dir=$(mktemp -d)
 cluster=(cluster=h200 cluster.gpus_per_node=1)
@@ -37,3 +47,11 @@ timeout 300 python3 -m moetron.train "model=$MODEL" "${cluster[@]}" "train.max_s
 echo "rc=$?"; tail -5 "$OUT/mini.log"
 cp "$run_dir/metrics.jsonl" "$OUT/mini_metrics.jsonl" 2>/dev/null && tail -3 "$OUT/mini_metrics.jsonl"
 gzip -c "$run_dir"/profile/rank0-*.json > "$OUT/mini_trace.json.gz" && ls -l "$OUT/mini_trace.json.gz"
+
+echo "== $MODEL training with precision=fp8, $STEPS steps"
+fp8_dir=$(mktemp -d)
+timeout 300 python3 -m moetron.train "model=$MODEL" "${cluster[@]}" precision=fp8 "train.max_steps=$STEPS" \
+    "train.seq_len=$SEQ" train.micro_batch=8 train.global_batch=8 train.ckpt_every=1000000 logging.progress=false \
+    logging.wandb.mode=disabled "hydra.run.dir=$fp8_dir" > "$OUT/mini_fp8.log" 2>&1
+echo "rc=$?"; tail -3 "$OUT/mini_fp8.log"
+cp "$fp8_dir/metrics.jsonl" "$OUT/mini_fp8_metrics.jsonl" 2>/dev/null && tail -2 "$OUT/mini_fp8_metrics.jsonl"

@@ -152,3 +152,21 @@ def test_the_converter_puts_fp8_in_the_decoder_and_leaves_head_router_and_norms(
 def test_convert_counts_what_it_converted():
     block = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
     assert convert_to_fp8(block, "emulated") == 2 and isinstance(block[2], FP8Linear)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="torch's blockwise scaled GEMM needs a Hopper GPU")
+def test_the_torch_backend_matches_emulated_on_hopper():
+    """Both multiply the same quantized values with FP32 accumulation: float32 rounding apart."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(256, 512, generator=g).cuda()
+    w = (torch.randn(384, 512, generator=g) * 0.05).cuda()
+    dy = torch.randn(256, 384, generator=g).cuda()
+    grads = {}
+    for backend in ("emulated", "torch"):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_linear(xr, wr, backend)
+        y.backward(dy)
+        grads[backend] = (y, xr.grad, wr.grad)
+    for ours, theirs in zip(grads["emulated"], grads["torch"]):
+        torch.testing.assert_close(theirs.float(), ours.float(), rtol=1e-3, atol=1e-3)
