@@ -38,13 +38,15 @@ from moetron.parallel.zero1 import ShardedParams
 class StepFinalizer:
     def __init__(self, model: nn.Module, expert_params: list, groups: ParallelGroups, grad_clip: float,
                  pp_holders: Optional[dict] = None, pp_shared: Optional[dict] = None, zero1: bool = False,
-                 overlap_param_gather: bool = False) -> None:
+                 overlap_param_gather: bool = False, overlap_grad_reduce: bool = False) -> None:
         """`expert_params`: the EP-sharded parameters (from `parallelize`); `pp_holders`: id(param) ->
         the pipeline ranks holding it, and `pp_shared`: pipeline-rank set -> this rank's parameters
         they share (both from the pipeline split; None without pipelining). Every rank must build
         one: the pipeline-shared sets get process groups of their own. `overlap_param_gather`
         (ZeRO-1): the updated shards are gathered while the next step starts, each module's forward
-        waiting for its own parameters; call `finish_gather()` before reading them elsewhere."""
+        waiting for its own parameters; call `finish_gather()` before reading them elsewhere.
+        `overlap_grad_reduce` (ZeRO-1): after `arm_reduce()`, the next backward starts each bucket's
+        reduce-scatter as soon as its gradients are final (call it before the step's last backward)."""
         expert_ids = {id(p) for p in expert_params}
         self.experts = [p for p in expert_params if not p.is_meta]
         self.replicated = [p for p in held_parameters(model) if p.requires_grad and id(p) not in expert_ids]
@@ -64,6 +66,14 @@ class StepFinalizer:
         self.overlap_gather = zero1 and overlap_param_gather
         for sharded in self.sharded if self.overlap_gather else []:
             sharded.wait_before_forward(model)
+        self.overlap_reduce = zero1 and overlap_grad_reduce
+        for sharded in self.sharded if self.overlap_reduce else []:
+            sharded.overlap_reduce_with_backward()
+
+    def arm_reduce(self) -> None:
+        """The next backward is the step's last (overlap_grad_reduce; otherwise nothing happens)."""
+        for sharded in self.sharded if self.overlap_reduce else []:
+            sharded.arm_reduce()
 
     @property
     def data_ranks(self) -> int:

@@ -7,7 +7,9 @@ Rank i of the group keeps shard i of every parameter as an FP32 master copy, on 
 steps. One step:
 
 1. `reduce_scatter_grads(scale)`: each rank receives the sum over the group of its shard of every
-   gradient (times `scale`), in buckets (one collective per bucket);
+   gradient (times `scale`), in buckets (one collective per bucket). With
+   `overlap_reduce_with_backward()` and `arm_reduce()` before the step's last backward, a bucket's
+   collective starts as soon as its gradients are final, while the backward goes on;
 2. the caller clips the shard gradients by the whole model's norm and steps the optimizer on the
    master shards (AdamW is elementwise: the shard update equals the slice of the full update);
 3. `all_gather_params()`: the updated shards travel back into every rank's full parameter. With
@@ -56,6 +58,8 @@ class ShardedParams:
         self._bucket_of = {id(self.params[i]): b for b, bucket in enumerate(self.buckets) for i in bucket}
         self._pending: dict[int, tuple] = {}  # bucket -> (its gather's work or None, the gathered [N, C])
         self._landing = threading.Lock()  # DualPipe's F&B pairs run a forward on a second thread
+        self._reducing: dict[int, tuple] = {}  # bucket -> (its reduce-scatter's work or None, my [C])
+        self._armed, self._ready, self._next = False, [], -1  # overlap_reduce_with_backward's state
 
     @torch.no_grad()
     def load_shards_from_params(self) -> None:
@@ -72,25 +76,66 @@ class ShardedParams:
 
     def reduce_scatter_grads(self, scale: float) -> None:
         """shard.grad = scale x (sum over the group of this rank's shard of p.grad); a missing
-        gradient counts as zeros (every rank must join every bucket)."""
-        for bucket in self.buckets:
-            columns = []
-            for i in bucket:
-                p, r = self.params[i], self.rows[i]
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                columns.append(self._padded(grad.detach().float(), r).reshape(self.size, -1))  # [N, R x rest]
-            send_NC = torch.cat(columns, dim=1)
-            mine_C = torch.empty(send_NC.shape[1], dtype=send_NC.dtype, device=send_NC.device)
-            if self.group is None:
-                mine_C.copy_(send_NC[0])
-            else:
-                _reduce_scatter(mine_C, send_NC.reshape(-1), group=self.group)
-            mine_C.mul_(scale)
-            offset = 0
-            for i in bucket:
-                shard = self.shards[i]
-                shard.grad = mine_C[offset:offset + shard.numel()].view_as(shard).clone()
-                offset += shard.numel()
+        gradient counts as zeros (every rank must join every bucket). Buckets an armed backward
+        already started (`arm_reduce`) are only waited for."""
+        for b in reversed(range(len(self.buckets))):  # the order an armed backward starts them in
+            if b not in self._reducing:
+                self._start_reduce(b)
+        for b in reversed(range(len(self.buckets))):
+            self._finish_reduce(b, scale)
+        self._armed = False
+
+    def overlap_reduce_with_backward(self) -> None:
+        """Hooks that start a bucket's reduce-scatter as soon as the backward has accumulated the
+        last of its parameters' gradients, while the backward goes on (Megatron-Core's
+        overlap_grad_reduce). They act only in a backward after `arm_reduce()`: the last
+        micro-batch's, when the gradients are final."""
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(lambda _p, i=i: self._gradient_ready(i))
+
+    def arm_reduce(self) -> None:
+        """The next backward is the step's last: start the buckets' reduce-scatters as they get ready."""
+        self._armed, self._ready = True, [0] * len(self.buckets)
+        self._next = len(self.buckets) - 1
+
+    def _gradient_ready(self, i: int) -> None:
+        """Count a final gradient; start the ready buckets, last first. The issue order is fixed (the
+        backward finishes the last layers' buckets first) so that every rank issues alike, even if
+        its backward readies them in another order."""
+        if not self._armed:
+            return
+        self._ready[self._bucket_of[id(self.params[i])]] += 1
+        while self._next >= 0 and self._ready[self._next] == len(self.buckets[self._next]):
+            self._start_reduce(self._next)
+            self._next -= 1
+
+    @torch.no_grad()
+    def _start_reduce(self, b: int) -> None:
+        columns = []
+        for i in self.buckets[b]:
+            p, r = self.params[i], self.rows[i]
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            columns.append(self._padded(grad.detach().float(), r).reshape(self.size, -1))  # [N, R x rest]
+        send_NC = torch.cat(columns, dim=1)
+        mine_C = torch.empty(send_NC.shape[1], dtype=send_NC.dtype, device=send_NC.device)
+        work = None
+        if self.group is None:
+            mine_C.copy_(send_NC[0])
+        else:
+            work = _reduce_scatter(mine_C, send_NC.reshape(-1), group=self.group, async_op=True)
+        self._reducing[b] = (work, mine_C)
+
+    @torch.no_grad()
+    def _finish_reduce(self, b: int, scale: float) -> None:
+        work, mine_C = self._reducing.pop(b)
+        if work is not None:
+            work.wait()
+        mine_C.mul_(scale)
+        offset = 0
+        for i in self.buckets[b]:
+            shard = self.shards[i]
+            shard.grad = mine_C[offset:offset + shard.numel()].view_as(shard).clone()
+            offset += shard.numel()
 
     @torch.no_grad()
     def all_gather_params(self, async_op: bool = False) -> None:
@@ -111,8 +156,9 @@ class ShardedParams:
 
     @torch.no_grad()
     def _land(self, b: int) -> None:
-        """Wait for bucket b's gather and copy it into its parameters."""
-        work, all_NC = self._pending.pop(b)
+        """Wait for bucket b's gather and copy it into its parameters (then it stops being pending:
+        another thread's unlocked check in `wait_for` never sees it done before it is)."""
+        work, all_NC = self._pending[b]
         if work is not None:
             work.wait()
         offset = 0
@@ -121,6 +167,7 @@ class ShardedParams:
             full = all_NC[:, offset:offset + n].reshape(r * self.size, *p.shape[1:])[:p.shape[0]]
             p.copy_(full.to(p.dtype))
             offset += n
+        del self._pending[b]
 
     def wait_for(self, params) -> None:
         """Land the pending buckets that hold any of `params`."""

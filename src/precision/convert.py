@@ -15,12 +15,13 @@ from moetron.parallel.convert import replace_modules
 from moetron.precision.fp8_linear import FP8GroupedGemm, FP8Linear
 
 
-def convert_to_fp8(module: nn.Module, backend: str) -> int:
+def convert_to_fp8(module: nn.Module, backend: str, pow2_expert_inputs: bool = False) -> int:
     """FP8 for the linears and grouped experts inside `module` (a resolved backend: "emulated" or
-    "torch"); returns how many layers were converted."""
+    "torch"; `pow2_expert_inputs` with FP8 dispatch, whose rows then quantize again exactly);
+    returns how many layers were converted."""
     count = replace_modules(module, lambda m: type(m) is nn.Linear, lambda m: FP8Linear.from_linear(m, backend))
     for m in module.modules():
         if hasattr(m, "expert_gemm"):
-            m.expert_gemm = FP8GroupedGemm(backend)
+            m.expert_gemm = FP8GroupedGemm(backend, pow2_expert_inputs)
             count += 1
     return count

@@ -47,12 +47,28 @@ def emulated_mm(a: Tiles, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
 
 
 def torch_scaled_mm(a: Tiles, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
-    """a b^T with torch's blockwise scaled GEMM (Hopper). Scales go in outer-dim-major layouts:
-    scale_a (M, Kt) as the transpose of a [Kt, M] tensor, scale_b (Kt, Nb) as that of [Nb, Kt].
-    Not yet run on a GPU by this project: benchmarks/gpu/device_check.sh holds it against `emulated`."""
-    scale_a = a.scale.t().contiguous().t()
-    scale_b = b.scale.contiguous().t()  # blocks [Nb, Kt] or, for the weight gradient, tiles [N, Kt]
-    return torch._scaled_mm(a.data, b.data.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    """a b^T with torch's blockwise scaled GEMM (Hopper): a row-major, b column-major (the
+    transpose of row-major data), scales in the layouts below. Not yet run on a GPU by this
+    project: benchmarks/gpu/device_check.sh holds it against `emulated`."""
+    return torch._scaled_mm(a.data, b.data.t(), scale_a=scale_a_layout(a), scale_b=scale_b_layout(b),
+                            out_dtype=out_dtype)
+
+
+def scale_a_layout(a: Tiles) -> torch.Tensor:
+    """scale_a for 1x128 tiles: (M, Kt), outer-dim-major (stride (1, M))."""
+    return a.scale.t().contiguous().t()
+
+
+def scale_b_layout(b: Operand) -> torch.Tensor:
+    """scale_b: for 128x128 blocks (Kt, Nb) inner-dim-major with a 16-byte aligned stride (stride
+    (1, L4), L4 = Kt rounded up to 4); for 1x128 tiles (the weight gradient) (Kt, N) with stride
+    (N, 1). These are the layouts torch's own blockwise tests use."""
+    if isinstance(b, Blocks):
+        Nb, Kt = b.scale.shape
+        padded = b.scale.new_zeros(Nb, -(-Kt // 4) * 4)
+        padded[:, :Kt] = b.scale
+        return padded[:, :Kt].t()
+    return b.scale.t().contiguous()
 
 
 def fp8_mm(a: Tiles, b: Operand, out_dtype: torch.dtype, backend: str) -> torch.Tensor:

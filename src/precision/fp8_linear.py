@@ -97,10 +97,10 @@ class _FP8GroupedFn(torch.autograd.Function):
     """y[rows of e] = x[rows of e] W[e]^T in FP8, one GEMM per expert."""
 
     @staticmethod
-    def forward(ctx, x_SK, w_ENK, counts, backend, store, out_dtype):
+    def forward(ctx, x_SK, w_ENK, counts, backend, store, out_dtype, pow2):
         rows = x_SK.split(counts)
         w_q = [quantize_blocks(w_ENK[e].detach()) for e in range(len(counts))]
-        outs = [fp8_mm(quantize_tiles(r), w_q[e], out_dtype, backend) for e, r in enumerate(rows) if r.shape[0]]
+        outs = [fp8_mm(quantize_tiles(r, pow2), w_q[e], out_dtype, backend) for e, r in enumerate(rows) if r.shape[0]]
         ctx.save_for_backward(x_SK)
         ctx.w_q, ctx.w, ctx.counts, ctx.backend, ctx.store = w_q, w_ENK, counts, backend, store
         N = w_ENK.shape[1]
@@ -124,23 +124,25 @@ class _FP8GroupedFn(torch.autograd.Function):
                     out[e] = _weight_grad(g, x, ctx.backend)
             return out
 
-        return grad_x, _queue_or_return(ctx.store, ctx.w, weight_grad), None, None, None, None
+        return grad_x, _queue_or_return(ctx.store, ctx.w, weight_grad), None, None, None, None, None
 
 
 class FP8GroupedGemm:
     """The grouped expert GEMM in FP8, for layers with an `expert_gemm` slot (grouped experts):
-    rows of x grouped by expert times each expert's w[e]^T -> [S, N]."""
+    rows of x grouped by expert times each expert's w[e]^T -> [S, N]. `pow2`: the inputs' tile
+    scales are powers of two, as FP8 dispatch's are, so that rows that arrived in FP8 are
+    quantized again exactly (no second rounding)."""
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
+    def __init__(self, backend: str, pow2: bool = False) -> None:
+        self.backend, self.pow2 = backend, pow2
 
     def __call__(self, x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                  store=None) -> torch.Tensor:
         return _FP8GroupedFn.apply(x_SK, w_ENK, tokens_per_expert_E.tolist(), self.backend, store,
-                                   _compute_dtype(x_SK))
+                                   _compute_dtype(x_SK), self.pow2)
 
     def __repr__(self) -> str:
-        return f"FP8GroupedGemm(backend={self.backend})"
+        return f"FP8GroupedGemm(backend={self.backend}, pow2={self.pow2})"
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",

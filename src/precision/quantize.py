@@ -86,7 +86,7 @@ def quantize_tiles(x_MK: torch.Tensor, pow2: bool = False) -> Tiles:
     M, K = x_MK.shape
     x = _pad_to(x_MK.float(), 1, TILE).view(M, -1, TILE)  # [M, Kt, 128]
     scale_MT = _scales(x.abs().amax(dim=-1), pow2)
-    data = _cast(x / scale_MT.unsqueeze(-1)).view(M, -1)
+    data = _cast(x / scale_MT.unsqueeze(-1)).reshape(M, -1).contiguous()  # row-major, as scaled GEMMs need
     return Tiles(data, scale_MT, K)
 
 
@@ -97,5 +97,5 @@ def quantize_blocks(w_NK: torch.Tensor, pow2: bool = False) -> Blocks:
     Np, Kp = w.shape
     blocks = w.view(Np // TILE, TILE, Kp // TILE, TILE)
     scale = _scales(blocks.abs().amax(dim=(1, 3)), pow2)  # [Nb, Kt]
-    data = _cast(blocks / scale[:, None, :, None]).view(Np, Kp)[:N]
+    data = _cast(blocks / scale[:, None, :, None]).reshape(Np, Kp)[:N].contiguous()
     return Blocks(data, scale, K)

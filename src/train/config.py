@@ -50,8 +50,11 @@ class ParallelConfig:
     # (moetron.parallel.zero1); None: on when dp > 1
     zero1: Optional[bool] = None
     # ZeRO-1: the updated shards' all-gather runs on while the next step starts, each module's forward
-    # waiting for its own parameters only (Megatron-Core's overlap_param_gather)
-    overlap_param_gather: bool = True
+    # waiting for its own parameters only (Megatron-Core's overlap_param_gather); None: on with GPUs
+    overlap_param_gather: Optional[bool] = None
+    # ZeRO-1 without pipelining: each bucket's reduce-scatter starts while the step's last backward
+    # goes on, once its gradients are final (Megatron-Core's overlap_grad_reduce); None: on with GPUs
+    overlap_grad_reduce: Optional[bool] = None
     overlap_fb: bool = True  # dualpipe(v): run the forward and backward of each F&B pair at once
     # overlapped pairs: forward and backward take turns issuing collectives, in one order on every
     # rank (moetron.comm.lanes); None: on under NCCL, whose blocking kernels need it, off under gloo

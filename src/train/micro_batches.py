@@ -34,15 +34,19 @@ class _MicroBatches:
 
 
 class LocalMicroBatches(_MicroBatches):
-    def __init__(self, model, device, compute_dtype) -> None:
+    def __init__(self, model, device, compute_dtype, before_last_backward=None) -> None:
+        """`before_last_backward`: called before the step's last backward (ZeRO-1 then starts its
+        reduce-scatters as the gradients get final: `StepFinalizer.arm_reduce`)."""
         super().__init__(device, compute_dtype)
-        self.model = model
+        self.model, self.before_last_backward = model, before_last_backward
 
     def run(self, micro_batches, loss_options: dict) -> torch.Tensor:
         logged = self._zeros()
-        for inputs, labels in micro_batches:
+        for i, (inputs, labels) in enumerate(micro_batches):
             with self._autocast():
                 out = self.model(inputs.to(self.device), labels.to(self.device), **loss_options)
+            if i == len(micro_batches) - 1 and self.before_last_backward is not None:
+                self.before_last_backward()
             (out.loss / len(micro_batches)).backward()
             logged += out.logged()
         return logged

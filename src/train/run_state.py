@@ -42,8 +42,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def training_state(model, optimizer, finalizer) -> dict:
-    """This rank's part of the model and optimizer state, under layout-independent names."""
-    return {**model_state(model), **optimizer_state(model, optimizer, finalizer.sharded)}
+    """This rank's part of the model and optimizer state, under layout-independent names; an
+    optimizer that counts steps per parameter group (NVIDIA apex's FusedAdam) gets its counts as
+    `optim/param_group<i>/step` (the groups are the same in every layout)."""
+    state = {**model_state(model), **optimizer_state(model, optimizer, finalizer.sharded)}
+    for i, group in enumerate(optimizer.param_groups):
+        if "step" in group:
+            state[f"optim/param_group{i}/step"] = torch.tensor(float(group["step"]))
+    return state
 
 
 @dataclasses.dataclass
@@ -60,11 +66,13 @@ def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer) -> 
     run stops it with the reason (every rank sees the same files and the same outcome)."""
     if not cfg.train.resume:
         return Progress()
+    unreadable = []
     for step, path in checkpoint.complete_dirs(run_dir / "checkpoints"):
         try:
             trainer = checkpoint.load_part(path / "trainer.pt")
         except Exception as err:  # unreadable: try the previous one
             checkpoint.skip_corrupt(path, err)
+            unreadable.append(f"{path.name}: {type(err).__name__}: {err}")
             continue
         _check_model_settings(path, trainer, spec, model_cfg)
         if not (path / dcp_io.METADATA_FILE).is_file():
@@ -74,17 +82,34 @@ def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer) -> 
                 f"`moetron-export {run_dir} --hf OUT_DIR` and start a run from them in a new hydra.run.dir "
                 "(model.init_from=OUT_DIR), or finish this run with the version that wrote it")
         try:
-            dcp_io.load_state(path, training_state(model, optimizer, finalizer))
+            state = training_state(model, optimizer, finalizer)
+            group_steps = _group_steps(path, optimizer, state)
+            dcp_io.load_state(path, state)
         except (KeyError, ValueError) as err:
             raise UserInputError(f"{path} does not fit this run: {err}; use a new hydra.run.dir or "
                                  "train.resume=false") from err
         except Exception as err:  # a part that cannot be read: the same on every rank (DCP gathers failures)
             checkpoint.skip_corrupt(path, err)
+            unreadable.append(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0]}")
             continue
+        for i, group_step in group_steps.items():
+            optimizer.param_groups[i]["step"] = int(group_step)
         finalizer.load_shards_from_params()
         set_rng_state(trainer["rng"])
         return Progress(step, trainer["tokens"], trainer.get("skipped_steps", 0))
+    if unreadable:  # starting over would overwrite the run's metrics, and pruning would drop the new checkpoints
+        raise UserInputError(f"no checkpoint in {run_dir / 'checkpoints'} could be loaded ({'; '.join(unreadable)}); "
+                             "repair or move them away to resume from an older one, or start in a new hydra.run.dir")
     return Progress()
+
+
+def _group_steps(path: Path, optimizer, state: dict) -> dict[int, torch.Tensor]:
+    """Holders, added to `state`, for the per-group step counts the checkpoint has (apex's FusedAdam
+    creates its groups' counts at its first step, so a resuming optimizer has none yet)."""
+    saved = dcp_io.saved_shapes(path)
+    holders = {i: torch.zeros(()) for i in range(len(optimizer.param_groups)) if f"optim/param_group{i}/step" in saved}
+    state.update({f"optim/param_group{i}/step": t for i, t in holders.items()})
+    return holders
 
 
 def _check_model_settings(path: Path, trainer: dict, spec, model_cfg) -> None:

@@ -123,9 +123,10 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     if dims.pp == 1:
         materialize(model, [model], device, cfg.train.seed)
         _init_from(spec, model_cfg, model)
-        micro = LocalMicroBatches(model, device, _compute_dtype(cfg, device))
         finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, zero1=_zero1(cfg, dims),
-                                  overlap_param_gather=par.overlap_param_gather)
+                                  overlap_param_gather=_on_gpus(par.overlap_param_gather, device),
+                                  overlap_grad_reduce=_on_gpus(par.overlap_grad_reduce, device))
+        micro = LocalMicroBatches(model, device, _compute_dtype(cfg, device), finalizer.arm_reduce)
         return model, made, micro, finalizer
     schedule = build_schedule(par.schedule, dims.pp, num_microbatches)
     layout = [list(ids) for ids in par.layout] if par.layout else None
@@ -136,7 +137,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     micro = PipelinedMicroBatches(schedule, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
                                   _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store)
     finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared,
-                              zero1=_zero1(cfg, dims), overlap_param_gather=par.overlap_param_gather)
+                              zero1=_zero1(cfg, dims), overlap_param_gather=_on_gpus(par.overlap_param_gather, device))
     return model, made, micro, finalizer
 
 
@@ -145,6 +146,12 @@ def _init_from(spec, model_cfg, model) -> None:
     folder = getattr(model_cfg, "init_from", None)
     if folder:
         load_whole_state_dict(model, spec.load_hf(model_cfg, folder))
+
+
+def _on_gpus(setting, device: torch.device) -> bool:
+    """An overlap setting, or (unset) on with GPUs and off on CPUs, where gloo's threads take cores
+    from compute (on 2 cores, ZeRO-1's overlapped communication was 3% slower: BENCHMARKS.md)."""
+    return setting if setting is not None else device.type == "cuda"
 
 
 def _zero1(cfg, dims) -> bool:
@@ -257,6 +264,8 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
             if not is_timeout(err):
                 raise
             what, group_names = _PHASES[phase]
+            if phase == "forward_backward" and (finalizer.overlap_gather or finalizer.overlap_reduce):
+                group_names = [*group_names, "dp_ep", "edp"]  # ZeRO-1's gathers and reduce-scatters run there too
             raise TrainingStopped(f"step {step + 1}: rank {world.rank} had no answer from a peer within "
                                   f"train.collective_timeout_s={tcfg.collective_timeout_s:g} s during {what} "
                                   f"(its collectives here: {groups.describe(group_names)}): a rank is dead or hung "

@@ -1,5 +1,8 @@
-"""The step finalizer's metrics reduction: every statistic of a step summed over all ranks in one
-all-reduce, shapes and names kept."""
+"""The step finalizer: every statistic of a step summed over all ranks in one all-reduce, shapes and
+names kept; ZeRO-1's communication overlapped with compute (the gather with the next forward, the
+reduce-scatter with the last backward) equal to the blocking one."""
+import copy
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -63,3 +66,35 @@ def test_an_overlapped_parameter_gather_lands_each_bucket_when_its_module_runs()
         assert buckets == 2
         assert landed[:2] == [True, True] and landed[2:] == [False, False]
         assert all(torch.equal(a, e) for a, e in zip(after, expected))
+
+
+def _overlapped_reduce(rank, world):
+    """ZeRO-1's reduce-scatter started from the last backward's gradient hooks: the later layer's
+    bucket is under way before the backward ends, and the shards' gradients equal a blocking one's."""
+    import torch.distributed as dist
+
+    from moetron.parallel.zero1 import ShardedParams
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    plain = copy.deepcopy(model)
+    overlapped = ShardedParams(list(model.parameters()), dist.group.WORLD, world, rank, bucket_numel=50)
+    overlapped.overlap_reduce_with_backward()
+    blocking = ShardedParams(list(plain.parameters()), dist.group.WORLD, world, rank, bucket_numel=50)
+    started_during_backward = []
+    model[0].weight.register_hook(lambda g: started_during_backward.append(sorted(overlapped._reducing)) or g)
+    x = torch.randn(2, 4, 6) * (rank + 1)
+    for i in range(2):  # two micro-batches; the second backward is the last
+        if i == 1:
+            overlapped.arm_reduce()
+        model(x[i]).sum().backward()
+        plain(x[i]).sum().backward()
+    overlapped.reduce_scatter_grads(0.5)
+    blocking.reduce_scatter_grads(0.5)
+    return started_during_backward, [s.grad for s in overlapped.shards], [s.grad for s in blocking.shards]
+
+
+def test_an_overlapped_reduce_scatter_starts_during_the_last_backward_and_equals_a_blocking_one():
+    for started, overlapped, blocking in run_ranks(2, _overlapped_reduce):
+        assert started == [[], [1]]  # first backward: nothing; the last: the second layer's bucket
+        assert all(torch.equal(a, b) for a, b in zip(overlapped, blocking))

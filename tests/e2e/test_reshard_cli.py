@@ -48,3 +48,18 @@ def test_a_checkpoint_of_other_model_settings_stops_with_the_reason(tmp_path):
     assert proc.returncode != 0
     assert "was trained with other model settings (model.num_hidden_layers)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_whose_checkpoints_all_fail_to_load_stops_instead_of_starting_over(tmp_path):
+    """Starting over would overwrite metrics.jsonl, and the new checkpoints (older steps) would be
+    pruned first: the run stops, naming what failed."""
+    run_dir = tmp_path / "run"
+    run_cli([*RUN, "train.max_steps=2", f"hydra.run.dir={run_dir}"], tmp_path)
+    step = run_dir / "checkpoints" / "step_00000002"
+    (step / "__0_0.distcp").write_bytes(b"truncated")
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    proc = run_cli([*RUN, "train.max_steps=4", f"hydra.run.dir={run_dir}"], tmp_path,
+                   env_extra={"HYDRA_FULL_ERROR": "0"}, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no checkpoint in" in proc.stderr and "step_00000002" in proc.stderr and "new hydra.run.dir" in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == metrics and step.is_dir()

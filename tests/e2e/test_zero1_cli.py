@@ -37,13 +37,16 @@ def test_zero1_trains_as_replicated_optimizer_state(tmp_path, nproc, layout):
     assert "done: step 20/20" in proc.stdout
 
 
-def test_zero1_resumes_from_its_optimizer_shards_bitwise_with_or_without_an_overlapped_gather(tmp_path):
+def test_zero1_resumes_from_its_optimizer_shards_bitwise_with_or_without_overlapped_communication(tmp_path):
     args = [*RUN, "train.ckpt_every=5", "train.max_steps=10"]
-    # the uninterrupted run gathers the updated shards before going on, the split one while the next
-    # step's forward runs (the default): the order of the work changes, not its result
-    torchrun(2, [*args, "parallel.overlap_param_gather=false", f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
-    torchrun(2, [*args, "train.exit_after_steps=5", f"hydra.run.dir={tmp_path / 'split'}"], tmp_path)
-    assert "at step 5" in torchrun(2, [*args, f"hydra.run.dir={tmp_path / 'split'}"], tmp_path).stdout
+    # the uninterrupted run reduces the gradients after the backward and gathers the updated shards
+    # before going on; the split one overlaps both with compute (the default): the order of the
+    # work changes, not its result
+    torchrun(2, [*args, "parallel.overlap_param_gather=false", "parallel.overlap_grad_reduce=false",
+                 f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
+    overlapped = ["parallel.overlap_param_gather=true", "parallel.overlap_grad_reduce=true"]  # off on CPUs unless set
+    torchrun(2, [*args, *overlapped, "train.exit_after_steps=5", f"hydra.run.dir={tmp_path / 'split'}"], tmp_path)
+    assert "at step 5" in torchrun(2, [*args, *overlapped, f"hydra.run.dir={tmp_path / 'split'}"], tmp_path).stdout
     keys = ("loss", "grad_norm", "moe/load/layer_1")
     # CPU float32, deterministic: the resumed run is the uninterrupted one, bit for bit
     assert [[r[k] for k in keys] for r in read_metrics(tmp_path / "split")] == \

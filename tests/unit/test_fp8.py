@@ -170,3 +170,39 @@ def test_the_torch_backend_matches_emulated_on_hopper():
         grads[backend] = (y, xr.grad, wr.grad)
     for ours, theirs in zip(grads["emulated"], grads["torch"]):
         torch.testing.assert_close(theirs.float(), ours.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_the_torch_backend_hands_scaled_mm_the_layouts_it_checks():
+    """What torch checks before a blockwise scaled GEMM (its meta function, made to take the CUDA
+    branch), for the forward, input-gradient and weight-gradient operands, with token counts a
+    multiple of 128 and not; and the scale strides torch's own blockwise tests use."""
+    meta = pytest.importorskip("torch._meta_registrations")
+    if not hasattr(meta, "_check_scaled_mm_sizes"):
+        pytest.skip("this torch has no blockwise size check to hold the layouts against")
+    from moetron.precision import fp8_gemm
+
+    hint = meta.device_hint
+    meta.device_hint = lambda t: "cuda"
+    try:
+        for M in (256, 200):
+            x, w, dy = torch.randn(M, 384), torch.randn(256, 384), torch.randn(M, 256)
+            for a, b in ((quantize_tiles(x), quantize_blocks(w)), (quantize_tiles(dy), quantize_blocks(w).transposed()),
+                         (quantize_tiles(dy.t()), quantize_tiles(x.t()))):
+                scale_a, scale_b = fp8_gemm.scale_a_layout(a), fp8_gemm.scale_b_layout(b)
+                meta._check_scaled_mm_sizes(a.data, b.data.t(), scale_a, scale_b, out_dtype=torch.bfloat16)
+                assert scale_a.stride(0) == 1  # outer-dim-major
+                if isinstance(b, type(quantize_blocks(w))):
+                    assert scale_b.stride(0) == 1 and scale_b.stride(1) % 4 == 0  # 16-byte aligned
+                else:
+                    assert scale_b.is_contiguous()
+    finally:
+        meta.device_hint = hint
+
+
+def test_rows_rounded_by_fp8_dispatch_quantize_again_exactly_with_power_of_two_scales():
+    """The experts' input tiles are the dispatch's tiles: with power-of-two scales on both sides a
+    dispatched row is not rounded twice (with amax / 448 scales it would be)."""
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(7)) * torch.logspace(-4, 2, 300)
+    dispatched = quantize_tiles(x, pow2=True).dequantize()
+    assert torch.equal(quantize_tiles(dispatched, pow2=True).dequantize(), dispatched)
+    assert not torch.equal(quantize_tiles(dispatched).dequantize(), dispatched)

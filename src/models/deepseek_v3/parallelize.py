@@ -55,8 +55,8 @@ def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hie
     gradients in the decoder blocks, as every decoder gets them."""
     made = Parallelized()
     if fp8_backend:
-        convert_to_fp8(model.layers, fp8_backend)
-        convert_to_fp8(model.mtp, fp8_backend)
+        convert_to_fp8(model.layers, fp8_backend, pow2_expert_inputs=fp8_dispatch)
+        convert_to_fp8(model.mtp, fp8_backend, pow2_expert_inputs=fp8_dispatch)
     if defer_weights:
         defer_decoder_weight_grads(model, made)
     shard_moe_layers(model, groups, dispatcher, made, FP8DispatchCodec() if fp8_dispatch else None)
