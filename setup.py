@@ -29,6 +29,7 @@ setup(
         "omegaconf>=2.3",
         "numpy",
         "tqdm",
+        "tokenizers>=0.15",  # Hugging Face tokenizers for data.tokenizer (local files only)
     ],
     entry_points={
         "console_scripts": [

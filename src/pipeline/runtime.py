@@ -79,6 +79,8 @@ class PipelineRunner:
             # its first use, which would otherwise block a rank mid-schedule on peers that wait on it
             dist.barrier(group=comm)
         self.shape, self.dtype, self.device = p2p_shape, dtype, device
+        # a schedule of forwards only (evaluation: moetron.pipeline.schedule.forward_only) keeps nothing for backward
+        self._backward_follows = any(a.kind in (K.B, K.BW, K.FB) for a in self.actions)
         self._device_module = torch.get_device_module(device)  # torch.cuda on GPUs; torch.cpu's streams do nothing
         self._streams = {stage: self._device_module.Stream() for stage in stage_modules}
         self.store = store if store is not None else WeightGradStore()  # an empty store is falsy (len 0)
@@ -153,7 +155,8 @@ class PipelineRunner:
                 self._losses[mb] = loss.detach()
                 out = loss * self._loss_scale
         ambient.wait_stream(stream)  # sends and the next chunk read the output there
-        self._saved[(mb, stage)] = (x, out)
+        if self._backward_follows:
+            self._saved[(mb, stage)] = (x, out)
         return out
 
     def _keep_metrics(self, returned):

@@ -18,6 +18,7 @@ they pair up); the simulator reads the compute lists, the runtime the lists with
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
@@ -106,3 +107,11 @@ class Schedule:
 
     def pretty(self) -> str:
         return "\n".join(f"rank {r}: " + " ".join(str(a) for a in acts) for r, acts in enumerate(self.actions))
+
+
+def forward_only(schedule: Schedule) -> Schedule:
+    """The schedule's forwards alone, in each rank's order (an F&B pair keeps its forward half): what
+    an evaluation runs. Dropping backwards removes waits, never adds one, so it cannot deadlock."""
+    actions = [[Action(ActionKind.F, a.mb, a.stage) for a in rank_actions if a.kind in (ActionKind.F, ActionKind.FB)]
+               for rank_actions in schedule.actions]
+    return dataclasses.replace(schedule, name=f"{schedule.name}-forward", actions=actions)

@@ -28,6 +28,8 @@ class TrainSettings:
     resume: bool = True  # resume from the newest complete checkpoint of the run directory
     exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps of this invocation; 0: run to max_steps
     log_every: int = 1
+    eval_every: int = 0  # steps between evaluations on the validation data (eval/loss); 0: never
+    eval_batches: int = 1  # global batches per evaluation, the same ones every time
     on_nonfinite: str = "stop"  # a NaN/inf gradient: stop (naming step and parameter) | skip the step
     collective_timeout_s: float = 1800.0  # a collective that waits longer on a peer fails instead of hanging
     deterministic: Optional[bool] = None  # None: deterministic on CPU, not on GPU
@@ -99,8 +101,13 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "builtin"  # "builtin" (the shipped corpus) or the prefix of a moetron-data token file
-    tokenizer: str = "bytes"
+    # "builtin" (the shipped corpus), or the prefix of a moetron-data token file or of a Megatron-LM
+    # indexed dataset (.bin/.idx), with or without .bin
+    path: str = "builtin"
+    tokenizer: str = "bytes"  # bytes, or a Hugging Face tokenizer's local folder or tokenizer.json
+    blend: Optional[list[Any]] = None  # [[weight, path], ...]: several sources instead of data.path
+    valid_path: Optional[str] = None  # validation data; None: the held-out share below, of every source
+    valid_fraction: float = 0.01  # with train.eval_every and no data.valid_path: the last windows held out
 
 
 @dataclass

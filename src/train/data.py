@@ -1,156 +1,175 @@
-"""Training data: a byte-level tokenizer, memory-mapped token files, and a packed, resumable sampler.
+"""Training and validation data: packed windows of token streams, blended, sampled deterministically.
 
-Token file format (written by `moetron-data`, read with numpy.memmap):
-    PREFIX.bin   the tokens of all documents, each followed by EOS, as little-endian uint16
-    PREFIX.json  {"format": "moetron-tokens", "version": 1, "dtype": "uint16", "num_tokens": N,
-                  "num_documents": D, "tokenizer": "bytes", "doc_offsets_file": null, "sources": [...]}
-
-Packing: the token stream is cut into windows of seq_len + 1 tokens that start every seq_len tokens
+Packing: a token stream is cut into windows of seq_len + 1 tokens that start every seq_len tokens
 (inputs and next-token labels), so sequences cross document boundaries at EOS and no token is
-padding. The sampler shuffles windows per epoch with a seeded generator; sample g of the run is a
-pure function of (seed, g), so resuming at step s needs only s.
+padding. Each source shuffles its windows per epoch with a seeded generator.
 
-Shape legend: B micro-batch, S sequence length, N windows.
+Blending (`data.blend=[[w, path], ...]`): sample g of the run comes from source i as that source's
+k-th sample, where the samples of all sources are ordered by (2k + 1) / w_i (ties by source index):
+a smooth interleaving whose counts stay within one sample of w_i x g at every prefix (the greedy
+Megatron-LM's blending uses, in closed form). Where a step starts is found by a binary search on
+that order, so sample g is a pure function of (seed, g): resuming at step s needs only s, in any
+layout.
+
+Validation: `data.valid_path`, or the last `data.valid_fraction` of each source's windows, held
+out of training; evaluation reads its first windows in order, the same ones every time.
+
+Shape legend: B micro-batch, S sequence length.
 """
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
+import math
+from fractions import Fraction
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-FORMAT, VERSION = "moetron-tokens", 1
+from moetron.train.token_files import TokenSource, open_token_file, read_documents, tokenize_in_memory
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, EOS = 256: needs no download and covers any text."""
-
-    name = "bytes"
-    eos_id = 256
-    vocab_size = 257
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
-
-
-TOKENIZERS = {"bytes": ByteTokenizer}
-
-
-def get_tokenizer(name: str) -> ByteTokenizer:
-    if name not in TOKENIZERS:
-        raise ValueError(f"data.tokenizer={name!r}: choose one of {sorted(TOKENIZERS)}")
-    return TOKENIZERS[name]()
-
-
-def read_documents(path: Path, jsonl_key: str = "text"):
-    """Documents of a .jsonl file (one JSON object per line, text under `jsonl_key`) or a text file
-    (the whole file is one document)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)[jsonl_key]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object with key {jsonl_key!r} ({err})") from err
-    else:
-        yield path.read_text(encoding="utf-8")
-
-
-def tokenize_documents(docs, tokenizer) -> tuple[np.ndarray, int]:
-    chunks, eos = [], np.array([tokenizer.eos_id], dtype=np.uint16)
-    for doc in docs:
-        chunks += [tokenizer.encode(doc), eos]
-    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint16)
-    return tokens, len(chunks) // 2
-
-
-def write_token_file(inputs: list[Path], prefix: Path, tokenizer, jsonl_key: str = "text") -> dict:
-    """Tokenize `inputs` into PREFIX.bin / PREFIX.json, each written to a temp file and renamed."""
-    tokens, num_docs = tokenize_documents((d for p in inputs for d in read_documents(p, jsonl_key)), tokenizer)
-    meta = {"format": FORMAT, "version": VERSION, "dtype": "uint16", "num_tokens": int(tokens.size),
-            "num_documents": num_docs, "tokenizer": tokenizer.name, "sources": [str(p) for p in inputs]}
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, write in ((".bin", lambda f: f.write(tokens.astype("<u2").tobytes())),
-                          (".json", lambda f: f.write(json.dumps(meta, indent=1).encode()))):
-        final = prefix.with_name(prefix.name + suffix)
-        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-        with tmp.open("wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    return meta
-
-
-def load_token_file(prefix: Path) -> np.ndarray:
-    """Memory-map PREFIX.bin after checking it against PREFIX.json; errors name the path."""
-    meta_path, bin_path = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".bin")
-    for path in (meta_path, bin_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path} (data.path={prefix}); build it with "
-                                    f"`moetron-data YOUR_TEXT.jsonl --output {prefix}`")
-    try:
-        meta = json.loads(meta_path.read_text())
-        ok = meta.get("format") == FORMAT and meta.get("version") == VERSION and meta.get("dtype") == "uint16"
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        ok = False
-    if not ok:
-        raise ValueError(f"corrupt data file {meta_path}: not a {FORMAT} v{VERSION} header; rebuild with moetron-data")
-    expected = meta["num_tokens"] * 2
-    if bin_path.stat().st_size != expected:
-        raise ValueError(f"corrupt data file {bin_path}: {bin_path.stat().st_size} bytes, header says {expected}; "
-                         "rebuild with moetron-data")
-    if meta["num_tokens"] == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(bin_path, dtype="<u2", mode="r", shape=(meta["num_tokens"],))
-
-
-def load_tokens(path: str, tokenizer) -> np.ndarray:
-    """The token stream of `data.path`: "builtin" (the shipped corpus) or a token-file prefix."""
+def load_source(path: str, tokenizer) -> TokenSource:
+    """`data.path`: "builtin" (the shipped corpus, tokenized here) or a token file's prefix."""
     if path == "builtin":
         from moetron.train.corpus import corpus_path
 
-        return tokenize_documents(read_documents(Path(str(corpus_path()))), tokenizer)[0]
-    return load_token_file(Path(path).expanduser())
+        tokens = tokenize_in_memory(read_documents(Path(str(corpus_path()))), tokenizer)
+        return TokenSource(tokens, "the builtin corpus", int(tokens.max()) if len(tokens) else None)
+    return open_token_file(path)
 
 
-@dataclass
-class PackedSampler:
-    """Deterministic, resumable sampling of packed windows, sharded over data-parallel ranks."""
+class PackedWindows:
+    """Windows [first, first + count) of a stream's packed windows; window k of the run comes from
+    epoch k // count, shuffled per epoch by `seed` (or in order, `shuffle=False`)."""
 
-    tokens: np.ndarray
-    seq_len: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        self.num_windows = (len(self.tokens) - 1) // self.seq_len
+    def __init__(self, source: TokenSource, seq_len: int, seed: int, first: int = 0, count: Optional[int] = None,
+                 shuffle: bool = True) -> None:
+        total = (len(source.tokens) - 1) // seq_len
+        self.source, self.seq_len, self.seed, self.first, self.shuffle = source, seq_len, seed, first, shuffle
+        self.num_windows = total - first if count is None else count
         if self.num_windows < 1:
-            raise ValueError(f"the data has {len(self.tokens)} tokens: too few for train.seq_len={self.seq_len}")
+            raise ValueError(f"{source.path} has {len(source.tokens)} tokens: too few for train.seq_len={seq_len}")
         self._epoch, self._order = -1, None
 
-    def window(self, sample: int) -> torch.Tensor:
-        """Tokens [S + 1] of global sample `sample` (epoch = sample // num_windows)."""
-        epoch, pos = divmod(sample, self.num_windows)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_windows, generator=gen)
-        start = int(self._order[pos]) * self.seq_len
-        return torch.from_numpy(np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
+    @classmethod
+    def split(cls, source: TokenSource, seq_len: int, seed: int, valid_fraction: float):
+        """(training windows, the held-out last `valid_fraction` of them, read in order)."""
+        total = (len(source.tokens) - 1) // seq_len
+        held = max(1, math.floor(total * valid_fraction))
+        if total - held < 1:
+            raise ValueError(f"{source.path}: {total} windows of train.seq_len={seq_len} leave none to train on after "
+                             f"holding out data.valid_fraction={valid_fraction}; lower it or give data.valid_path")
+        return cls(source, seq_len, seed, 0, total - held), cls(source, seq_len, seed, total - held, held, False)
+
+    def window(self, k: int) -> torch.Tensor:
+        """Tokens [S + 1] of this source's sample k."""
+        epoch, pos = divmod(k, self.num_windows)
+        if self.shuffle:
+            if epoch != self._epoch:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch, self._order = epoch, torch.randperm(self.num_windows, generator=gen)
+            pos = int(self._order[pos])
+        start = (self.first + pos) * self.seq_len
+        return torch.from_numpy(np.asarray(self.source.tokens[start:start + self.seq_len + 1], dtype=np.int64))
+
+
+class Blend:
+    """Several sources with weights (one source: weight 1), interleaved as the module docstring says."""
+
+    def __init__(self, parts: Sequence[PackedWindows], weights: Sequence[float], names: Sequence[str]) -> None:
+        if len(parts) != len(weights) or not parts or any(w <= 0 for w in weights):
+            raise ValueError(f"data.blend weights must be positive, one per source (got {list(weights)})")
+        self.parts, self.names = list(parts), list(names)
+        exact = [Fraction(w).limit_denominator(10**6) for w in weights]
+        scale = math.lcm(*(f.denominator for f in exact))
+        integer = [int(f * scale) for f in exact]  # W_i, proportional to the weights
+        period = math.lcm(*integer)
+        self._spacing = [period // w for w in integer]  # D_i: sample k of source i sits at (2k + 1) x D_i
+        self.weights = [w / sum(integer) for w in integer]
+        self._cursor: tuple[int, list[int]] = (0, [0] * len(parts))  # (sample, counts before it): reading on needs no search
+
+    def _placed_before(self, t: int) -> list[int]:
+        """Per source, its samples whose position is below t."""
+        return [((t - 1) // d + 1) // 2 if t > 0 else 0 for d in self._spacing]
+
+    def counts_before(self, g: int) -> list[int]:
+        """Per source, how many of the run's first g samples it gave."""
+        if g == self._cursor[0]:
+            return list(self._cursor[1])
+        lo, hi = 0, (2 * g + 1) * min(self._spacing) + 1  # hi places more than g samples
+        while hi - lo > 1:  # the last t placing at most g samples below it
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if sum(self._placed_before(mid)) <= g else (lo, mid)
+        counts = self._placed_before(lo)
+        for i, d in enumerate(self._spacing):  # samples exactly at lo, in source order
+            if sum(counts) < g and lo % d == 0 and (lo // d) % 2 == 1:
+                counts[i] += 1
+        return counts
+
+    def sources_of(self, g: int, n: int) -> list[tuple[int, int]]:
+        """(source, its sample index) of the run's samples g .. g + n - 1."""
+        counts = self.counts_before(g)
+        picked = []
+        for _ in range(n):
+            i = min(range(len(counts)), key=lambda s: ((2 * counts[s] + 1) * self._spacing[s], s))
+            picked.append((i, counts[i]))
+            counts[i] += 1
+        self._cursor = (g + n, counts)
+        return picked
+
+    def windows(self, g: int, n: int) -> torch.Tensor:
+        """The run's samples g .. g + n - 1: [n, S + 1]."""
+        return torch.stack([self.parts[i].window(k) for i, k in self.sources_of(g, n)])
+
+    def shares(self, g: int, n: int) -> dict[str, float]:
+        """Each source's share of the samples g .. g + n - 1 (logged per step)."""
+        before, after = self.counts_before(g), self.counts_before(g + n)
+        return {name: (a - b) / n for name, a, b in zip(self.names, after, before)}
+
+
+class BatchSampler:
+    """A step's micro-batches for one data-parallel rank, from a Blend."""
+
+    def __init__(self, blend: Blend) -> None:
+        self.blend = blend
 
     def micro_batches(self, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int):
         """This rank's micro-batches of optimizer step `step`: (inputs [B, S], labels [B, S])."""
         per_rank = global_batch // dp
         first = step * global_batch + dp_rank * per_rank
         for m in range(per_rank // micro_batch):
-            rows = torch.stack([self.window(first + m * micro_batch + i) for i in range(micro_batch)])
+            rows = self.blend.windows(first + m * micro_batch, micro_batch)
             yield rows[:, :-1], rows[:, 1:]
+
+
+    @classmethod
+    def of_tokens(cls, tokens, seq_len: int, seed: int) -> "BatchSampler":
+        """One token stream (an array, or a TokenSource) as a sampler."""
+        source = tokens if isinstance(tokens, TokenSource) else TokenSource(np.asarray(tokens), "tokens")
+        return cls(Blend([PackedWindows(source, seq_len, seed)], [1.0], ["data"]))
+
+
+def build_data(data_cfg, seq_len: int, seed: int, tokenizer, vocab_size: int, validation: bool):
+    """(the training BatchSampler, the validation Blend or None) of the `data` settings: `data.path` or
+    `data.blend`, every file checked against the tokenizer's and the model's vocabulary; with
+    `validation`, `data.valid_path` or the held-out share of every source."""
+    blend = data_cfg.blend or [[1.0, data_cfg.path]]
+    train, valid, names = [], [], []
+    for weight, path in blend:
+        source = load_source(str(path), tokenizer)
+        source.check_vocab(vocab_size)
+        names.append(str(path))
+        if validation and not data_cfg.valid_path:
+            part, held_out = PackedWindows.split(source, seq_len, seed, data_cfg.valid_fraction)
+            train.append(part)
+            valid.append(held_out)
+        else:
+            train.append(PackedWindows(source, seq_len, seed))
+    weights = [float(w) for w, _ in blend]
+    valid_blend = Blend(valid, weights, names) if valid else None
+    if validation and data_cfg.valid_path:
+        source = load_source(data_cfg.valid_path, tokenizer)
+        source.check_vocab(vocab_size)
+        valid_blend = Blend([PackedWindows(source, seq_len, seed, shuffle=False)], [1.0], [data_cfg.valid_path])
+    return BatchSampler(Blend(train, weights, names)), valid_blend

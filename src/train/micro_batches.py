@@ -16,6 +16,7 @@ import torch
 
 from moetron.models.outputs import LOSS_TERMS
 from moetron.pipeline.runtime import PipelineRunner
+from moetron.pipeline.schedule import forward_only
 
 
 class _MicroBatches:
@@ -51,6 +52,20 @@ class LocalMicroBatches(_MicroBatches):
             logged += out.logged()
         return logged
 
+    @torch.no_grad()
+    def evaluate(self, micro_batches, loss_options: dict) -> torch.Tensor:
+        """The summed loss terms of `micro_batches`, forward only, in eval mode (the routers count no
+        load and add no balance loss)."""
+        logged = self._zeros()
+        self.model.eval()
+        try:
+            for inputs, labels in micro_batches:
+                with self._autocast():
+                    logged += self.model(inputs.to(self.device), labels.to(self.device), **loss_options).logged()
+        finally:
+            self.model.train()
+        return logged
+
 
 class PipelinedMicroBatches(_MicroBatches):
     def __init__(self, schedule, parts, pp_rank: int, pp_lanes, p2p_shape: tuple[int, ...], device, compute_dtype,
@@ -61,6 +76,9 @@ class PipelinedMicroBatches(_MicroBatches):
         self.schedule, self.parts = schedule, parts
         self.runner = PipelineRunner(schedule, pp_rank, parts.stage_modules, pp_lanes, p2p_shape,
                                      overlap=overlap_fb, device=device, store=weight_grad_store)
+        # evaluation runs the schedule's forwards only, made when first needed (every rank at once)
+        self._eval_runner = functools.partial(PipelineRunner, forward_only(schedule), pp_rank, parts.stage_modules,
+                                              pp_lanes, p2p_shape, overlap=False, device=device)
 
     def run(self, micro_batches, loss_options: dict) -> torch.Tensor:
         inputs = {i: x.to(self.device) for i, (x, _) in enumerate(micro_batches)}
@@ -71,4 +89,25 @@ class PipelinedMicroBatches(_MicroBatches):
             result = self.runner.step(inputs, targets, loss_fn, loss_scale=1.0 / len(micro_batches))
         busy = self.runner.busy_s / max(self.runner.step_s, 1e-12)
         self.idle = torch.tensor(1.0 - busy, dtype=torch.float64, device=self.device)
+        return result.metrics if result.metrics is not None else self._zeros()
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches, loss_options: dict) -> torch.Tensor:
+        """This rank's part of the summed loss terms of `micro_batches` (as `run`), forwards only, in
+        eval mode; the trainer's metrics reduction adds up the pipeline."""
+        if callable(self._eval_runner):
+            self._eval_runner = self._eval_runner()
+        inputs = {i: x.to(self.device) for i, (x, _) in enumerate(micro_batches)}
+        targets = {i: (x.to(self.device), y.to(self.device)) for i, (x, y) in enumerate(micro_batches)}
+        tail = self.parts.tail
+        loss_fn = functools.partial(tail, **loss_options) if tail is not None else None
+        modules = [*self.parts.stage_modules.values(), *([tail] if tail is not None else [])]
+        for module in modules:
+            module.eval()
+        try:
+            with self._autocast():
+                result = self._eval_runner.step(inputs, targets, loss_fn, loss_scale=1.0)
+        finally:
+            for module in modules:
+                module.train()
         return result.metrics if result.metrics is not None else self._zeros()

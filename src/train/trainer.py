@@ -35,8 +35,10 @@ from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.profiling import StepProfiler
 from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train import checkpoint
-from moetron.train.data import PackedSampler, get_tokenizer, load_tokens
+from moetron.train.data import build_data
+from moetron.train.evaluate import evaluate
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
+from moetron.train.tokenizers import get_tokenizer
 from moetron.train.errors import UserInputError
 from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient, is_timeout
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
@@ -66,7 +68,8 @@ def train(cfg, run_dir: Path) -> dict:
         if model_cfg.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
                              f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
-        sampler = PackedSampler(load_tokens(cfg.data.path, tokenizer), cfg.train.seq_len, cfg.train.seed)
+        sampler, valid = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, tokenizer, model_cfg.vocab_size,
+                                    validation=cfg.train.eval_every > 0)
         if not cfg.train.resume and checkpoint.step_dirs(run_dir / "checkpoints"):
             raise ValueError(f"train.resume=false, but {run_dir} holds checkpoints of an earlier run: starting over "
                              "there would mix the two runs' metrics and checkpoints; use a new hydra.run.dir")
@@ -88,7 +91,7 @@ def train(cfg, run_dir: Path) -> dict:
             if lanes > 1:
                 how = "in turns, one order on every rank" if groups.order else "as each half reaches them"
                 print(f"F&B pairs overlap; their collectives are issued {how}", flush=True)
-        return _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler)
+        return _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, valid)
     finally:
         if world_group is not None:
             torch.distributed.destroy_process_group()
@@ -159,7 +162,7 @@ def _zero1(cfg, dims) -> bool:
     return cfg.parallel.zero1 if cfg.parallel.zero1 is not None else dims.dp > 1
 
 
-def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -> dict:
+def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, valid) -> dict:
     tcfg = cfg.train
     deterministic = tcfg.deterministic if tcfg.deterministic is not None else device.type == "cpu"
     torch.use_deterministic_algorithms(deterministic)
@@ -233,6 +236,13 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler) -
                                         flops_per_token, world.size, cfg, device)
                 metrics.update(_reduced_metrics(summed, loss_names, num_microbatches * data_ranks, world.size))
                 metrics.update(extra)
+                if len(sampler.blend.parts) > 1:  # each source's share of this step's sequences
+                    shares = sampler.blend.shares(step * tcfg.global_batch, tcfg.global_batch)
+                    metrics.update({f"data/share/{name}": share for name, share in shares.items()})
+                if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
+                    phase = "metrics"
+                    metrics.update(evaluate(micro, finalizer, valid, spec.loss_options(model_cfg, tcfg, progress.tokens),
+                                            loss_names, tcfg, groups.dp_ep_rank, data_ranks, num_microbatches))
                 gib = optimizer_gib if optimizer_gib is not None else optimizer_state_gib(optimizer)
                 metrics.update({"memory/optimizer_state_gib": gib, "train/skipped_steps": progress.skipped_steps})
                 first_loss = metrics["loss"] if first_loss is None else first_loss

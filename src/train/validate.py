@@ -31,12 +31,13 @@ AT_LEAST = [
     ("parallel.pp", 1), ("parallel.ep", 1), ("parallel.dp", 1),
     ("train.max_steps", 1), ("train.global_batch", 1), ("train.micro_batch", 1), ("train.seq_len", 2),
     ("train.ckpt_every", 1), ("train.ckpt_keep", 1), ("train.exit_after_steps", 0), ("train.log_every", 1),
-    ("train.collective_timeout_s", 1.0),
+    ("train.collective_timeout_s", 1.0), ("train.eval_every", 0), ("train.eval_batches", 1),
     ("optim.warmup_steps", 0), ("optim.weight_decay", 0.0), ("optim.grad_clip", 0.0),
     ("cluster.nodes", 1), ("cluster.gpus_per_node", 1), ("cluster.nvlink_gbps", 0.0), ("cluster.ib_gbps", 0.0),
 ]
 POSITIVE = ["optim.lr", "optim.eps", "cluster.peak_tflops"]
 UNIT_INTERVAL = ["optim.min_lr_ratio"]  # [0, 1]
+BELOW_ONE = ["data.valid_fraction"]  # [0, 1)
 BETAS = ["optim.beta1", "optim.beta2"]  # [0, 1)
 
 
@@ -88,7 +89,7 @@ def range_problems(cfg) -> list[str]:
         v = value(key)
         if bad(v) or not 0 <= v <= 1:
             problems.append(f"{key}={v} must be in [0, 1]")
-    for key in BETAS:
+    for key in BETAS + BELOW_ONE:
         v = value(key)
         if bad(v) or not 0 <= v < 1:
             problems.append(f"{key}={v} must be in [0, 1)")
@@ -127,6 +128,7 @@ def validate(cfg, world_size: int) -> ParallelDims:
         if cfg.precision.fp8_dispatch and par.dispatcher == "deepep" and dims.ep > 1:
             problems.append("precision.fp8_dispatch=true: parallel.dispatcher=deepep sends BF16 only here; set "
                             "precision.fp8_dispatch=false or parallel.dispatcher=hierarchical")
+    problems += _data_problems(cfg.data)
     if cfg.logging.wandb.mode not in WANDB_MODES:
         problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
     problems += _profile_problems(cfg.logging.profile, train.max_steps, world_size)
@@ -141,6 +143,20 @@ def validate(cfg, world_size: int) -> ParallelDims:
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
     return dims
+
+
+def _data_problems(data) -> list[str]:
+    if data.blend is None:
+        return []
+    entries = OmegaConf.to_container(data.blend) if OmegaConf.is_config(data.blend) else data.blend
+    shape_ok = isinstance(entries, list) and entries and all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], (int, float)) and isinstance(e[1], str) for e in entries)
+    if not shape_ok:
+        return [f"data.blend={entries!r} must be [[weight, path], ...], e.g. data.blend=[[0.7,data/a],[0.3,data/b]]"]
+    problems = [f"data.blend: weight {w} of {p} must be positive" for w, p in entries if not w > 0]
+    if data.path != "builtin":
+        problems.append(f"data.path={data.path} and data.blend are both set: give the sources in data.blend only")
+    return problems
 
 
 def _batch_problems(cfg, dims: ParallelDims) -> list[str]:

@@ -9,7 +9,8 @@ import torch
 from moetron.models import build_model
 from moetron.models.deepseek_v3 import load_preset
 from moetron.train import dcp_io
-from moetron.train.data import ByteTokenizer, PackedSampler, load_tokens
+from moetron.train.data import BatchSampler, load_source
+from moetron.train.tokenizers import ByteTokenizer
 from tests.e2e.test_expert_parallel_cli import torchrun
 from tests.e2e.test_train_cli import read_metrics, run_cli
 
@@ -42,7 +43,7 @@ def test_export_from_a_pipelined_expert_parallel_run_and_start_from_it(tmp_path)
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
 
     # a run that starts from the folder: its first loss is the exported weights' loss on the first batch
-    sampler = PackedSampler(load_tokens("builtin", ByteTokenizer()), 64, 0)
+    sampler = BatchSampler.of_tokens(load_source("builtin", ByteTokenizer()), 64, 0)
     ours.train()  # the balance loss counts in training (with gradients on), as in the run
     expected = float(torch.stack([ours(x, y).loss.detach() for x, y in sampler.micro_batches(0, 16, 8, 0, 1)]).mean())
     one = run_cli([*RUN, "train.micro_batch=8", "train.max_steps=1", f"model.init_from={hf_dir}",

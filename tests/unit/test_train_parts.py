@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from moetron.train import checkpoint
-from moetron.train.data import ByteTokenizer, PackedSampler, load_token_file, load_tokens, write_token_file
+from moetron.train.data import BatchSampler, load_source
+from moetron.train.token_files import open_token_file, write_token_file
+from moetron.train.tokenizers import ByteTokenizer
 from moetron.models.spec import piecewise
 from moetron.train.optim import AdamWLowPrecisionMoments, lr_at
 
@@ -20,23 +22,24 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_builtin_corpus_is_a_few_megabytes_of_text():
-    tokens = load_tokens("builtin", ByteTokenizer())
+    tokens = load_source("builtin", ByteTokenizer()).tokens
     assert 1_000_000 < len(tokens) < 5_000_000
     assert (tokens == 256).sum() > 100  # documents separated by EOS
 
 
 def test_sampler_is_deterministic_sharded_and_resumable():
     tokens = np.arange(1000, dtype=np.uint16)
-    sampler = PackedSampler(tokens, seq_len=10, seed=3)
+    sampler = BatchSampler.of_tokens(tokens, seq_len=10, seed=3)
+    windows = sampler.blend.parts[0]
     whole = [x for x, _ in sampler.micro_batches(step=7, global_batch=8, micro_batch=4, dp_rank=0, dp=1)]
-    halves = [x for r in (0, 1) for x, _ in PackedSampler(tokens, 10, 3).micro_batches(7, 8, 2, r, 2)]
+    halves = [x for r in (0, 1) for x, _ in BatchSampler.of_tokens(tokens, 10, 3).micro_batches(7, 8, 2, r, 2)]
     assert torch.equal(torch.cat(whole), torch.cat(halves))  # DP ranks split the same global batch
     x, y = next(sampler.micro_batches(0, 8, 8, 0, 1))
     assert torch.equal(x[:, 1:], y[:, :-1])  # labels are the inputs shifted by one
     assert all(int(row[0]) % 10 == 0 for row in x)  # windows start every seq_len tokens (packing)
-    epoch0 = [int(sampler.window(i)[0]) for i in range(sampler.num_windows)]
+    epoch0 = [int(windows.window(i)[0]) for i in range(windows.num_windows)]
     assert sorted(epoch0) == list(range(0, 990, 10))  # each window once per epoch
-    assert epoch0 != [int(sampler.window(i + sampler.num_windows)[0]) for i in range(sampler.num_windows)]
+    assert epoch0 != [int(windows.window(i + windows.num_windows)[0]) for i in range(windows.num_windows)]
 
 
 def test_lr_warmup_then_cosine():
@@ -103,10 +106,10 @@ def test_token_file_checks(tmp_path):
     src.write_text("hello world")
     meta = write_token_file([src], tmp_path / "out" / "c", ByteTokenizer())
     assert meta["num_tokens"] == 12 and meta["num_documents"] == 1
-    assert load_token_file(tmp_path / "out" / "c").tolist()[-1] == 256
+    assert open_token_file(str(tmp_path / "out" / "c")).tokens.tolist()[-1] == 256
     (tmp_path / "out" / "c.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="corrupt data file"):
-        load_token_file(tmp_path / "out" / "c")
+        open_token_file(str(tmp_path / "out" / "c"))
     with pytest.raises(FileNotFoundError, match="input file not found"):
         write_token_file([tmp_path / "nope.jsonl"], tmp_path / "x", ByteTokenizer())
 
