@@ -90,6 +90,9 @@ class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
+    decay_steps: int = 200  # the cosine reaches lr * min_lr_ratio here and stays (not train.max_steps)
+    # phases in tokens, DeepSeek-V3's way (moetron.train.lr_schedule); set, it replaces the four above
+    schedule: Optional[list[Any]] = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

@@ -1,21 +1,8 @@
-"""Optimizer and schedules: AdamW (torch fused where the device allows, BF16 moments as an option,
-NVIDIA apex's FusedAdam only if installed), warmup + cosine LR. (Schedules in tokens:
-`moetron.models.spec.piecewise`, beside the model specs that follow them.)"""
+"""The optimizer: AdamW (torch fused where the device allows, BF16 moments as an option, NVIDIA
+apex's FusedAdam only if installed). The learning rate: moetron.train.lr_schedule."""
 from __future__ import annotations
 
-import math
-
 import torch
-
-
-def lr_at(step: int, cfg, max_steps: int) -> float:
-    """Linear warmup over optim.warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(max_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class AdamWLowPrecisionMoments(torch.optim.Optimizer):

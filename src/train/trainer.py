@@ -43,7 +43,8 @@ from moetron.train.errors import UserInputError
 from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient, is_timeout
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
-from moetron.train.optim import build_optimizer, lr_at, optimizer_state_gib
+from moetron.train.lr_schedule import lr_at
+from moetron.train.optim import build_optimizer, optimizer_state_gib
 from moetron.train.run_state import resume, save
 from moetron.train.validate import model_config, validate
 
@@ -204,7 +205,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                 phase = "forward_backward"  # named if a peer stops answering (_PHASES)
                 profiler.begin(step + 1)
                 t0 = time.perf_counter()
-                lr = lr_at(step, cfg.optim, tcfg.max_steps)
+                lr = lr_at(step, progress.tokens, cfg.optim)
                 for group_ in optimizer.param_groups:
                     group_["lr"] = lr
                 batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.dp_ep_rank,

@@ -22,6 +22,7 @@ from moetron.parallel.expert_parallel import DISPATCHERS
 from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
 from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train.config import RootConfig
+from moetron.train.lr_schedule import schedule_problems
 
 DTYPES = ("auto", "float32", "bfloat16")
 WANDB_MODES = ("auto", "disabled", "offline", "online")
@@ -32,7 +33,7 @@ AT_LEAST = [
     ("train.max_steps", 1), ("train.global_batch", 1), ("train.micro_batch", 1), ("train.seq_len", 2),
     ("train.ckpt_every", 1), ("train.ckpt_keep", 1), ("train.exit_after_steps", 0), ("train.log_every", 1),
     ("train.collective_timeout_s", 1.0), ("train.eval_every", 0), ("train.eval_batches", 1),
-    ("optim.warmup_steps", 0), ("optim.weight_decay", 0.0), ("optim.grad_clip", 0.0),
+    ("optim.warmup_steps", 0), ("optim.decay_steps", 1), ("optim.weight_decay", 0.0), ("optim.grad_clip", 0.0),
     ("cluster.nodes", 1), ("cluster.gpus_per_node", 1), ("cluster.nvlink_gbps", 0.0), ("cluster.ib_gbps", 0.0),
 ]
 POSITIVE = ["optim.lr", "optim.eps", "cluster.peak_tflops"]
@@ -129,6 +130,8 @@ def validate(cfg, world_size: int) -> ParallelDims:
             problems.append("precision.fp8_dispatch=true: parallel.dispatcher=deepep sends BF16 only here; set "
                             "precision.fp8_dispatch=false or parallel.dispatcher=hierarchical")
     problems += _data_problems(cfg.data)
+    problems += schedule_problems(OmegaConf.to_container(cfg.optim.schedule) if OmegaConf.is_config(cfg.optim.schedule)
+                                  else cfg.optim.schedule)
     if cfg.logging.wandb.mode not in WANDB_MODES:
         problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
     problems += _profile_problems(cfg.logging.profile, train.max_steps, world_size)

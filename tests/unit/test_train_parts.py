@@ -11,7 +11,8 @@ from moetron.train.data import BatchSampler, load_source
 from moetron.train.token_files import open_token_file, write_token_file
 from moetron.train.tokenizers import ByteTokenizer
 from moetron.models.spec import piecewise
-from moetron.train.optim import AdamWLowPrecisionMoments, lr_at
+from moetron.train.lr_schedule import lr_at, schedule_problems
+from moetron.train.optim import AdamWLowPrecisionMoments
 
 
 def test_byte_tokenizer_round_trip():
@@ -42,12 +43,32 @@ def test_sampler_is_deterministic_sharded_and_resumable():
     assert epoch0 != [int(windows.window(i + windows.num_windows)[0]) for i in range(windows.num_windows)]
 
 
-def test_lr_warmup_then_cosine():
-    cfg = SimpleNamespace(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
-    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
-    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
-    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+def test_lr_warmup_then_cosine_to_its_own_horizon():
+    cfg = SimpleNamespace(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, decay_steps=110, schedule=None)
+    assert lr_at(0, 0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 0, cfg) == pytest.approx(1.0)
+    assert lr_at(60, 0, cfg) == pytest.approx(0.55)
+    assert lr_at(110, 0, cfg) == pytest.approx(0.1)
+    assert lr_at(170, 0, cfg) == pytest.approx(0.1)  # a run extended past its horizon stays at the floor
+
+
+def test_the_reports_schedule_in_tokens():
+    """DeepSeek-V3's: 2K warmup steps to 2.2e-4, constant to 10T tokens, cosine to 2.2e-5 over
+    4.3T, 2.2e-5 for 333B, 7.3e-6 for the last 167B (report section 4.2)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(resources.files("moetron.conf").joinpath("optim", "deepseek_v3.yaml").read_text())
+    phases = OmegaConf.to_container(cfg.schedule)
+    assert schedule_problems(phases) == []
+    assert lr_at(0, 0, cfg) == pytest.approx(2.2e-4 / 2000) and lr_at(1999, 0, cfg) == pytest.approx(2.2e-4)
+    assert lr_at(5000, 9.9e12, cfg) == pytest.approx(2.2e-4)
+    assert lr_at(5000, 12.15e12, cfg) == pytest.approx((2.2e-4 + 2.2e-5) / 2)  # half way down the cosine
+    assert lr_at(5000, 14.5e12, cfg) == pytest.approx(2.2e-5) and lr_at(5000, 14.7e12, cfg) == pytest.approx(7.3e-6)
+    assert lr_at(5000, 20e12, cfg) == pytest.approx(7.3e-6)
+    assert schedule_problems([{"until_tokens": 5, "lr": 1.0}, {"until_tokens": 3, "lr": 1.0}])[0].startswith(
+        "optim.schedule[1]")
 
 
 def test_piecewise_schedule_in_tokens():
