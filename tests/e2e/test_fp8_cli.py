@@ -14,7 +14,7 @@ def _mean_last(run_dir, n=20):
 
 
 def test_fp8_training_ends_within_a_quarter_percent_of_bf16(tmp_path):
-    args = [*RUN, "train.micro_batch=8", "train.max_steps=150"]
+    args = [*RUN, "train.micro_batch=8", "train.max_steps=150", "optim.decay_steps=150"]  # a whole run: decayed at the end
     run_cli([*args, "precision=fp8", "precision.backend=emulated", f"hydra.run.dir={tmp_path / 'fp8'}"], tmp_path)
     run_cli([*args, "precision=bf16", f"hydra.run.dir={tmp_path / 'bf16'}"], tmp_path)
     fp8, bf16 = _mean_last(tmp_path / "fp8"), _mean_last(tmp_path / "bf16")
