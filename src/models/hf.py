@@ -54,6 +54,10 @@ def config_from_hf(hf_config, **overrides) -> DeepSeekV3Config:
     if rope.get("rope_type", "default") != "default":
         raise NotImplementedError(f"rope_type={rope['rope_type']!r}: moetron implements plain RoPE only "
                                   "(DeepSeek-V3 pre-training); YaRN context extension is not mapped")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"hidden_act={act!r}: moetron's experts and MLPs are SwiGLU (SiLU); this config uses "
+                         "another activation")
     if hf_config.num_key_value_heads != hf_config.num_attention_heads:
         raise ValueError("MLA has one key/value per head: num_key_value_heads must equal num_attention_heads")
     fields = {name: getattr(hf_config, name) for name in _SHARED_FIELDS}
@@ -115,6 +119,9 @@ def to_hf(model: DeepSeekV3, **config_overrides) -> nn.Module:
     transformers = _import_transformers()
     hf_cfg = hf_config_from(model.cfg, **config_overrides)
     hf_model = transformers.DeepseekV3ForCausalLM(hf_cfg).to(dtype=next(model.parameters()).dtype).eval()
+    for module in hf_model.modules():  # routing biases in float32 there too (TopKRouter._apply says why)
+        if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
+            module.e_score_correction_bias = module.e_score_correction_bias.float()
     ours = {hf_key(k): v for k, v in model.state_dict().items() if hf_key(k) is not None}
     theirs_to_ours = {k: k for k in hf_model.state_dict()}
     unmapped = _copy_mapped(hf_model, ours, theirs_to_ours.get)

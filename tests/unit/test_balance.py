@@ -139,3 +139,39 @@ def test_loss_free_balancing_flattens_the_load_without_hurting_the_loss():
     assert maxvio_none > 1.0  # the data really skews routing when nothing balances it
     assert maxvio_free < 0.25 * maxvio_none  # far below: at most a quarter of the unbalanced run
     assert loss_free < loss_none + 0.01  # no worse than the unbalanced run, within 0.01 nats (0.5%)
+
+
+def test_the_routing_bias_stays_float32_in_a_bfloat16_model():
+    """A bias step of 0.001 near |b| = 1 is below bfloat16's resolution: rounding it would stall
+    loss-free balancing and route tokens differently from the float32 bias."""
+    from moetron.models import build_model
+    from moetron.models.deepseek_v3 import load_preset
+
+    model = build_model(load_preset("tiny"))
+    router = model.layers[1].mlp.gate
+    with torch.no_grad():
+        router.expert_bias.copy_(1.0 + 0.001 * torch.arange(router.expert_bias.numel()))
+    expected = router.expert_bias.clone()
+    model.to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16 and router.expert_bias.dtype == torch.float32
+    assert torch.equal(router.expert_bias, expected)
+
+
+def test_the_sequence_balance_loss_counts_the_raw_top_k_and_mtp_wraparound_is_left_out():
+    """f_i of eq. 18 counts the top-K of the affinities s, not the bias-shifted choice; an MTP
+    depth's last positions (wrapped-around tokens) count in neither the loads nor the loss."""
+    from moetron.models.deepseek_v3 import load_preset
+    from moetron.models.deepseek_v3.balance import sequence_balance_loss
+    from moetron.models.deepseek_v3.router import TopKRouter
+
+    cfg = load_preset("tiny", balance_mode="loss_free", seq_aux_alpha=1.0, n_group=1, topk_group=1)
+    router = TopKRouter(cfg, 1)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.linspace(2, -2, cfg.n_routed_experts))  # the choice ignores the scores
+    x = torch.randn(2, 6, cfg.hidden_size)
+    routing = router(x, valid_len=4)
+    scores = torch.nn.functional.linear(x.reshape(12, -1), router.weight).sigmoid().view(2, 6, -1)[:, :4]
+    raw = scores.topk(cfg.num_experts_per_tok, dim=-1).indices
+    assert torch.allclose(routing.balance_loss, sequence_balance_loss(scores, raw))
+    assert int(router.tokens_per_expert.sum()) == 2 * 4 * cfg.num_experts_per_tok

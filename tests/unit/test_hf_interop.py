@@ -84,3 +84,27 @@ def test_yarn_rope_is_refused():
     with pytest.raises(NotImplementedError, match="yarn"):
         from moetron.models.hf import config_from_hf
         config_from_hf(cfg)
+
+
+def test_an_activation_other_than_silu_is_refused():
+    from moetron.models.hf import config_from_hf
+
+    cfg = hf_config_from(load_preset("tiny"))
+    cfg.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        config_from_hf(cfg)
+
+
+def test_a_bfloat16_model_routes_as_transformers_does_with_float32_biases():
+    """Biases near 1.0 in bfloat16 would lose their last bits; both sides keep them float32."""
+    hf_model = _hf_model({}, seed=3)
+    with torch.no_grad():
+        for name, buf in hf_model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(1.0 + 0.001 * torch.randn_like(buf))
+    ours = from_hf(hf_model).to(torch.bfloat16)
+    back = to_hf(ours)
+    for name, buf in back.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            assert buf.dtype == torch.float32
+            torch.testing.assert_close(buf, dict(hf_model.named_buffers())[name], rtol=0, atol=0)

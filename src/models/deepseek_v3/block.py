@@ -32,9 +32,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, layer_idx) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.recompute_swiglu)
 
-    def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the block output and the MoE balance loss (None for dense blocks / no loss)."""
+    def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor,
+                valid_len: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns the block output and the MoE balance loss (None for dense blocks / no loss);
+        `valid_len`: the positions that count in the router's loads and balance loss."""
         recompute = self.cfg.recompute_norm
         normed_BSH, region = maybe_recompute(recompute, self.input_layernorm, x_BSH)
         attn_BSH = self.self_attn(normed_BSH, cos_SR2, sin_SR2)
@@ -43,7 +44,7 @@ class DecoderLayer(nn.Module):
 
         normed_BSH, region = maybe_recompute(recompute, self.post_attention_layernorm, x_BSH)
         if isinstance(self.mlp, MoE):
-            ffn_BSH, balance_loss = self.mlp(normed_BSH)
+            ffn_BSH, balance_loss = self.mlp(normed_BSH, valid_len)
         else:
             ffn_BSH, balance_loss = self.mlp(normed_BSH), None
         discard_all([region], after=ffn_BSH)

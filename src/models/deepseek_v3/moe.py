@@ -35,10 +35,11 @@ class MoE(nn.Module):
         )
         self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
 
-    def forward(self, x_BSH: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the layer output and the (alpha-weighted) balance loss, or None."""
+    def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns the layer output and the (alpha-weighted) balance loss, or None; `valid_len`: the
+        positions that count in the router's loads and balance loss (TopKRouter.forward)."""
         B, S, H = x_BSH.shape
-        routing = self.gate(x_BSH)
+        routing = self.gate(x_BSH, valid_len)
         x_TH = x_BSH.reshape(B * S, H)
         with label("moe.dispatch"):  # regions in profiler traces (moetron.profiling)
             x_recv_RH, tokens_per_expert, handle = self.dispatcher.dispatch(x_TH, routing.topk_idx_TK,

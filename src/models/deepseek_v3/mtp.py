@@ -47,10 +47,11 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(cfg, layer_idx, moe=cfg.n_routed_experts > 0)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
 
-    def forward(self, h_prev_BSH, emb_next_BSH, cos_SR2, sin_SR2):
-        """Returns h^k (input of the next depth), its normed form for the head, and the balance loss."""
+    def forward(self, h_prev_BSH, emb_next_BSH, cos_SR2, sin_SR2, valid_len=None):
+        """Returns h^k (input of the next depth), its normed form for the head, and the balance loss
+        (over the first `valid_len` positions: depth k's last k hold wrapped-around tokens)."""
         merged_BSH = self.eh_proj(torch.cat([self.hnorm(h_prev_BSH), self.enorm(emb_next_BSH)], dim=-1))
-        h_BSH, balance_loss = self.block(merged_BSH, cos_SR2, sin_SR2)
+        h_BSH, balance_loss = self.block(merged_BSH, cos_SR2, sin_SR2, valid_len)
         return h_BSH, self.norm(h_BSH), balance_loss
 
 
@@ -60,5 +61,5 @@ def mtp_depths(depths, embed_tokens: nn.Module, h_BSH: torch.Tensor, input_ids_B
     t_{i+k+1} with the last k positions ignored, the block's balance loss or None)."""
     for k, depth in enumerate(depths, start=1):
         emb_next_BSH = embed_tokens(shift_left(input_ids_BS, k))  # Emb(t_{i+k})
-        h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2)
+        h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2, input_ids_BS.shape[1] - k)
         yield normed_BSH, shift_left(labels_BS, k, fill=IGNORE_INDEX), balance

@@ -58,9 +58,22 @@ class TopKRouter(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(E))
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
 
-    def forward(self, x_BSH: torch.Tensor) -> Routing:
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.half()`...: the routing bias stays float32 whatever the model's dtype
+        (a bias step of 0.001 is below bfloat16's resolution once |b| >= 0.5, and rounding it moves
+        tokens to other experts); only its device follows."""
+        bias = self.expert_bias
+        module = super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32 and bias.dtype == torch.float32 and not bias.is_meta:
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return module
+
+    def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None) -> Routing:
+        """`valid_len`: only the first positions of each sequence count in the loads and the balance
+        loss (an MTP depth k's last k positions hold wrapped-around tokens)."""
         cfg = self.cfg
         B, S, H = x_BSH.shape
+        V = S if valid_len is None else valid_len
         # Gating stays in float32 whatever the compute dtype, autocast included (report section 3.3).
         with torch.autocast(x_BSH.device.type, enabled=False):
             scores_TE = F.linear(x_BSH.reshape(B * S, H).float(), self.weight.float()).sigmoid()
@@ -73,18 +86,23 @@ class TopKRouter(nn.Module):
             gate_TK = gate_TK / (gate_TK.sum(dim=-1, keepdim=True) + 1e-20)
         gate_TK = gate_TK * cfg.routed_scaling_factor
 
+        E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+        scores_BVE = scores_TE.view(B, S, E)[:, :V]
+        chosen_BVK = topk_idx_TK.view(B, S, K)[:, :V]
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(topk_idx_TK.flatten(), minlength=cfg.n_routed_experts)
-        return Routing(topk_idx_TK, gate_TK, self._balance_loss(scores_TE, topk_idx_TK, B, S))
+                self.tokens_per_expert += torch.bincount(chosen_BVK.flatten(), minlength=E)
+        return Routing(topk_idx_TK, gate_TK, self._balance_loss(scores_BVE, chosen_BVK))
 
-    def _balance_loss(self, scores_TE, topk_idx_TK, B: int, S: int) -> Optional[torch.Tensor]:
+    def _balance_loss(self, scores_BVE, chosen_BVK) -> Optional[torch.Tensor]:
         cfg = self.cfg
         if not (self.training and torch.is_grad_enabled()):
             return None
         if cfg.balance_mode in ("loss_free", "seq_aux") and cfg.seq_aux_alpha > 0:
-            E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-            return cfg.seq_aux_alpha * sequence_balance_loss(scores_TE.view(B, S, E), topk_idx_TK.view(B, S, K))
+            # f_i counts the top-K of the raw affinities, not the biased choice (eq. 18)
+            raw_topk_BVK = scores_BVE.detach().topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+            return cfg.seq_aux_alpha * sequence_balance_loss(scores_BVE, raw_topk_BVK)
         if cfg.balance_mode == "aux_loss" and cfg.aux_loss_alpha > 0:
-            return cfg.aux_loss_alpha * batch_balance_loss(scores_TE, topk_idx_TK)
+            E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+            return cfg.aux_loss_alpha * batch_balance_loss(scores_BVE.reshape(-1, E), chosen_BVK.reshape(-1, K))
         return None
