@@ -21,6 +21,9 @@ class TrainSettings:
     max_steps: int = 200
     seed: int = 0
     global_batch: int = 16  # sequences per optimizer step, over all ranks (as Megatron)
+    # [start, increment, tokens]: the batch grows from start by increment to global_batch over the
+    # first `tokens` tokens (moetron.train.batch_ramp); None: global_batch from the first step
+    batch_ramp: Optional[list[Any]] = None
     micro_batch: int = 8  # sequences per forward/backward on one rank
     seq_len: int = 128
     ckpt_every: int = 50  # steps; a checkpoint is also written at the end

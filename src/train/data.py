@@ -134,10 +134,11 @@ class BatchSampler:
     def __init__(self, blend: Blend) -> None:
         self.blend = blend
 
-    def micro_batches(self, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int):
-        """This rank's micro-batches of optimizer step `step`: (inputs [B, S], labels [B, S])."""
+    def micro_batches(self, first_sample: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int):
+        """This rank's micro-batches of the step whose `global_batch` sequences start at the run's
+        sample `first_sample` (the tokens before it / seq_len): (inputs [B, S], labels [B, S])."""
         per_rank = global_batch // dp
-        first = step * global_batch + dp_rank * per_rank
+        first = first_sample + dp_rank * per_rank
         for m in range(per_rank // micro_batch):
             rows = self.blend.windows(first + m * micro_batch, micro_batch)
             yield rows[:, :-1], rows[:, 1:]

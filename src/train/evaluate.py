@@ -7,16 +7,17 @@ from moetron.train.data import BatchSampler, Blend
 
 
 def evaluate(micro, finalizer, valid: Blend, loss_options: dict, loss_names: dict, tcfg, data_rank: int,
-             data_ranks: int, num_microbatches: int) -> dict[str, float]:
+             data_ranks: int) -> dict[str, float]:
     """`eval/<loss name>` (eval/loss, eval/loss/lm, ...) over `train.eval_batches` global batches:
     the validation data's first samples, the same every time. Every rank calls it at the same step."""
     sampler = BatchSampler(valid)
     total = None
     for batch in range(tcfg.eval_batches):
-        micro_batches = list(sampler.micro_batches(batch, tcfg.global_batch, tcfg.micro_batch, data_rank, data_ranks))
+        first = batch * tcfg.global_batch
+        micro_batches = list(sampler.micro_batches(first, tcfg.global_batch, tcfg.micro_batch, data_rank, data_ranks))
         part = micro.evaluate(micro_batches, loss_options)
         total = part if total is None else total + part
     summed = finalizer.reduce_metrics({"eval": total})["eval"]
-    losses = summed / (num_microbatches * data_ranks * tcfg.eval_batches)
+    losses = summed / (len(micro_batches) * data_ranks * tcfg.eval_batches)
     names = {term: name for term, name in loss_names.items() if term != "balance"}  # no balance loss in eval
     return {f"eval/{names[term]}": float(value) for term, value in zip(LOSS_TERMS, losses.tolist()) if term in names}

@@ -68,46 +68,59 @@ class LocalMicroBatches(_MicroBatches):
 
 
 class PipelinedMicroBatches(_MicroBatches):
-    def __init__(self, schedule, parts, pp_rank: int, pp_lanes, p2p_shape: tuple[int, ...], device, compute_dtype,
-                 overlap_fb: bool = True, weight_grad_store=None) -> None:
-        """`parts`: this rank's stage modules and loss tail (`moetron.models.stages.pipeline_split`);
-        `pp_lanes`: the pipeline group with its lanes (`ParallelGroups.lanes("pp")`)."""
+    def __init__(self, schedule_for, parts, pp_rank: int, pp_lanes, p2p_shape: tuple[int, ...], device,
+                 compute_dtype, overlap_fb: bool = True, weight_grad_store=None) -> None:
+        """`schedule_for(n)`: the schedule of a step of n micro-batches (a batch-size ramp changes n;
+        the stages a rank holds do not change); `parts`: this rank's stage modules and loss tail
+        (`moetron.models.stages.pipeline_split`); `pp_lanes`: the pipeline group with its lanes
+        (`ParallelGroups.lanes("pp")`). A runner is made per micro-batch count and use when first
+        needed, on every pipeline rank at the same step."""
         super().__init__(device, compute_dtype)
-        self.schedule, self.parts = schedule, parts
-        self.runner = PipelineRunner(schedule, pp_rank, parts.stage_modules, pp_lanes, p2p_shape,
-                                     overlap=overlap_fb, device=device, store=weight_grad_store)
-        # evaluation runs the schedule's forwards only, made when first needed (every rank at once)
-        self._eval_runner = functools.partial(PipelineRunner, forward_only(schedule), pp_rank, parts.stage_modules,
-                                              pp_lanes, p2p_shape, overlap=False, device=device)
+        self.parts, self._schedule_for = parts, schedule_for
+        self._runner_args = (pp_rank, parts.stage_modules, pp_lanes, p2p_shape)
+        self._overlap, self._store = overlap_fb, weight_grad_store
+        self._runners: dict[tuple[int, bool], PipelineRunner] = {}
 
-    def run(self, micro_batches, loss_options: dict) -> torch.Tensor:
+    def _runner(self, n: int, forward_only_: bool) -> PipelineRunner:
+        if (n, forward_only_) not in self._runners:
+            schedule = self._schedule_for(n)
+            if forward_only_:  # evaluation: the schedule's forwards only
+                runner = PipelineRunner(forward_only(schedule), *self._runner_args, overlap=False, device=self.device)
+            else:
+                runner = PipelineRunner(schedule, *self._runner_args, overlap=self._overlap, device=self.device,
+                                        store=self._store)
+            self._runners[(n, forward_only_)] = runner
+        return self._runners[(n, forward_only_)]
+
+    def _step(self, micro_batches, loss_options: dict, train: bool) -> torch.Tensor:
+        runner = self._runner(len(micro_batches), forward_only_=not train)
+        for stage in self.parts.stage_modules.values():  # balance losses scale as the step's losses do
+            if hasattr(stage, "aux_scale"):
+                stage.aux_scale = 1.0 / len(micro_batches)
         inputs = {i: x.to(self.device) for i, (x, _) in enumerate(micro_batches)}
         targets = {i: (x.to(self.device), y.to(self.device)) for i, (x, y) in enumerate(micro_batches)}
         tail = self.parts.tail
         loss_fn = functools.partial(tail, **loss_options) if tail is not None else None
         with self._autocast():
-            result = self.runner.step(inputs, targets, loss_fn, loss_scale=1.0 / len(micro_batches))
-        busy = self.runner.busy_s / max(self.runner.step_s, 1e-12)
-        self.idle = torch.tensor(1.0 - busy, dtype=torch.float64, device=self.device)
+            result = runner.step(inputs, targets, loss_fn, loss_scale=1.0 / len(micro_batches) if train else 1.0)
+        if train:
+            busy = runner.busy_s / max(runner.step_s, 1e-12)
+            self.idle = torch.tensor(1.0 - busy, dtype=torch.float64, device=self.device)
         return result.metrics if result.metrics is not None else self._zeros()
+
+    def run(self, micro_batches, loss_options: dict) -> torch.Tensor:
+        return self._step(micro_batches, loss_options, train=True)
 
     @torch.no_grad()
     def evaluate(self, micro_batches, loss_options: dict) -> torch.Tensor:
         """This rank's part of the summed loss terms of `micro_batches` (as `run`), forwards only, in
         eval mode; the trainer's metrics reduction adds up the pipeline."""
-        if callable(self._eval_runner):
-            self._eval_runner = self._eval_runner()
-        inputs = {i: x.to(self.device) for i, (x, _) in enumerate(micro_batches)}
-        targets = {i: (x.to(self.device), y.to(self.device)) for i, (x, y) in enumerate(micro_batches)}
         tail = self.parts.tail
-        loss_fn = functools.partial(tail, **loss_options) if tail is not None else None
         modules = [*self.parts.stage_modules.values(), *([tail] if tail is not None else [])]
         for module in modules:
             module.eval()
         try:
-            with self._autocast():
-                result = self._eval_runner.step(inputs, targets, loss_fn, loss_scale=1.0)
+            return self._step(micro_batches, loss_options, train=False)
         finally:
             for module in modules:
                 module.train()
-        return result.metrics if result.metrics is not None else self._zeros()

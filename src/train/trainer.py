@@ -16,6 +16,7 @@ after the optimizer step. One optimizer step:
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import shutil
@@ -35,6 +36,7 @@ from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.profiling import StepProfiler
 from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train import checkpoint
+from moetron.train.batch_ramp import global_batch_at
 from moetron.train.data import build_data
 from moetron.train.evaluate import evaluate
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
@@ -138,7 +140,8 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     materialize(model, parts.held_modules, device, cfg.train.seed)
     _init_from(spec, model_cfg, model)
     p2p_shape = spec.activation_shape(model_cfg, cfg.train.micro_batch, cfg.train.seq_len)
-    micro = PipelinedMicroBatches(schedule, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
+    schedule_for = functools.partial(build_schedule, par.schedule, dims.pp)  # a batch-size ramp changes the count
+    micro = PipelinedMicroBatches(schedule_for, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
                                   _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store)
     finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared,
                               zero1=_zero1(cfg, dims), overlap_param_gather=_on_gpus(par.overlap_param_gather, device))
@@ -172,7 +175,8 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
     np.random.seed(tcfg.seed)
     dims = groups.dims
     data_ranks = dims.dp * dims.ep  # every dp x ep rank of the stage reads its own sequences
-    num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)
+    ramp = OmegaConf.to_container(tcfg.batch_ramp) if tcfg.batch_ramp is not None else None
+    num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)  # at the full batch
     model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
     optimizer = build_optimizer(finalizer.optimizer_param_groups(cfg.optim.weight_decay), cfg.optim, device)
     progress = resume(run_dir, cfg, spec, model_cfg, model, optimizer, finalizer)  # step, tokens, skipped steps
@@ -187,7 +191,6 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
 
     flops_per_token = spec.flops_per_token(model_cfg, tcfg.seq_len)  # from the config: the same in every layout
     loss_names = spec.loss_metrics(model_cfg)
-    tokens_per_step = tcfg.global_batch * tcfg.seq_len
     end_step = tcfg.max_steps if not tcfg.exit_after_steps else min(tcfg.max_steps, start_step + tcfg.exit_after_steps)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     jsonl = wandb = console = None
@@ -208,8 +211,9 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                 lr = lr_at(step, progress.tokens, cfg.optim)
                 for group_ in optimizer.param_groups:
                     group_["lr"] = lr
-                batches = list(sampler.micro_batches(step, tcfg.global_batch, tcfg.micro_batch, groups.dp_ep_rank,
-                                                     data_ranks))
+                batch = global_batch_at(progress.tokens, tcfg.global_batch, ramp)  # sequences in this step
+                tokens_per_step, first = batch * tcfg.seq_len, progress.tokens // tcfg.seq_len
+                batches = list(sampler.micro_batches(first, batch, tcfg.micro_batch, groups.dp_ep_rank, data_ranks))
                 loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, progress.tokens))
                 phase = "gradients"
                 grad_norm = finalizer.finish_gradients()
@@ -235,15 +239,16 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
 
                 metrics = _step_metrics(step + 1, progress.tokens, lr, grad_norm, step_time, tokens_per_step,
                                         flops_per_token, world.size, cfg, device)
-                metrics.update(_reduced_metrics(summed, loss_names, num_microbatches * data_ranks, world.size))
+                metrics.update(_reduced_metrics(summed, loss_names, len(batches) * data_ranks, world.size))
+                metrics["train/global_batch"] = batch
                 metrics.update(extra)
                 if len(sampler.blend.parts) > 1:  # each source's share of this step's sequences
-                    shares = sampler.blend.shares(step * tcfg.global_batch, tcfg.global_batch)
+                    shares = sampler.blend.shares(first, batch)
                     metrics.update({f"data/share/{name}": share for name, share in shares.items()})
                 if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
                     phase = "metrics"
                     metrics.update(evaluate(micro, finalizer, valid, spec.loss_options(model_cfg, tcfg, progress.tokens),
-                                            loss_names, tcfg, groups.dp_ep_rank, data_ranks, num_microbatches))
+                                            loss_names, tcfg, groups.dp_ep_rank, data_ranks))
                 gib = optimizer_gib if optimizer_gib is not None else optimizer_state_gib(optimizer)
                 metrics.update({"memory/optimizer_state_gib": gib, "train/skipped_steps": progress.skipped_steps})
                 first_loss = metrics["loss"] if first_loss is None else first_loss

@@ -21,6 +21,7 @@ from moetron.parallel.dims import ParallelDims, Topology
 from moetron.parallel.expert_parallel import DISPATCHERS
 from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
 from moetron.precision.fp8_gemm import resolve_backend
+from moetron.train.batch_ramp import ramp_batches, ramp_problems
 from moetron.train.config import RootConfig
 from moetron.train.lr_schedule import schedule_problems
 
@@ -163,19 +164,33 @@ def _data_problems(data) -> list[str]:
 
 
 def _batch_problems(cfg, dims: ParallelDims) -> list[str]:
-    """Batch sizes against the data ranks, and the micro-batches the schedule needs."""
+    """Batch sizes (every one of a ramp) against the data ranks, and the micro-batches the schedule needs."""
+    train = cfg.train
+    ramp = OmegaConf.to_container(train.batch_ramp) if OmegaConf.is_config(train.batch_ramp) else train.batch_ramp
+    problems = ramp_problems(train.global_batch, ramp)
+    if problems:
+        return problems
+    for batch in ramp_batches(train.global_batch, ramp):
+        problems = _one_batch_problems(cfg, dims, batch, "train.global_batch" if batch == train.global_batch
+                                       else f"the ramp's batch {batch} (train.batch_ramp)")
+        if problems:
+            return problems
+    return []
+
+
+def _one_batch_problems(cfg, dims: ParallelDims, global_batch: int, what: str) -> list[str]:
     par, train = cfg.parallel, cfg.train
     data_ranks = dims.dp * dims.ep  # each dp x ep rank of a stage reads its own sequences
-    if train.global_batch % (train.micro_batch * data_ranks):
-        return [f"train.global_batch={train.global_batch} must be a multiple of train.micro_batch x dp x ep = "
+    if global_batch % (train.micro_batch * data_ranks):
+        return [f"{what}={global_batch} must be a multiple of train.micro_batch x dp x ep = "
                 f"{train.micro_batch} x {dims.dp} x {dims.ep}"]
     if par.pp == 1 or par.schedule not in BUILDERS:
         return []
-    num_microbatches = train.global_batch // (train.micro_batch * data_ranks)
+    num_microbatches = global_batch // (train.micro_batch * data_ranks)
     try:
         schedule = build_schedule(par.schedule, par.pp, num_microbatches)
     except MinimumMicrobatches as err:
-        return [f"{err}: each pipeline gets train.global_batch / (train.micro_batch x dp x ep) = "
+        return [f"{err}: each pipeline gets {what.split('=')[0]} / (train.micro_batch x dp x ep) = "
                 f"{num_microbatches} micro-batches; raise train.global_batch or lower train.micro_batch"]
     if par.layout and len(par.layout) != schedule.num_modules:
         return [f"parallel.layout lists {len(par.layout)} stages, but {par.schedule} on parallel.pp={par.pp} "

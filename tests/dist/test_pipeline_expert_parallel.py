@@ -52,7 +52,7 @@ def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher
     made = spec.parallelize(model, groups, dispatcher, defer_weights=True)
     sched = build_schedule(schedule, dims.pp, n)
     parts = spec.pipeline_split(model, sched, groups.pp_rank, None, n)
-    micro = PipelinedMicroBatches(sched, parts, groups.pp_rank, groups.lanes("pp"), (ROWS, SEQ, model.cfg.hidden_size),
+    micro = PipelinedMicroBatches(lambda n: sched, parts, groups.pp_rank, groups.lanes("pp"), (ROWS, SEQ, model.cfg.hidden_size),
                                   torch.device("cpu"), dtype, overlap, made.weight_grad_store)
     finalizer = StepFinalizer(model, made.expert_params, groups, 0.0, parts.holders, parts.shared)
     return groups, micro, finalizer

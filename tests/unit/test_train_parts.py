@@ -32,8 +32,8 @@ def test_sampler_is_deterministic_sharded_and_resumable():
     tokens = np.arange(1000, dtype=np.uint16)
     sampler = BatchSampler.of_tokens(tokens, seq_len=10, seed=3)
     windows = sampler.blend.parts[0]
-    whole = [x for x, _ in sampler.micro_batches(step=7, global_batch=8, micro_batch=4, dp_rank=0, dp=1)]
-    halves = [x for r in (0, 1) for x, _ in BatchSampler.of_tokens(tokens, 10, 3).micro_batches(7, 8, 2, r, 2)]
+    whole = [x for x, _ in sampler.micro_batches(first_sample=56, global_batch=8, micro_batch=4, dp_rank=0, dp=1)]
+    halves = [x for r in (0, 1) for x, _ in BatchSampler.of_tokens(tokens, 10, 3).micro_batches(56, 8, 2, r, 2)]
     assert torch.equal(torch.cat(whole), torch.cat(halves))  # DP ranks split the same global batch
     x, y = next(sampler.micro_batches(0, 8, 8, 0, 1))
     assert torch.equal(x[:, 1:], y[:, :-1])  # labels are the inputs shifted by one
@@ -188,3 +188,15 @@ def test_a_writer_killed_with_sigkill_leaves_the_previous_checkpoint_the_newest(
     assert not (root / "step_00000002").exists()  # never renamed into place: nothing half-written is visible
     step, parts = _load_latest(root, ("model", "optim"))
     assert step == 1 and float(parts["model"]["w"]) == 1.0
+
+
+def test_the_batch_ramp_grows_in_equal_token_shares():
+    from moetron.train.batch_ramp import global_batch_at, ramp_batches, ramp_problems
+
+    ramp = [3072, 768, 469e9]  # the report's 3072 -> 15360 over 469B tokens, in 16 increments
+    assert global_batch_at(0, 15360, ramp) == 3072 and global_batch_at(469e9 / 16, 15360, ramp) == 3840
+    assert global_batch_at(468e9, 15360, ramp) == 15360 - 768 and global_batch_at(469e9, 15360, ramp) == 15360
+    assert global_batch_at(1e15, 15360, None) == 15360
+    assert ramp_batches(16, [8, 4, 3000]) == [8, 12, 16] and ramp_problems(15360, ramp) == []
+    assert "must be [start, increment, tokens]" in ramp_problems(16, [8, 4])[0]
+    assert "increment > 0 dividing" in ramp_problems(16, [8, 3, 100])[0]
