@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moetron.models.deepseek_v3 import DeepSeekV3, DeepSeekV3Config
+from moetron.models.deepseek_v3.rope import YARN_KEYS
 
 # Config fields with the same name and meaning on both sides.
 _SHARED_FIELDS = (
@@ -50,10 +51,10 @@ def hf_key(key: str) -> str | None:
 
 def config_from_hf(hf_config, **overrides) -> DeepSeekV3Config:
     """A moetron config equal to a transformers DeepseekV3Config (plus `overrides`)."""
-    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise NotImplementedError(f"rope_type={rope['rope_type']!r}: moetron implements plain RoPE only "
-                                  "(DeepSeek-V3 pre-training); YaRN context extension is not mapped")
+    rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise NotImplementedError(f"rope_type={kind!r}: moetron implements plain RoPE and YaRN (DeepSeek-V3's)")
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"hidden_act={act!r}: moetron's experts and MLPs are SwiGLU (SiLU); this config uses "
@@ -61,7 +62,9 @@ def config_from_hf(hf_config, **overrides) -> DeepSeekV3Config:
     if hf_config.num_key_value_heads != hf_config.num_attention_heads:
         raise ValueError("MLA has one key/value per head: num_key_value_heads must equal num_attention_heads")
     fields = {name: getattr(hf_config, name) for name in _SHARED_FIELDS}
-    fields["rope_theta"] = float(rope.get("rope_theta", 10000.0))
+    fields["rope_theta"] = float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    if kind == "yarn":  # transformers' names, kept as they are
+        fields["rope_scaling"] = {"type": "yarn", **{k: v for k, v in rope.items() if k in YARN_KEYS - {"type", "rope_type"}}}
     fields["num_nextn_predict_layers"] = int(getattr(hf_config, "num_nextn_predict_layers", 0) or 0)
     fields.update(overrides)
     return DeepSeekV3Config(**fields).validate()
@@ -72,6 +75,9 @@ def hf_config_from(cfg: DeepSeekV3Config, **overrides):
     transformers = _import_transformers()
     fields = {name: getattr(cfg, name) for name in _SHARED_FIELDS}
     fields["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        fields["rope_parameters"] = {**{k: v for k, v in cfg.rope_scaling.items() if k != "type"}, "rope_type": "yarn",
+                                     "rope_theta": cfg.rope_theta}
     fields["num_key_value_heads"] = cfg.num_attention_heads
     fields["num_nextn_predict_layers"] = cfg.num_nextn_predict_layers  # recorded; the HF model builds none
     fields.update(overrides)

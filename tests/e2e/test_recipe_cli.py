@@ -29,3 +29,17 @@ def test_a_ramp_the_schedule_cannot_run_is_refused_naming_the_batch(tmp_path):
     proc = run_cli([*RAMP, "train.batch_ramp=[4,4,3000]", "parallel.pp=2", "parallel.schedule=dualpipe",
                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env_extra=env, check=False)
     assert proc.returncode == 2 and "the ramp's batch 4 (train.batch_ramp)" in proc.stderr
+
+
+@pytest.mark.parametrize("stage,seq_len,batch", [("long_context_32k", 32768, 1920), ("long_context_128k", 131072, 480)])
+def test_the_context_extension_stages_hold_the_reports_settings(tmp_path, stage, seq_len, batch):
+    proc = run_cli(["model=v3_671b", "optim=deepseek_v3", f"stage={stage}", "--cfg", "job"], tmp_path)
+    for line in (f"seq_len: {seq_len}", f"global_batch: {batch}", "max_steps: 1000", "factor: 40", "type: yarn",
+                 "mscale_all_dim: 1.0", "lr: 7.3e-06"):
+        assert line in proc.stdout, line
+
+
+def test_a_context_extension_stage_trains_with_yarn(tmp_path):
+    run_cli(["model=tiny", "stage=long_context_32k", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=8",
+             "train.max_steps=2", "logging.progress=false", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert [m["lr"] for m in read_metrics(tmp_path / "run")] == [7.3e-6, 7.3e-6]

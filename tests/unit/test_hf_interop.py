@@ -77,14 +77,28 @@ def test_mtp_is_left_out_with_a_warning():
         to_hf(model)
 
 
-def test_yarn_rope_is_refused():
-    cfg = hf_config_from(load_preset("tiny"))
-    cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-                           "original_max_position_embeddings": 4096}
-    with pytest.raises(NotImplementedError, match="yarn"):
-        from moetron.models.hf import config_from_hf
-        config_from_hf(cfg)
+DEEPSEEK_V3_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+                    "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}  # its published config.json
 
+
+def test_yarn_as_deepseek_v3_publishes_it_gives_transformers_logits():
+    """YaRN's frequencies, its cos/sin factor and MLA's mscale^2 softmax scale, at factor 40."""
+    torch.manual_seed(5)
+    hf_cfg = hf_config_from(load_preset("tiny", num_nextn_predict_layers=0))
+    hf_cfg.rope_parameters = dict(DEEPSEEK_V3_YARN)
+    hf_cfg._attn_implementation = "eager"
+    hf_model = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    ours = from_hf(hf_model).eval()
+    assert ours.cfg.rope_scaling["factor"] == 40.0 and ours.cfg.rope_scaling["mscale_all_dim"] == 1.0
+    ids = torch.randint(0, hf_cfg.vocab_size, (2, 48))
+    with torch.no_grad():
+        assert _rel_err(ours(ids), hf_model(ids).logits) < 1e-5
+    back = hf_config_from(ours.cfg)
+    assert back.rope_parameters["rope_type"] == "yarn" and back.rope_parameters["factor"] == 40.0
+    plain = build_model(load_preset("tiny", num_nextn_predict_layers=0)).eval()
+    plain.load_state_dict(ours.state_dict())
+    with torch.no_grad():  # the check can fail: the same weights under plain RoPE give other logits
+        assert _rel_err(plain(ids), hf_model(ids).logits) > 1e-3
 
 def test_an_activation_other_than_silu_is_refused():
     from moetron.models.hf import config_from_hf

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
+
+from moetron.models.deepseek_v3.rope import yarn_problems
 
 BALANCE_MODES = ("loss_free", "seq_aux", "aux_loss", "none")
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -39,6 +41,9 @@ class DeepSeekV3Config:
     v_head_dim: int = 128
     rope_theta: float = 10000.0
     rope_interleave: bool = True  # DeepSeek's rotary layout: adjacent pairs rotate together
+    # YaRN context extension (report section 4.3), named as transformers names it: {type: yarn,
+    # factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim}; None: plain RoPE
+    rope_scaling: Optional[dict[str, Any]] = None
     max_position_embeddings: int = 4096
     # DeepSeekMoE (section 2.1.2)
     n_routed_experts: int = 256
@@ -81,6 +86,7 @@ class DeepSeekV3Config:
                     if getattr(self, key) is not None and getattr(self, key) < 1]
         problems += [f"model.{key}={getattr(self, key)} must be at least 0" for key in COUNT_FIELDS
                      if getattr(self, key) < 0]
+        problems += yarn_problems(self.rope_scaling)
         if problems:  # the checks below divide by these
             raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
         if self.balance_mode not in BALANCE_MODES:

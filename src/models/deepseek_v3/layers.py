@@ -4,10 +4,13 @@ Shape legend: B batch, S sequence, H hidden, R rotary dim (qk_rope_head_dim), I 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetron.models.deepseek_v3.rope import inv_freq
 from moetron.parallel.recompute import discard_all, maybe_recompute
 
 
@@ -49,12 +52,14 @@ class RMSNorm(nn.Module):
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
-def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [S, R/2] for positions 0..S-1 (RoPE, Su et al. 2021)."""
-    inv_freq_R2 = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32, device=device) / rope_dim))
+def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float, device, dtype,
+                   scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [S, R/2] for positions 0..S-1 (RoPE, Su et al. 2021; with `scaling`,
+    YaRN: moetron.models.deepseek_v3.rope)."""
+    inv_freq_R2, attention = inv_freq(rope_dim, theta, scaling, device)
     positions_S = torch.arange(seq_len, dtype=torch.float32, device=device)
     angles_SR2 = positions_S[:, None] * inv_freq_R2[None, :]
-    return angles_SR2.cos().to(dtype), angles_SR2.sin().to(dtype)
+    return (angles_SR2.cos() * attention).to(dtype), (angles_SR2.sin() * attention).to(dtype)
 
 
 def apply_rotary(x_R: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor, interleave: bool) -> torch.Tensor:

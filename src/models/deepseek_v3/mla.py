@@ -16,6 +16,7 @@ from torch import nn
 
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.models.deepseek_v3.layers import RMSNorm, apply_rotary
+from moetron.models.deepseek_v3.rope import softmax_scale_factor
 from moetron.parallel.recompute import discard_all, maybe_recompute
 
 
@@ -86,8 +87,9 @@ class MLA(nn.Module):
         else:
             q_BNSD, k_BNSD, v_BNSV = self._up_project(q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, regions)
 
-        # SDPA's default scale is 1/sqrt(q.size(-1)) = 1/sqrt(qk_nope + qk_rope), as eq. 10.
-        attn_BNSV = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSV, is_causal=True)
+        # 1/sqrt(qk_nope + qk_rope), as eq. 10; under YaRN times mscale^2 (moetron.models.deepseek_v3.rope)
+        scale = q_BNSD.shape[-1] ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
+        attn_BNSV = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSV, is_causal=True, scale=scale)
         out_BSH = self.o_proj(attn_BNSV.transpose(1, 2).reshape(B, S, -1))
         discard_all(regions, after=out_BSH)
         return out_BSH

@@ -109,7 +109,8 @@ class DeepSeekV3(nn.Module):
 
     def _rotary(self, h_BSH: torch.Tensor):
         cfg = self.cfg
-        return rotary_cos_sin(h_BSH.shape[1], cfg.qk_rope_head_dim, cfg.rope_theta, h_BSH.device, h_BSH.dtype)
+        return rotary_cos_sin(h_BSH.shape[1], cfg.qk_rope_head_dim, cfg.rope_theta, h_BSH.device, h_BSH.dtype,
+                              cfg.rope_scaling)
 
     def run_layers(self, h_BSH: torch.Tensor, layers: Iterable[nn.Module]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Decoder blocks in order; returns the hidden state and the sum of their balance losses."""
