@@ -33,6 +33,8 @@ class TrainSettings:
     log_every: int = 1
     eval_every: int = 0  # steps between evaluations on the validation data (eval/loss); 0: never
     eval_batches: int = 1  # global batches per evaluation, the same ones every time
+    ema_decay: float = 0.0  # an average of the parameters in CPU memory (moetron.train.ema); 0: none
+    eval_ema: bool = False  # evaluate on the average instead of the parameters
     on_nonfinite: str = "stop"  # a NaN/inf gradient: stop (naming step and parameter) | skip the step
     collective_timeout_s: float = 1800.0  # a collective that waits longer on a peer fails instead of hanging
     deterministic: Optional[bool] = None  # None: deterministic on CPU, not on GPU

@@ -20,6 +20,7 @@ import torch
 
 from moetron.parallel.row_shards import model_state, optimizer_state
 from moetron.train import checkpoint, dcp_io
+from moetron.train.ema import EMA_PREFIX
 from moetron.train.errors import UserInputError
 
 
@@ -41,11 +42,13 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(numpy_state)  # a tuple with an array: a checkpoint from before 2026-12-01
 
 
-def training_state(model, optimizer, finalizer) -> dict:
-    """This rank's part of the model and optimizer state, under layout-independent names; an
-    optimizer that counts steps per parameter group (NVIDIA apex's FusedAdam) gets its counts as
-    `optim/param_group<i>/step` (the groups are the same in every layout)."""
+def training_state(model, optimizer, finalizer, ema=None) -> dict:
+    """This rank's part of the model and optimizer state (and the parameter average, `ema/<name>`),
+    under layout-independent names; an optimizer that counts steps per parameter group (NVIDIA apex's
+    FusedAdam) gets its counts as `optim/param_group<i>/step` (the groups are the same in every layout)."""
     state = {**model_state(model), **optimizer_state(model, optimizer, finalizer.sharded)}
+    if ema is not None:
+        state.update(ema.state())
     for i, group in enumerate(optimizer.param_groups):
         if "step" in group:
             state[f"optim/param_group{i}/step"] = torch.tensor(float(group["step"]))
@@ -60,7 +63,7 @@ class Progress:
     skipped_steps: int = 0
 
 
-def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer) -> Progress:
+def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer, ema=None) -> Progress:
     """Restore the newest loadable checkpoint under run_dir into model, optimizer and RNG, whatever
     layout wrote it. A corrupt one is skipped with a warning; one that cannot be loaded into this
     run stops it with the reason (every rank sees the same files and the same outcome)."""
@@ -82,8 +85,10 @@ def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer) -> 
                 f"`moetron-export {run_dir} --hf OUT_DIR` and start a run from them in a new hydra.run.dir "
                 "(model.init_from=OUT_DIR), or finish this run with the version that wrote it")
         try:
-            state = training_state(model, optimizer, finalizer)
-            group_steps = _group_steps(path, optimizer, state)
+            saved = dcp_io.saved_shapes(path)
+            ema_saved = ema is not None and any(k.startswith(EMA_PREFIX) for k in saved)
+            state = training_state(model, optimizer, finalizer, ema if ema_saved else None)
+            group_steps = _group_steps(saved, optimizer, state)
             dcp_io.load_state(path, state)
         except (KeyError, ValueError) as err:
             raise UserInputError(f"{path} does not fit this run: {err}; use a new hydra.run.dir or "
@@ -94,6 +99,10 @@ def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer) -> 
             continue
         for i, group_step in group_steps.items():
             optimizer.param_groups[i]["step"] = int(group_step)
+        if ema is not None and not ema_saved:  # the average starts here, from the resumed parameters
+            ema.reset_to_parameters()
+            print(f"{path} holds no parameter average: train.ema_decay starts it from this step's parameters",
+                  flush=True)
         finalizer.load_shards_from_params()
         set_rng_state(trainer["rng"])
         return Progress(step, trainer["tokens"], trainer.get("skipped_steps", 0))
@@ -103,10 +112,10 @@ def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer) -> 
     return Progress()
 
 
-def _group_steps(path: Path, optimizer, state: dict) -> dict[int, torch.Tensor]:
-    """Holders, added to `state`, for the per-group step counts the checkpoint has (apex's FusedAdam
-    creates its groups' counts at its first step, so a resuming optimizer has none yet)."""
-    saved = dcp_io.saved_shapes(path)
+def _group_steps(saved: dict, optimizer, state: dict) -> dict[int, torch.Tensor]:
+    """Holders, added to `state`, for the per-group step counts the checkpoint has (`saved`: its
+    tensors; apex's FusedAdam creates its groups' counts at its first step, so a resuming optimizer
+    has none yet)."""
     holders = {i: torch.zeros(()) for i in range(len(optimizer.param_groups)) if f"optim/param_group{i}/step" in saved}
     state.update({f"optim/param_group{i}/step": t for i, t in holders.items()})
     return holders
@@ -137,7 +146,7 @@ def layout_of(groups, zero1: bool) -> dict:
 
 
 def save(run_dir: Path, step: int, progress: Progress, model, optimizer, finalizer, config_dict: dict, keep: int,
-         world, groups) -> None:
+         world, groups, ema=None) -> None:
     """Rank 0 stages the folder; every rank writes what it holds (a tensor several ranks hold is
     written once); rank 0 adds trainer.pt and commits. `progress`: its tokens and skipped steps."""
     root = run_dir / "checkpoints"
@@ -145,7 +154,7 @@ def save(run_dir: Path, step: int, progress: Progress, model, optimizer, finaliz
         checkpoint.begin(root, step)
     barrier(world)
     staging = checkpoint.staging_dir(root, step)
-    dcp_io.save_state(staging, training_state(model, optimizer, finalizer))  # collective: all written after it
+    dcp_io.save_state(staging, training_state(model, optimizer, finalizer, ema))  # collective: all written after it
     if world.is_main:
         trainer = {"step": step, "tokens": progress.tokens, "skipped_steps": progress.skipped_steps,
                    "data_position": step, "rng": rng_state(), "config": config_dict,

@@ -21,6 +21,7 @@ import math
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train import checkpoint
 from moetron.train.batch_ramp import global_batch_at
 from moetron.train.data import build_data
+from moetron.train.ema import ParameterEMA
 from moetron.train.evaluate import evaluate
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
 from moetron.train.tokenizers import get_tokenizer
@@ -179,7 +181,8 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
     num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)  # at the full batch
     model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
     optimizer = build_optimizer(finalizer.optimizer_param_groups(cfg.optim.weight_decay), cfg.optim, device)
-    progress = resume(run_dir, cfg, spec, model_cfg, model, optimizer, finalizer)  # step, tokens, skipped steps
+    ema = ParameterEMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    progress = resume(run_dir, cfg, spec, model_cfg, model, optimizer, finalizer, ema)  # step, tokens, skipped steps
     start_step = progress.step
     if world.is_main and start_step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
@@ -228,6 +231,9 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                         optimizer_gib = optimizer_state_gib(optimizer)
                 progress.skipped_steps += not finite  # train.on_nonfinite=skip: a non-finite gradient norm
                 finalizer.after_optimizer_step(gather=finite)  # ZeRO-1: gather the updated shards; no gradients left
+                if ema is not None and finite:
+                    finalizer.finish_gather()  # the average reads the updated parameters
+                    ema.update()  # copied now, blended in on a worker thread
                 phase = "metrics"
                 parts = _step_parts(loss_sums, micro, made, spec, model, device)
                 parts["stop"] = stops.flag(device)
@@ -247,8 +253,10 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                     metrics.update({f"data/share/{name}": share for name, share in shares.items()})
                 if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
                     phase = "metrics"
-                    metrics.update(evaluate(micro, finalizer, valid, spec.loss_options(model_cfg, tcfg, progress.tokens),
-                                            loss_names, tcfg, groups.dp_ep_rank, data_ranks))
+                    with ema.swapped_in() if tcfg.eval_ema else nullcontext():
+                        metrics.update(evaluate(micro, finalizer, valid,
+                                                spec.loss_options(model_cfg, tcfg, progress.tokens), loss_names, tcfg,
+                                                groups.dp_ep_rank, data_ranks))
                 gib = optimizer_gib if optimizer_gib is not None else optimizer_state_gib(optimizer)
                 metrics.update({"memory/optimizer_state_gib": gib, "train/skipped_steps": progress.skipped_steps})
                 first_loss = metrics["loss"] if first_loss is None else first_loss
@@ -268,7 +276,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                 if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step or stop_now:
                     finalizer.finish_gather()  # ZeRO-1: the parameters as the optimizer left them
                     save(run_dir, step + 1, progress, model, optimizer, finalizer, config_dict, tcfg.ckpt_keep, world,
-                         groups)
+                         groups, ema)
                 if stop_now:
                     if world.is_main:
                         how = stops.signal_name or "a stop signal on another rank"
@@ -288,6 +296,8 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                                   f"(see its log). torch: {str(err).splitlines()[0]}") from err
         finally:
             profiler.close()
+            if ema is not None:
+                ema.close()
             if world.is_main:
                 summary = None
                 if metrics:

@@ -43,3 +43,18 @@ def test_a_context_extension_stage_trains_with_yarn(tmp_path):
     run_cli(["model=tiny", "stage=long_context_32k", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=8",
              "train.max_steps=2", "logging.progress=false", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert [m["lr"] for m in read_metrics(tmp_path / "run")] == [7.3e-6, 7.3e-6]
+
+
+def test_the_parameter_average_is_evaluated_and_carried_across_a_resume_in_another_layout(tmp_path):
+    args = ["model=tiny", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=4", "logging.progress=false",
+            "train.max_steps=6", "train.ema_decay=0.5", "train.eval_every=3", "train.eval_ema=true",
+            "train.ckpt_every=3"]
+    run_cli([*args, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
+    torchrun(2, [*args, "parallel.ep=2", "train.exit_after_steps=3", f"hydra.run.dir={tmp_path / 'moved'}"], tmp_path)
+    run_cli([*args, f"hydra.run.dir={tmp_path / 'moved'}"], tmp_path)
+    whole, moved = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "moved")
+    for a, b in zip(whole, moved):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        if "eval/loss" in a:  # the average, not the parameters: it trails the training loss
+            assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-5)
+    assert whole[5]["eval/loss"] < whole[2]["eval/loss"]

@@ -200,3 +200,27 @@ def test_the_batch_ramp_grows_in_equal_token_shares():
     assert ramp_batches(16, [8, 4, 3000]) == [8, 12, 16] and ramp_problems(15360, ramp) == []
     assert "must be [start, increment, tokens]" in ramp_problems(16, [8, 4])[0]
     assert "increment > 0 dividing" in ramp_problems(16, [8, 3, 100])[0]
+
+
+def test_the_parameter_average_blends_each_step_on_a_worker_and_swaps_in_for_evaluation():
+    from moetron.train.ema import ParameterEMA
+
+    model = torch.nn.Linear(3, 2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema = ParameterEMA(model, decay=0.75)
+    expected = {n: t.clone() for n, t in start.items()}
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update()  # returns at once; the next update or any read waits for it
+        expected = {n: 0.75 * expected[n] + 0.25 * p.detach() for n, p in model.named_parameters()}
+    state = ema.state()
+    assert sorted(state) == ["ema/bias", "ema/weight"]
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(state[f"ema/{name}"], expected[name])
+    trained = model.weight.detach().clone()
+    with ema.swapped_in():
+        torch.testing.assert_close(model.weight.detach(), expected["weight"])
+    assert torch.equal(model.weight.detach(), trained)  # back after the block
+    ema.close()
