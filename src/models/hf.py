@@ -160,7 +160,9 @@ def save_hf_folder(model: DeepSeekV3, out_dir) -> None:
 
 def load_hf_folder(cfg: DeepSeekV3Config, folder) -> dict:
     """The whole model's state dict (moetron names) from a Hugging Face DeepseekV3 folder, MTP
-    weights from MTP_FILE where it is there; the folder's config must describe `cfg`'s model."""
+    weights from MTP_FILE where it is there; the folder's config must describe `cfg`'s model, up to
+    the positions it covers (a context-extension stage starts from a model with fewer: RoPE and YaRN
+    settings have no weights)."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -169,13 +171,15 @@ def load_hf_folder(cfg: DeepSeekV3Config, folder) -> dict:
     folder = Path(folder)
     hf_model = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     theirs = config_from_hf(hf_model.config)
-    differ = [f for f in (*_SHARED_FIELDS, "rope_theta") if getattr(theirs, f) != getattr(cfg, f)]
+    positional = {"max_position_embeddings"}
+    differ = [f for f in (*_SHARED_FIELDS, "rope_theta") if f not in positional and getattr(theirs, f) != getattr(cfg, f)]
     if differ:
         raise ValueError(f"model.init_from={folder}: its config differs from the model's in "
                          f"{', '.join('model.' + f for f in differ)}; set them as the folder's config.json has them")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MTP comes from its own file
-        state = from_hf(hf_model, **{f: getattr(cfg, f) for f in ("num_nextn_predict_layers", "mtp_loss_weight")}).state_dict()
+        keep = ("num_nextn_predict_layers", "mtp_loss_weight", "max_position_embeddings", "rope_scaling")
+        state = from_hf(hf_model, **{f: getattr(cfg, f) for f in keep}).state_dict()
     if (folder / MTP_FILE).is_file():
         state.update(load_file(str(folder / MTP_FILE)))
     elif cfg.num_nextn_predict_layers:

@@ -115,7 +115,7 @@ class DataConfig:
     tokenizer: str = "bytes"  # bytes, or a Hugging Face tokenizer's local folder or tokenizer.json
     blend: Optional[list[Any]] = None  # [[weight, path], ...]: several sources instead of data.path
     valid_path: Optional[str] = None  # validation data; None: the held-out share below, of every source
-    valid_fraction: float = 0.01  # with train.eval_every and no data.valid_path: the last windows held out
+    valid_fraction: float = 0.01  # without data.valid_path: the last 1% of every source's windows, held out
 
 
 @dataclass

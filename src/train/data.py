@@ -6,10 +6,10 @@ padding. Each source shuffles its windows per epoch with a seeded generator.
 
 Blending (`data.blend=[[w, path], ...]`): sample g of the run comes from source i as that source's
 k-th sample, where the samples of all sources are ordered by (2k + 1) / w_i (ties by source index):
-a smooth interleaving whose counts stay within one sample of w_i x g at every prefix (the greedy
-Megatron-LM's blending uses, in closed form). Where a step starts is found by a binary search on
-that order, so sample g is a pure function of (seed, g): resuming at step s needs only s, in any
-layout.
+a smooth interleaving whose counts stay within one sample of w_i x g at every prefix, as
+Megatron-LM's greedy blending does (not the same order: this one has a closed form). Where a step
+starts is found by a binary search on that order, so sample g is a pure function of (seed, g):
+resuming at step s needs only s, in any layout.
 
 Validation: `data.valid_path`, or the last `data.valid_fraction` of each source's windows, held
 out of training; evaluation reads its first windows in order, the same ones every time.
@@ -81,7 +81,7 @@ class Blend:
         if len(parts) != len(weights) or not parts or any(w <= 0 for w in weights):
             raise ValueError(f"data.blend weights must be positive, one per source (got {list(weights)})")
         self.parts, self.names = list(parts), list(names)
-        exact = [Fraction(w).limit_denominator(10**6) for w in weights]
+        exact = [Fraction(w) for w in weights]  # exact: however small a weight, none rounds to 0
         scale = math.lcm(*(f.denominator for f in exact))
         integer = [int(f * scale) for f in exact]  # W_i, proportional to the weights
         period = math.lcm(*integer)
@@ -151,10 +151,13 @@ class BatchSampler:
         return cls(Blend([PackedWindows(source, seq_len, seed)], [1.0], ["data"]))
 
 
-def build_data(data_cfg, seq_len: int, seed: int, tokenizer, vocab_size: int, validation: bool):
+def build_data(data_cfg, seq_len: int, seed: int, tokenizer, vocab_size: int):
     """(the training BatchSampler, the validation Blend or None) of the `data` settings: `data.path` or
-    `data.blend`, every file checked against the tokenizer's and the model's vocabulary; with
-    `validation`, `data.valid_path` or the held-out share of every source."""
+    `data.blend`, every file checked against the tokenizer's and the model's vocabulary; validation
+    from `data.valid_path`, or else the held-out `data.valid_fraction` of every source (held out
+    whether or not a run evaluates, so that turning evaluation on or off never changes the training
+    sequences)."""
+    validation = bool(data_cfg.valid_path) or data_cfg.valid_fraction > 0
     blend = data_cfg.blend or [[1.0, data_cfg.path]]
     train, valid, names = [], [], []
     for weight, path in blend:

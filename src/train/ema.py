@@ -29,8 +29,9 @@ class ParameterEMA:
         self.params = {name: p for name, p in model.named_parameters() if not p.is_meta}
         on_gpu = any(p.is_cuda for p in self.params.values())
         self.shadow = {name: p.detach().float().cpu().clone() for name, p in self.params.items()}  # never the parameter itself
-        self._staging = {name: torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for name, p in self.params.items()
-                         } if on_gpu else None
+        # on GPUs: pinned host buffers the parameters are copied into after each step (they then hold
+        # the parameters as they are, which evaluation on the average restores from)
+        self._staging = {name: p.detach().cpu().pin_memory() for name, p in self.params.items()} if on_gpu else None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="ema")
         self._pending: Optional[Future] = None
 
@@ -83,7 +84,9 @@ class ParameterEMA:
     def swapped_in(self):
         """The model's parameters replaced by the average inside the block (evaluation), then back."""
         self.wait()
-        saved = {name: p.detach().clone() for name, p in self.params.items()}
+        # the parameters to restore: the pinned copy of the last update on GPUs (no second copy on the
+        # device; a skipped step changed nothing since), a clone on CPUs
+        saved = self._staging or {name: p.detach().clone() for name, p in self.params.items()}
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(self.shadow[name])

@@ -5,9 +5,9 @@ layout that wrote it); moetron.train.checkpoint makes the folder appear whole or
 
 A checkpoint written in one layout resumes in any other: change parallel.pp, parallel.ep,
 parallel.dp, the schedule or parallel.zero1 between runs, and every rank loads what it now holds
-from whatever the writing ranks held. The data position is the step (the sampler draws each step's
-sequences from the step number) and the RNG state is restored, so the run goes on as if it had
-never stopped. Everything loads with `weights_only=True` or DCP's metadata classes only.
+from whatever the writing ranks held. The data position follows from the tokens trained (a step's
+first sequence is tokens / train.seq_len) and the RNG state is restored, so the run goes on as if it
+had never stopped. Everything loads with `weights_only=True` or DCP's metadata classes only.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from moetron.parallel.row_shards import model_state, optimizer_state
 from moetron.train import checkpoint, dcp_io
@@ -78,6 +79,7 @@ def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer, ema
             unreadable.append(f"{path.name}: {type(err).__name__}: {err}")
             continue
         _check_model_settings(path, trainer, spec, model_cfg)
+        _warn_if_the_data_changed(path, trainer, cfg)
         if not (path / dcp_io.METADATA_FILE).is_file():
             raise UserInputError(
                 f"{path} is in the per-rank format of moetron before 2026-12-02 (written with layout "
@@ -119,6 +121,18 @@ def _group_steps(saved: dict, optimizer, state: dict) -> dict[int, torch.Tensor]
     holders = {i: torch.zeros(()) for i in range(len(optimizer.param_groups)) if f"optim/param_group{i}/step" in saved}
     state.update({f"optim/param_group{i}/step": t for i, t in holders.items()})
     return holders
+
+
+def _warn_if_the_data_changed(path: Path, trainer: dict, cfg) -> None:
+    """Data settings that change which sequences come next: said, not refused (adding data is legitimate)."""
+    saved = trainer["config"]
+    keys = [("data", k) for k in ("path", "blend", "tokenizer", "valid_path", "valid_fraction")] + \
+        [("train", k) for k in ("seq_len", "seed")]
+    changed = [f"{group}.{key}" for group, key in keys
+               if saved.get(group, {}).get(key) != OmegaConf.to_container(cfg, resolve=True)[group].get(key)]
+    if changed:
+        print(f"note: {', '.join(changed)} differ from {path}'s: the run goes on with other sequences than it would "
+              "have had", flush=True)
 
 
 def _check_model_settings(path: Path, trainer: dict, spec, model_cfg) -> None:

@@ -44,13 +44,35 @@ class TokenSource:
     max_token_id: Optional[int] = None
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Every id below `vocab_size` (a file without the maximum in its header is scanned once)."""
+        """Every id below `vocab_size` (a file without the maximum in its header is scanned once, and
+        the result kept beside it in PATH.maxid.json for the next start, keyed by size and time)."""
         top = self.max_token_id
         if top is None and len(self.tokens):
-            top = max(int(self.tokens[i:i + (1 << 26)].max()) for i in range(0, len(self.tokens), 1 << 26))
+            top = self._scanned_max()
         if top is not None and top >= vocab_size:
             raise ValueError(f"{self.path} holds token id {top}, not below model.vocab_size={vocab_size}: it was made "
                              "with a larger tokenizer; raise model.vocab_size or rebuild the file with this tokenizer")
+
+
+    def _scanned_max(self) -> int:
+        path, cache = Path(self.path), Path(self.path + ".maxid.json")
+        stat = path.stat() if path.is_file() else None
+        key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None
+        try:
+            saved = json.loads(cache.read_text())
+            if key and {k: saved.get(k) for k in key} == key:
+                return int(saved["max_token_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        top = max(int(self.tokens[i:i + (1 << 26)].max()) for i in range(0, len(self.tokens), 1 << 26))
+        if key:
+            try:  # best effort: a read-only folder just scans again next time
+                tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
+                tmp.write_text(json.dumps({**key, "max_token_id": top}))
+                os.replace(tmp, cache)
+            except OSError:
+                pass
+        return top
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -73,8 +73,7 @@ def train(cfg, run_dir: Path) -> dict:
         if model_cfg.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
                              f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
-        sampler, valid = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, tokenizer, model_cfg.vocab_size,
-                                    validation=cfg.train.eval_every > 0)
+        sampler, valid = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, tokenizer, model_cfg.vocab_size)
         if not cfg.train.resume and checkpoint.step_dirs(run_dir / "checkpoints"):
             raise ValueError(f"train.resume=false, but {run_dir} holds checkpoints of an earlier run: starting over "
                              "there would mix the two runs' metrics and checkpoints; use a new hydra.run.dir")

@@ -131,6 +131,8 @@ def validate(cfg, world_size: int) -> ParallelDims:
             problems.append("precision.fp8_dispatch=true: parallel.dispatcher=deepep sends BF16 only here; set "
                             "precision.fp8_dispatch=false or parallel.dispatcher=hierarchical")
     problems += _data_problems(cfg.data)
+    if train.eval_every > 0 and not cfg.data.valid_path and cfg.data.valid_fraction <= 0:
+        problems.append("train.eval_every needs validation data: data.valid_path, or data.valid_fraction > 0")
     if train.eval_ema and not (train.ema_decay > 0 and train.eval_every > 0):
         problems.append("train.eval_ema=true needs train.ema_decay > 0 (the average) and train.eval_every > 0")
     problems += schedule_problems(OmegaConf.to_container(cfg.optim.schedule) if OmegaConf.is_config(cfg.optim.schedule)

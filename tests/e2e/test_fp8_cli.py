@@ -19,7 +19,9 @@ def test_fp8_training_ends_within_a_quarter_percent_of_bf16(tmp_path):
     run_cli([*args, "precision=bf16", f"hydra.run.dir={tmp_path / 'bf16'}"], tmp_path)
     fp8, bf16 = _mean_last(tmp_path / "fp8"), _mean_last(tmp_path / "bf16")
     assert read_metrics(tmp_path / "fp8")[-1]["loss"] < 0.5 * read_metrics(tmp_path / "fp8")[0]["loss"]  # it learns
-    assert abs(fp8 - bf16) / bf16 < 0.0025, (fp8, bf16)  # the report's bound (0.10% measured, BENCHMARKS.md)
+    # the report's bound; measured -0.09%, with BF16 itself 0.06% from float32 (BENCHMARKS.md): one
+    # seed of a small model, so a change of the trajectory moves this by a few tenths of a percent
+    assert abs(fp8 - bf16) / bf16 < 0.0025, (fp8, bf16)
 
 
 def test_fp8_layouts_agree_with_one_process(tmp_path):

@@ -63,3 +63,12 @@ def test_a_run_whose_checkpoints_all_fail_to_load_stops_instead_of_starting_over
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no checkpoint in" in proc.stderr and "step_00000002" in proc.stderr and "new hydra.run.dir" in proc.stderr
     assert (run_dir / "metrics.jsonl").read_text() == metrics and step.is_dir()
+
+
+def test_a_context_extension_stage_starts_from_an_exported_pretrained_model(tmp_path):
+    """The stage adds YaRN and more positions to a model exported without them: init_from takes it."""
+    run_cli([*RUN, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'pre'}"], tmp_path)
+    run_cli([str(tmp_path / "pre"), "--hf", str(tmp_path / "hf")], tmp_path, module="moetron.train.export_cli")
+    run_cli(["model=tiny", "stage=long_context_32k", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=4",
+             "train.max_steps=1", "logging.progress=false", f"model.init_from={tmp_path / 'hf'}",
+             f"hydra.run.dir={tmp_path / 'ctx'}"], tmp_path)
