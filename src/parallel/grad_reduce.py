@@ -51,8 +51,11 @@ def sum_shared_gradients(shared: dict[tuple[int, ...], list], groups: dict) -> N
 def squared_norm(grads_and_copies: Sequence[tuple[torch.Tensor, int]], device: torch.device) -> torch.Tensor:
     """Sum of squares of the gradients, each divided by the number of pipeline ranks holding its
     parameter (so that the pipeline's sum counts it once); on `device` (NCCL reduces device tensors)."""
-    terms = [grad.detach().float().pow(2).sum() / copies for grad, copies in grads_and_copies]
-    return torch.stack(terms).sum() if terms else torch.zeros((), device=device)
+    # squares summed in float64 (a float32 sum of millions of squares drifts by 1e-6: ZeRO-1's shards and
+    # the whole gradients then disagree), a chunk at a time so no gradient is copied whole
+    terms = [sum(chunk.double().pow(2).sum() for chunk in grad.detach().reshape(-1).split(1 << 24)) / copies
+             for grad, copies in grads_and_copies if grad.numel()]
+    return torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float64, device=device)
 
 
 def clip_by_global_norm(replicated_sq: torch.Tensor, expert_sq: torch.Tensor, grads: Sequence[torch.Tensor],

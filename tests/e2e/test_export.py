@@ -15,7 +15,8 @@ from tests.e2e.test_expert_parallel_cli import torchrun
 from tests.e2e.test_train_cli import read_metrics, run_cli
 
 transformers = pytest.importorskip("transformers")
-RUN = ["model=tiny", "train.seq_len=64", "train.global_batch=16", "train.micro_batch=2", "logging.progress=false"]
+RUN = ["model=tiny", "train.seq_len=64", "train.global_batch=16", "train.micro_batch=2", "logging.progress=false",
+       "data.valid_fraction=0"]  # the whole stream, as the test's own sampler reads it
 
 
 def _whole_model(run_dir):

