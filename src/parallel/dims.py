@@ -10,6 +10,7 @@ local index on every node).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional
@@ -29,9 +30,23 @@ class Topology:
     peak_tflops: float = 1.0
 
     @classmethod
-    def from_config(cls, cluster, world_size: int) -> "Topology":
-        per_node = cluster.gpus_per_node or max(world_size // max(cluster.nodes, 1), 1)
-        return cls(cluster.nodes, per_node, cluster.nvlink_gbps, cluster.ib_gbps, cluster.peak_tflops)
+    def from_config(cls, cluster, world_size: int, env: Optional[dict] = None) -> "Topology":
+        """The cluster config's topology; what it leaves unset (null) comes from the job: SLURM's
+        SLURM_NNODES and SLURM_GPUS_ON_NODE, else torchrun's LOCAL_WORLD_SIZE (ranks per node)."""
+        env = os.environ if env is None else env
+
+        def from_env(name: str) -> Optional[int]:
+            value = env.get(name, "")
+            return int(value) if value.isdigit() and int(value) > 0 else None
+
+        if cluster.nodes:  # set in the config (virtual nodes on a CPU too): the ranks split evenly
+            nodes = cluster.nodes
+            per_node = cluster.gpus_per_node or max(world_size // nodes, 1)
+        else:  # from the job
+            local = from_env("LOCAL_WORLD_SIZE")
+            nodes = from_env("SLURM_NNODES") or (max(world_size // local, 1) if local else 1)
+            per_node = cluster.gpus_per_node or from_env("SLURM_GPUS_ON_NODE") or local or max(world_size // nodes, 1)
+        return cls(nodes, per_node, cluster.nvlink_gbps, cluster.ib_gbps, cluster.peak_tflops)
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node

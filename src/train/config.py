@@ -71,8 +71,10 @@ class ParallelConfig:
 @dataclass
 class ClusterConfig:
     name: str = "local_cpu"
-    nodes: int = 1
-    gpus_per_node: Optional[int] = None  # ranks per node; None: all ranks on one node
+    nodes: Optional[int] = 1  # None: from the job (SLURM_NNODES, or world size / torchrun's ranks per node)
+    # ranks per node; None: the ranks split evenly over the nodes (SLURM_GPUS_ON_NODE or torchrun's
+    # LOCAL_WORLD_SIZE where the node count comes from the job)
+    gpus_per_node: Optional[int] = None
     nvlink_gbps: float = 0.0  # GB/s per GPU inside a node
     ib_gbps: float = 0.0  # GB/s per GPU between nodes
     peak_tflops: float = 1.0  # dense peak per rank in the compute dtype, for MFU

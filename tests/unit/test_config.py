@@ -40,3 +40,22 @@ def test_unknown_arch():
     cfg.arch = "llama"
     with pytest.raises(ValueError, match="model.arch='llama' is unknown"):
         build_model(cfg)
+
+
+def test_a_cluster_without_a_node_count_takes_it_from_the_job():
+    from types import SimpleNamespace
+
+    from moetron.parallel.dims import Topology
+
+    def cluster(nodes, per_node):
+        return SimpleNamespace(nodes=nodes, gpus_per_node=per_node, nvlink_gbps=0.0, ib_gbps=0.0, peak_tflops=1.0)
+
+    def layout(*args):
+        topology = Topology.from_config(*args)
+        return topology.nodes, topology.gpus_per_node
+
+    slurm = {"SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8", "LOCAL_WORLD_SIZE": "8"}
+    assert layout(cluster(None, None), 16, slurm) == (2, 8)
+    assert layout(cluster(None, None), 16, {"LOCAL_WORLD_SIZE": "8"}) == (2, 8)  # torchrun only
+    assert layout(cluster(None, None), 4, {}) == (1, 4)  # one process or a plain launch
+    assert layout(cluster(2, None), 4, slurm) == (2, 2)  # set in the config: kept (virtual nodes on a CPU)
