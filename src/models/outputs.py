@@ -15,6 +15,12 @@ import torch
 LOSS_TERMS = ("loss", "lm", "mtp", "balance")  # the entries of LossTerms.logged(), in order
 
 
+def named_losses(values: torch.Tensor, names: dict[str, str], prefix: str = "") -> dict[str, float]:
+    """The reported entries of a `LOSS_TERMS`-ordered vector under their metric names (a spec's
+    `loss_metrics`), each name prefixed."""
+    return {prefix + names[term]: float(v) for term, v in zip(LOSS_TERMS, values.tolist()) if term in names}
+
+
 def add_optional(total: Optional[torch.Tensor], term: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """total + term, where either may be None (absent)."""
     if term is None:

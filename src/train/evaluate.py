@@ -2,7 +2,7 @@
 every layout (a pipeline runs its schedule's forwards), reduced like the training loss."""
 from __future__ import annotations
 
-from moetron.models.outputs import LOSS_TERMS
+from moetron.models.outputs import named_losses
 from moetron.train.data import BatchSampler, Blend
 
 
@@ -20,4 +20,4 @@ def evaluate(micro, finalizer, valid: Blend, loss_options: dict, loss_names: dic
     summed = finalizer.reduce_metrics({"eval": total})["eval"]
     losses = summed / (len(micro_batches) * data_ranks * tcfg.eval_batches)
     names = {term: name for term, name in loss_names.items() if term != "balance"}  # no balance loss in eval
-    return {f"eval/{names[term]}": float(value) for term, value in zip(LOSS_TERMS, losses.tolist()) if term in names}
+    return named_losses(losses, names, prefix="eval/")

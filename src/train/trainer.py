@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moetron.models.outputs import LOSS_TERMS
+from moetron.models.outputs import named_losses
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
 from moetron.parallel.materialize import load_whole_state_dict, materialize
@@ -342,7 +342,7 @@ def _reduced_metrics(summed: dict, loss_names: dict, loss_count: int, world_size
     """The trainer's own parts of the step's summed metrics (`_step_parts`), as logged values."""
     # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x ep)
     losses = summed.pop("losses") / loss_count
-    metrics = {loss_names[term]: value for term, value in zip(LOSS_TERMS, losses.tolist()) if term in loss_names}
+    metrics = named_losses(losses, loss_names)
     if "a2a_bytes" in summed:
         ib, nvlink = summed.pop("a2a_bytes").tolist()
         metrics.update({"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)})
