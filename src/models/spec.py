@@ -23,7 +23,7 @@ from torch import nn
 
 from moetron.models.stages import PipelineParts, pipeline_split
 from moetron.parallel.weight_grads import WeightGradStore, defer_weight_grads
-from moetron.precision.convert import convert_to_fp8
+from moetron.precision.convert import FP8Recipe, convert_to_fp8
 
 
 @dataclass
@@ -96,13 +96,13 @@ class ModelSpec:
 
     # -- parallelism -----------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
-                    fp8_backend: Optional[str] = None, fp8_dispatch: bool = False) -> Parallelized:
+                    fp8: Optional[FP8Recipe] = None) -> Parallelized:
         """Apply parallelism and precision without touching model code (module converters): FP8 in
-        the decoder blocks (`fp8_backend`, resolved: "emulated" or "torch"), and the weight-gradient
-        deferral a pipeline's B/W split needs. A dense model has no dispatch: `fp8_dispatch` is moot."""
+        the decoder blocks (`fp8`), and the weight-gradient deferral a pipeline's B/W split needs. A
+        dense model has no dispatch: `fp8.dispatch` is moot."""
         made = Parallelized()
-        if fp8_backend:
-            convert_to_fp8(getattr(model, "layers", model), fp8_backend)
+        if fp8:
+            convert_to_fp8(getattr(model, "layers", model), fp8)
         if defer_weights:
             defer_decoder_weight_grads(model, made)
         return made

@@ -1,27 +1,58 @@
 """FP8 for a model's linear layers and grouped experts, through the module converter seam
 (moetron.parallel.convert): nothing in the model's code changes.
 
-Every nn.Linear inside the given modules becomes an FP8Linear on the same weight; every layer with
-an `expert_gemm` slot (grouped experts) gets the FP8 grouped GEMM. A model spec decides which
-modules: DeepSeek-V3's decoder and MTP blocks (attention projections, dense MLPs, shared and routed
-experts), never the embedding, the output head, the router, norms or the attention core, which stay
-in the compute dtype or FP32 as in the report (section 3.3.1).
+Every nn.Linear inside the given modules becomes an FP8 linear on the same weight (FP8Linear, or
+with the `te` backend a TELinear); every layer with an `expert_gemm` slot (grouped experts) gets the
+FP8 grouped GEMM. A model spec decides which modules: DeepSeek-V3's decoder and MTP blocks
+(attention projections, dense MLPs, shared and routed experts), never the embedding, the output
+head, the router, norms or the attention core, which stay in the compute dtype or FP32 as in the
+report (section 3.3.1).
+
+With `cache_activations` (report section 3.3.3), FP8 linears keep their input's FP8 tiles for the
+backward, and SwiGLU layers (an `activation` slot) cache their inputs in FP8 and recompute the
+output. Inputs named in `high_precision_inputs` stay as they are: the report keeps the attention
+output projection's input in a wider format (E5M6), which torch has no dtype for.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 
 from moetron.parallel.convert import replace_modules
 from moetron.precision.fp8_linear import FP8GroupedGemm, FP8Linear
+from moetron.precision.fp8_swiglu import fp8_cached_swiglu
 
 
-def convert_to_fp8(module: nn.Module, backend: str, pow2_expert_inputs: bool = False) -> int:
-    """FP8 for the linears and grouped experts inside `module` (a resolved backend: "emulated" or
-    "torch"; `pow2_expert_inputs` with FP8 dispatch, whose rows then quantize again exactly);
-    returns how many layers were converted."""
-    count = replace_modules(module, lambda m: type(m) is nn.Linear, lambda m: FP8Linear.from_linear(m, backend))
-    for m in module.modules():
+@dataclass(frozen=True)
+class FP8Recipe:
+    """What `precision=fp8` turns on. `backend`: resolved, "emulated" | "torch" | "te"; `dispatch`:
+    tokens travel to their experts in FP8 (their tiles then quantize again exactly: pow2 scales);
+    `cache_activations`: activations kept for the backward in FP8."""
+    backend: str
+    dispatch: bool = False
+    cache_activations: bool = False
+
+
+def _make_linear(recipe: FP8Recipe):
+    if recipe.backend == "te":
+        from moetron.precision.te_backend import TELinear
+        return TELinear
+    return lambda m: FP8Linear.from_linear(m, recipe.backend, recipe.cache_activations)
+
+
+def convert_to_fp8(module: nn.Module, recipe: FP8Recipe, high_precision_inputs: tuple[str, ...] = ()) -> int:
+    """FP8 for the linears and grouped experts inside `module`; returns how many layers were
+    converted. `high_precision_inputs`: attribute names of linears whose input is never cached in
+    FP8."""
+    count = replace_modules(module, lambda m: type(m) is nn.Linear, _make_linear(recipe))
+    expert_backend = "torch" if recipe.backend == "te" else recipe.backend  # te: see te_backend
+    for name, m in module.named_modules():
+        if isinstance(m, FP8Linear) and name.rsplit(".", 1)[-1] in high_precision_inputs:
+            m.cache_input = False
         if hasattr(m, "expert_gemm"):
-            m.expert_gemm = FP8GroupedGemm(backend, pow2_expert_inputs)
+            m.expert_gemm = FP8GroupedGemm(expert_backend, recipe.dispatch, recipe.cache_activations)
             count += 1
+        if recipe.cache_activations and hasattr(m, "activation"):
+            m.activation = fp8_cached_swiglu
     return count

@@ -9,7 +9,8 @@ Backends:
   128-wide chunk of the reduction at a time, each chunk's product scaled and accumulated in float32,
   as the report's promotion of partial sums every 128 elements (section 3.3.2) does;
 - `torch`: `torch._scaled_mm` with 1x128 / 128x128 block scales (Hopper, CUDA 12.9+), in the scale
-  layouts measured on an H200 (../shared/reference/h200-measurements.md). CPU builds refuse them.
+  layouts measured on an H200 (../shared/reference/h200-measurements.md). CPU builds refuse them;
+- `te`: transformer-engine's Float8BlockScaling for the linear layers (moetron.precision.te_backend).
 
 Shape legend: M rows of a, N rows of b, Kp the padded reduction, Kt = Kp / 128 chunks.
 """
@@ -105,6 +106,9 @@ def resolve_backend(name: str, device: torch.device) -> str:
         raise ValueError(f"precision.backend=torch needs {missing}; use precision.backend=emulated (any device) "
                          "or auto")
     if name == "te":
-        raise ValueError("precision.backend=te (transformer-engine's Float8BlockScaling) is not wired in yet; use "
-                         "precision.backend=torch on Hopper, or emulated")
+        from moetron.precision.te_backend import te_available
+        te_ok, te_missing = te_available(device)
+        if not (te_ok and ok):
+            raise ValueError(f"precision.backend=te needs {te_missing or missing} (TE runs the linears; the grouped "
+                             "experts run on torch's blockwise GEMM); use precision.backend=auto or emulated")
     return name

@@ -6,9 +6,12 @@ weight-gradient GEMMs of a linear layer in E4M3 with fine-grained scales, FP32 a
 - weight gradient: dW = dy^T x, dy^T and x^T in 1x128 tiles along the tokens (the backward
   re-quantizes the transposed activations); dW in float32 for the FP32 master weights.
 
-`FP8Linear` replaces an nn.Linear (same parameters), `FP8GroupedExperts` the routed experts' grouped
+`FP8Linear` replaces an nn.Linear (same parameters), `FP8GroupedGemm` the routed experts' grouped
 GEMMs (one FP8 GEMM per expert). Both keep the `weight_grad_store` slot of pipeline W actions: with
 the store enabled, the weight gradient is queued, not computed (moetron.parallel.weight_grads).
+`cache_input`: the backward keeps the forward's FP8 tiles of the input (1 byte per element plus a
+scale per 128) instead of the input itself, and the weight gradient re-quantizes their dequantized
+values along the tokens (report section 3.3.3, "low-precision activation").
 
 Shape legend: M tokens, K in features, N out features, E experts, S rows grouped by expert.
 """
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from moetron.precision.fp8_gemm import fp8_mm
-from moetron.precision.quantize import quantize_blocks, quantize_tiles
+from moetron.precision.quantize import Tiles, quantize_blocks, quantize_tiles
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -47,68 +50,85 @@ def _queue_or_return(store, param, compute):
     return None
 
 
+def _save_input(ctx, x_MK: torch.Tensor, x_q: Tiles, cache_input: bool) -> None:
+    """Keep x for the backward: itself, or (cache_input) its FP8 tiles."""
+    ctx.cached_cols = x_q.cols if cache_input else None
+    ctx.save_for_backward(*((x_q.data, x_q.scale) if cache_input else (x_MK,)))
+
+
+def _saved_input(ctx, dtype: torch.dtype) -> torch.Tensor:
+    if ctx.cached_cols is None:
+        return ctx.saved_tensors[0]
+    data, scale = ctx.saved_tensors
+    return Tiles(data, scale, ctx.cached_cols).dequantize().to(dtype)
+
+
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, backend, store, out_dtype):
+    def forward(ctx, x, weight, backend, store, out_dtype, cache_input):
         x_MK = x.reshape(-1, x.shape[-1])
-        w_q = quantize_blocks(weight.detach())
-        y_MN = fp8_mm(quantize_tiles(x_MK), w_q, out_dtype, backend)
-        ctx.save_for_backward(x_MK)
+        w_q, x_q = quantize_blocks(weight.detach()), quantize_tiles(x_MK)
+        y_MN = fp8_mm(x_q, w_q, out_dtype, backend)
+        _save_input(ctx, x_MK, x_q, cache_input)
         ctx.w_q, ctx.weight, ctx.backend, ctx.store, ctx.in_shape = w_q, weight, backend, store, x.shape
+        ctx.in_dtype = x.dtype
         return y_MN.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x_MK,) = ctx.saved_tensors
+        x_MK = _saved_input(ctx, ctx.in_dtype)
         grad_MN = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = fp8_mm(quantize_tiles(grad_MN), ctx.w_q.transposed(), grad_out.dtype, ctx.backend)
             grad_x = grad_x.view(ctx.in_shape).to(x_MK.dtype)
         grad_w = _queue_or_return(ctx.store, ctx.weight, lambda: _weight_grad(grad_MN, x_MK, ctx.backend))
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 class FP8Linear(nn.Linear):
     """nn.Linear (no bias) whose three GEMMs run in FP8 on `backend` ("emulated" or "torch")."""
 
-    def __init__(self, in_features: int, out_features: int, backend: str = "emulated", device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, backend: str = "emulated", cache_input: bool = False,
+                 device=None, dtype=None):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
-        self.backend = backend
+        self.backend, self.cache_input = backend, cache_input
         self.weight_grad_store = None  # a pipeline's store, handed in by defer_weight_grads
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: str, cache_input: bool = False) -> "FP8Linear":
         """An FP8Linear holding `linear`'s own weight (not a copy)."""
         if linear.bias is not None:
             raise ValueError("FP8Linear has no bias; DeepSeek-V3's linears have none")
-        new = cls(linear.in_features, linear.out_features, backend, device="meta")
+        new = cls(linear.in_features, linear.out_features, backend, cache_input, device="meta")
         new.weight = linear.weight
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.backend, self.weight_grad_store)
+        return fp8_linear(x, self.weight, self.backend, self.weight_grad_store, self.cache_input)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend}"
+        return f"{super().extra_repr()}, backend={self.backend}, cache_input={self.cache_input}"
 
 
 class _FP8GroupedFn(torch.autograd.Function):
     """y[rows of e] = x[rows of e] W[e]^T in FP8, one GEMM per expert."""
 
     @staticmethod
-    def forward(ctx, x_SK, w_ENK, counts, backend, store, out_dtype, pow2):
-        rows = x_SK.split(counts)
+    def forward(ctx, x_SK, w_ENK, counts, backend, store, out_dtype, pow2, cache_input):
         w_q = [quantize_blocks(w_ENK[e].detach()) for e in range(len(counts))]
-        outs = [fp8_mm(quantize_tiles(r, pow2), w_q[e], out_dtype, backend) for e, r in enumerate(rows) if r.shape[0]]
-        ctx.save_for_backward(x_SK)
+        x_q = quantize_tiles(x_SK, pow2)  # per-row tiles: the same as quantizing each expert's rows
+        rows_q = [Tiles(d, s, x_q.cols) for d, s in zip(x_q.data.split(counts), x_q.scale.split(counts))]
+        outs = [fp8_mm(r, w_q[e], out_dtype, backend) for e, r in enumerate(rows_q) if r.data.shape[0]]
+        _save_input(ctx, x_SK, x_q, cache_input)
         ctx.w_q, ctx.w, ctx.counts, ctx.backend, ctx.store = w_q, w_ENK, counts, backend, store
+        ctx.in_dtype = x_SK.dtype
         N = w_ENK.shape[1]
         return torch.cat(outs) if outs else x_SK.new_zeros(0, N, dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, grad_SN):
-        (x_SK,) = ctx.saved_tensors
+        x_SK = _saved_input(ctx, ctx.in_dtype)
         grads, xs = grad_SN.split(ctx.counts), x_SK.split(ctx.counts)
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -124,29 +144,29 @@ class _FP8GroupedFn(torch.autograd.Function):
                     out[e] = _weight_grad(g, x, ctx.backend)
             return out
 
-        return grad_x, _queue_or_return(ctx.store, ctx.w, weight_grad), None, None, None, None, None
+        return grad_x, _queue_or_return(ctx.store, ctx.w, weight_grad), None, None, None, None, None, None
 
 
 class FP8GroupedGemm:
     """The grouped expert GEMM in FP8, for layers with an `expert_gemm` slot (grouped experts):
     rows of x grouped by expert times each expert's w[e]^T -> [S, N]. `pow2`: the inputs' tile
     scales are powers of two, as FP8 dispatch's are, so that rows that arrived in FP8 are
-    quantized again exactly (no second rounding)."""
+    quantized again exactly (no second rounding); `cache_input`: see the module docstring."""
 
-    def __init__(self, backend: str, pow2: bool = False) -> None:
-        self.backend, self.pow2 = backend, pow2
+    def __init__(self, backend: str, pow2: bool = False, cache_input: bool = False) -> None:
+        self.backend, self.pow2, self.cache_input = backend, pow2, cache_input
 
     def __call__(self, x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                  store=None) -> torch.Tensor:
         return _FP8GroupedFn.apply(x_SK, w_ENK, tokens_per_expert_E.tolist(), self.backend, store,
-                                   _compute_dtype(x_SK), self.pow2)
+                                   _compute_dtype(x_SK), self.pow2, self.cache_input)
 
     def __repr__(self) -> str:
-        return f"FP8GroupedGemm(backend={self.backend}, pow2={self.pow2})"
+        return f"FP8GroupedGemm(backend={self.backend}, pow2={self.pow2}, cache_input={self.cache_input})"
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
-               store: Optional[object] = None) -> torch.Tensor:
+               store: Optional[object] = None, cache_input: bool = False) -> torch.Tensor:
     """x W^T in FP8 (functional form of FP8Linear)."""
-    return _FP8LinearFn.apply(x, weight, backend, store, _compute_dtype(x))
+    return _FP8LinearFn.apply(x, weight, backend, store, _compute_dtype(x), cache_input)
 

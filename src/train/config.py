@@ -89,6 +89,8 @@ class PrecisionConfig:
     fp8: bool = False
     backend: str = "auto"  # auto | emulated | torch | te: who runs the FP8 GEMMs (auto: torch on Hopper)
     fp8_dispatch: bool = True  # with fp8: tokens travel to their experts as E4M3 tiles (combine stays)
+    # with fp8: activations kept for the backward in FP8 (linear inputs, SwiGLU inputs; report 3.3.3)
+    fp8_cache_activations: bool = False
 
 
 @dataclass

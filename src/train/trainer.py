@@ -35,6 +35,7 @@ from moetron.parallel.finalize import StepFinalizer
 from moetron.parallel.materialize import load_whole_state_dict, materialize
 from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.profiling import StepProfiler
+from moetron.precision.convert import FP8Recipe
 from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train import checkpoint
 from moetron.train.batch_ramp import global_batch_at
@@ -124,9 +125,10 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     holds allocated and initialised; its micro-batch runner and step finalizer."""
     dims, par = groups.dims, cfg.parallel
     model = spec.build(model_cfg, device="meta").train()
-    fp8 = resolve_backend(cfg.precision.backend, device) if cfg.precision.fp8 else None
-    made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1, fp8_backend=fp8,
-                            fp8_dispatch=bool(fp8) and cfg.precision.fp8_dispatch)
+    prec = cfg.precision
+    fp8 = FP8Recipe(resolve_backend(prec.backend, device), prec.fp8_dispatch, prec.fp8_cache_activations) \
+        if prec.fp8 else None
+    made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1, fp8=fp8)
     if dims.pp == 1:
         materialize(model, [model], device, cfg.train.seed)
         _init_from(spec, model_cfg, model)

@@ -30,16 +30,21 @@ def test_fp8_layouts_agree_with_one_process(tmp_path):
     """Forward GEMMs and input gradients quantize per token (1x128 tiles along the features), so a
     pipeline equals one process to float32 rounding. Weight gradients quantize 128 tokens per tile:
     under EP an expert's rows arrive from several ranks in another order, so its tiles group other
-    tokens, and the curves agree to that rounding (5e-5 measured over 5 steps)."""
+    tokens, and the curves agree to that rounding (5e-5 measured over 5 steps). The pipeline runs
+    with activations cached in FP8, against one process that caches them too."""
     args = [*RUN, "train.micro_batch=2", "train.max_steps=4", "precision=fp8", "precision.compute_dtype=float32"]
+    cached = [*args, "precision.fp8_cache_activations=true"]
     run_cli([*args, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
-    torchrun(2, [*args, "parallel.pp=2", "parallel.schedule=zb1p", f"hydra.run.dir={tmp_path / 'pp2'}"], tmp_path)
+    run_cli([*cached, f"hydra.run.dir={tmp_path / 'one_cached'}"], tmp_path)
+    torchrun(2, [*cached, "parallel.pp=2", "parallel.schedule=zb1p", f"hydra.run.dir={tmp_path / 'pp2'}"], tmp_path)
     torchrun(2, [*args, "parallel.ep=2", f"hydra.run.dir={tmp_path / 'ep2'}"], tmp_path)
-    one, pp2, ep2 = (read_metrics(tmp_path / name) for name in ("one", "pp2", "ep2"))
+    one, one_cached, pp2, ep2 = (read_metrics(tmp_path / name) for name in ("one", "one_cached", "pp2", "ep2"))
     assert ep2[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)  # the first forward: per-token quantization
-    for a, b, c in zip(one, pp2, ep2):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert one_cached[0]["loss"] == one[0]["loss"]  # caching changes the backward only
+    for a, a_cached, b, c in zip(one, one_cached, pp2, ep2):
+        assert b["loss"] == pytest.approx(a_cached["loss"], rel=1e-5)
         assert c["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert a_cached["loss"] == pytest.approx(a["loss"], rel=1e-2)
 
 
 def test_a_backend_this_machine_cannot_run_is_refused_before_any_rank_starts(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from moetron.parallel.weight_grads import WeightGradStore
-from moetron.precision.convert import convert_to_fp8
+from moetron.precision.convert import FP8Recipe, convert_to_fp8
 from moetron.precision.fp8_gemm import emulated_mm, resolve_backend
 from moetron.precision.fp8_linear import FP8GroupedGemm, FP8Linear, fp8_linear
 from moetron.precision.quantize import E4M3_MAX, quantize_blocks, quantize_tiles
@@ -126,7 +126,7 @@ def test_backends_this_machine_cannot_run_are_refused_naming_the_key():
     assert resolve_backend("auto", cpu) == "emulated" and resolve_backend("emulated", cpu) == "emulated"
     with pytest.raises(ValueError, match="precision.backend=torch needs a CUDA GPU"):
         resolve_backend("torch", cpu)
-    with pytest.raises(ValueError, match="precision.backend=te"):
+    with pytest.raises(ValueError, match="precision.backend=te needs transformer-engine"):
         resolve_backend("te", cpu)
     with pytest.raises(ValueError, match="precision.backend='fp4': choose one of"):
         resolve_backend("fp4", cpu)
@@ -139,7 +139,7 @@ def test_the_converter_puts_fp8_in_the_decoder_and_leaves_head_router_and_norms(
 
     model = build_model(load_preset("tiny"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    parallelize(model, None, fp8_backend="emulated")
+    parallelize(model, None, fp8=FP8Recipe("emulated"))
     assert type(model.lm_head) is nn.Linear
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert all(isinstance(m, FP8Linear) for m in linears if m is not model.lm_head)
@@ -151,7 +151,7 @@ def test_the_converter_puts_fp8_in_the_decoder_and_leaves_head_router_and_norms(
 
 def test_convert_counts_what_it_converted():
     block = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
-    assert convert_to_fp8(block, "emulated") == 2 and isinstance(block[2], FP8Linear)
+    assert convert_to_fp8(block, FP8Recipe("emulated")) == 2 and isinstance(block[2], FP8Linear)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),

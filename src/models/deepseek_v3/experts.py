@@ -99,6 +99,7 @@ class GroupedExperts(nn.Module):
         # a grouped GEMM of another precision (FP8: moetron.precision.convert hands one in), called
         # as expert_gemm(x_SK, w_ENK, tokens_per_expert_E, weight_grad_store); None: grouped_mm
         self.expert_gemm = None
+        self.activation = swiglu  # a converter may hand in another (FP8: inputs cached in FP8)
 
     def _gemm(self, x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         if self.expert_gemm is not None:
@@ -108,7 +109,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         gate_up_S2I = self._gemm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
-        act_SI, region = maybe_recompute(self.recompute_swiglu, swiglu, gate_SI, up_SI)
+        act_SI, region = maybe_recompute(self.recompute_swiglu, self.activation, gate_SI, up_SI)
         y_SH = self._gemm(act_SI, self.down_proj, tokens_per_expert_E)
         discard_all([region], after=y_SH)
         return y_SH

@@ -92,9 +92,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.recompute_swiglu = recompute_swiglu
+        self.activation = swiglu  # a converter may hand in another (FP8: inputs cached in FP8)
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
-        act_BSI, region = maybe_recompute(self.recompute_swiglu, swiglu, self.gate_proj(x_BSH), self.up_proj(x_BSH))
+        act_BSI, region = maybe_recompute(self.recompute_swiglu, self.activation, self.gate_proj(x_BSH),
+                                          self.up_proj(x_BSH))
         out_BSH = self.down_proj(act_BSI)
         discard_all([region], after=out_BSH)
         return out_BSH

@@ -20,7 +20,7 @@ from moetron.models.deepseek_v3.moe import MoE
 from moetron.models.spec import Parallelized, defer_decoder_weight_grads
 from moetron.parallel.dims import ParallelGroups
 from moetron.parallel.expert_parallel import make_dispatcher, shard_experts
-from moetron.precision.convert import convert_to_fp8
+from moetron.precision.convert import FP8Recipe, convert_to_fp8
 from moetron.precision.fp8_dispatch import FP8DispatchCodec
 
 
@@ -46,18 +46,17 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
 
 
 def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hierarchical",
-                defer_weights: bool = False, fp8_backend: Optional[str] = None,
-                fp8_dispatch: bool = False) -> Parallelized:
-    """FP8 (`fp8_backend`: "emulated" or "torch") in the decoder and MTP blocks (attention
-    projections, dense MLPs, shared and routed experts; the embedding, head and routers stay as they
-    are, report section 3.3.1), expert parallelism over `groups` (`fp8_dispatch`: tokens travel to
-    their experts in FP8, section 3.3.3), and (`defer_weights`, for pipelines) deferrable weight
-    gradients in the decoder blocks, as every decoder gets them."""
+                defer_weights: bool = False, fp8: Optional[FP8Recipe] = None) -> Parallelized:
+    """FP8 (`fp8`) in the decoder and MTP blocks (attention projections, dense MLPs, shared and
+    routed experts; the embedding, head and routers stay as they are, report section 3.3.1; the
+    attention output projection's input is never cached in FP8, section 3.3.3), expert parallelism
+    over `groups` (with `fp8.dispatch` tokens travel to their experts in FP8), and
+    (`defer_weights`, for pipelines) deferrable weight gradients in the decoder blocks."""
     made = Parallelized()
-    if fp8_backend:
-        convert_to_fp8(model.layers, fp8_backend, pow2_expert_inputs=fp8_dispatch)
-        convert_to_fp8(model.mtp, fp8_backend, pow2_expert_inputs=fp8_dispatch)
+    if fp8:
+        convert_to_fp8(model.layers, fp8, high_precision_inputs=("o_proj",))
+        convert_to_fp8(model.mtp, fp8, high_precision_inputs=("o_proj",))
     if defer_weights:
         defer_decoder_weight_grads(model, made)
-    shard_moe_layers(model, groups, dispatcher, made, FP8DispatchCodec() if fp8_dispatch else None)
+    shard_moe_layers(model, groups, dispatcher, made, FP8DispatchCodec() if fp8 and fp8.dispatch else None)
     return made

@@ -14,6 +14,7 @@ from moetron.models.deepseek_v3.parallelize import parallelize
 from moetron.models.deepseek_v3.params import training_flops_per_token
 from moetron.models.hf import load_hf_folder, save_hf_folder
 from moetron.models.spec import ModelSpec, Parallelized, piecewise
+from moetron.precision.convert import FP8Recipe
 
 BALANCE_METRIC = {"loss_free": "loss/seq_aux", "seq_aux": "loss/seq_aux", "aux_loss": "loss/aux"}
 
@@ -45,8 +46,8 @@ class DeepSeekV3Spec(ModelSpec):
         return out
 
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
-                    fp8_backend: Optional[str] = None, fp8_dispatch: bool = False) -> Parallelized:
-        return parallelize(model, groups, dispatcher, defer_weights, fp8_backend, fp8_dispatch)
+                    fp8: Optional[FP8Recipe] = None) -> Parallelized:
+        return parallelize(model, groups, dispatcher, defer_weights, fp8)
 
     def loss_options(self, cfg: DeepSeekV3Config, train_cfg, tokens_seen: int) -> dict:
         """lambda of the MTP loss after `tokens_seen` tokens (`train.mtp_weight_schedule`)."""
