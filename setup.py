@@ -36,6 +36,7 @@ setup(
             "moetron-train=moetron.train.cli:main",
             "moetron-data=moetron.train.data_cli:main",
             "moetron-export=moetron.train.export_cli:main",
+            "moetron-plan=moetron.plan.cli:main",
         ],
     },
     extras_require={

@@ -148,3 +148,12 @@ class ModelSpec:
         """Model FLOPs of one training token, from the config (the same in every layout)."""
         raise NotImplementedError(f"{type(self).__name__}.flops_per_token")
 
+    def parameter_counts(self, cfg) -> tuple[int, int]:
+        """(total parameters, parameters a token activates), for the planner."""
+        raise NotImplementedError(f"{self.arch} has no parameter counts for moetron-plan")
+
+    def layer_costs(self, cfg, seq_len: int, recompute: bool, fp8_cache: bool) -> list:
+        """Per-token costs of each layer in order (moetron.models.deepseek_v3.layer_costs.LayerCost),
+        for the planner."""
+        raise NotImplementedError(f"{self.arch} has no per-layer costs: moetron-plan cannot plan it")
+

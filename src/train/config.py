@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from moetron.plan.hardware import Efficiency
+
 
 
 @dataclass
@@ -77,7 +79,13 @@ class ClusterConfig:
     gpus_per_node: Optional[int] = None
     nvlink_gbps: float = 0.0  # GB/s per GPU inside a node
     ib_gbps: float = 0.0  # GB/s per GPU between nodes
-    peak_tflops: float = 1.0  # dense peak per rank in the compute dtype, for MFU
+    peak_tflops: float = 1.0  # BF16 dense peak per rank, for MFU
+    # the planner's (moetron-plan; conf/cluster/template.yaml documents them)
+    fp8_tflops: float = 1.0
+    memory_gib: float = 16.0
+    hbm_tbps: float = 0.05
+    price_per_gpu_hour: float = 0.0
+    sms: int = 1
 
 
 @dataclass
@@ -160,6 +168,21 @@ class RootConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
 
 
+@dataclass
+class PlanSettings(Efficiency):
+    """moetron-plan's own settings (conf/plan.yaml): the efficiency factors (moetron.plan.hardware
+    documents each default), what to search, and the run to cost."""
+    tokens: float = 14.8e12  # tokens of the run whose days and cost are shown (the report's 14.8T)
+    recompute: Optional[bool] = None  # None: searched; true: the report's selective recompute
+    micro_batches: list[int] = field(default_factory=lambda: [1, 2, 4])  # micro-batch sizes tried
+    top: int = 10  # rows of the table
+
+
+@dataclass
+class PlanRoot(RootConfig):
+    plan: PlanSettings = field(default_factory=PlanSettings)
+
+
 def register_configs() -> None:
     """The root schema, and each registered architecture's config class as `model/<arch>_schema`:
     a preset names it first in its defaults list, so every key of its model can be overridden and
@@ -168,5 +191,6 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="root_schema", node=RootConfig)
+    cs.store(name="plan_schema", node=PlanRoot)
     for spec in registered_specs():
         cs.store(group="model", name=f"{spec.arch}_schema", node=spec.config_cls)

@@ -11,7 +11,8 @@ from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.models.deepseek_v3.model import DeepSeekV3
 from moetron.models.deepseek_v3.moe_step import apply_moe_step, local_moe_stats
 from moetron.models.deepseek_v3.parallelize import parallelize
-from moetron.models.deepseek_v3.params import training_flops_per_token
+from moetron.models.deepseek_v3.layer_costs import layer_costs
+from moetron.models.deepseek_v3.params import count_parameters, training_flops_per_token
 from moetron.models.hf import load_hf_folder, save_hf_folder
 from moetron.models.spec import ModelSpec, Parallelized, piecewise
 from moetron.precision.convert import FP8Recipe
@@ -88,3 +89,12 @@ class DeepSeekV3Spec(ModelSpec):
 
     def flops_per_token(self, cfg: DeepSeekV3Config, seq_len: int) -> float:
         return training_flops_per_token(cfg, seq_len)
+
+    def parameter_counts(self, cfg: DeepSeekV3Config) -> tuple[int, int]:
+        """Total (671.0B for v3_671b) and activated without the embedding table, which a token
+        reads one row of (36.6B; with it 37.6B; the report rounds to 37B)."""
+        count = count_parameters(cfg)
+        return count.total, count.activated - cfg.vocab_size * cfg.hidden_size
+
+    def layer_costs(self, cfg: DeepSeekV3Config, seq_len: int, recompute: bool, fp8_cache: bool) -> list:
+        return layer_costs(cfg, seq_len, recompute, fp8_cache)

@@ -1,0 +1,150 @@
+"""`moetron-plan`: which layout to run a model in on a cluster, and what it costs.
+
+    moetron-plan                                        # DeepSeek-V3 on 2048 H800s: the best layouts
+    moetron-plan parallel.pp=16 parallel.ep=64 parallel.schedule=dualpipe train.micro_batch=1
+    moetron-plan model=mini cluster=h200_8 train.seq_len=2048 train.global_batch=64 --json
+    moetron-plan --calibrate fp8_linear.json --calibrate outputs/run/metrics.jsonl
+    moetron-plan parallel.pp=16 parallel.ep=64 --launch-script    # sbatch / srun / torchrun lines
+
+Arguments are Hydra overrides of conf/plan.yaml (the same groups as moetron-train). Overrides of
+parallel.pp / parallel.ep / parallel.dp / parallel.schedule / train.micro_batch / precision /
+plan.recompute fix those parts of the layout; the rest is searched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from moetron.plan.calibrate import calibrate
+from moetron.plan.estimate import Estimate, Problem, estimate, memory_parts
+from moetron.plan.hardware import Efficiency, Hardware
+from moetron.plan.launch import launch_lines
+from moetron.plan.search import Fixed, layouts
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    from moetron.train.config import register_configs
+    register_configs()
+    with initialize_config_module(config_module="moetron.conf", version_base="1.3"):
+        return compose(config_name="plan", overrides=overrides)
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in ("true", "1", "yes", "on")
+
+
+def fixed_from(overrides: list[str], cfg) -> Fixed:
+    """What the overrides fix; a precision group or key fixes FP8 on or off."""
+    fixed = Fixed()
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key in ("parallel.pp", "parallel.ep", "parallel.dp"):
+            setattr(fixed, key.split(".")[1], int(value))
+        elif key == "parallel.schedule":
+            fixed.schedule = value
+        elif key == "train.micro_batch":
+            fixed.micro_batch = int(value)
+        elif key == "precision" or key == "precision.fp8":
+            fixed.fp8 = bool(cfg.precision.fp8)
+    if cfg.plan.recompute is not None:
+        fixed.recompute = bool(cfg.plan.recompute)
+    return fixed
+
+
+def _table(rows: list[Estimate], hw: Hardware) -> str:
+    head = (f"{'layout':44s} {'step s':>7s} {'tok/s':>10s} {'MFU':>6s} {'GiB/GPU':>8s} {'exp.comm s':>10s} "
+            f"{'bubble':>7s} {'GPU-h/T':>9s} {'days':>7s} {'cost':>10s}")
+    lines = [head, "-" * len(head)]
+    for e in rows:
+        flag = "" if e.fits else f"  (needs {e.memory_per_gpu_gib:.0f} > {hw.memory_gib:.0f} GiB)"
+        lines.append(f"{e.layout.describe():44s} {e.step_time_s:7.2f} {e.tokens_per_s:10.0f} {e.mfu:6.1%} "
+                     f"{e.memory_per_gpu_gib:8.1f} {e.exposed_comm_s:10.2f} {e.bubble_ratio:7.1%} "
+                     f"{e.gpu_hours_per_trillion_tokens:9.0f} {e.days:7.1f} {e.cost:10.3g}{flag}")
+    return "\n".join(lines)
+
+
+def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
+    """Estimates of the layouts that fit, best first (or, when none fits, the smallest memory
+    first), and what the model is."""
+    from moetron.train.validate import model_config
+    spec, model_cfg = model_config(cfg)
+    hw = Hardware.from_config(cfg.cluster)
+    seq = int(cfg.train.seq_len)
+    total, active = spec.parameter_counts(model_cfg)
+    problems: dict = {}
+
+    def problem(recompute: bool, fp8: bool) -> Problem:
+        key = (recompute, fp8)
+        if key not in problems:
+            costs = spec.layer_costs(model_cfg, seq, recompute, fp8 and bool(cfg.precision.fp8_cache_activations))
+            problems[key] = Problem(costs, hw, eff, seq, model_cfg.hidden_size, getattr(model_cfg, "topk_group", 0) or 1 << 30,
+                                    spec.flops_per_token(model_cfg, seq), float(cfg.plan.tokens),
+                                    2.0 if cfg.optim.moments_dtype == "bfloat16" else 4.0)
+        return problems[key]
+
+    decoders = sum(1 for c in problem(False, False).costs if c.kind in ("dense", "moe"))
+    fits, misfits = [], []
+    for layout in layouts(hw.gpus, decoders, getattr(model_cfg, "n_routed_experts", 1) or 1,
+                          int(cfg.train.global_batch), fixed, tuple(cfg.plan.micro_batches)):
+        p = problem(layout.recompute, layout.fp8)
+        memory = sum(memory_parts(p, layout).values())
+        (fits if memory <= hw.memory_gib else misfits).append((memory, layout, p))
+    if fits:
+        rows = sorted((estimate(p, lay) for _, lay, p in fits), key=lambda e: e.gpu_hours_per_trillion_tokens)
+    else:
+        rows = [estimate(p, lay) for _, lay, p in sorted(misfits, key=lambda m: m[0])[:max(int(cfg.plan.top), 1)]]
+    return rows, {"params_total": total, "params_active": active, "flops_per_token": spec.flops_per_token(model_cfg, seq),
+                  "cluster": hw.name, "gpus": hw.gpus, "seq_len": seq, "global_batch": int(cfg.train.global_batch)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="moetron-plan", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/plan.yaml")
+    parser.add_argument("--json", action="store_true", help="one JSON object: the best layout and the candidates")
+    parser.add_argument("--calibrate", action="append", default=[], metavar="RESULTS",
+                        help="set efficiency factors from this project's measurements: benchmarks/gpu/fp8_linear.py "
+                             "--json output, or a run's metrics.jsonl (MaxVio)")
+    parser.add_argument("--launch-script", action="store_true",
+                        help="print the sbatch / srun / torchrun lines and rank placement of the best layout")
+    args = parser.parse_args(argv)
+    try:
+        cfg = _compose(args.overrides)
+        fixed = fixed_from(args.overrides, cfg)
+        hw = Hardware.from_config(cfg.cluster)
+        calibrated = calibrate(args.calibrate, hw) if args.calibrate else {}
+        eff = Efficiency.from_config(cfg.plan, calibrated)
+        rows, model = plan(cfg, fixed, eff)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"moetron-plan: error: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("moetron-plan: error: no layout divides the cluster and train.global_batch with these overrides; "
+              "free a fixed key or change train.global_batch", file=sys.stderr)
+        return 2
+    best = rows[0]
+    if args.json:
+        out = {**model, "layout": best.as_dict()["layout"], **{k: v for k, v in best.as_dict().items() if k != "layout"},
+               "tokens_per_s_per_gpu": best.tokens_per_s / model["gpus"], "memory_per_gpu_gib": best.memory_per_gpu_gib,
+               "efficiency": vars(eff), "calibrated": calibrated,
+               "candidates": [e.as_dict() for e in rows[:int(cfg.plan.top)]]}
+        print(json.dumps(out, indent=1))
+    elif args.launch_script:
+        print(launch_lines(best.layout, hw, args.overrides))
+    else:
+        print(f"{model['params_total'] / 1e9:.1f}B parameters, {model['params_active'] / 1e9:.2f}B active per token; "
+              f"{model['flops_per_token'] / 1e9:.1f} GFLOP per token; {hw.name}: {hw.gpus} GPUs")
+        if calibrated:
+            print(f"calibrated: {calibrated}")
+        if not best.fits:
+            print("no layout fits in memory; the smallest:")
+        print(_table(rows[:int(cfg.plan.top)], hw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

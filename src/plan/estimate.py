@@ -1,0 +1,308 @@
+"""One layout's step time, memory per GPU and cost, from per-layer costs (layer_costs), the cluster
+(Hardware) and the efficiency factors.
+
+- Stages: the layers split into the schedule's chain of stages as the trainer does (even, first
+  stages take the remainder; the embedding on the first, the head and MTP on the last). The slowest
+  stage sets every action's time: F (forward), B (input gradients, the attention core's backward,
+  recomputation), W (weight gradients).
+- Expert parallelism: per MoE layer and micro-batch, dispatch and combine move each token's K copies;
+  across nodes a token travels once per node it targets (node-limited routing: at most
+  `model.topk_group` nodes), then over NVLink. Forward: dispatch (FP8 with fp8 dispatch) and combine
+  (BF16); backward: both again in BF16.
+- Overlap: DualPipe(V) pairs a forward with a backward; the pair's all-to-all hides behind its
+  compute, which runs on the SMs the communication leaves (report section 3.2.2). Other schedules
+  and lone actions expose their all-to-all.
+- The pipeline simulator (moetron.pipeline.simulate) runs the schedule with these costs: makespan,
+  bubble, and the peak of micro-batches in flight on each rank, for activation memory.
+- Data parallelism: ZeRO-1's reduce-scatter of gradients and all-gather of updated parameters over
+  InfiniBand rings; the gather overlaps the next step's forward, the reduce-scatter is exposed.
+- Memory per GPU: float32 parameters and gradients of the held stages (routed experts / ep),
+  AdamW moments sharded by ZeRO-1, activations of the micro-batches in flight, a reserve.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Optional
+
+from moetron.pipeline.builders import build_schedule
+from moetron.pipeline.simulate import Costs, simulate
+from moetron.plan.hardware import Efficiency, Hardware
+
+GIB = 2.0 ** 30
+OVERLAPPED = ("dualpipe", "dualpipev")
+
+
+@dataclass(frozen=True)
+class Layout:
+    pp: int
+    ep: int
+    dp: int  # data-parallel copies beyond ep (world = pp x ep x dp)
+    schedule: str
+    micro_batch: int  # sequences
+    num_microbatches: int  # per pipeline, per step
+    recompute: bool
+    fp8: bool
+    zero1: bool = True
+
+    def describe(self) -> str:
+        return (f"pp{self.pp} ep{self.ep} dp{self.dp} {self.schedule if self.pp > 1 else '-'} mb{self.micro_batch}"
+                f"x{self.num_microbatches} {'fp8' if self.fp8 else 'bf16'}{' recompute' if self.recompute else ''}")
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float  # model FLOPs over the cluster's BF16 dense peak
+    memory_per_gpu_gib: float
+    memory_parts_gib: dict = field(default_factory=dict)
+    compute_s: float = 0.0  # the slowest rank's busy time in a step
+    exposed_comm_s: float = 0.0  # all-to-all not hidden, pipeline P2P, ZeRO-1 reduce-scatter
+    bubble_ratio: float = 0.0
+    gpu_hours_per_trillion_tokens: float = 0.0
+    days: float = 0.0  # for plan.tokens
+    cost: float = 0.0  # for plan.tokens, at the cluster's price
+    fits: bool = True
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["layout"] = asdict(self.layout)
+        return out
+
+
+def _fill(weights: list[float], extra_last: float, parts: int, cap: float) -> Optional[list[int]]:
+    """Layers per stage, filling each stage up to `cap` (the last starts at `extra_last`) and giving
+    every stage at least one layer; None if they do not fit."""
+    sizes, load, i = [], 0.0, 0
+    for stage in range(parts):
+        left_stages = parts - stage - 1
+        load, size = (extra_last if stage == parts - 1 else 0.0), 0
+        while i < len(weights) and len(weights) - i > left_stages and (size == 0 or load + weights[i] <= cap):
+            if size and stage == parts - 1 and load + weights[i] > cap:
+                break
+            load += weights[i]
+            size, i = size + 1, i + 1
+        if load > cap and size > 1:
+            return None
+        sizes.append(size)
+    return sizes if i == len(weights) and all(sizes) else None
+
+
+def balanced_split(weights: list[float], extra_last: float, parts: int) -> list[int]:
+    """Contiguous layers per stage that minimise the largest stage's weight, the last stage also
+    carrying `extra_last` (the head and MTP): binary search on the cap, greedy filling."""
+    if parts > len(weights):
+        raise ValueError(f"{parts} pipeline stages for {len(weights)} decoder layers")
+    lo, hi = max(weights), sum(weights) + extra_last
+    best = _fill(weights, extra_last, parts, hi) or [1] * (parts - 1) + [len(weights) - parts + 1]
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        sizes = _fill(weights, extra_last, parts, mid)
+        if sizes is None:
+            lo = mid
+        else:
+            best, hi = sizes, mid
+    return best
+
+
+def stage_layers(costs: list, chain_len: int) -> list[list]:
+    """Layer costs per stage position: decoders split so that the stages' forward FLOPs are as even
+    as contiguous layers allow (`parallel.layout` runs the split), the embedding with the first
+    stage, the head and MTP depths with the last."""
+    decoders = [c for c in costs if c.kind in ("dense", "moe")]
+    tail = [c for c in costs if c.kind in ("head", "mtp")]
+    sizes = balanced_split([c.forward_flops() for c in decoders], sum(c.forward_flops() for c in tail), chain_len)
+    stages, start = [], 0
+    for size in sizes:
+        stages.append(decoders[start:start + size])
+        start += size
+    stages[0] = [c for c in costs if c.kind == "embedding"] + stages[0]
+    stages[-1] = stages[-1] + tail
+    return stages
+
+
+@lru_cache(maxsize=4096)
+def _schedule(name: str, pp: int, n: int):
+    return build_schedule(name, pp, n)
+
+
+@lru_cache(maxsize=4096)
+def peak_in_flight(name: str, pp: int, n: int) -> tuple[int, ...]:
+    """Micro-batch-stages whose activations each rank holds at its peak (the schedule's structure:
+    simulated with the usual cost ratios F:B:W = 1:1:1, F&B pair 2.5)."""
+    if pp == 1:
+        return (1,)
+    return tuple(simulate(_schedule(name, pp, n), Costs(1.0, 1.0, 1.0, 2.5)).peak_activations)
+
+
+@dataclass
+class _StageTimes:
+    f: float
+    b: float
+    w: float
+    a2a_f: float
+    a2a_b: float
+    act_bytes: float  # per micro-batch
+
+
+def _a2a_seconds(copies: int, tokens: int, H: int, elem_bytes: float, ep: int, hw: Hardware, eff: Efficiency,
+                 max_nodes: int) -> float:
+    """One exchange (dispatch or combine) of `tokens` tokens' `copies` copies over an EP group."""
+    if ep == 1 or copies == 0:
+        return 0.0
+    g = min(ep, hw.gpus_per_node)
+    ep_nodes = max(1, ep // hw.gpus_per_node)
+    nvl_bytes = tokens * copies * H * elem_bytes * (g - 1) / g
+    seconds = nvl_bytes / (hw.nvlink_gbps * 1e9 * eff.a2a_nvlink) if hw.nvlink_gbps else 0.0
+    if ep_nodes > 1:
+        nodes = min(max_nodes, ep_nodes, copies)
+        remote = nodes * (ep_nodes - 1) / ep_nodes  # the token's own node is one of them this often
+        seconds = max(seconds, tokens * remote * H * elem_bytes / (hw.ib_gbps * 1e9 * eff.a2a_ib))
+    return seconds
+
+
+def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware, eff: Efficiency) -> _StageTimes:
+    fp8_rate = (hw.fp8_tflops * eff.gemm_fp8 if layout.fp8 else hw.bf16_tflops * eff.gemm_bf16) * 1e12
+    bf16_rate = hw.bf16_tflops * eff.gemm_bf16 * 1e12
+    attn_rate = hw.bf16_tflops * eff.attention * 1e12
+    gemm = attn = again = acts = traffic = a2a_f = a2a_b = 0.0
+    for c in stage:
+        imbalance = (c.routed_flops * (eff.expert_imbalance - 1.0)) if layout.ep > 1 else 0.0
+        gemm += (c.fp8_flops + imbalance) / fp8_rate + c.bf16_flops / bf16_rate
+        attn += c.attention_flops / attn_rate
+        again += c.recompute_flops / fp8_rate
+        traffic += c.traffic_bytes
+        acts += c.act_bytes
+        if c.routed_copies:
+            H, max_nodes = problem.hidden_size, problem.max_nodes
+            dispatch_bytes = 1.0 + 4.0 / 128 if layout.fp8 else 2.0
+            dispatch = _a2a_seconds(c.routed_copies, tokens, H, dispatch_bytes, layout.ep, hw, eff, max_nodes)
+            combine = _a2a_seconds(c.routed_copies, tokens, H, 2.0, layout.ep, hw, eff, max_nodes)
+            a2a_f += dispatch + combine
+            a2a_b += 2 * combine
+    memory_bound = eff.memory_bound_passes * traffic * tokens / (hw.hbm_tbps * 1e12)
+    return _StageTimes(f=tokens * (gemm + attn) + memory_bound / 2, b=tokens * (gemm + 2 * attn + again) + memory_bound / 2,
+                       w=tokens * gemm, a2a_f=a2a_f, a2a_b=a2a_b, act_bytes=acts * tokens)
+
+
+def _exposed_a2a(sched, t: _StageTimes, costs: Costs, num_microbatches: int) -> float:
+    """All-to-all time not hidden on the busiest rank: lone actions expose theirs; an F&B pair
+    exposes what exceeds its compute."""
+    if sched is None:
+        return num_microbatches * (t.a2a_f + t.a2a_b)
+    worst = 0.0
+    for acts in sched.actions:
+        kinds = Counter(a.kind.value for a in acts)
+        pair = max(0.0, (costs.fb or 0.0) - (t.f + t.b + t.w))
+        worst = max(worst, kinds["F"] * t.a2a_f + (kinds["B"] + kinds["BW"]) * t.a2a_b + kinds["FB"] * pair)
+    return worst
+
+
+def _costs(t: _StageTimes, layout: Layout, hw: Hardware, eff: Efficiency, p2p: float) -> Costs:
+    """Action costs for the simulator: lone actions expose their all-to-all; DualPipe's F&B pairs
+    hide it behind compute slowed by the SMs communication takes."""
+    if layout.pp > 1 and layout.schedule in OVERLAPPED:
+        slowed = hw.sms / (hw.sms - eff.comm_sms) if (t.a2a_f or t.a2a_b) else 1.0
+        fb = max((t.f + t.b + t.w) * slowed, t.a2a_f + t.a2a_b)
+        return Costs(t.f + t.a2a_f, t.b + t.a2a_b, t.w, fb, p2p)
+    return Costs(t.f + t.a2a_f, t.b + t.a2a_b, t.w, None, p2p)
+
+
+@dataclass
+class Problem:
+    """What stays fixed while layouts vary: the model's per-layer costs, the cluster, the factors."""
+    costs: list  # LayerCost per layer (the spec's layer_costs)
+    hw: Hardware
+    eff: Efficiency
+    seq_len: int
+    hidden_size: int
+    max_nodes: int  # nodes a token's experts may span (node-limited routing)
+    flops_per_token: float
+    tokens_planned: float  # for days and cost
+    moments_bytes: float = 4.0  # AdamW moments: 4 (float32) or 2 (bfloat16)
+
+
+@dataclass
+class _Placement:
+    sched: object  # None without pipelining
+    stages: list  # layer costs per stage position
+    held: list  # stage ids per pipeline rank
+    positions: dict  # stage id -> position in its chain
+
+
+def _place(problem: Problem, layout: Layout) -> _Placement:
+    if layout.pp == 1:
+        return _Placement(None, stage_layers(problem.costs, 1), [[0]], {0: 0})
+    sched = _schedule(layout.schedule, layout.pp, layout.num_microbatches)
+    held = [sorted(s for s, r in sched.rank_of_stage.items() if r == rank) for rank in range(layout.pp)]
+    positions = {s: i for chain in sched.chains for i, s in enumerate(chain)}
+    return _Placement(sched, stage_layers(problem.costs, len(sched.chains[0])), held, positions)
+
+
+def _held_params(place: _Placement, ids: list, ep: int) -> tuple[float, float]:
+    """(dense, routed / ep) parameters a rank holding stages `ids` keeps."""
+    layers = [c for s in ids for c in place.stages[place.positions[s]]]
+    return sum(c.params - c.routed_params for c in layers), sum(c.routed_params for c in layers) / ep
+
+
+def memory_parts(problem: Problem, layout: Layout, place: Optional[_Placement] = None) -> dict:
+    """GiB per part on the pipeline rank that holds the most: float32 weights and gradients, AdamW
+    moments sharded by ZeRO-1 (dense parameters over dp x ep ranks, routed experts over dp), the
+    activations of its peak of micro-batch-stages in flight, and a reserve."""
+    place = place or _place(problem, layout)
+    tokens = layout.micro_batch * problem.seq_len
+    peaks = peak_in_flight(layout.schedule, layout.pp, layout.num_microbatches)
+    shard_dense, shard_routed = (layout.dp * layout.ep, layout.dp) if layout.zero1 else (1, 1)
+    per_rank = []
+    for rank, ids in enumerate(place.held):
+        dense, routed = _held_params(place, ids, layout.ep)
+        acts = max(sum(c.act_bytes for c in place.stages[place.positions[s]]) for s in ids) * tokens
+        weights = 4.0 * (dense + routed)
+        optimizer = 2 * problem.moments_bytes * (dense / shard_dense + routed / shard_routed)
+        per_rank.append({"weights": weights / GIB, "gradients": weights / GIB, "optimizer": optimizer / GIB,
+                         "activations": peaks[rank] * acts / GIB, "reserved": problem.eff.reserved_gib})
+    return max(per_rank, key=lambda p: sum(p.values()))
+
+
+def _zero1_seconds(problem: Problem, layout: Layout, place: _Placement) -> float:
+    """ZeRO-1's reduce-scatter of float32 gradients over InfiniBand rings (the all-gather of updated
+    parameters overlaps the next step's forward)."""
+    hw, seconds = problem.hw, 0.0
+    held = [_held_params(place, ids, layout.ep) for ids in place.held]
+    for count, group in ((max(h[0] for h in held), layout.dp * layout.ep), (max(h[1] for h in held), layout.dp)):
+        if group > 1 and hw.ib_gbps:
+            seconds += 4.0 * count * (group - 1) / group / (hw.ib_gbps * 1e9)
+    return seconds
+
+
+def estimate(problem: Problem, layout: Layout) -> Estimate:
+    """Step time, memory and cost of `layout` (see the module docstring)."""
+    hw, eff = problem.hw, problem.eff
+    world, tokens = layout.pp * layout.ep * layout.dp, layout.micro_batch * problem.seq_len
+    place = _place(problem, layout)
+    times = [_stage_times(s, tokens, layout, problem, hw, eff) for s in place.stages]
+    slowest = max(times, key=lambda t: t.f + t.b + t.w + t.a2a_f + t.a2a_b)
+    p2p = (tokens * problem.hidden_size * 2.0 / (hw.ib_gbps * 1e9) + eff.p2p_latency_us * 1e-6) if hw.ib_gbps else 0.0
+    step_costs = _costs(slowest, layout, hw, eff, p2p)
+    if place.sched is not None:
+        sim = simulate(place.sched, step_costs)
+        makespan, bubble = sim.makespan, sim.bubble_ratio
+    else:
+        makespan, bubble = layout.num_microbatches * (step_costs.f + step_costs.b + step_costs.w), 0.0
+    parts = memory_parts(problem, layout, place)
+    memory = sum(parts.values())
+    dp_time = _zero1_seconds(problem, layout, place)
+    step = makespan + dp_time
+    tokens_per_s = layout.num_microbatches * layout.dp * layout.ep * tokens / step
+    gpu_hours = 1e12 / (tokens_per_s * eff.goodput) * world / 3600.0
+    return Estimate(layout=layout, step_time_s=step, tokens_per_s=tokens_per_s,
+                    mfu=problem.flops_per_token * tokens_per_s / (world * hw.bf16_tflops * 1e12),
+                    memory_per_gpu_gib=memory, memory_parts_gib=parts,
+                    compute_s=layout.num_microbatches * (slowest.f + slowest.b + slowest.w),
+                    exposed_comm_s=_exposed_a2a(place.sched, slowest, step_costs, layout.num_microbatches) + dp_time,
+                    bubble_ratio=bubble, gpu_hours_per_trillion_tokens=gpu_hours,
+                    days=problem.tokens_planned / (tokens_per_s * eff.goodput) / 86400.0,
+                    cost=gpu_hours * problem.tokens_planned / 1e12 * hw.price_per_gpu_hour, fits=memory <= hw.memory_gib)

@@ -1,0 +1,68 @@
+"""The exact lines that launch a planned layout under SLURM, and where its ranks sit, without
+starting anything (`moetron-plan ... --launch-script`).
+
+Ranks follow moetron.parallel.dims: the grid arange(world).view(pp, dp, ep), EP innermost, ranks
+filling nodes in order; so an EP group is a run of consecutive ranks and spans ep / gpus_per_node
+nodes, and a pipeline stage's dp x ep ranks sit on consecutive nodes.
+"""
+from __future__ import annotations
+
+import shlex
+
+from moetron.plan.estimate import Layout
+from moetron.plan.hardware import Hardware
+
+LAYOUT_KEYS = ("parallel.pp", "parallel.ep", "parallel.dp", "parallel.schedule", "train.micro_batch", "precision",
+               "plan.")
+
+
+def train_overrides(layout: Layout, hw: Hardware, overrides: list[str]) -> list[str]:
+    """moetron-train's overrides for `layout`: the user's own (those that are not the planner's)
+    plus the layout's."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(LAYOUT_KEYS)]
+    out = [*kept, f"cluster={hw.name}" if not any(o.startswith("cluster=") for o in kept) else None,
+           f"parallel.pp={layout.pp}", f"parallel.ep={layout.ep}", f"parallel.dp={layout.dp}",
+           f"train.micro_batch={layout.micro_batch}", f"precision={'fp8' if layout.fp8 else 'bf16'}"]
+    if layout.pp > 1:
+        out.append(f"parallel.schedule={layout.schedule}")
+    if layout.recompute:
+        out += ["model.recompute_norm=true", "model.recompute_mla_up_proj=true", "model.recompute_swiglu=true"]
+    return [o for o in out if o]
+
+
+def placement(layout: Layout, hw: Hardware) -> list[str]:
+    """One line per node: its ranks, their pipeline stage, dp index and EP ranks; then which nodes
+    each EP group spans."""
+    g, lines = hw.gpus_per_node, []
+    for node in range(hw.nodes):
+        ranks = range(node * g, (node + 1) * g)
+        coords = [(r // (layout.dp * layout.ep), r // layout.ep % layout.dp, r % layout.ep) for r in ranks]
+        pps, dps = sorted({c[0] for c in coords}), sorted({c[1] for c in coords})
+        eps = [c[2] for c in coords]
+        lines.append(f"node {node:4d}: ranks {ranks[0]:5d}-{ranks[-1]:5d} | pp stage {','.join(map(str, pps))} | "
+                     f"dp {','.join(map(str, dps))} | ep ranks {min(eps)}-{max(eps)}")
+    span = max(layout.ep // g, 1)
+    groups = layout.pp * layout.dp
+    lines.append(f"{groups} EP groups of {layout.ep} ranks, each on {span} node(s): EP group i = ranks "
+                 f"{layout.ep}*i .. {layout.ep}*i+{layout.ep - 1}, nodes {span}*i .. {span}*i+{span - 1}"
+                 if layout.ep >= g else
+                 f"{groups} EP groups of {layout.ep} ranks, {g // layout.ep} per node (NVLink only)")
+    return lines
+
+
+def launch_lines(layout: Layout, hw: Hardware, overrides: list[str]) -> str:
+    args = " ".join(shlex.quote(o) for o in train_overrides(layout, hw, overrides))
+    g = hw.gpus_per_node
+    return "\n".join([
+        f"# {layout.describe()} on {hw.nodes} nodes x {g} GPUs ({hw.name})",
+        "# submit (one task per GPU; launch/slurm/train.sbatch sets the rendezvous, requeue and signals):",
+        f"sbatch --nodes={hw.nodes} --gpus-per-node={g} --ntasks-per-node={g} launch/slurm/train.sbatch {args}",
+        "# or one task per node running torchrun:",
+        f"MOETRON_LAUNCH=torchrun sbatch --nodes={hw.nodes} --gpus-per-node={g} launch/slurm/train.sbatch {args}",
+        "# what the job runs, in srun mode and in torchrun mode:",
+        f"srun --kill-on-bad-exit=1 python -m moetron.train {args}",
+        f"srun --ntasks-per-node=1 torchrun --nnodes={hw.nodes} --nproc-per-node={g} --rdzv-backend=c10d "
+        f"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID -m moetron.train {args}",
+        "# rank placement:",
+        *placement(layout, hw),
+    ])
