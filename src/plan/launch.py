@@ -12,15 +12,19 @@ import shlex
 from moetron.plan.estimate import Layout
 from moetron.plan.hardware import Hardware
 
-LAYOUT_KEYS = ("parallel.pp", "parallel.ep", "parallel.dp", "parallel.schedule", "train.micro_batch", "precision",
-               "plan.")
+LAYOUT_KEYS = ("parallel.pp=", "parallel.ep=", "parallel.dp=", "parallel.schedule=", "train.micro_batch=",
+               "precision=", "plan.")
+PLAN_DEFAULTS = ("model=v3_671b", "train.seq_len=4096", "train.global_batch=15360", "optim.moments_dtype=bfloat16",
+                 "precision.compute_dtype=bfloat16", "precision.fp8_cache_activations=true")  # conf/plan.yaml's
 
 
 def train_overrides(layout: Layout, hw: Hardware, overrides: list[str]) -> list[str]:
-    """moetron-train's overrides for `layout`: the user's own (those that are not the planner's)
-    plus the layout's."""
+    """moetron-train's overrides for `layout`: what conf/plan.yaml sets unless the user set it, the
+    user's own (those that are not the planner's), and the layout's."""
     kept = [o for o in overrides if not o.lstrip("+~").startswith(LAYOUT_KEYS)]
-    out = [*kept, f"cluster={hw.name}" if not any(o.startswith("cluster=") for o in kept) else None,
+    given = {o.lstrip("+~").split("=", 1)[0] for o in kept}
+    defaults = [d for d in PLAN_DEFAULTS if d.split("=", 1)[0] not in given]
+    out = [*defaults, *kept, f"cluster={hw.name}" if not any(o.startswith("cluster=") for o in kept) else None,
            f"parallel.pp={layout.pp}", f"parallel.ep={layout.ep}", f"parallel.dp={layout.dp}",
            f"train.micro_batch={layout.micro_batch}", f"precision={'fp8' if layout.fp8 else 'bf16'}"]
     if layout.pp > 1:

@@ -107,6 +107,9 @@ def test_the_launch_script_for_256_nodes_places_every_rank(capsys):
     assert "sbatch --nodes=256 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm/train.sbatch" in text
     assert "parallel.pp=16 parallel.ep=64 parallel.dp=2" in text and "parallel.schedule=dualpipe" in text
     assert "model.recompute_swiglu=true" in text and "cluster=h800_2048" in text and "plan." not in text
+    for planned in ("model=v3_671b", "train.seq_len=4096", "train.global_batch=15360", "optim.moments_dtype=bfloat16",
+                    "precision.fp8_cache_activations=true"):  # the run that was planned
+        assert planned in text
     assert "torchrun --nnodes=256 --nproc-per-node=8 --rdzv-backend=c10d" in text
     nodes = [line for line in text.splitlines() if line.startswith("node ")]
     assert len(nodes) == 256
