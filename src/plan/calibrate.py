@@ -24,8 +24,20 @@ def _from_benchmark(data: dict, hw: Hardware) -> dict:
     return out
 
 
-def _from_metrics(lines: list[str]) -> dict:
-    values = [json.loads(line).get("moe/maxvio_batch") for line in lines if line.strip()]
+def _records(lines: list[str], path: str) -> list[dict]:
+    """JSON lines; a last line cut short (a killed run) is left out, any other bad line named."""
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"--calibrate {path}: line {number} is not JSON ({err})") from err
+    return out
+
+
+def _from_metrics(records: list[dict]) -> dict:
+    values = [r.get("moe/maxvio_batch") for r in records]
     values = [v for v in values if v is not None]
     if not values:
         raise ValueError("no moe/maxvio_batch in the metrics: calibrate from a run of an MoE model")
@@ -41,12 +53,12 @@ def calibrate(paths: list[str], hw: Hardware) -> dict:
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            out.update(_from_metrics(text.splitlines()))  # JSON lines
+            out.update(_from_metrics(_records([ln for ln in text.splitlines() if ln.strip()], path)))  # JSON lines
             continue
         if isinstance(data, dict) and "linear" in data:
             out.update(_from_benchmark(data, hw))
         elif isinstance(data, dict) and "moe/maxvio_batch" in data:
-            out.update(_from_metrics([text]))
+            out.update(_from_metrics([data]))
         else:
             raise ValueError(f"--calibrate {path}: neither benchmarks/gpu/fp8_linear.py --json output nor a "
                              "metrics.jsonl")

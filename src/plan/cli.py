@@ -18,7 +18,11 @@ import sys
 from typing import Optional
 
 from moetron.plan.calibrate import calibrate
-from moetron.plan.estimate import Estimate, Problem, estimate, memory_parts
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from moetron.pipeline.builders import BUILDERS, build_schedule
+from moetron.plan.estimate import Estimate, Problem, decoder_layout, estimate, memory_parts
 from moetron.plan.hardware import Efficiency, Hardware
 from moetron.plan.launch import launch_lines
 from moetron.plan.search import Fixed, layouts
@@ -45,6 +49,8 @@ def fixed_from(overrides: list[str], cfg) -> Fixed:
         if key in ("parallel.pp", "parallel.ep", "parallel.dp"):
             setattr(fixed, key.split(".")[1], int(value))
         elif key == "parallel.schedule":
+            if value not in BUILDERS:
+                raise ValueError(f"parallel.schedule={value!r}: choose one of {sorted(BUILDERS)}")
             fixed.schedule = value
         elif key == "train.micro_batch":
             fixed.micro_batch = int(value)
@@ -81,7 +87,8 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
         key = (recompute, fp8)
         if key not in problems:
             costs = spec.layer_costs(model_cfg, seq, recompute, fp8 and bool(cfg.precision.fp8_cache_activations))
-            problems[key] = Problem(costs, hw, eff, seq, model_cfg.hidden_size, getattr(model_cfg, "topk_group", 0) or 1 << 30,
+            groups = (getattr(model_cfg, "n_group", 0) or 0, getattr(model_cfg, "topk_group", 0) or 0)
+            problems[key] = Problem(costs, hw, eff, seq, model_cfg.hidden_size, groups,
                                     spec.flops_per_token(model_cfg, seq), float(cfg.plan.tokens),
                                     2.0 if cfg.optim.moments_dtype == "bfloat16" else 4.0)
         return problems[key]
@@ -97,7 +104,13 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
         rows = sorted((estimate(p, lay) for _, lay, p in fits), key=lambda e: e.gpu_hours_per_trillion_tokens)
     else:
         rows = [estimate(p, lay) for _, lay, p in sorted(misfits, key=lambda m: m[0])[:max(int(cfg.plan.top), 1)]]
-    return rows, {"params_total": total, "params_active": active, "flops_per_token": spec.flops_per_token(model_cfg, seq),
+    def stage_layout(layout) -> Optional[list[list[int]]]:
+        if layout.pp == 1:
+            return None
+        chain = len(build_schedule(layout.schedule, layout.pp, layout.num_microbatches).chains[0])
+        return decoder_layout(problem(layout.recompute, layout.fp8).costs, chain)
+
+    return rows, {"stage_layout": stage_layout, "params_total": total, "params_active": active, "flops_per_token": spec.flops_per_token(model_cfg, seq),
                   "cluster": hw.name, "gpus": hw.gpus, "seq_len": seq, "global_batch": int(cfg.train.global_batch)}
 
 
@@ -118,8 +131,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         hw = Hardware.from_config(cfg.cluster)
         calibrated = calibrate(args.calibrate, hw) if args.calibrate else {}
         eff = Efficiency.from_config(cfg.plan, calibrated)
+        if hw.sms <= eff.comm_sms:
+            raise ValueError(f"cluster.sms={hw.sms} leaves no SMs for compute beside plan.comm_sms={eff.comm_sms}: "
+                             "set cluster.sms to the GPU's SM count (132 on H100/H200/H800)")
         rows, model = plan(cfg, fixed, eff)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        stage_layout = model.pop("stage_layout")(rows[0].layout) if rows else None
+    except (ValueError, FileNotFoundError, NotImplementedError, HydraException, OmegaConfBaseException) as err:
         print(f"moetron-plan: error: {err}", file=sys.stderr)
         return 2
     if not rows:
@@ -134,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                "candidates": [e.as_dict() for e in rows[:int(cfg.plan.top)]]}
         print(json.dumps(out, indent=1))
     elif args.launch_script:
-        print(launch_lines(best.layout, hw, args.overrides))
+        print(launch_lines(best.layout, hw, args.overrides, stage_layout))
     else:
         print(f"{model['params_total'] / 1e9:.1f}B parameters, {model['params_active'] / 1e9:.2f}B active per token; "
               f"{model['flops_per_token'] / 1e9:.1f} GFLOP per token; {hw.name}: {hw.gpus} GPUs")

@@ -1,8 +1,9 @@
 """One layout's step time, memory per GPU and cost, from per-layer costs (layer_costs), the cluster
 (Hardware) and the efficiency factors.
 
-- Stages: the layers split into the schedule's chain of stages as the trainer does (even, first
-  stages take the remainder; the embedding on the first, the head and MTP on the last). The slowest
+- Stages: the decoder layers split contiguously into the schedule's chain of stages so that their
+  forward FLOPs are as even as they can be (the embedding with the first stage, the head and MTP
+  with the last); `--launch-script` hands the split to the trainer as `parallel.layout`. The slowest
   stage sets every action's time: F (forward), B (input gradients, the attention core's backward,
   recomputation), W (weight gradients).
 - Expert parallelism: per MoE layer and micro-batch, dispatch and combine move each token's K copies;
@@ -60,7 +61,8 @@ class Estimate:
     memory_per_gpu_gib: float
     memory_parts_gib: dict = field(default_factory=dict)
     compute_s: float = 0.0  # the slowest rank's busy time in a step
-    exposed_comm_s: float = 0.0  # all-to-all not hidden, pipeline P2P, ZeRO-1 reduce-scatter
+    exposed_comm_s: float = 0.0  # all-to-all not hidden and ZeRO-1's reduce-scatter (P2P waits count as bubble)
+    sm_slowdown_s: float = 0.0  # overlapped pairs' compute slowed by the SMs their all-to-all takes
     bubble_ratio: float = 0.0
     gpu_hours_per_trillion_tokens: float = 0.0
     days: float = 0.0  # for plan.tokens
@@ -108,6 +110,13 @@ def balanced_split(weights: list[float], extra_last: float, parts: int) -> list[
     return best
 
 
+def decoder_layout(costs: list, chain_len: int) -> list[list[int]]:
+    """`parallel.layout` for the split `stage_layers` assumes: decoder layer ids per stage."""
+    sizes = [sum(1 for c in stage if c.kind in ("dense", "moe")) for stage in stage_layers(costs, chain_len)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+
+
 def stage_layers(costs: list, chain_len: int) -> list[list]:
     """Layer costs per stage position: decoders split so that the stages' forward FLOPs are as even
     as contiguous layers allow (`parallel.layout` runs the split), the embedding with the first
@@ -148,20 +157,38 @@ class _StageTimes:
     act_bytes: float  # per micro-batch
 
 
+def nodes_reached(ep_nodes: int, copies: int, n_group: int, topk_group: int) -> int:
+    """Nodes a token's `copies` expert copies reach at most under node-limited routing: the experts
+    form `n_group` groups and a token picks `topk_group` of them (0: no limit). A group spans
+    ep_nodes / n_group nodes when EP spans more nodes than there are groups."""
+    limit = ep_nodes
+    if 0 < topk_group < n_group:
+        limit = topk_group * max(1, ep_nodes // n_group)
+    return max(1, min(limit, ep_nodes, copies))
+
+
 def _a2a_seconds(copies: int, tokens: int, H: int, elem_bytes: float, ep: int, hw: Hardware, eff: Efficiency,
-                 max_nodes: int) -> float:
-    """One exchange (dispatch or combine) of `tokens` tokens' `copies` copies over an EP group."""
+                 route_groups: tuple[int, int]) -> float:
+    """One exchange (dispatch or combine) of `tokens` tokens' `copies` copies over an EP group: each
+    copy crosses NVLink inside its node; across nodes a token travels once per remote node it
+    reaches (the two-hop dispatch)."""
     if ep == 1 or copies == 0:
         return 0.0
     g = min(ep, hw.gpus_per_node)
-    ep_nodes = max(1, ep // hw.gpus_per_node)
+    ep_nodes = -(-ep // hw.gpus_per_node)
     nvl_bytes = tokens * copies * H * elem_bytes * (g - 1) / g
-    seconds = nvl_bytes / (hw.nvlink_gbps * 1e9 * eff.a2a_nvlink) if hw.nvlink_gbps else 0.0
+    seconds = nvl_bytes / (hw.nvlink_gbps * 1e9 * eff.a2a_nvlink) if g > 1 else 0.0
     if ep_nodes > 1:
-        nodes = min(max_nodes, ep_nodes, copies)
+        nodes = nodes_reached(ep_nodes, copies, *route_groups)
         remote = nodes * (ep_nodes - 1) / ep_nodes  # the token's own node is one of them this often
         seconds = max(seconds, tokens * remote * H * elem_bytes / (hw.ib_gbps * 1e9 * eff.a2a_ib))
     return seconds
+
+
+def link_gbps(hw: Hardware, ranks_spanned: int) -> float:
+    """Bandwidth per GPU of a collective whose ranks lie within `ranks_spanned` consecutive ranks:
+    NVLink when they fit in a node, else InfiniBand."""
+    return hw.nvlink_gbps if ranks_spanned <= hw.gpus_per_node or hw.nodes == 1 else hw.ib_gbps
 
 
 def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware, eff: Efficiency) -> _StageTimes:
@@ -177,10 +204,10 @@ def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware
         traffic += c.traffic_bytes
         acts += c.act_bytes
         if c.routed_copies:
-            H, max_nodes = problem.hidden_size, problem.max_nodes
+            H, groups = problem.hidden_size, problem.route_groups
             dispatch_bytes = 1.0 + 4.0 / 128 if layout.fp8 else 2.0
-            dispatch = _a2a_seconds(c.routed_copies, tokens, H, dispatch_bytes, layout.ep, hw, eff, max_nodes)
-            combine = _a2a_seconds(c.routed_copies, tokens, H, 2.0, layout.ep, hw, eff, max_nodes)
+            dispatch = _a2a_seconds(c.routed_copies, tokens, H, dispatch_bytes, layout.ep, hw, eff, groups)
+            combine = _a2a_seconds(c.routed_copies, tokens, H, 2.0, layout.ep, hw, eff, groups)
             a2a_f += dispatch + combine
             a2a_b += 2 * combine
     memory_bound = eff.memory_bound_passes * traffic * tokens / (hw.hbm_tbps * 1e12)
@@ -188,27 +215,30 @@ def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware
                        w=tokens * gemm, a2a_f=a2a_f, a2a_b=a2a_b, act_bytes=acts * tokens)
 
 
-def _exposed_a2a(sched, t: _StageTimes, costs: Costs, num_microbatches: int) -> float:
-    """All-to-all time not hidden on the busiest rank: lone actions expose theirs; an F&B pair
-    exposes what exceeds its compute."""
+def _exposed_a2a(sched, t: _StageTimes, costs: Costs, pair_compute: float,
+                 num_microbatches: int) -> tuple[float, float]:
+    """On the busiest rank: (all-to-all time not hidden, compute slowdown of the overlapped pairs
+    from the SMs communication takes). Lone actions expose their all-to-all; an F&B pair exposes
+    what exceeds its slowed compute."""
     if sched is None:
-        return num_microbatches * (t.a2a_f + t.a2a_b)
-    worst = 0.0
+        return num_microbatches * (t.a2a_f + t.a2a_b), 0.0
+    worst = (0.0, 0.0)
     for acts in sched.actions:
         kinds = Counter(a.kind.value for a in acts)
-        pair = max(0.0, (costs.fb or 0.0) - (t.f + t.b + t.w))
-        worst = max(worst, kinds["F"] * t.a2a_f + (kinds["B"] + kinds["BW"]) * t.a2a_b + kinds["FB"] * pair)
+        pair_exposed = max(0.0, (costs.fb or 0.0) - pair_compute)
+        exposed = kinds["F"] * t.a2a_f + (kinds["B"] + kinds["BW"]) * t.a2a_b + kinds["FB"] * pair_exposed
+        worst = max(worst, (exposed, kinds["FB"] * (pair_compute - (t.f + t.b + t.w))))
     return worst
 
 
-def _costs(t: _StageTimes, layout: Layout, hw: Hardware, eff: Efficiency, p2p: float) -> Costs:
-    """Action costs for the simulator: lone actions expose their all-to-all; DualPipe's F&B pairs
-    hide it behind compute slowed by the SMs communication takes."""
+def _costs(t: _StageTimes, layout: Layout, hw: Hardware, eff: Efficiency, p2p: float) -> tuple[Costs, float]:
+    """Action costs for the simulator, and an F&B pair's compute: lone actions expose their
+    all-to-all; DualPipe's F&B pairs hide it behind compute slowed by the SMs communication takes."""
+    compute = t.f + t.b + t.w
     if layout.pp > 1 and layout.schedule in OVERLAPPED:
-        slowed = hw.sms / (hw.sms - eff.comm_sms) if (t.a2a_f or t.a2a_b) else 1.0
-        fb = max((t.f + t.b + t.w) * slowed, t.a2a_f + t.a2a_b)
-        return Costs(t.f + t.a2a_f, t.b + t.a2a_b, t.w, fb, p2p)
-    return Costs(t.f + t.a2a_f, t.b + t.a2a_b, t.w, None, p2p)
+        slowed = compute * hw.sms / (hw.sms - eff.comm_sms) if (t.a2a_f or t.a2a_b) else compute
+        return Costs(t.f + t.a2a_f, t.b + t.a2a_b, t.w, max(slowed, t.a2a_f + t.a2a_b), p2p), slowed
+    return Costs(t.f + t.a2a_f, t.b + t.a2a_b, t.w, None, p2p), compute
 
 
 @dataclass
@@ -219,7 +249,7 @@ class Problem:
     eff: Efficiency
     seq_len: int
     hidden_size: int
-    max_nodes: int  # nodes a token's experts may span (node-limited routing)
+    route_groups: tuple[int, int]  # (expert groups, groups a token picks): node-limited routing; (0, 0): none
     flops_per_token: float
     tokens_planned: float  # for days and cost
     moments_bytes: float = 4.0  # AdamW moments: 4 (float32) or 2 (bfloat16)
@@ -272,9 +302,10 @@ def _zero1_seconds(problem: Problem, layout: Layout, place: _Placement) -> float
     parameters overlaps the next step's forward)."""
     hw, seconds = problem.hw, 0.0
     held = [_held_params(place, ids, layout.ep) for ids in place.held]
+    gbps = link_gbps(hw, layout.dp * layout.ep)  # both groups lie within one stage's dp x ep ranks
     for count, group in ((max(h[0] for h in held), layout.dp * layout.ep), (max(h[1] for h in held), layout.dp)):
-        if group > 1 and hw.ib_gbps:
-            seconds += 4.0 * count * (group - 1) / group / (hw.ib_gbps * 1e9)
+        if group > 1:
+            seconds += 4.0 * count * (group - 1) / group / (gbps * 1e9)
     return seconds
 
 
@@ -285,8 +316,9 @@ def estimate(problem: Problem, layout: Layout) -> Estimate:
     place = _place(problem, layout)
     times = [_stage_times(s, tokens, layout, problem, hw, eff) for s in place.stages]
     slowest = max(times, key=lambda t: t.f + t.b + t.w + t.a2a_f + t.a2a_b)
-    p2p = (tokens * problem.hidden_size * 2.0 / (hw.ib_gbps * 1e9) + eff.p2p_latency_us * 1e-6) if hw.ib_gbps else 0.0
-    step_costs = _costs(slowest, layout, hw, eff, p2p)
+    p2p_gbps = link_gbps(hw, 2 * layout.dp * layout.ep)  # neighbouring stages' ranks
+    p2p = tokens * problem.hidden_size * 2.0 / (p2p_gbps * 1e9) + eff.p2p_latency_us * 1e-6 if layout.pp > 1 else 0.0
+    step_costs, pair_compute = _costs(slowest, layout, hw, eff, p2p)
     if place.sched is not None:
         sim = simulate(place.sched, step_costs)
         makespan, bubble = sim.makespan, sim.bubble_ratio
@@ -294,6 +326,7 @@ def estimate(problem: Problem, layout: Layout) -> Estimate:
         makespan, bubble = layout.num_microbatches * (step_costs.f + step_costs.b + step_costs.w), 0.0
     parts = memory_parts(problem, layout, place)
     memory = sum(parts.values())
+    exposed, slowdown = _exposed_a2a(place.sched, slowest, step_costs, pair_compute, layout.num_microbatches)
     dp_time = _zero1_seconds(problem, layout, place)
     step = makespan + dp_time
     tokens_per_s = layout.num_microbatches * layout.dp * layout.ep * tokens / step
@@ -302,7 +335,7 @@ def estimate(problem: Problem, layout: Layout) -> Estimate:
                     mfu=problem.flops_per_token * tokens_per_s / (world * hw.bf16_tflops * 1e12),
                     memory_per_gpu_gib=memory, memory_parts_gib=parts,
                     compute_s=layout.num_microbatches * (slowest.f + slowest.b + slowest.w),
-                    exposed_comm_s=_exposed_a2a(place.sched, slowest, step_costs, layout.num_microbatches) + dp_time,
+                    exposed_comm_s=exposed + dp_time, sm_slowdown_s=slowdown,
                     bubble_ratio=bubble, gpu_hours_per_trillion_tokens=gpu_hours,
                     days=problem.tokens_planned / (tokens_per_s * eff.goodput) / 86400.0,
                     cost=gpu_hours * problem.tokens_planned / 1e12 * hw.price_per_gpu_hour, fits=memory <= hw.memory_gib)

@@ -52,11 +52,22 @@ class Hardware:
         if missing:
             raise ValueError(f"cluster.{missing[0]} is not set: the planner needs the cluster's size "
                              f"(set cluster.{missing[0]}=..., or pick cluster=h800_2048)")
-        return cls(name=cluster.name, nodes=int(cluster.nodes), gpus_per_node=int(cluster.gpus_per_node),
-                   nvlink_gbps=float(cluster.nvlink_gbps), ib_gbps=float(cluster.ib_gbps),
-                   bf16_tflops=float(cluster.peak_tflops), fp8_tflops=float(cluster.fp8_tflops),
-                   memory_gib=float(cluster.memory_gib), hbm_tbps=float(cluster.hbm_tbps),
-                   price_per_gpu_hour=float(cluster.price_per_gpu_hour), sms=int(cluster.sms))
+        hw = cls(name=cluster.name, nodes=int(cluster.nodes), gpus_per_node=int(cluster.gpus_per_node),
+                 nvlink_gbps=float(cluster.nvlink_gbps), ib_gbps=float(cluster.ib_gbps),
+                 bf16_tflops=float(cluster.peak_tflops), fp8_tflops=float(cluster.fp8_tflops),
+                 memory_gib=float(cluster.memory_gib), hbm_tbps=float(cluster.hbm_tbps),
+                 price_per_gpu_hour=float(cluster.price_per_gpu_hour), sms=int(cluster.sms))
+        needed = {"peak_tflops": hw.bf16_tflops, "fp8_tflops": hw.fp8_tflops, "memory_gib": hw.memory_gib,
+                  "hbm_tbps": hw.hbm_tbps}
+        if hw.gpus_per_node > 1:
+            needed["nvlink_gbps"] = hw.nvlink_gbps
+        if hw.nodes > 1:
+            needed["ib_gbps"] = hw.ib_gbps
+        for key, value in needed.items():
+            if value <= 0:
+                raise ValueError(f"cluster.{key}={value}: the planner needs it (conf/cluster/template.yaml says what "
+                                 f"each key is); set cluster.{key}=...")
+        return hw
 
 
 @dataclass

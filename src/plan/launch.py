@@ -7,7 +7,9 @@ nodes, and a pipeline stage's dp x ep ranks sit on consecutive nodes.
 """
 from __future__ import annotations
 
+import json
 import shlex
+from typing import Optional
 
 from moetron.plan.estimate import Layout
 from moetron.plan.hardware import Hardware
@@ -18,7 +20,8 @@ PLAN_DEFAULTS = ("model=v3_671b", "train.seq_len=4096", "train.global_batch=1536
                  "precision.compute_dtype=bfloat16", "precision.fp8_cache_activations=true")  # conf/plan.yaml's
 
 
-def train_overrides(layout: Layout, hw: Hardware, overrides: list[str]) -> list[str]:
+def train_overrides(layout: Layout, hw: Hardware, overrides: list[str],
+                    stage_layout: Optional[list[list[int]]] = None) -> list[str]:
     """moetron-train's overrides for `layout`: what conf/plan.yaml sets unless the user set it, the
     user's own (those that are not the planner's), and the layout's."""
     kept = [o for o in overrides if not o.lstrip("+~").startswith(LAYOUT_KEYS)]
@@ -29,6 +32,8 @@ def train_overrides(layout: Layout, hw: Hardware, overrides: list[str]) -> list[
            f"train.micro_batch={layout.micro_batch}", f"precision={'fp8' if layout.fp8 else 'bf16'}"]
     if layout.pp > 1:
         out.append(f"parallel.schedule={layout.schedule}")
+        if stage_layout:  # the planner's balanced split (the head and MTP ride with the last stage)
+            out.append("parallel.layout=" + json.dumps(stage_layout, separators=(",", ":")))
     if layout.recompute:
         out += ["model.recompute_norm=true", "model.recompute_mla_up_proj=true", "model.recompute_swiglu=true"]
     return [o for o in out if o]
@@ -54,8 +59,9 @@ def placement(layout: Layout, hw: Hardware) -> list[str]:
     return lines
 
 
-def launch_lines(layout: Layout, hw: Hardware, overrides: list[str]) -> str:
-    args = " ".join(shlex.quote(o) for o in train_overrides(layout, hw, overrides))
+def launch_lines(layout: Layout, hw: Hardware, overrides: list[str],
+                 stage_layout: Optional[list[list[int]]] = None) -> str:
+    args = " ".join(shlex.quote(o) for o in train_overrides(layout, hw, overrides, stage_layout))
     g = hw.gpus_per_node
     return "\n".join([
         f"# {layout.describe()} on {hw.nodes} nodes x {g} GPUs ({hw.name})",

@@ -99,6 +99,23 @@ def test_the_table_and_its_errors(capsys):
     assert "cluster.nodes is not set" in capsys.readouterr().err
     assert plan_main(["model=mini", "cluster=h200_8", "train.global_batch=7"]) == 2
     assert "no layout divides" in capsys.readouterr().err
+    assert plan_main(["model=mini", "cluster=h200_8", "cluster.hbm_tbps=0"]) == 2
+    assert "cluster.hbm_tbps=0.0: the planner needs it" in capsys.readouterr().err
+    assert plan_main(["model=mini", "cluster=h200_8", "cluster.sms=20"]) == 2
+    assert "cluster.sms=20 leaves no SMs" in capsys.readouterr().err
+    assert plan_main(["model=mini", "cluster=h200_8", "parallel.schedule=gpipe"]) == 2
+    assert "parallel.schedule='gpipe': choose one of" in capsys.readouterr().err
+    assert plan_main(["cluster=h800"]) == 2  # a Hydra error: one line, no traceback
+    err = capsys.readouterr().err
+    assert "moetron-plan: error:" in err and "h800_2048" in err and "Traceback" not in err
+
+
+def test_node_limited_routing_reaches_the_nodes_its_groups_span():
+    from moetron.plan.estimate import nodes_reached
+    assert nodes_reached(ep_nodes=8, copies=8, n_group=8, topk_group=4) == 4  # a group per node (V3 at EP64)
+    assert nodes_reached(ep_nodes=16, copies=8, n_group=8, topk_group=4) == 8  # a group spans 2 nodes
+    assert nodes_reached(ep_nodes=2, copies=8, n_group=8, topk_group=4) == 2
+    assert nodes_reached(ep_nodes=32, copies=8, n_group=0, topk_group=0) == 8  # no limit: one per copy
 
 
 def test_the_launch_script_for_256_nodes_places_every_rank(capsys):
@@ -111,6 +128,8 @@ def test_the_launch_script_for_256_nodes_places_every_rank(capsys):
                     "precision.fp8_cache_activations=true"):  # the run that was planned
         assert planned in text
     assert "torchrun --nnodes=256 --nproc-per-node=8 --rdzv-backend=c10d" in text
+    layout = json.loads(text.split("parallel.layout=")[1].split()[0].strip("'"))
+    assert len(layout) == 16 and sum(layout, []) == list(range(61))  # the planner's split, handed over
     nodes = [line for line in text.splitlines() if line.startswith("node ")]
     assert len(nodes) == 256
     assert nodes[0].startswith("node    0: ranks     0-    7 | pp stage 0 | dp 0 | ep ranks 0-7")
@@ -126,10 +145,32 @@ def test_calibration_reads_this_projects_benchmark_and_metrics(tmp_path, capsys)
         {"bf16_tflops": 700.0, "fp8_tflops": 1100.0}, {"bf16_tflops": 720.0, "fp8_tflops": 1200.0},
         {"bf16_tflops": 740.0, "fp8_tflops": 1300.0}]}))
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("\n".join(json.dumps({"step": i, "moe/maxvio_batch": v}) for i, v in enumerate([0.9, 0.5, 0.2, 0.3])))
+    metrics.write_text("\n".join(json.dumps({"step": i, "moe/maxvio_batch": v}) for i, v in enumerate([0.9, 0.5, 0.2, 0.3]))
+                       + '\n{"step": 4, "moe/maxv')  # a last line cut short by a kill
     out = _json(capsys, [*V3_LAYOUT, "--calibrate", str(bench), "--calibrate", str(metrics)])
     assert out["calibrated"] == pytest.approx({"gemm_bf16": 720 / 989, "gemm_fp8": 1200 / 1979, "expert_imbalance": 1.25})
     assert out["efficiency"]["gemm_fp8"] == pytest.approx(1200 / 1979)
     (tmp_path / "other.json").write_text("{}")
     assert plan_main(["--calibrate", str(tmp_path / "other.json")]) == 2
     assert "neither benchmarks/gpu/fp8_linear.py" in capsys.readouterr().err
+
+
+def test_the_launch_lines_pass_the_trainers_own_checks_for_2048_ranks(capsys):
+    """What --launch-script prints is what moetron-train accepts: composed and validated as the
+    trainer does before any process group starts (world 2048, cluster h800_2048)."""
+    import shlex
+
+    from hydra import compose, initialize_config_module
+
+    from moetron.train.config import register_configs
+    from moetron.train.validate import validate
+
+    assert plan_main([*V3_LAYOUT, "--launch-script"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("srun --kill-on-bad-exit=1 python"))
+    args = shlex.split(line)[5:]
+    register_configs()
+    with initialize_config_module(config_module="moetron.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=args)
+    assert validate(cfg, 2048).__dict__ == {"pp": 16, "dp": 2, "ep": 64}
+    assert cfg.precision.fp8 and cfg.precision.fp8_cache_activations and cfg.optim.moments_dtype == "bfloat16"
+    assert cfg.train.global_batch == 15360 and cfg.model.num_hidden_layers == 61
