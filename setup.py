@@ -25,6 +25,7 @@ setup(
         # torch is not pinned here: install the build for your machine first (see README).
         "torch>=2.6",
         "hydra-core>=1.3",
+        "hydra-submitit-launcher>=1.2",  # moetron-train -m hydra/launcher=submitit_slurm: sweeps as SLURM jobs
         "wandb>=0.17",
         "omegaconf>=2.3",
         "numpy",

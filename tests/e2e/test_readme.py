@@ -15,6 +15,8 @@ SHORT = "train.max_steps=2 logging.progress=false"
 SKIP = {  # command prefix -> why this machine cannot run it
     "bash launch/test.sh": "the test suite itself (CI runs it)",
     "sbatch ": "needs a SLURM cluster",
+    "moetron-train -m hydra/launcher=submitit_slurm": "needs a SLURM cluster (tests/e2e/test_submitit.py runs the "
+                                                      "same path through submitit_local)",
     "pip install": "installs into the environment; launch/env.sh, which every launch script sources, does it",
     "git clone": "NVIDIA apex builds on CUDA machines only",
 }
