@@ -8,9 +8,12 @@ memory/peak_gib, step_time_s.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import resource
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -94,22 +97,36 @@ class WandbLogger:
 
 
 class Console:
-    """A tqdm bar with loss, tokens/s, MFU and MaxVio; a summary line at the end."""
+    """Progress on the console: a tqdm bar (loss, tokens/s, MFU, MaxVio) when it is a terminal and
+    `logging.progress` is on; otherwise (SLURM output files, `logging.progress=false`) a plain line
+    every `train.log_every` steps that a batch job's log can be read by. A summary line at the end."""
 
-    def __init__(self, enabled: bool, start: int, total: int) -> None:
-        self.bar = None
-        if enabled:
+    def __init__(self, enabled: bool, start: int, total: int, log_every: int = 1, stream=None) -> None:
+        self.bar, self.start, self.total, self.log_every = None, start, total, max(1, log_every)
+        self.started = time.perf_counter()
+        stream = stream if stream is not None else sys.stderr
+        if enabled and stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=stream)
 
     def update(self, metrics: dict[str, Any]) -> None:
-        if self.bar is None:
+        maxvio = metrics.get("moe/maxvio_batch")
+        if self.bar is not None:
+            self.bar.set_postfix({"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['throughput/tokens_per_s']:.0f}",
+                                  "mfu": f"{metrics['throughput/mfu']:.2%}", "maxvio": f"{maxvio or 0.0:.3f}"},
+                                 refresh=False)
+            self.bar.update(1)
             return
-        self.bar.set_postfix({"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['throughput/tokens_per_s']:.0f}",
-                              "mfu": f"{metrics['throughput/mfu']:.2%}",
-                              "maxvio": f"{metrics.get('moe/maxvio_batch', 0.0):.3f}"}, refresh=False)
-        self.bar.update(1)
+        step = int(metrics["step"])
+        if step % self.log_every and step != self.total:
+            return
+        per_step = (time.perf_counter() - self.started) / max(step - self.start, 1)
+        eta = datetime.timedelta(seconds=round(per_step * (self.total - step)))
+        line = (f"step {step}/{self.total} | loss {metrics['loss']:.4f} | {metrics['throughput/tokens_per_s']:,.0f} tok/s"
+                f" | MFU {metrics['throughput/mfu']:.2%}" + (f" | MaxVio {maxvio:.3f}" if maxvio is not None else "")
+                + f" | ETA {eta}")
+        print(line, flush=True)
 
     def note(self, line: str) -> None:
         """A line above the bar (or on its own without one)."""

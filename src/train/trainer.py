@@ -201,7 +201,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
     if world.is_main:
         jsonl = JsonlWriter(run_dir / "metrics.jsonl", start_step)
         wandb = WandbLogger(cfg.logging.wandb, run_dir, config_dict, start_step)
-        console = Console(cfg.logging.progress, start_step, tcfg.max_steps)
+        console = Console(cfg.logging.progress, start_step, tcfg.max_steps, tcfg.log_every)
 
     metrics, first_loss, step = {}, None, start_step
     profiler = StepProfiler(cfg.logging.profile, world.rank, run_dir, device)
