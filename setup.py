@@ -30,6 +30,7 @@ setup(
         "omegaconf>=2.3",
         "numpy",
         "tqdm",
+        "matplotlib>=3.7",  # moetron-report, timelines and the planner's chart (headless Agg)
         "tokenizers>=0.15",  # Hugging Face tokenizers for data.tokenizer (local files only)
     ],
     entry_points={
@@ -38,6 +39,7 @@ setup(
             "moetron-data=moetron.train.data_cli:main",
             "moetron-export=moetron.train.export_cli:main",
             "moetron-plan=moetron.plan.cli:main",
+            "moetron-report=moetron.report.cli:main",
         ],
     },
     extras_require={

@@ -188,7 +188,8 @@ class TimedStage(nn.Module):
 def _exposed_by_kind(log: ComputeLog, action_spans) -> dict[str, float]:
     """Exchange time that no compute hides, summed over this rank's actions of each kind."""
     out: dict[str, float] = {}
-    for kind, start, end in action_spans:
+    for action, start, end in action_spans:
+        kind = action.kind
         out[kind] = out.get(kind, 0.0) + log.exposed_exchange_s(start, end)
     return out
 

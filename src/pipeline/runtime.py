@@ -28,8 +28,8 @@ inputs and incoming gradients are recorded on the stream that reads them (`recor
 caching allocator does not hand their memory to another stream too early. The step waits for all
 sends before it returns. `busy_s` (compute, receive waits excluded) and `step_s` (wall time) of the
 last step give the measured bubble; `action_s` holds each compute action's busy seconds by kind
-(costs for the simulator), `action_spans` its (kind, start, end) in `time.perf_counter()` seconds (a
-timeline). In profiler traces each action carries a label (`pipeline.F mb3 stage1`; a pair's halves
+(costs for the simulator), `action_spans` its (action, start, end) in `time.perf_counter()` seconds (a
+timeline, drawn by moetron.pipeline.timeline). In profiler traces each action carries a label (`pipeline.F mb3 stage1`; a pair's halves
 `pipeline.FB.forward ...`, `pipeline.FB.backward ...`).
 
 Shape legend: B micro-batch rows, F features.
@@ -290,7 +290,7 @@ class PipelineRunner:
         busy = ended - started - idle
         self.busy_s += busy
         self.action_s.setdefault(a.kind, []).append(busy)
-        self.action_spans.append((a.kind, started, ended))
+        self.action_spans.append((a, started, ended))
 
     def _dispatch(self, a: Action) -> None:
         if a.kind == K.F:
@@ -312,9 +312,9 @@ class PipelineRunner:
         self._posted, self._outbox, self._sends = {}, {}, []
         self.busy_s, self._idle_adjust_s, self._waits = 0.0, 0.0, threading.local()
         self.action_s: dict[str, list[float]] = {}
-        self.action_spans: list[tuple[str, float, float]] = []  # (kind, start, end) of each compute action
+        self.action_spans: list[tuple[Action, float, float]] = []  # (action, start, end) of each compute action
         self._autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        started = time.perf_counter()
+        started = self.step_started = time.perf_counter()
         transfers: list[Action] = []
         for action in self.actions:
             if action.kind.is_transfer:

@@ -1,7 +1,7 @@
 """Check a schedule and cost it: makespan, per-rank bubble, peak in-flight activations.
 
     python -m moetron.pipeline.simulate --schedule dualpipe --pp 8 --microbatches 16 \\
-        --f 1 --b 2 --w 1 --fb 3 --json
+        --f 1 --b 2 --w 1 --fb 3 --json --plot dualpipe.png
 
 Each rank runs its list in order; an action starts when the rank is free and its inputs exist: a
 forward needs the previous stage's forward of its micro-batch, a backward needs its own forward and
@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from moetron.pipeline.builders import build_schedule
@@ -49,6 +49,11 @@ class SimResult:
     bubble: list[float]
     bubble_ratio: float
     peak_activations: list[int]
+    spans: list = field(default_factory=list, repr=False)  # per rank: (action, start, end), in order
+
+    def summary(self) -> dict:
+        """What the JSON output shows (the spans are drawn, not printed)."""
+        return {k: v for k, v in asdict(self).items() if k != "spans"}
 
 
 def _parts(a: Action):
@@ -103,6 +108,7 @@ def simulate(sched: Schedule, costs: Costs) -> SimResult:
     busy = [0.0] * sched.num_ranks
     ptr = [0] * sched.num_ranks
     held: list[list[tuple[float, int]]] = [[] for _ in range(sched.num_ranks)]  # (time, +1 / -1)
+    spans: list[list] = [[] for _ in range(sched.num_ranks)]
     remaining = sum(len(a) for a in sched.actions)
     while remaining:
         progressed = False
@@ -122,6 +128,7 @@ def simulate(sched: Schedule, costs: Costs) -> SimResult:
                     elif part[0] == "W":
                         held[r].append((finish, -1))
                 free[r], busy[r] = finish, busy[r] + costs.of(a)
+                spans[r].append((a, start, finish))
                 ptr[r] += 1
                 remaining -= 1
                 progressed = True
@@ -137,7 +144,7 @@ def simulate(sched: Schedule, costs: Costs) -> SimResult:
             level += delta
             peak = max(peak, level)
         peaks.append(peak)
-    return SimResult(makespan, bubble, sum(bubble) / (makespan * sched.num_ranks), peaks)
+    return SimResult(makespan, bubble, sum(bubble) / (makespan * sched.num_ranks), peaks, spans)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -152,6 +159,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--comm", type=float, default=0.0, help="P2P latency between ranks")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--show", action="store_true", help="print every rank's action list")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the simulated schedule as a Gantt chart")
     args = parser.parse_args(argv)
     try:
         sched = build_schedule(args.schedule, args.pp, args.microbatches)
@@ -161,7 +169,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.show:
         print(sched.pretty(), file=sys.stderr)
-    print(json.dumps(asdict(result)) if args.json else json.dumps(asdict(result), indent=1))
+    if args.plot:
+        from moetron.pipeline.timeline import draw_timeline
+        draw_timeline(result.spans, sched, args.plot,
+                      f"{sched.name}, pp={args.pp}, {args.microbatches} micro-batches (simulated): "
+                      f"bubble {result.bubble_ratio:.1%}")
+    print(json.dumps(result.summary()) if args.json else json.dumps(result.summary(), indent=1))
     return 0
 
 

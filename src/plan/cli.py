@@ -5,6 +5,7 @@
     moetron-plan model=mini cluster=h200_8 train.seq_len=2048 train.global_batch=64 --json
     moetron-plan --calibrate fp8_linear.json --calibrate outputs/run/metrics.jsonl
     moetron-plan parallel.pp=16 parallel.ep=64 --launch-script    # sbatch / srun / torchrun lines
+    moetron-plan parallel.pp=16 parallel.ep=64 --plot plan.png     # the table as a chart
 
 Arguments are Hydra overrides of conf/plan.yaml (the same groups as moetron-train). Overrides of
 parallel.pp / parallel.ep / parallel.dp / parallel.schedule / train.micro_batch / precision /
@@ -122,6 +123,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--calibrate", action="append", default=[], metavar="RESULTS",
                         help="set efficiency factors from this project's measurements: benchmarks/gpu/fp8_linear.py "
                              "--json output, or a run's metrics.jsonl (MaxVio)")
+    parser.add_argument("--plot", metavar="FILE.png", help="the table as a chart: each layout's step time split "
+                                                            "into compute, exposed communication and bubble")
     parser.add_argument("--launch-script", action="store_true",
                         help="print the sbatch / srun / torchrun lines and rank placement of the best layout")
     args = parser.parse_args(argv)
@@ -144,6 +147,10 @@ def main(argv: Optional[list[str]] = None) -> int:
               "free a fixed key or change train.global_batch", file=sys.stderr)
         return 2
     best = rows[0]
+    if args.plot:
+        from moetron.plan.chart import draw_plan
+        draw_plan(rows[:int(cfg.plan.top)], args.plot, f"{model['params_total'] / 1e9:.0f}B-parameter model on "
+                  f"{hw.name} ({hw.gpus} GPUs): step time per layout")
     if args.json:
         out = {**model, "layout": best.as_dict()["layout"], **{k: v for k, v in best.as_dict().items() if k != "layout"},
                "tokens_per_s_per_gpu": best.tokens_per_s / model["gpus"], "memory_per_gpu_gib": best.memory_per_gpu_gib,

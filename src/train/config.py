@@ -151,6 +151,11 @@ class LoggingConfig:
     progress: bool = True  # console progress bar
     wandb: WandbConfig = field(default_factory=WandbConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # under pipelining: one step's measured actions per pipeline rank in <run dir>/timeline/ (drawn by
+    # moetron-report next to the simulated schedule)
+    timeline: bool = False
+    timeline_step: int = 3  # the step recorded, numbered as logged (the steps before it warm up)
+    heatmap_every: int = 0  # steps between tokens-per-expert heatmaps sent to W&B (when it is on); 0: never
 
 
 @dataclass

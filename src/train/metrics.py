@@ -64,8 +64,11 @@ def wandb_mode(requested: str) -> str:
 
 
 class WandbLogger:
-    def __init__(self, cfg, run_dir: Path, config_dict: dict, resume_step: int) -> None:
-        self.run = None
+    """Metrics to W&B (when logging.wandb.mode is not disabled): tokens per expert as histograms, and
+    every `heatmap_every` steps the layers x experts heatmap as an image."""
+
+    def __init__(self, cfg, run_dir: Path, config_dict: dict, resume_step: int, heatmap_every: int = 0) -> None:
+        self.run, self.heatmap_every, self.run_dir = None, heatmap_every, run_dir
         mode = wandb_mode(cfg.mode)
         if mode == "disabled":
             return
@@ -87,8 +90,14 @@ class WandbLogger:
                 import numpy as np
 
                 logged[key] = self.wandb.Histogram(np_histogram=(np.asarray(value), np.arange(len(value) + 1)))
-            else:
+            elif not key.startswith("moe/bias/"):  # per-expert biases: in metrics.jsonl and the report
                 logged[key] = value
+        if self.heatmap_every and step % self.heatmap_every == 0 and any(k.startswith("moe/load/") for k in metrics):
+            from moetron.report.figures import heatmap, load_matrix
+
+            layers, matrix = load_matrix([metrics], step)
+            path = heatmap(layers, matrix, self.run_dir / "report" / "wandb_heatmap.png", f"tokens per expert, step {step}")
+            logged["moe/heatmap"] = self.wandb.Image(str(path))
         self.run.log(logged, step=step)
 
     def close(self) -> None:

@@ -104,6 +104,7 @@ class PipelinedMicroBatches(_MicroBatches):
         with self._autocast():
             result = runner.step(inputs, targets, loss_fn, loss_scale=1.0 / len(micro_batches) if train else 1.0)
         if train:
+            self.last_runner = runner  # its action_spans are the step's timeline
             busy = runner.busy_s / max(runner.step_s, 1e-12)
             self.idle = torch.tensor(1.0 - busy, dtype=torch.float64, device=self.device)
         return result.metrics if result.metrics is not None else self._zeros()

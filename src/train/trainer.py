@@ -46,6 +46,7 @@ from moetron.train.distributed import init_process_group, pick_device, world_fro
 from moetron.train.tokenizers import get_tokenizer
 from moetron.train.errors import UserInputError
 from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient, is_timeout
+from moetron.pipeline.timeline import save_rank_timeline
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.lr_schedule import lr_at
@@ -200,7 +201,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
     jsonl = wandb = console = None
     if world.is_main:
         jsonl = JsonlWriter(run_dir / "metrics.jsonl", start_step)
-        wandb = WandbLogger(cfg.logging.wandb, run_dir, config_dict, start_step)
+        wandb = WandbLogger(cfg.logging.wandb, run_dir, config_dict, start_step, cfg.logging.heatmap_every)
         console = Console(cfg.logging.progress, start_step, tcfg.max_steps, tcfg.log_every)
 
     metrics, first_loss, step = {}, None, start_step
@@ -266,6 +267,11 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                         jsonl.log(metrics)
                         wandb.log(metrics, step + 1)
                     console.update(metrics)
+                if cfg.logging.timeline and dims.pp > 1 and step + 1 == cfg.logging.timeline_step \
+                        and groups.dp_ep_rank == 0:  # one pipeline's ranks
+                    runner = micro.last_runner
+                    save_rank_timeline(run_dir / "timeline" / f"rank{groups.pp_rank}.json", runner.action_spans,
+                                       runner.step_started, runner.sched, step + 1, groups.pp_rank)
                 trace = profiler.end(step + 1)
                 if trace is not None:
                     line = f"rank {world.rank}: profile of {profiler.steps} in {trace}"

@@ -58,7 +58,7 @@ def _pipeline(rank, world, name, n):
     losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n).losses
     assert bool(queued) == any(a.kind == "B" for a in sched.actions[rank])
     # the timeline: one span per compute action, in the rank's order, one after the other
-    assert [k for k, _, _ in runner.action_spans] == [a.kind for a in sched.actions[rank]]
+    assert [a for a, _, _ in runner.action_spans] == sched.actions[rank]
     assert all(s0 <= e0 <= s1 for (_, s0, e0), (_, s1, _) in zip(runner.action_spans, runner.action_spans[1:]))
     return losses, {sched.module_of_stage[s]: [p.grad for p in m.parameters()] for s, m in mine.items()}
 

@@ -131,9 +131,13 @@ def test_sweep(tmp_path):
     assert lrs == pytest.approx([1e-3 / 20, 3e-3 / 20])  # first warmup step of 20
 
 
-def test_wandb_offline_run_folder(tmp_path):
-    run_cli(["train.max_steps=2", *FAST, "logging.wandb.mode=offline", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+def test_wandb_offline_run_folder_with_expert_heatmaps(tmp_path):
+    run_cli(["train.max_steps=2", *FAST, "logging.wandb.mode=offline", "logging.heatmap_every=1",
+             f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs
+    images = list(runs[0].rglob("media/images/moe/heatmap*.png"))
+    assert len(images) == 2  # one per step
 
 
 def test_data_parallel_matches_single_process(tmp_path):

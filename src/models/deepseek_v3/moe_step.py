@@ -32,6 +32,7 @@ class MoEStepStats:
     tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)
     maxvio: dict[int, float] = field(default_factory=dict)
     bias_abs_mean: dict[int, float] = field(default_factory=dict)
+    bias: dict[int, list[float]] = field(default_factory=dict)  # per expert, after the update
 
     @property
     def maxvio_mean(self) -> float:
@@ -89,6 +90,7 @@ def apply_moe_step(model: nn.Module, summed: dict[str, torch.Tensor], bias_updat
         stats.tokens_per_expert[router.layer_idx] = [int(v) for v in load_E.tolist()]
         stats.maxvio[router.layer_idx] = max_violation(load_E)
         stats.bias_abs_mean[router.layer_idx] = float(bias_E.abs().mean())
+        stats.bias[router.layer_idx] = [float(v) for v in bias_E.tolist()]
     return stats
 
 

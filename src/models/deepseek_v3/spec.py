@@ -68,7 +68,8 @@ class DeepSeekV3Spec(ModelSpec):
 
     def after_step(self, model: nn.Module, summed: dict, train_cfg, tokens_seen: int, update: bool = True) -> dict:
         """The loss-free bias update from the step's loads (speed u, then 0 after 14.3T tokens), and
-        the MoE metrics: MaxVio per layer and mean, tokens per expert, mean |bias|."""
+        the MoE metrics: MaxVio per layer and mean, tokens per expert, each expert's bias and their
+        mean |bias|."""
         schedule = train_cfg.bias_update_schedule or [[0, model.cfg.bias_update_speed], list(BIAS_SPEED_LATER)]
         speed = piecewise(schedule, tokens_seen) if update else 0.0  # a skipped step moves no bias
         moe = apply_moe_step(model, summed, speed)
@@ -79,6 +80,7 @@ class DeepSeekV3Spec(ModelSpec):
             metrics[f"moe/maxvio_batch/layer_{layer}"] = value
             metrics[f"moe/load/layer_{layer}"] = moe.tokens_per_expert[layer]
             metrics[f"moe/bias_abs_mean/layer_{layer}"] = moe.bias_abs_mean[layer]
+            metrics[f"moe/bias/layer_{layer}"] = moe.bias[layer]
         return metrics
 
     def save_hf(self, model: nn.Module, out_dir) -> None:

@@ -1,0 +1,1 @@
+"""Pictures of a run: `moetron-report RUN_DIR` (moetron.report.cli)."""
