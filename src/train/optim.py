@@ -7,34 +7,72 @@ import torch
 
 class AdamWLowPrecisionMoments(torch.optim.Optimizer):
     """AdamW whose moments are stored in `moments_dtype` (BF16 in DeepSeek-V3, report section 3.3)
-    and updated in float32; parameters (the FP32 master weights) are updated in their own dtype."""
+    and updated in float32; parameters (the FP32 master weights) are updated in their own dtype.
 
-    def __init__(self, params, lr, betas, eps, weight_decay, moments_dtype=torch.bfloat16):
+    Foreach ops over chunks of `chunk_elems` elements (their float32 temporaries stay bounded), and
+    no host sync per step: each parameter's `step` is a CPU tensor (as in torch's AdamW, for
+    checkpoints), counted without being read; the bias corrections use the group's count, read
+    from the state once after a load."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay, moments_dtype=torch.bfloat16, chunk_elems=1 << 26):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.moments_dtype = moments_dtype
+        self.moments_dtype, self.chunk_elems = moments_dtype, chunk_elems
+        self._counts: dict[int, int] = {}  # steps taken per param group
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._counts.clear()  # read again from the loaded steps
+
+    def _chunks(self, params: list):
+        chunk, size = [], 0
+        for p in params:
+            chunk.append(p)
+            size += p.numel()
+            if size >= self.chunk_elems:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
-                state["step"] += 1
-                t = state["step"].item()
-                grad = p.grad.float()
-                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                state["exp_avg"].copy_(exp_avg)
-                state["exp_avg_sq"].copy_(exp_avg_sq)
-                denom = (exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_((exp_avg / (1 - beta1 ** t) / denom).to(p.dtype), alpha=-group["lr"])
+            if index not in self._counts:  # after a load (or the first step): one read, on the host
+                self._counts[index] = int(self.state[params[0]]["step"])
+            self._counts[index] += 1
+            t = self._counts[index]
+            torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
+            beta1, beta2 = group["betas"]
+            for chunk in self._chunks(params):
+                self._update(chunk, group, t, beta1, beta2)
+
+    def _update(self, params: list, group: dict, t: int, beta1: float, beta2: float) -> None:
+        """One chunk, the same float32 arithmetic per element as a loop over parameters would do."""
+        states = [self.state[p] for p in params]
+        grads = [p.grad.float() for p in params]
+        exp_avg = [s["exp_avg"].float() for s in states]
+        exp_avg_sq = [s["exp_avg_sq"].float() for s in states]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        torch._foreach_copy_([s["exp_avg"] for s in states], exp_avg)
+        torch._foreach_copy_([s["exp_avg_sq"] for s in states], exp_avg_sq)
+        denom = torch._foreach_div(exp_avg_sq, 1 - beta2 ** t)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        update = torch._foreach_div(exp_avg, 1 - beta1 ** t)
+        torch._foreach_div_(update, denom)
+        torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(update, params)], alpha=-group["lr"])
 
 
 def build_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.optim.Optimizer:
@@ -50,8 +88,8 @@ def build_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.opti
             raise ImportError("optim.implementation=apex needs NVIDIA apex built from source (see README); "
                               "the PyPI package named apex is unrelated. Or use optim.implementation=auto") from err
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    fused = cfg.implementation == "auto" and device.type == "cuda"
-    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+    # fused: one kernel per step on CUDA and on the CPU (torch 2.4+), and no host sync reading steps
+    return torch.optim.AdamW(groups, fused=(cfg.implementation == "auto") or None, **kwargs)
 
 
 def optimizer_state_gib(optimizer: torch.optim.Optimizer) -> float:

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from moetron.comm.counts import count_per_expert
 from moetron.comm.dispatch.hop import IdentityCodec, return_hop, send_hop
 from moetron.comm.lanes import GroupLike
 from moetron.comm.traffic import TrafficCounter
@@ -52,7 +53,7 @@ class ExpertParallelDispatcher:
         local_S = expert_MK[row_S, slot_S] - self.first_local
         order_S = torch.argsort(local_S, stable=True)
         row_S, slot_S, local_S = row_S[order_S], slot_S[order_S], local_S[order_S]
-        tokens_per_local_expert_L = torch.bincount(local_S, minlength=self.num_local)
+        tokens_per_local_expert_L = count_per_expert(local_S, self.num_local)
         handle = EPDispatchHandle(hops, row_S, weight_MK[row_S, slot_S], x_MH.shape[0])
         return x_MH.index_select(0, row_S), tokens_per_local_expert_L, handle
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moetron.comm.counts import count_per_expert
+
 
 @dataclass
 class LocalDispatchHandle:
@@ -33,7 +35,7 @@ class LocalDispatcher:
         expert_of_row = topk_idx_TK.reshape(-1)
         order_S = torch.argsort(expert_of_row, stable=True)
         token_idx_S = order_S // K
-        tokens_per_expert_E = torch.bincount(expert_of_row, minlength=self.num_experts)
+        tokens_per_expert_E = count_per_expert(expert_of_row, self.num_experts)
         x_recv_SH = x_TH.index_select(0, token_idx_S)
         weight_S = topk_weight_TK.reshape(-1).index_select(0, order_S)
         return x_recv_SH, tokens_per_expert_E, LocalDispatchHandle(token_idx_S, weight_S, x_TH.shape[0])

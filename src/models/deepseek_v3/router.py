@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetron.comm.counts import count_per_expert
 from moetron.models.deepseek_v3.balance import batch_balance_loss, sequence_balance_loss
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 
@@ -91,7 +92,7 @@ class TopKRouter(nn.Module):
         chosen_BVK = topk_idx_TK.view(B, S, K)[:, :V]
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(chosen_BVK.flatten(), minlength=E)
+                self.tokens_per_expert += count_per_expert(chosen_BVK, E)
         return Routing(topk_idx_TK, gate_TK, self._balance_loss(scores_BVE, chosen_BVK))
 
     def _balance_loss(self, scores_BVE, chosen_BVK) -> Optional[torch.Tensor]:
