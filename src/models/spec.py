@@ -148,6 +148,15 @@ class ModelSpec:
         """Model FLOPs of one training token, from the config (the same in every layout)."""
         raise NotImplementedError(f"{type(self).__name__}.flops_per_token")
 
+    def compile_blocks(self, model: nn.Module) -> int:
+        """torch.compile each repeated block (`train.compile`): the decoder layers and, where the
+        model has them, its MTP modules, compiled in place (names and parameters unchanged).
+        Collectives inside a block (expert dispatch) are graph breaks. Returns how many."""
+        blocks = [*getattr(model, "layers", []), *getattr(model, "mtp", [])]
+        for block in blocks:
+            block.compile()
+        return len(blocks)
+
     def parameter_counts(self, cfg) -> tuple[int, int]:
         """(total parameters, parameters a token activates), for the planner."""
         raise NotImplementedError(f"{self.arch} has no parameter counts for moetron-plan")

@@ -130,6 +130,8 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     fp8 = FP8Recipe(resolve_backend(prec.backend, device), prec.fp8_dispatch, prec.fp8_cache_activations) \
         if prec.fp8 else None
     made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1, fp8=fp8)
+    if cfg.train.compile:
+        spec.compile_blocks(model)  # compiled at their first call, on the materialized parameters
     if dims.pp == 1:
         materialize(model, [model], device, cfg.train.seed)
         _init_from(spec, model_cfg, model)

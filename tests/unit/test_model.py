@@ -113,6 +113,24 @@ def test_rms_norm_gradients():
     torch.testing.assert_close(norm(x), reference, rtol=1e-12, atol=1e-12)  # float64: exact up to rounding
 
 
+def test_the_fused_rms_norm_kernel_is_bitwise_the_composite():
+    """The forward uses torch's fused kernel where it exists: on the CPU its output (float32 and,
+    cast back, bfloat16) is bitwise what the composite x * rsqrt(mean(x^2) + eps) gives."""
+    from moetron.models.deepseek_v3 import layers
+
+    norm = layers.RMSNorm(300)
+    torch.nn.init.normal_(norm.weight)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 7, 300) * 3).to(dtype)
+        fused = norm(x)
+        layers.FUSED_RMS_NORM, was = False, layers.FUSED_RMS_NORM
+        try:
+            composite = norm(x)
+        finally:
+            layers.FUSED_RMS_NORM = was
+        assert torch.equal(fused, composite)
+
+
 def test_bf16_autocast_keeps_gating_in_float32():
     cfg = load_preset("tiny")
     model = build_model(cfg).train()

@@ -78,7 +78,21 @@ def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: tor
         x_SK, w_ENK = x_SK.to(dtype), w_ENK.to(dtype)
     if use_grouped_mm and HAS_GROUPED_MM and _aligned(x_SK) and _aligned(w_ENK) and w_ENK.shape[1] * w_ENK.element_size() % 16 == 0:
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+        if x_SK.dtype != torch.bfloat16:
+            # torch.compile traces grouped_mm for BF16 only (its CUDA kernel's dtype); in float32 (the
+            # CPU) the GEMM stays eager, a graph break inside a compiled block
+            return _grouped_mm_eager(x_SK, w_ENK, offsets_E, weight_grad_store, w_param)
         return _GroupedMM.apply(x_SK, w_ENK, offsets_E, weight_grad_store, w_param)
+    return _loop_eager(x_SK, w_ENK, tokens_per_expert_E)
+
+
+@torch.compiler.disable
+def _grouped_mm_eager(x_SK, w_ENK, offsets_E, store, w_param):
+    return _GroupedMM.apply(x_SK, w_ENK, offsets_E, store, w_param)
+
+
+@torch.compiler.disable  # per-expert sizes on the host: eager, not a recompile per step's counts
+def _loop_eager(x_SK, w_ENK, tokens_per_expert_E):
     return grouped_mm_loop(x_SK, w_ENK, tokens_per_expert_E)
 
 

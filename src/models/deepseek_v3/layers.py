@@ -14,18 +14,27 @@ from moetron.models.deepseek_v3.rope import inv_freq
 from moetron.parallel.recompute import discard_all, maybe_recompute
 
 
+FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")  # torch 2.9+: (normalised, rstd)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """y = w * (x / sqrt(mean(x^2) + eps)), normalised in float32, as one autograd node.
 
     One node (rather than torch's composite of pow, mean, rsqrt, mul) gives x a single gradient
-    term, so a recomputed norm sums the input's gradients in the same order as a stored one.
+    term, so a recomputed norm sums the input's gradients in the same order as a stored one. The
+    normalisation is torch's fused RMSNorm kernel where the build has it (bitwise the composite's
+    result on the CPU; tests/unit/test_layers.py holds it), which also returns rstd for the backward.
     """
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         x_f = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(x_f.pow(2).mean(dim=-1, keepdim=True) + eps)
-        normed = (x_f * rstd).to(x.dtype)
+        if FUSED_RMS_NORM:
+            normed_f, rstd = torch.ops.aten._fused_rms_norm(x_f, [x_f.shape[-1]], None, eps)
+        else:
+            rstd = torch.rsqrt(x_f.pow(2).mean(dim=-1, keepdim=True) + eps)
+            normed_f = x_f * rstd
+        normed = normed_f.to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
         return weight * normed
 
