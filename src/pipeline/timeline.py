@@ -85,9 +85,11 @@ def load_timelines(folder) -> tuple[dict, list]:
     files = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("rank*.json"))]
     if not files:
         raise FileNotFoundError(f"no rank*.json timelines in {folder}")
-    head = files[0]
+    head = next((f for f in files if f["rank"] == 0), files[0])
     spans = [[] for _ in range(head["pp"])]
     for data in files:
+        if (data["step"], data["pp"], data["schedule"]) != (head["step"], head["pp"], head["schedule"]):
+            continue  # left by an earlier run of another layout in this run directory
         spans[data["rank"]] = [(Action(k, mb, st, mb2, st2), start, end)
                                             for k, mb, st, mb2, st2, start, end in data["spans"]]
     return head, spans

@@ -163,7 +163,7 @@ def nodes_reached(ep_nodes: int, copies: int, n_group: int, topk_group: int) -> 
     ep_nodes / n_group nodes when EP spans more nodes than there are groups."""
     limit = ep_nodes
     if 0 < topk_group < n_group:
-        limit = topk_group * max(1, ep_nodes // n_group)
+        limit = topk_group * max(1, -(-ep_nodes // n_group))  # a group's nodes, rounded up
     return max(1, min(limit, ep_nodes, copies))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 LOSSES = ("loss", "loss/lm", "loss/mtp", "eval/loss")
+BALANCE = ("loss/seq_aux", "loss/aux")  # the sequence-wise loss; the auxiliary loss (balance_mode=aux_loss)
 
 
 def use_agg():
@@ -56,12 +57,15 @@ def losses(records: list[dict], path) -> dict:
             drawn[key] = values
     left.set(xlabel="step", ylabel="loss", title="losses")
     left.legend(fontsize=8)
-    steps, values = series(records, "loss/seq_aux")
-    if steps:
-        right.plot(steps, values, color="tab:red")
-        right.set_yscale("log") if min(values) > 0 else None
-        drawn["loss/seq_aux"] = values
-    right.set(xlabel="step", title="sequence-wise balance loss")
+    for key in BALANCE:
+        steps, values = series(records, key)
+        if steps:
+            right.plot(steps, values, label=key)
+            if min(values) > 0:
+                right.set_yscale("log")
+            drawn[key] = values
+    right.set(xlabel="step", title="balance losses")
+    right.legend(fontsize=8)
     save_figure(fig, path)
     return drawn
 

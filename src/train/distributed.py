@@ -3,6 +3,7 @@ returned to the caller, never kept in globals."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -46,11 +47,8 @@ def first_host(nodelist: str) -> str:
         if ch == "," and depth == 0:
             end = i
             break
-    head = nodelist[:end]
-    if "[" not in head:
-        return head
-    prefix, ranges = head.split("[", 1)
-    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+    # each bracket's first value: "rack[1-2]-node[01-04]" -> "rack1-node01"
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist[:end])
 
 
 def job_rendezvous(env=os.environ) -> Optional[tuple[str, str]]:
@@ -59,7 +57,8 @@ def job_rendezvous(env=os.environ) -> Optional[tuple[str, str]]:
     if "SUBMITIT_EXECUTOR" in env:
         import submitit
         job = submitit.JobEnvironment()
-        return job.hostnames[0], str(20000 + int("".join(c for c in str(job.job_id) if c.isdigit()) or 0) % 10000)
+        job_id = env.get("SLURM_JOB_ID") or "".join(c for c in str(job.job_id) if c.isdigit()) or "0"
+        return job.hostnames[0], str(20000 + int(job_id) % 10000)
     if "SLURM_JOB_NODELIST" in env and "SLURM_JOB_ID" in env:
         return first_host(env["SLURM_JOB_NODELIST"]), str(20000 + int(env["SLURM_JOB_ID"]) % 10000)
     return None

@@ -11,17 +11,21 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 
     Foreach ops over chunks of `chunk_elems` elements (their float32 temporaries stay bounded), and
     no host sync per step: each parameter's `step` is a CPU tensor (as in torch's AdamW, for
-    checkpoints), counted without being read; the bias corrections use the group's count, read
-    from the state once after a load."""
+    checkpoints), counted without being read; the bias corrections use a host-side copy of each
+    parameter's count, read from the state once after a load."""
 
     def __init__(self, params, lr, betas, eps, weight_decay, moments_dtype=torch.bfloat16, chunk_elems=1 << 26):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.moments_dtype, self.chunk_elems = moments_dtype, chunk_elems
-        self._counts: dict[int, int] = {}  # steps taken per param group
+        self._steps: dict[int, int] = {}  # steps taken per parameter (id), mirrored on the host
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
-        self._counts.clear()  # read again from the loaded steps
+        self._steps.clear()  # read again from the loaded steps
+        for state in self.state.values():  # torch's loader casts state to the parameter's dtype
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moments_dtype)
 
     def _chunks(self, params: list):
         chunk, size = [], 0
@@ -36,24 +40,25 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
+            by_step: dict[int, list] = {}  # parameters at the same step share bias corrections
             for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
-            if index not in self._counts:  # after a load (or the first step): one read, on the host
-                self._counts[index] = int(self.state[params[0]]["step"])
-            self._counts[index] += 1
-            t = self._counts[index]
-            torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
+                if id(p) not in self._steps:  # after a load (or the first step): one read, on the host
+                    self._steps[id(p)] = int(state["step"])
+                self._steps[id(p)] += 1
+                by_step.setdefault(self._steps[id(p)], []).append(p)
+            if params:
+                torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
             beta1, beta2 = group["betas"]
-            for chunk in self._chunks(params):
-                self._update(chunk, group, t, beta1, beta2)
+            for t, same in by_step.items():
+                for chunk in self._chunks(same):
+                    self._update(chunk, group, t, beta1, beta2)
 
     def _update(self, params: list, group: dict, t: int, beta1: float, beta2: float) -> None:
         """One chunk, the same float32 arithmetic per element as a loop over parameters would do."""

@@ -139,6 +139,10 @@ def validate(cfg, world_size: int) -> ParallelDims:
                                   else cfg.optim.schedule)
     if cfg.logging.wandb.mode not in WANDB_MODES:
         problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
+    every = cfg.logging.get("heatmap_every") or 0
+    if every and every % train.log_every:
+        problems.append(f"logging.heatmap_every={every} is not a multiple of train.log_every={train.log_every}: "
+                        "heatmaps go to W&B on logged steps only")
     problems += _profile_problems(cfg.logging.profile, train.max_steps, world_size)
     if train.on_nonfinite not in ("stop", "skip"):
         problems.append(f"train.on_nonfinite={train.on_nonfinite!r}: choose stop or skip")

@@ -31,6 +31,7 @@ def test_slurm_jobs_meet_at_their_first_host_on_a_port_of_their_own():
     assert first_host("gpu[003-010,012],cpu1") == "gpu003"
     assert first_host("node7,node8") == "node7"
     assert first_host("a-b[09]") == "a-b09"
+    assert first_host("rack[1-2]-node[01-04],x") == "rack1-node01" and first_host("node[1-4]-ib") == "node1-ib"
     env = {"SLURM_JOB_NODELIST": "h100-[0017-0020]", "SLURM_JOB_ID": "123456"}
     assert job_rendezvous(env) == ("h100-0017", str(20000 + 123456 % 10000))
     assert job_rendezvous({}) is None

@@ -23,7 +23,7 @@ class _RMSNormFunction(torch.autograd.Function):
     One node (rather than torch's composite of pow, mean, rsqrt, mul) gives x a single gradient
     term, so a recomputed norm sums the input's gradients in the same order as a stored one. The
     normalisation is torch's fused RMSNorm kernel where the build has it (bitwise the composite's
-    result on the CPU; tests/unit/test_layers.py holds it), which also returns rstd for the backward.
+    result on the CPU; tests/unit/test_model.py holds it), which also returns rstd for the backward.
     """
 
     @staticmethod
