@@ -24,7 +24,8 @@ from moetron.comm.lanes import GroupLike, issuing
 
 
 def exchange_counts(send_counts: torch.Tensor, group: GroupLike) -> torch.Tensor:
-    """Rows each peer will send me, given the rows I send each peer (int64 [group size])."""
+    """Rows each peer will send me, given the rows I send each peer (int64 [group size], or
+    [group size, n]: n counts per peer)."""
     with issuing(group) as process_group:
         if process_group is None:
             return send_counts.clone()

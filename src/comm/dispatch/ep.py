@@ -47,9 +47,15 @@ class ExpertParallelDispatcher:
     def _send(self, x_TH, topk_idx_TK, topk_weight_TK):  # -> x_MH, expert_MK, weight_MK, hops
         raise NotImplementedError
 
+    def _received_pairs(self, hops) -> Optional[int]:
+        """Valid (row, slot) pairs received, when the exchange told the host (None: count them)."""
+        return hops[-1].recv_pairs
+
     def dispatch(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor):
         x_MH, expert_MK, weight_MK, hops = self._send(x_TH, topk_idx_TK, topk_weight_TK)
-        row_S, slot_S = (expert_MK >= 0).nonzero(as_tuple=True)
+        pairs, valid_MK = self._received_pairs(hops), expert_MK >= 0
+        # the valid slots' count came with the last hop's counts: no sync of its own
+        row_S, slot_S = (valid_MK.nonzero() if pairs is None else torch.nonzero_static(valid_MK, size=pairs)).unbind(1)
         local_S = expert_MK[row_S, slot_S] - self.first_local
         order_S = torch.argsort(local_S, stable=True)
         row_S, slot_S, local_S = row_S[order_S], slot_S[order_S], local_S[order_S]

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from moetron.comm.a2a import all_to_all, all_to_all_packed, exchange_counts
+from moetron.comm.counts import count_per_expert
 from moetron.comm.lanes import GroupLike
 from moetron.comm.traffic import TrafficCounter
 
@@ -39,9 +40,12 @@ class IdentityCodec:
 
 @dataclass
 class HopPlan:
-    row_idx_N: torch.Tensor  # source row of each sent row, grouped by destination
-    send_counts_D: torch.Tensor  # int64
-    sent_expert_NK: torch.Tensor  # expert ids of the destination's slots, -1 elsewhere
+    """Where rows go, before the host knows how many: `mask_RD` marks (row, destination) pairs,
+    `dest_RK` each slot's destination (num_dest for an invalid slot)."""
+    mask_RD: torch.Tensor
+    dest_RK: torch.Tensor
+    send_counts_D: torch.Tensor  # int64: rows per destination
+    pair_counts_D: torch.Tensor  # int64: valid slots (token-expert pairs) per destination
 
 
 def plan_hop(expert_RK: torch.Tensor, dest_RK: torch.Tensor, num_dest: int) -> HopPlan:
@@ -51,10 +55,16 @@ def plan_hop(expert_RK: torch.Tensor, dest_RK: torch.Tensor, num_dest: int) -> H
     mask_RD = torch.zeros(R, num_dest + 1, dtype=torch.bool, device=expert_RK.device)
     mask_RD.scatter_(1, dest_RK, True)
     mask_RD = mask_RD[:, :num_dest]
-    dest_N, row_N = mask_RD.t().nonzero(as_tuple=True)  # ordered by destination, then row
-    keep_NK = dest_RK.index_select(0, row_N) == dest_N.unsqueeze(1)
-    sent_expert_NK = torch.where(keep_NK, expert_RK.index_select(0, row_N), -1)
-    return HopPlan(row_N, mask_RD.sum(dim=0), sent_expert_NK)
+    pairs_D = count_per_expert(dest_RK, num_dest + 1)[:num_dest]
+    return HopPlan(mask_RD, dest_RK, mask_RD.sum(dim=0), pairs_D)
+
+
+def rows_to_send(plan: HopPlan, expert_RK: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source row of each sent row, grouped by destination; the expert ids of its slots at that
+    destination, -1 elsewhere), with the row count known on the host: no sync of its own."""
+    dest_N, row_N = torch.nonzero_static(plan.mask_RD.t(), size=total).unbind(1)  # by destination, then row
+    keep_NK = plan.dest_RK.index_select(0, row_N) == dest_N.unsqueeze(1)
+    return row_N, torch.where(keep_NK, expert_RK.index_select(0, row_N), -1)
 
 
 @dataclass
@@ -65,22 +75,27 @@ class Hop:
     group: GroupLike
     num_rows: int
     links: Sequence[Optional[str]]
+    recv_pairs: int = 0  # valid slots among the received rows
 
 
 def send_hop(x_RH, expert_RK, weight_RK, dest_RK, num_dest: int, group, links: Sequence[Optional[str]],
              codec: IdentityCodec, traffic: TrafficCounter):
-    """Exchange rows; returns (x_MH, expert_MK, weight_MK, Hop). Differentiable in x and weight."""
+    """Exchange rows; returns (x_MH, expert_MK, weight_MK, Hop). Differentiable in x and weight.
+    The host reads the exchanged counts once (rows and pairs per peer): the hop's one sync."""
     plan = plan_hop(expert_RK, dest_RK, num_dest)
-    send, recv = torch.stack([plan.send_counts_D, exchange_counts(plan.send_counts_D, group)]).tolist()  # one sync
-    x_NH = x_RH.index_select(0, plan.row_idx_N)
+    counts_D2 = torch.stack([plan.send_counts_D, plan.pair_counts_D], dim=1)
+    sent, received = torch.stack([counts_D2, exchange_counts(counts_D2, group)]).tolist()  # one sync
+    send, recv = [rows for rows, _ in sent], [rows for rows, _ in received]
+    row_N, sent_expert_NK = rows_to_send(plan, expert_RK, sum(send))
+    x_NH = x_RH.index_select(0, row_N)
     x_MH = codec.exchange(x_NH, send, recv, group)
     # gates and expert ids in one exchange (packing the rows too would copy the payload once more)
-    weight_MK, expert_MK = all_to_all_packed([weight_RK.index_select(0, plan.row_idx_N), plan.sent_expert_NK],
-                                             send, recv, group)
+    weight_MK, expert_MK = all_to_all_packed([weight_RK.index_select(0, row_N), sent_expert_NK], send, recv, group)
     K = expert_RK.shape[1]
     row_bytes = codec.bytes_per_row(x_NH) + K * (weight_RK.element_size() + expert_RK.element_size())
     traffic.add(send, row_bytes, links)
-    return x_MH, expert_MK, weight_MK, Hop(plan.row_idx_N, send, recv, group, x_RH.shape[0], links)
+    hop = Hop(row_N, send, recv, group, x_RH.shape[0], links, sum(pairs for _, pairs in received))
+    return x_MH, expert_MK, weight_MK, hop
 
 
 def return_hop(y_MH: torch.Tensor, hop: Hop, traffic: TrafficCounter) -> torch.Tensor:
