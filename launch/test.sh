@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
-python -m pytest -q "${@:-tests}"
+python -m pytest -q --durations=15 "${@:-tests}"  # the slowest tests listed at the end

@@ -148,13 +148,13 @@ class ModelSpec:
         """Model FLOPs of one training token, from the config (the same in every layout)."""
         raise NotImplementedError(f"{type(self).__name__}.flops_per_token")
 
-    def compile_blocks(self, model: nn.Module) -> int:
+    def compile_blocks(self, model: nn.Module, backend: str = "inductor") -> int:
         """torch.compile each repeated block (`train.compile`): the decoder layers and, where the
         model has them, its MTP modules, compiled in place (names and parameters unchanged).
         Collectives inside a block (expert dispatch) are graph breaks. Returns how many."""
         blocks = [*getattr(model, "layers", []), *getattr(model, "mtp", [])]
         for block in blocks:
-            block.compile()
+            block.compile(backend=backend)
         return len(blocks)
 
     def parameter_counts(self, cfg) -> tuple[int, int]:

@@ -41,6 +41,7 @@ class TrainSettings:
     collective_timeout_s: float = 1800.0  # a collective that waits longer on a peer fails instead of hanging
     deterministic: Optional[bool] = None  # None: deterministic on CPU, not on GPU
     compile: bool = False  # torch.compile each decoder and MTP block (collectives are graph breaks)
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: tracing without code generation)
     # Piecewise-constant schedules in tokens, [[from_tokens, value], ...], for models with MTP and
     # loss-free balancing. None: the report's, lambda = model.mtp_loss_weight (0.3) then 0.1 after
     # 10T tokens; u = model.bias_update_speed (0.001) then 0 after 14.3T.

@@ -131,7 +131,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
         if prec.fp8 else None
     made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1, fp8=fp8)
     if cfg.train.compile:
-        spec.compile_blocks(model)  # compiled at their first call, on the materialized parameters
+        spec.compile_blocks(model, cfg.train.compile_backend)  # compiled at their first call, on the materialized parameters
     if dims.pp == 1:
         materialize(model, [model], device, cfg.train.seed)
         _init_from(spec, model_cfg, model)
