@@ -34,7 +34,7 @@ def draw_timeline(spans: list, sched, path, title: str, time_unit: str = "") -> 
     ("s" for measured steps)."""
     from matplotlib.patches import Patch
 
-    from moetron.report.figures import save_figure, use_agg
+    from moetron.plotting import save_figure, use_agg
 
     plt = use_agg()
 

@@ -16,7 +16,7 @@ def step_parts(e) -> list[float]:
 
 def draw_plan(rows: list, path, title: str) -> tuple[Path, list[list[float]]]:
     """Stacked bars, one per layout (best at the top); returns the path and the parts drawn."""
-    from moetron.report.figures import save_figure, use_agg
+    from moetron.plotting import save_figure, use_agg
 
     plt = use_agg()
 

@@ -32,8 +32,8 @@ from moetron.plan.search import Fixed, layouts
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_module
 
-    from moetron.train.config import register_configs
-    register_configs()
+    from moetron.plan.settings import register_plan_configs
+    register_plan_configs()
     with initialize_config_module(config_module="moetron.conf", version_base="1.3"):
         return compose(config_name="plan", overrides=overrides)
 

@@ -10,26 +10,10 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from moetron.plotting import save_figure, use_agg
+
 LOSSES = ("loss", "loss/lm", "loss/mtp", "eval/loss")
 BALANCE = ("loss/seq_aux", "loss/aux")  # the sequence-wise loss; the auxiliary loss (balance_mode=aux_loss)
-
-
-def use_agg():
-    """pyplot on the headless Agg backend (no display on a cluster node)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    return plt
-
-
-def save_figure(fig, path, dpi: int = 100) -> Path:
-    """Lay out, write as PNG (folders made), close; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    use_agg().close(fig)
-    return path
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from moetron.plan.hardware import Efficiency
 
 
 
@@ -175,21 +174,6 @@ class RootConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
 
 
-@dataclass
-class PlanSettings(Efficiency):
-    """moetron-plan's own settings (conf/plan.yaml): the efficiency factors (moetron.plan.hardware
-    documents each default), what to search, and the run to cost."""
-    tokens: float = 14.8e12  # tokens of the run whose days and cost are shown (the report's 14.8T)
-    recompute: Optional[bool] = None  # None: searched; true: the report's selective recompute
-    micro_batches: list[int] = field(default_factory=lambda: [1, 2, 4])  # micro-batch sizes tried
-    top: int = 10  # rows of the table
-
-
-@dataclass
-class PlanRoot(RootConfig):
-    plan: PlanSettings = field(default_factory=PlanSettings)
-
-
 def register_configs() -> None:
     """The root schema, and each registered architecture's config class as `model/<arch>_schema`:
     a preset names it first in its defaults list, so every key of its model can be overridden and
@@ -198,6 +182,5 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="root_schema", node=RootConfig)
-    cs.store(name="plan_schema", node=PlanRoot)
     for spec in registered_specs():
         cs.store(group="model", name=f"{spec.arch}_schema", node=spec.config_cls)
