@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from moetron.plan.hardware import Hardware
+from moetron.report.records import jsonl_records
 
 
 def _from_benchmark(data: dict, hw: Hardware) -> dict:
@@ -21,18 +22,6 @@ def _from_benchmark(data: dict, hw: Hardware) -> dict:
     fp8 = [r["fp8_tflops"] for r in rows if r.get("fp8_tflops")]
     if fp8 and data.get("backend") in ("torch", "te"):  # the emulated backend says nothing about a GPU
         out["gemm_fp8"] = statistics.median(fp8) / hw.fp8_tflops
-    return out
-
-
-def _records(lines: list[str], path: str) -> list[dict]:
-    """JSON lines; a last line cut short (a killed run) is left out, any other bad line named."""
-    out = []
-    for number, line in enumerate(lines, 1):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number < len(lines):
-                raise ValueError(f"--calibrate {path}: line {number} is not JSON ({err})") from err
     return out
 
 
@@ -53,7 +42,7 @@ def calibrate(paths: list[str], hw: Hardware) -> dict:
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            out.update(_from_metrics(_records([ln for ln in text.splitlines() if ln.strip()], path)))  # JSON lines
+            out.update(_from_metrics(jsonl_records(text, f"--calibrate {path}")))  # JSON lines
             continue
         if isinstance(data, dict) and "linear" in data:
             out.update(_from_benchmark(data, hw))

@@ -18,28 +18,30 @@ import json
 import sys
 from typing import Optional
 
-from moetron.plan.calibrate import calibrate
 from hydra.errors import HydraException
+from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from moetron.pipeline.builders import BUILDERS, build_schedule
-from moetron.plan.estimate import Estimate, Problem, decoder_layout, estimate, memory_parts
+from moetron.pipeline.builders import BUILDERS
+from moetron.plan.calibrate import calibrate
+from moetron.plan.estimate import Estimate, Problem, estimate, memory_parts
 from moetron.plan.hardware import Efficiency, Hardware
-from moetron.plan.launch import launch_lines
+from moetron.plan.launch import launch_lines, planned_run
 from moetron.plan.search import Fixed, layouts
 
 
 def _compose(overrides: list[str]):
+    """The composed config (without its `hydra` node) and the model preset it chose."""
     from hydra import compose, initialize_config_module
 
     from moetron.plan.settings import register_plan_configs
     register_plan_configs()
     with initialize_config_module(config_module="moetron.conf", version_base="1.3"):
-        return compose(config_name="plan", overrides=overrides)
-
-
-def _bool(value: str) -> bool:
-    return value.strip().lower() in ("true", "1", "yes", "on")
+        cfg = compose(config_name="plan", overrides=overrides, return_hydra_config=True)
+    model_choice = cfg.hydra.runtime.choices.model
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, model_choice
 
 
 def fixed_from(overrides: list[str], cfg) -> Fixed:
@@ -105,13 +107,7 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
         rows = sorted((estimate(p, lay) for _, lay, p in fits), key=lambda e: e.gpu_hours_per_trillion_tokens)
     else:
         rows = [estimate(p, lay) for _, lay, p in sorted(misfits, key=lambda m: m[0])[:max(int(cfg.plan.top), 1)]]
-    def stage_layout(layout) -> Optional[list[list[int]]]:
-        if layout.pp == 1:
-            return None
-        chain = len(build_schedule(layout.schedule, layout.pp, layout.num_microbatches).chains[0])
-        return decoder_layout(problem(layout.recompute, layout.fp8).costs, chain)
-
-    return rows, {"stage_layout": stage_layout, "params_total": total, "params_active": active, "flops_per_token": spec.flops_per_token(model_cfg, seq),
+    return rows, {"params_total": total, "params_active": active, "flops_per_token": spec.flops_per_token(model_cfg, seq),
                   "cluster": hw.name, "gpus": hw.gpus, "seq_len": seq, "global_batch": int(cfg.train.global_batch)}
 
 
@@ -129,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="print the sbatch / srun / torchrun lines and rank placement of the best layout")
     args = parser.parse_args(argv)
     try:
-        cfg = _compose(args.overrides)
+        cfg, model_choice = _compose(args.overrides)
         fixed = fixed_from(args.overrides, cfg)
         hw = Hardware.from_config(cfg.cluster)
         calibrated = calibrate(args.calibrate, hw) if args.calibrate else {}
@@ -138,7 +134,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"cluster.sms={hw.sms} leaves no SMs for compute beside plan.comm_sms={eff.comm_sms}: "
                              "set cluster.sms to the GPU's SM count (132 on H100/H200/H800)")
         rows, model = plan(cfg, fixed, eff)
-        stage_layout = model.pop("stage_layout")(rows[0].layout) if rows else None
     except (ValueError, FileNotFoundError, NotImplementedError, HydraException, OmegaConfBaseException) as err:
         print(f"moetron-plan: error: {err}", file=sys.stderr)
         return 2
@@ -153,12 +148,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"{hw.name} ({hw.gpus} GPUs): step time per layout")
     if args.json:
         out = {**model, "layout": best.as_dict()["layout"], **{k: v for k, v in best.as_dict().items() if k != "layout"},
-               "tokens_per_s_per_gpu": best.tokens_per_s / model["gpus"], "memory_per_gpu_gib": best.memory_per_gpu_gib,
-               "efficiency": vars(eff), "calibrated": calibrated,
+               "tokens_per_s_per_gpu": best.tokens_per_s / model["gpus"], "efficiency": vars(eff), "calibrated": calibrated,
                "candidates": [e.as_dict() for e in rows[:int(cfg.plan.top)]]}
         print(json.dumps(out, indent=1))
     elif args.launch_script:
-        print(launch_lines(best.layout, hw, args.overrides, stage_layout))
+        print(launch_lines(best.layout, hw, args.overrides, planned_run(cfg, model_choice), best.stage_layout))
     else:
         print(f"{model['params_total'] / 1e9:.1f}B parameters, {model['params_active'] / 1e9:.2f}B active per token; "
               f"{model['flops_per_token'] / 1e9:.1f} GFLOP per token; {hw.name}: {hw.gpus} GPUs")

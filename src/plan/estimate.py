@@ -16,7 +16,8 @@
 - The pipeline simulator (moetron.pipeline.simulate) runs the schedule with these costs: makespan,
   bubble, and the peak of micro-batches in flight on each rank, for activation memory.
 - Data parallelism: ZeRO-1's reduce-scatter of gradients and all-gather of updated parameters over
-  InfiniBand rings; the gather overlaps the next step's forward, the reduce-scatter is exposed.
+  rings (NVLink inside a node, else InfiniBand); the gather overlaps the next step's forward, the
+  reduce-scatter is exposed.
 - Memory per GPU: float32 parameters and gradients of the held stages (routed experts / ep),
   AdamW moments sharded by ZeRO-1, activations of the micro-batches in flight, a reserve.
 """
@@ -68,6 +69,7 @@ class Estimate:
     days: float = 0.0  # for plan.tokens
     cost: float = 0.0  # for plan.tokens, at the cluster's price
     fits: bool = True
+    stage_layout: Optional[list] = None  # decoder layers per stage (parallel.layout); None without pipelining
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -83,8 +85,6 @@ def _fill(weights: list[float], extra_last: float, parts: int, cap: float) -> Op
         left_stages = parts - stage - 1
         load, size = (extra_last if stage == parts - 1 else 0.0), 0
         while i < len(weights) and len(weights) - i > left_stages and (size == 0 or load + weights[i] <= cap):
-            if size and stage == parts - 1 and load + weights[i] > cap:
-                break
             load += weights[i]
             size, i = size + 1, i + 1
         if load > cap and size > 1:
@@ -110,11 +110,14 @@ def balanced_split(weights: list[float], extra_last: float, parts: int) -> list[
     return best
 
 
-def decoder_layout(costs: list, chain_len: int) -> list[list[int]]:
-    """`parallel.layout` for the split `stage_layers` assumes: decoder layer ids per stage."""
-    sizes = [sum(1 for c in stage if c.kind in ("dense", "moe")) for stage in stage_layers(costs, chain_len)]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+def decoder_layout(stages: list[list]) -> list[list[int]]:
+    """`parallel.layout` for stages from `stage_layers`: decoder layer ids per stage."""
+    layout, start = [], 0
+    for stage in stages:
+        size = sum(1 for c in stage if c.kind in ("dense", "moe"))
+        layout.append(list(range(start, start + size)))
+        start += size
+    return layout
 
 
 def stage_layers(costs: list, chain_len: int) -> list[list]:
@@ -134,7 +137,8 @@ def stage_layers(costs: list, chain_len: int) -> list[list]:
 
 
 @lru_cache(maxsize=4096)
-def _schedule(name: str, pp: int, n: int):
+def schedule_of(name: str, pp: int, n: int):
+    """The schedule, built once per (name, pp, micro-batches) for the whole search."""
     return build_schedule(name, pp, n)
 
 
@@ -144,7 +148,7 @@ def peak_in_flight(name: str, pp: int, n: int) -> tuple[int, ...]:
     simulated with the usual cost ratios F:B:W = 1:1:1, F&B pair 2.5)."""
     if pp == 1:
         return (1,)
-    return tuple(simulate(_schedule(name, pp, n), Costs(1.0, 1.0, 1.0, 2.5)).peak_activations)
+    return tuple(simulate(schedule_of(name, pp, n), Costs(1.0, 1.0, 1.0, 2.5)).peak_activations)
 
 
 @dataclass
@@ -154,7 +158,6 @@ class _StageTimes:
     w: float
     a2a_f: float
     a2a_b: float
-    act_bytes: float  # per micro-batch
 
 
 def nodes_reached(ep_nodes: int, copies: int, n_group: int, topk_group: int) -> int:
@@ -195,14 +198,13 @@ def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware
     fp8_rate = (hw.fp8_tflops * eff.gemm_fp8 if layout.fp8 else hw.bf16_tflops * eff.gemm_bf16) * 1e12
     bf16_rate = hw.bf16_tflops * eff.gemm_bf16 * 1e12
     attn_rate = hw.bf16_tflops * eff.attention * 1e12
-    gemm = attn = again = acts = traffic = a2a_f = a2a_b = 0.0
+    gemm = attn = again = traffic = a2a_f = a2a_b = 0.0
     for c in stage:
         imbalance = (c.routed_flops * (eff.expert_imbalance - 1.0)) if layout.ep > 1 else 0.0
         gemm += (c.fp8_flops + imbalance) / fp8_rate + c.bf16_flops / bf16_rate
         attn += c.attention_flops / attn_rate
         again += c.recompute_flops / fp8_rate
         traffic += c.traffic_bytes
-        acts += c.act_bytes
         if c.routed_copies:
             H, groups = problem.hidden_size, problem.route_groups
             dispatch_bytes = 1.0 + 4.0 / 128 if layout.fp8 else 2.0
@@ -211,8 +213,8 @@ def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware
             a2a_f += dispatch + combine
             a2a_b += 2 * combine
     memory_bound = eff.memory_bound_passes * traffic * tokens / (hw.hbm_tbps * 1e12)
-    return _StageTimes(f=tokens * (gemm + attn) + memory_bound / 2, b=tokens * (gemm + 2 * attn + again) + memory_bound / 2,
-                       w=tokens * gemm, a2a_f=a2a_f, a2a_b=a2a_b, act_bytes=acts * tokens)
+    return _StageTimes(f=tokens * (gemm + attn) + memory_bound / 2,
+                       b=tokens * (gemm + 2 * attn + again) + memory_bound / 2, w=tokens * gemm, a2a_f=a2a_f, a2a_b=a2a_b)
 
 
 def _exposed_a2a(sched, t: _StageTimes, costs: Costs, pair_compute: float,
@@ -222,10 +224,9 @@ def _exposed_a2a(sched, t: _StageTimes, costs: Costs, pair_compute: float,
     what exceeds its slowed compute."""
     if sched is None:
         return num_microbatches * (t.a2a_f + t.a2a_b), 0.0
-    worst = (0.0, 0.0)
+    worst, pair_exposed = (0.0, 0.0), max(0.0, (costs.fb or 0.0) - pair_compute)
     for acts in sched.actions:
         kinds = Counter(a.kind.value for a in acts)
-        pair_exposed = max(0.0, (costs.fb or 0.0) - pair_compute)
         exposed = kinds["F"] * t.a2a_f + (kinds["B"] + kinds["BW"]) * t.a2a_b + kinds["FB"] * pair_exposed
         worst = max(worst, (exposed, kinds["FB"] * (pair_compute - (t.f + t.b + t.w))))
     return worst
@@ -266,7 +267,7 @@ class _Placement:
 def _place(problem: Problem, layout: Layout) -> _Placement:
     if layout.pp == 1:
         return _Placement(None, stage_layers(problem.costs, 1), [[0]], {0: 0})
-    sched = _schedule(layout.schedule, layout.pp, layout.num_microbatches)
+    sched = schedule_of(layout.schedule, layout.pp, layout.num_microbatches)
     held = [sorted(s for s, r in sched.rank_of_stage.items() if r == rank) for rank in range(layout.pp)]
     positions = {s: i for chain in sched.chains for i, s in enumerate(chain)}
     return _Placement(sched, stage_layers(problem.costs, len(sched.chains[0])), held, positions)
@@ -338,4 +339,5 @@ def estimate(problem: Problem, layout: Layout) -> Estimate:
                     exposed_comm_s=exposed + dp_time, sm_slowdown_s=slowdown,
                     bubble_ratio=bubble, gpu_hours_per_trillion_tokens=gpu_hours,
                     days=problem.tokens_planned / (tokens_per_s * eff.goodput) / 86400.0,
-                    cost=gpu_hours * problem.tokens_planned / 1e12 * hw.price_per_gpu_hour, fits=memory <= hw.memory_gib)
+                    cost=gpu_hours * problem.tokens_planned / 1e12 * hw.price_per_gpu_hour, fits=memory <= hw.memory_gib,
+                    stage_layout=decoder_layout(place.stages) if place.sched is not None else None)

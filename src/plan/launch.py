@@ -11,23 +11,38 @@ import json
 import shlex
 from typing import Optional
 
+from omegaconf import OmegaConf
+
 from moetron.plan.estimate import Layout
 from moetron.plan.hardware import Hardware
 
 LAYOUT_KEYS = ("parallel.pp=", "parallel.ep=", "parallel.dp=", "parallel.schedule=", "train.micro_batch=",
                "precision=", "plan.")
-PLAN_DEFAULTS = ("model=v3_671b", "train.seq_len=4096", "train.global_batch=15360", "optim.moments_dtype=bfloat16",
-                 "precision.compute_dtype=bfloat16", "precision.fp8_cache_activations=true")  # conf/plan.yaml's
+PLANNED_KEYS = ("train.seq_len", "train.global_batch", "optim.moments_dtype", "precision.compute_dtype",
+                "precision.fp8_cache_activations")
 
 
-def train_overrides(layout: Layout, hw: Hardware, overrides: list[str],
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def planned_run(cfg, model_choice: str) -> list[str]:
+    """The settings of the planned run that moetron-train's defaults differ on (conf/plan.yaml sets
+    them, or the user did), as overrides, from the composed config."""
+    out = [f"model={model_choice}"]
+    for key in PLANNED_KEYS:
+        value = OmegaConf.select(cfg, key)
+        out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+def train_overrides(layout: Layout, hw: Hardware, overrides: list[str], planned: list[str],
                     stage_layout: Optional[list[list[int]]] = None) -> list[str]:
-    """moetron-train's overrides for `layout`: what conf/plan.yaml sets unless the user set it, the
-    user's own (those that are not the planner's), and the layout's."""
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(LAYOUT_KEYS)]
-    given = {o.lstrip("+~").split("=", 1)[0] for o in kept}
-    defaults = [d for d in PLAN_DEFAULTS if d.split("=", 1)[0] not in given]
-    out = [*defaults, *kept, f"cluster={hw.name}" if not any(o.startswith("cluster=") for o in kept) else None,
+    """moetron-train's overrides for `layout`: the planned run's settings (`planned_run`), the
+    user's other overrides (not the planner's), and the layout's."""
+    planned_keys = {_key(p) for p in planned}
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(LAYOUT_KEYS) and _key(o) not in planned_keys]
+    out = [*planned, *kept, f"cluster={hw.name}" if not any(o.startswith("cluster=") for o in kept) else None,
            f"parallel.pp={layout.pp}", f"parallel.ep={layout.ep}", f"parallel.dp={layout.dp}",
            f"train.micro_batch={layout.micro_batch}", f"precision={'fp8' if layout.fp8 else 'bf16'}"]
     if layout.pp > 1:
@@ -59,9 +74,9 @@ def placement(layout: Layout, hw: Hardware) -> list[str]:
     return lines
 
 
-def launch_lines(layout: Layout, hw: Hardware, overrides: list[str],
+def launch_lines(layout: Layout, hw: Hardware, overrides: list[str], planned: list[str],
                  stage_layout: Optional[list[list[int]]] = None) -> str:
-    args = " ".join(shlex.quote(o) for o in train_overrides(layout, hw, overrides, stage_layout))
+    args = " ".join(shlex.quote(o) for o in train_overrides(layout, hw, overrides, planned, stage_layout))
     g = hw.gpus_per_node
     return "\n".join([
         f"# {layout.describe()} on {hw.nodes} nodes x {g} GPUs ({hw.name})",

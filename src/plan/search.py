@@ -7,8 +7,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from moetron.pipeline.builders import build_schedule
-from moetron.plan.estimate import Layout
+from moetron.plan.estimate import Layout, schedule_of
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -31,7 +30,7 @@ def _powers_of_two_dividing(n: int) -> list[int]:
 
 def _schedule_fits(name: str, pp: int, n: int, decoder_layers: int) -> bool:
     try:
-        sched = build_schedule(name, pp, n)
+        sched = schedule_of(name, pp, n)
     except ValueError:  # too few micro-batches, an odd count for dualpipe, ...
         return False
     return len(sched.chains[0]) <= decoder_layers  # a decoder layer at least per stage
@@ -39,7 +38,8 @@ def _schedule_fits(name: str, pp: int, n: int, decoder_layers: int) -> bool:
 
 def layouts(world: int, decoder_layers: int, n_experts: int, global_batch: int, fixed: Fixed,
             micro_batches=(1, 2, 4)) -> Iterator[Layout]:
-    pps = [fixed.pp] if fixed.pp else [p for p in range(1, decoder_layers + 1) if world % p == 0 and (p == 1 or p % 2 == 0)]
+    pps = [fixed.pp] if fixed.pp else [p for p in range(1, decoder_layers + 1)
+                                       if world % p == 0 and (p == 1 or p % 2 == 0)]
     for pp in pps:
         eps = [fixed.ep] if fixed.ep else [e for e in _powers_of_two_dividing(world // pp) if n_experts % e == 0]
         for ep in eps:

@@ -16,6 +16,8 @@ Not yet run by this project (no GPU here): benchmarks/gpu/device_check.sh holds 
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -23,7 +25,6 @@ from torch import nn
 def te_available(device: torch.device) -> tuple[bool, str]:
     """(whether the te backend can run here, what is missing if not)."""
     try:
-        import importlib
         importlib.import_module("transformer_engine.pytorch")
         if not hasattr(importlib.import_module("transformer_engine.common.recipe"), "Float8BlockScaling"):
             return False, "transformer-engine 2.3 or newer (this one has no Float8BlockScaling recipe)"

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 from moetron.report import figures
+from moetron.report.records import jsonl_records
 
 
 def read_records(run_dir: Path) -> list[dict]:
@@ -26,14 +26,7 @@ def read_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give the run directory of a moetron-train run")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(f"{path}: line {number} is not JSON") from None
+    records = jsonl_records(path.read_text(), str(path))
     if not records:
         raise ValueError(f"{path} holds no steps yet")
     return records

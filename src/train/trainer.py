@@ -34,9 +34,10 @@ from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
 from moetron.parallel.materialize import load_whole_state_dict, materialize
 from moetron.pipeline.builders import build_schedule, comm_lanes
-from moetron.profiling import StepProfiler
+from moetron.pipeline.timeline import save_rank_timeline
 from moetron.precision.convert import FP8Recipe
 from moetron.precision.fp8_gemm import resolve_backend
+from moetron.profiling import StepProfiler
 from moetron.train import checkpoint
 from moetron.train.batch_ramp import global_batch_at
 from moetron.train.data import build_data
@@ -46,7 +47,6 @@ from moetron.train.distributed import init_process_group, pick_device, world_fro
 from moetron.train.tokenizers import get_tokenizer
 from moetron.train.errors import UserInputError
 from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient, is_timeout
-from moetron.pipeline.timeline import save_rank_timeline
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.lr_schedule import lr_at
@@ -131,7 +131,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
         if prec.fp8 else None
     made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1, fp8=fp8)
     if cfg.train.compile:
-        spec.compile_blocks(model, cfg.train.compile_backend)  # compiled at their first call, on the materialized parameters
+        spec.compile_blocks(model, cfg.train.compile_backend)  # compiled at first call, on materialized weights
     if dims.pp == 1:
         materialize(model, [model], device, cfg.train.seed)
         _init_from(spec, model_cfg, model)

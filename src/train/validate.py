@@ -139,7 +139,7 @@ def validate(cfg, world_size: int) -> ParallelDims:
                                   else cfg.optim.schedule)
     if cfg.logging.wandb.mode not in WANDB_MODES:
         problems.append(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: choose one of {WANDB_MODES}")
-    every = cfg.logging.get("heatmap_every") or 0
+    every = cfg.logging.heatmap_every
     if every and every % train.log_every:
         problems.append(f"logging.heatmap_every={every} is not a multiple of train.log_every={train.log_every}: "
                         "heatmaps go to W&B on logged steps only")
