@@ -22,8 +22,9 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from moetron.models.stages import PipelineParts, pipeline_split
-from moetron.parallel.weight_grads import WeightGradStore, defer_weight_grads
+from moetron.parallel.weight_grads import defer_weight_grads, deferred_parameters
 from moetron.precision.convert import FP8Recipe, convert_to_fp8
+from moetron.weight_grad_store import WeightGradStore
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Parallelized:
     expert_params: list = field(default_factory=list)  # sharded over EP: gradients reduce over expert-DP
     traffic: Any = None  # a moetron.comm.traffic.TrafficCounter of the token exchanges, or None
     weight_grad_store: Optional[WeightGradStore] = None  # where B actions queue weight gradients for W
+    deferred_params: list = field(default_factory=list)  # whose weight gradients B actions defer to W
     dispatcher_buffers: Any = None  # one set shared by every MoE layer (DeepEP), or None
 
 
@@ -50,7 +52,8 @@ def defer_decoder_weight_grads(model: nn.Module, made: Parallelized) -> None:
     model if it has none), through a new store recorded in `made`. The loss tail stays as it is: its
     deferred gradients would keep the logits' gradient, [B, S, V] per head, alive until W."""
     made.weight_grad_store = WeightGradStore()
-    defer_weight_grads(getattr(model, "layers", model), made.weight_grad_store)
+    decoder = defer_weight_grads(getattr(model, "layers", model), made.weight_grad_store)
+    made.deferred_params = deferred_parameters(decoder, made.weight_grad_store)
 
 
 class ModelSpec:

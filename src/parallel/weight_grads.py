@@ -9,37 +9,14 @@ closure; `close_batch` ends one B action's batch and `run_oldest` (a W action) r
 """
 from __future__ import annotations
 
-from collections import deque
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moetron.parallel.convert import replace_modules
-
-
-class WeightGradStore:
-    """Weight-gradient closures deferred by B actions, released in order by W actions."""
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self._current: list[Callable[[], None]] = []
-        self._queue: deque = deque()
-
-    def put(self, fn: Callable[[], None]) -> None:
-        self._current.append(fn)
-
-    def close_batch(self) -> None:
-        self._queue.append(self._current)
-        self._current = []
-
-    def run_oldest(self) -> None:
-        for fn in self._queue.popleft():
-            fn()
-
-    def __len__(self) -> int:
-        return len(self._queue)
+from moetron.weight_grad_store import WeightGradStore, defer_or_compute
 
 
 class _DeferrableLinearFn(torch.autograd.Function):
@@ -62,23 +39,10 @@ class _DeferrableLinearFn(torch.autograd.Function):
         dtype = grad_out.dtype
         grad_x = grad_out @ weight.to(dtype) if ctx.needs_input_grad[0] else None
 
-        def weight_grads():
-            g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
-            return g2.t() @ x2, (g2.sum(0) if bias is not None else None)
-
-        if not ctx.store.enabled:
-            grad_w, grad_b = weight_grads()
-            return grad_x, grad_w, grad_b, None
-
-        @torch.no_grad()
-        def accumulate():
-            for param, grad in zip((weight, bias), weight_grads()):
-                if param is not None:
-                    grad = grad.to(param.dtype)
-                    param.grad = grad if param.grad is None else param.grad + grad
-
-        ctx.store.put(accumulate)
-        return grad_x, None, None, None
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w = defer_or_compute(ctx.store, weight, lambda: g2.t() @ x2.to(dtype))
+        grad_b = defer_or_compute(ctx.store, bias, lambda: g2.sum(0)) if bias is not None else None
+        return grad_x, grad_w, grad_b, None
 
 
 class DeferrableLinear(nn.Linear):
@@ -110,3 +74,9 @@ def defer_weight_grads(module: nn.Module, store: WeightGradStore) -> nn.Module:
         if hasattr(m, "weight_grad_store"):
             m.weight_grad_store = store
     return module
+
+
+def deferred_parameters(module: nn.Module, store: WeightGradStore) -> list[nn.Parameter]:
+    """The parameters of `module` whose weight gradients a B action defers to `store`."""
+    return [p for m in module.modules() if getattr(m, "weight_grad_store", None) is store
+            for p in m.parameters(recurse=False)]

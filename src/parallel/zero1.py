@@ -6,10 +6,8 @@ Each parameter is cut along dim 0 into `size` even shards (dim 0 padded up to a 
 Rank i of the group keeps shard i of every parameter as an FP32 master copy, on which the optimizer
 steps. One step:
 
-1. `reduce_scatter_grads(scale)`: each rank receives the sum over the group of its shard of every
-   gradient (times `scale`), in buckets (one collective per bucket). With
-   `overlap_reduce_with_backward()` and `arm_reduce()` before the step's last backward, a bucket's
-   collective starts as soon as its gradients are final, while the backward goes on;
+1. the gradient buffer (`moetron.parallel.grad_buffer.GradBuffer`, sharded) reduce-scatters each
+   rank's rows of every gradient into `shard.grad`;
 2. the caller clips the shard gradients by the whole model's norm and steps the optimizer on the
    master shards (AdamW is elementwise: the shard update equals the slice of the full update);
 3. `all_gather_params()`: the updated shards travel back into every rank's full parameter. With
@@ -29,10 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from moetron.parallel.grad_buffer import BUCKET_NUMEL, split_buckets
 
-BUCKET_NUMEL = 1 << 24  # elements of one collective's send buffer, all ranks' shards (64 MiB of float32)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class ShardedParams:
@@ -45,21 +42,10 @@ class ShardedParams:
         with torch.no_grad():
             self.shards = [nn.Parameter(self._padded(p.detach(), r)[rank * r:(rank + 1) * r].float().clone())
                            for p, r in zip(params, self.rows)]
-        self.buckets: list[list[int]] = []  # parameter indices per collective
-        current, numel = [], 0
-        for i, shard in enumerate(self.shards):
-            if current and (numel + shard.numel()) * size > bucket_numel:
-                self.buckets.append(current)
-                current, numel = [], 0
-            current.append(i)
-            numel += shard.numel()
-        if current:
-            self.buckets.append(current)
+        self.buckets = split_buckets([s.numel() * size for s in self.shards], bucket_numel)  # indices per gather
         self._bucket_of = {id(self.params[i]): b for b, bucket in enumerate(self.buckets) for i in bucket}
         self._pending: dict[int, tuple] = {}  # bucket -> (its gather's work or None, the gathered [N, C])
         self._landing = threading.Lock()  # DualPipe's F&B pairs run a forward on a second thread
-        self._reducing: dict[int, tuple] = {}  # bucket -> (its reduce-scatter's work or None, my [C])
-        self._armed, self._ready, self._next = False, [], -1  # overlap_reduce_with_backward's state
 
     @torch.no_grad()
     def load_shards_from_params(self) -> None:
@@ -73,69 +59,6 @@ class ShardedParams:
         if extra == 0:
             return t
         return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
-
-    def reduce_scatter_grads(self, scale: float) -> None:
-        """shard.grad = scale x (sum over the group of this rank's shard of p.grad); a missing
-        gradient counts as zeros (every rank must join every bucket). Buckets an armed backward
-        already started (`arm_reduce`) are only waited for."""
-        for b in reversed(range(len(self.buckets))):  # the order an armed backward starts them in
-            if b not in self._reducing:
-                self._start_reduce(b)
-        for b in reversed(range(len(self.buckets))):
-            self._finish_reduce(b, scale)
-        self._armed = False
-
-    def overlap_reduce_with_backward(self) -> None:
-        """Hooks that start a bucket's reduce-scatter as soon as the backward has accumulated the
-        last of its parameters' gradients, while the backward goes on (Megatron-Core's
-        overlap_grad_reduce). They act only in a backward after `arm_reduce()`: the last
-        micro-batch's, when the gradients are final."""
-        for i, p in enumerate(self.params):
-            p.register_post_accumulate_grad_hook(lambda _p, i=i: self._gradient_ready(i))
-
-    def arm_reduce(self) -> None:
-        """The next backward is the step's last: start the buckets' reduce-scatters as they get ready."""
-        self._armed, self._ready = True, [0] * len(self.buckets)
-        self._next = len(self.buckets) - 1
-
-    def _gradient_ready(self, i: int) -> None:
-        """Count a final gradient; start the ready buckets, last first. The issue order is fixed (the
-        backward finishes the last layers' buckets first) so that every rank issues alike, even if
-        its backward readies them in another order."""
-        if not self._armed:
-            return
-        self._ready[self._bucket_of[id(self.params[i])]] += 1
-        while self._next >= 0 and self._ready[self._next] == len(self.buckets[self._next]):
-            self._start_reduce(self._next)
-            self._next -= 1
-
-    @torch.no_grad()
-    def _start_reduce(self, b: int) -> None:
-        columns = []
-        for i in self.buckets[b]:
-            p, r = self.params[i], self.rows[i]
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            columns.append(self._padded(grad.detach().float(), r).reshape(self.size, -1))  # [N, R x rest]
-        send_NC = torch.cat(columns, dim=1)
-        mine_C = torch.empty(send_NC.shape[1], dtype=send_NC.dtype, device=send_NC.device)
-        work = None
-        if self.group is None:
-            mine_C.copy_(send_NC[0])
-        else:
-            work = _reduce_scatter(mine_C, send_NC.reshape(-1), group=self.group, async_op=True)
-        self._reducing[b] = (work, mine_C)
-
-    @torch.no_grad()
-    def _finish_reduce(self, b: int, scale: float) -> None:
-        work, mine_C = self._reducing.pop(b)
-        if work is not None:
-            work.wait()
-        mine_C.mul_(scale)
-        offset = 0
-        for i in self.buckets[b]:
-            shard = self.shards[i]
-            shard.grad = mine_C[offset:offset + shard.numel()].view_as(shard).clone()
-            offset += shard.numel()
 
     @torch.no_grad()
     def all_gather_params(self, async_op: bool = False) -> None:

@@ -15,7 +15,9 @@ runs the module and keeps (input, output) for backward; the last stage of a chai
 `loss_fn(output, target) * loss_scale`. `B` back-propagates to the stage input with the weight
 gradients of linear and grouped-expert layers queued in the `WeightGradStore` it is handed (layers
 that `moetron.parallel.weight_grads.defer_weight_grads` converted queue them; others compute theirs
-at once); `W` runs the oldest queued batch; `BW` does both at once. `FB` runs its backward on a side
+at once); `W` runs the oldest queued batch; `BW` does both at once. Handed `grads` (the step
+finalizer), the runner tells it when each parameter's gradients are final
+(moetron.pipeline.grads_final), so their buckets' reduction starts while the schedule goes on. `FB` runs its backward on a side
 thread while the forward runs here; backward collectives use lane 1, copies of the groups
 (moetron.comm.lanes), forward ones lane 0: one micro-batch's all-to-all is in flight while the other
 computes (`overlap=False` runs them one after the other). Where the groups carry an `IssueOrder`,
@@ -48,10 +50,11 @@ import torch.distributed as dist
 from torch import nn
 
 from moetron.comm.lanes import GroupLike, LaneGroup
-from moetron.parallel.weight_grads import WeightGradStore
+from moetron.pipeline.grads_final import final_gradient_actions
 from moetron.pipeline.schedule import Action, ActionKind, Schedule
 from moetron.pipeline.transfers import peer_stage, with_transfers
 from moetron.profiling import label
+from moetron.weight_grad_store import WeightGradStore
 
 K = ActionKind
 
@@ -66,7 +69,13 @@ class PipelineRunner:
     def __init__(self, schedule: Schedule, rank: int, stage_modules: dict[int, nn.Module],
                  group: GroupLike, p2p_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                  store: Optional[WeightGradStore] = None, overlap: bool = True,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), grads=None, stage_params: Optional[dict] = None,
+                 deferred: frozenset = frozenset()) -> None:
+        """`grads` (optional): told when gradients are final, `grads.expect_final(params)` before the
+        action that adds their last gradient of the step and `grads.mark_final(params)` after it
+        (the step finalizer, to start their buckets' reduction); `stage_params`: stage -> the
+        parameters its backward reaches (its module's and, on a last stage, the loss tail's);
+        `deferred`: ids of those whose weight gradient a B defers to W."""
         self.sched, self.rank, self.modules = schedule, rank, stage_modules
         self.actions = with_transfers(schedule)[rank]  # compute, sends and receives, in order
         # activations travel on lane 0, gradients on lane 1 when the group has one: NCCL matches a rank
@@ -86,6 +95,8 @@ class PipelineRunner:
         self.store = store if store is not None else WeightGradStore()  # an empty store is falsy (len 0)
         self.overlap = overlap
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._grads = grads
+        self._final_at = final_gradient_actions(self.actions, stage_params or {}, deferred) if grads is not None else {}
 
     # -- transfers -------------------------------------------------------------------------------
     def _tag(self, kind: int, mb: int, stage: int) -> int:
@@ -316,13 +327,18 @@ class PipelineRunner:
         self._autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         started = self.step_started = time.perf_counter()
         transfers: list[Action] = []
-        for action in self.actions:
+        for i, action in enumerate(self.actions):
             if action.kind.is_transfer:
                 transfers.append(action)
                 continue
             self._post_transfers(transfers)
             transfers = []
+            final = self._final_at.get(i)
+            if final:
+                self._grads.expect_final(final)
             self._run(action)
+            if final:
+                self._grads.mark_final(final)
         self._post_transfers(transfers)
         for work, _ in self._sends:
             work.wait()

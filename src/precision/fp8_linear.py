@@ -8,7 +8,7 @@ weight-gradient GEMMs of a linear layer in E4M3 with fine-grained scales, FP32 a
 
 `FP8Linear` replaces an nn.Linear (same parameters), `FP8GroupedGemm` the routed experts' grouped
 GEMMs (one FP8 GEMM per expert). Both keep the `weight_grad_store` slot of pipeline W actions: with
-the store enabled, the weight gradient is queued, not computed (moetron.parallel.weight_grads).
+the store enabled, the weight gradient is queued, not computed (moetron.weight_grad_store).
 `cache_input`: the backward keeps the forward's FP8 tiles of the input (1 byte per element plus a
 scale per 128) instead of the input itself, and the weight gradient re-quantizes their dequantized
 values along the tokens (report section 3.3.3, "low-precision activation").
@@ -24,6 +24,7 @@ from torch import nn
 
 from moetron.precision.fp8_gemm import fp8_mm
 from moetron.precision.quantize import Tiles, quantize_blocks, quantize_tiles
+from moetron.weight_grad_store import defer_or_compute
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -34,20 +35,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _weight_grad(grad_MN: torch.Tensor, x_MK: torch.Tensor, backend: str) -> torch.Tensor:
     """dW = dy^T x [N, K] in float32, both operands tiled along the tokens."""
     return fp8_mm(quantize_tiles(grad_MN.t()), quantize_tiles(x_MK.t()), torch.float32, backend)
-
-
-def _queue_or_return(store, param, compute):
-    """The weight gradient now, or (store enabled: a B action) queued for the W action."""
-    if store is None or not store.enabled:
-        return compute()
-
-    @torch.no_grad()
-    def accumulate():
-        grad = compute().to(param.dtype)
-        param.grad = grad if param.grad is None else param.grad + grad
-
-    store.put(accumulate)
-    return None
 
 
 def _save_input(ctx, x_MK: torch.Tensor, x_q: Tiles, cache_input: bool) -> None:
@@ -82,7 +69,7 @@ class _FP8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = fp8_mm(quantize_tiles(grad_MN), ctx.w_q.transposed(), grad_out.dtype, ctx.backend)
             grad_x = grad_x.view(ctx.in_shape).to(x_MK.dtype)
-        grad_w = _queue_or_return(ctx.store, ctx.weight, lambda: _weight_grad(grad_MN, x_MK, ctx.backend))
+        grad_w = defer_or_compute(ctx.store, ctx.weight, lambda: _weight_grad(grad_MN, x_MK, ctx.backend))
         return grad_x, grad_w, None, None, None, None
 
 
@@ -144,7 +131,7 @@ class _FP8GroupedFn(torch.autograd.Function):
                     out[e] = _weight_grad(g, x, ctx.backend)
             return out
 
-        return grad_x, _queue_or_return(ctx.store, ctx.w, weight_grad), None, None, None, None, None, None
+        return grad_x, defer_or_compute(ctx.store, ctx.w, weight_grad), None, None, None, None, None, None
 
 
 class FP8GroupedGemm:

@@ -2,11 +2,12 @@
 every layout (a pipeline runs its schedule's forwards), reduced like the training loss."""
 from __future__ import annotations
 
+from moetron.comm.packed import all_reduce_packed
 from moetron.models.outputs import named_losses
 from moetron.train.data import BatchSampler, Blend
 
 
-def evaluate(micro, finalizer, valid: Blend, loss_options: dict, loss_names: dict, tcfg, data_rank: int,
+def evaluate(micro, world_size: int, valid: Blend, loss_options: dict, loss_names: dict, tcfg, data_rank: int,
              data_ranks: int) -> dict[str, float]:
     """`eval/<loss name>` (eval/loss, eval/loss/lm, ...) over `train.eval_batches` global batches:
     the validation data's first samples, the same every time. Every rank calls it at the same step."""
@@ -17,7 +18,7 @@ def evaluate(micro, finalizer, valid: Blend, loss_options: dict, loss_names: dic
         micro_batches = list(sampler.micro_batches(first, tcfg.global_batch, tcfg.micro_batch, data_rank, data_ranks))
         part = micro.evaluate(micro_batches, loss_options)
         total = part if total is None else total + part
-    summed = finalizer.reduce_metrics({"eval": total})["eval"]
+    summed = all_reduce_packed({"eval": total}, world_size=world_size)["eval"]
     losses = summed / (len(micro_batches) * data_ranks * tcfg.eval_batches)
     names = {term: name for term, name in loss_names.items() if term != "balance"}  # no balance loss in eval
     return named_losses(losses, names, prefix="eval/")

@@ -11,6 +11,7 @@ up the pipeline. Nothing is synchronised with the host here.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -35,20 +36,25 @@ class _MicroBatches:
 
 
 class LocalMicroBatches(_MicroBatches):
-    def __init__(self, model, device, compute_dtype, before_last_backward=None) -> None:
-        """`before_last_backward`: called before the step's last backward (ZeRO-1 then starts its
-        reduce-scatters as the gradients get final: `StepFinalizer.arm_reduce`)."""
+    def __init__(self, model, device, compute_dtype, grads=None) -> None:
+        """`grads` (optional, the step finalizer): told that the step's last backward adds every
+        parameter's last gradient (`expect_final` before it, `mark_final` after), so each bucket's
+        reduction starts while that backward goes on."""
         super().__init__(device, compute_dtype)
-        self.model, self.before_last_backward = model, before_last_backward
+        self.model, self.grads = model, grads
+        self._params = [p for p in model.parameters() if p.requires_grad and not p.is_meta]
 
     def run(self, micro_batches, loss_options: dict) -> torch.Tensor:
         logged = self._zeros()
         for i, (inputs, labels) in enumerate(micro_batches):
             with self._autocast():
                 out = self.model(inputs.to(self.device), labels.to(self.device), **loss_options)
-            if i == len(micro_batches) - 1 and self.before_last_backward is not None:
-                self.before_last_backward()
+            last = i == len(micro_batches) - 1 and self.grads is not None
+            if last:
+                self.grads.expect_final(self._params)
             (out.loss / len(micro_batches)).backward()
+            if last:
+                self.grads.mark_final(self._params)
             logged += out.logged()
         return logged
 
@@ -67,18 +73,33 @@ class LocalMicroBatches(_MicroBatches):
         return logged
 
 
+def stage_parameters(schedule, parts) -> dict[int, list]:
+    """Stage -> the parameters its backward reaches on this rank (its module's and, on a chain's
+    last stage, the loss tail's), in reversed model order: the order one backward finishes them."""
+    tail = list(parts.tail.parameters()) if parts.tail is not None else []
+    out = {}
+    for stage, module in parts.stage_modules.items():
+        params = {id(p): p for p in [*module.parameters(), *(tail if stage in schedule.last_stages() else [])]}
+        out[stage] = [p for p in reversed(params.values()) if p.requires_grad and not p.is_meta]
+    return out
+
+
 class PipelinedMicroBatches(_MicroBatches):
     def __init__(self, schedule_for, parts, pp_rank: int, pp_lanes, p2p_shape: tuple[int, ...], device,
-                 compute_dtype, overlap_fb: bool = True, weight_grad_store=None) -> None:
+                 compute_dtype, overlap_fb: bool = True, weight_grad_store=None, grads=None,
+                 stage_params: Optional[dict] = None, deferred: frozenset = frozenset()) -> None:
         """`schedule_for(n)`: the schedule of a step of n micro-batches (a batch-size ramp changes n;
         the stages a rank holds do not change); `parts`: this rank's stage modules and loss tail
         (`moetron.models.stages.pipeline_split`); `pp_lanes`: the pipeline group with its lanes
-        (`ParallelGroups.lanes("pp")`). A runner is made per micro-batch count and use when first
-        needed, on every pipeline rank at the same step."""
+        (`ParallelGroups.lanes("pp")`); `grads` (optional, the step finalizer): told when each
+        parameter's gradients are final, from `stage_params` (`stage_parameters`) and `deferred`: ids
+        of the parameters whose weight gradients B actions defer. A runner is made per micro-batch count and use when first needed, on every
+        pipeline rank at the same step."""
         super().__init__(device, compute_dtype)
         self.parts, self._schedule_for = parts, schedule_for
         self._runner_args = (pp_rank, parts.stage_modules, pp_lanes, p2p_shape)
         self._overlap, self._store = overlap_fb, weight_grad_store
+        self._grads, self.stage_params, self._deferred = grads, stage_params, deferred
         self._runners: dict[tuple[int, bool], PipelineRunner] = {}
 
     def _runner(self, n: int, forward_only_: bool) -> PipelineRunner:
@@ -88,7 +109,8 @@ class PipelinedMicroBatches(_MicroBatches):
                 runner = PipelineRunner(forward_only(schedule), *self._runner_args, overlap=False, device=self.device)
             else:
                 runner = PipelineRunner(schedule, *self._runner_args, overlap=self._overlap, device=self.device,
-                                        store=self._store)
+                                        store=self._store, grads=self._grads, stage_params=self.stage_params,
+                                        deferred=self._deferred)
             self._runners[(n, forward_only_)] = runner
         return self._runners[(n, forward_only_)]
 

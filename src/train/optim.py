@@ -3,6 +3,9 @@ apex's FusedAdam only if installed). The learning rate: moetron.train.lr_schedul
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from moetron.parallel.materialize import held_parameters
 
 
 class AdamWLowPrecisionMoments(torch.optim.Optimizer):
@@ -80,9 +83,19 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(update, params)], alpha=-group["lr"])
 
 
+def param_groups(model: nn.Module, weight_decay: float, stepped_on=lambda p: p) -> list[dict]:
+    """What the optimizer steps on, in model order: the held parameters, or what `stepped_on(p)`
+    gives for each (under ZeRO-1 its master shard: `StepFinalizer.stepped_on`). Weight decay on
+    matrices and expert stacks, none on norms and vectors."""
+    held = [p for p in held_parameters(model) if p.requires_grad]
+    decay = [stepped_on(p) for p in held if p.ndim >= 2]
+    no_decay = [stepped_on(p) for p in held if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def build_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `groups` (`StepFinalizer.optimizer_param_groups`: the held parameters, or their
-    ZeRO-1 master shards, with weight decay on matrices only)."""
+    """AdamW over `groups` (`param_groups`: the held parameters, or their ZeRO-1 master shards,
+    with weight decay on matrices only)."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.moments_dtype == "bfloat16":
         return AdamWLowPrecisionMoments(groups, moments_dtype=torch.bfloat16, weight_decay=cfg.weight_decay, **kwargs)

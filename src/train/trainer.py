@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from moetron.comm.packed import all_reduce_packed
 from moetron.models.outputs import named_losses
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
 from moetron.parallel.materialize import load_whole_state_dict, materialize
 from moetron.pipeline.builders import build_schedule, comm_lanes
+from moetron.pipeline.grads_final import gradient_order
 from moetron.pipeline.timeline import save_rank_timeline
 from moetron.precision.convert import FP8Recipe
 from moetron.precision.fp8_gemm import resolve_backend
@@ -48,9 +50,9 @@ from moetron.train.tokenizers import get_tokenizer
 from moetron.train.errors import UserInputError
 from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient, is_timeout
 from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
-from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
+from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches, stage_parameters
 from moetron.train.lr_schedule import lr_at
-from moetron.train.optim import build_optimizer, optimizer_state_gib
+from moetron.train.optim import build_optimizer, optimizer_state_gib, param_groups
 from moetron.train.run_state import resume, save
 from moetron.train.validate import model_config, validate
 
@@ -125,6 +127,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     """The model on the meta device, parallelized; this rank's stages (under pp); only what this rank
     holds allocated and initialised; its micro-batch runner and step finalizer."""
     dims, par = groups.dims, cfg.parallel
+    overlap_reduce = _on_gpus(par.overlap_grad_reduce, device)
     model = spec.build(model_cfg, device="meta").train()
     prec = cfg.precision
     fp8 = FP8Recipe(resolve_backend(prec.backend, device), prec.fp8_dispatch, prec.fp8_cache_activations) \
@@ -137,8 +140,8 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
         _init_from(spec, model_cfg, model)
         finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, zero1=_zero1(cfg, dims),
                                   overlap_param_gather=_on_gpus(par.overlap_param_gather, device),
-                                  overlap_grad_reduce=_on_gpus(par.overlap_grad_reduce, device))
-        micro = LocalMicroBatches(model, device, _compute_dtype(cfg, device), finalizer.arm_reduce)
+                                  overlap_grad_reduce=overlap_reduce)
+        micro = LocalMicroBatches(model, device, _compute_dtype(cfg, device), finalizer if overlap_reduce else None)
         return model, made, micro, finalizer
     schedule = build_schedule(par.schedule, dims.pp, num_microbatches)
     layout = [list(ids) for ids in par.layout] if par.layout else None
@@ -147,10 +150,17 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     _init_from(spec, model_cfg, model)
     p2p_shape = spec.activation_shape(model_cfg, cfg.train.micro_batch, cfg.train.seq_len)
     schedule_for = functools.partial(build_schedule, par.schedule, dims.pp)  # a batch-size ramp changes the count
-    micro = PipelinedMicroBatches(schedule_for, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
-                                  _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store)
+    stage_params = stage_parameters(schedule, parts)
+    deferred = frozenset(id(p) for p in made.deferred_params)
     finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared,
-                              zero1=_zero1(cfg, dims), overlap_param_gather=_on_gpus(par.overlap_param_gather, device))
+                              zero1=_zero1(cfg, dims), overlap_param_gather=_on_gpus(par.overlap_param_gather, device),
+                              overlap_grad_reduce=overlap_reduce,
+                              grad_order=gradient_order(schedule.actions[groups.pp_rank], stage_params, deferred))
+    if overlap_reduce and made.weight_grad_store is not None:  # W actions add gradients outside autograd
+        made.weight_grad_store.on_accumulated = finalizer.grad_accumulated
+    micro = PipelinedMicroBatches(schedule_for, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
+                                  _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store,
+                                  finalizer if overlap_reduce else None, stage_params, deferred)
     return model, made, micro, finalizer
 
 
@@ -184,7 +194,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
     ramp = OmegaConf.to_container(tcfg.batch_ramp) if tcfg.batch_ramp is not None else None
     num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)  # at the full batch
     model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
-    optimizer = build_optimizer(finalizer.optimizer_param_groups(cfg.optim.weight_decay), cfg.optim, device)
+    optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay, finalizer.stepped_on), cfg.optim, device)
     ema = ParameterEMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     progress = resume(run_dir, cfg, spec, model_cfg, model, optimizer, finalizer, ema)  # step, tokens, skipped steps
     start_step = progress.step
@@ -241,7 +251,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                 phase = "metrics"
                 parts = _step_parts(loss_sums, micro, made, spec, model, device)
                 parts["stop"] = stops.flag(device)
-                summed = finalizer.reduce_metrics(parts)
+                summed = all_reduce_packed(parts, world_size=world.size)
                 stop_now = float(summed.pop("stop")) > 0
                 extra = spec.after_step(model, summed, tcfg, progress.tokens, update=finite)
                 progress.tokens += tokens_per_step
@@ -258,7 +268,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                 if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
                     phase = "metrics"
                     with ema.swapped_in() if tcfg.eval_ema else nullcontext():
-                        metrics.update(evaluate(micro, finalizer, valid,
+                        metrics.update(evaluate(micro, world.size, valid,
                                                 spec.loss_options(model_cfg, tcfg, progress.tokens), loss_names, tcfg,
                                                 groups.dp_ep_rank, data_ranks))
                 gib = optimizer_gib if optimizer_gib is not None else optimizer_state_gib(optimizer)
@@ -298,7 +308,7 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
                 raise
             what, group_names = _PHASES[phase]
             if phase == "forward_backward" and (finalizer.overlap_gather or finalizer.overlap_reduce):
-                group_names = [*group_names, "dp_ep", "edp"]  # ZeRO-1's gathers and reduce-scatters run there too
+                group_names = [*group_names, "dp_ep", "edp"]  # overlapped gradient reductions and ZeRO-1 gathers run there too
             raise TrainingStopped(f"step {step + 1}: rank {world.rank} had no answer from a peer within "
                                   f"train.collective_timeout_s={tcfg.collective_timeout_s:g} s during {what} "
                                   f"(its collectives here: {groups.describe(group_names)}): a rank is dead or hung "

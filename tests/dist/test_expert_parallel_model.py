@@ -9,7 +9,7 @@ from moetron.models.deepseek_v3 import finish_moe_step, load_preset
 from moetron.models.deepseek_v3.model import DeepSeekV3
 from moetron.models.deepseek_v3.parallelize import parallelize
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
-from moetron.parallel.grad_reduce import reduce_gradients
+from moetron.parallel.finalize import StepFinalizer
 from tests.dist.harness import run_ranks
 
 SEQS_PER_RANK, SEQ = 2, 32
@@ -28,13 +28,12 @@ def model_ep(rank, world, dp, ep, nodes, dispatcher):
     model = copy.deepcopy(reference)
     groups = build_groups(ParallelDims(pp=1, dp=dp, ep=ep), Topology(nodes, world // nodes), rank)
     made = parallelize(model, groups, dispatcher)
+    finalizer = StepFinalizer(model, made.expert_params, groups, grad_clip=0.0)  # the gradient buffers
 
     reference(ids[:, :-1], ids[:, 1:]).loss.backward()
     mine = ids[rank * SEQS_PER_RANK:(rank + 1) * SEQS_PER_RANK]
     model(mine[:, :-1], mine[:, 1:]).loss.backward()
-    experts = made.expert_params
-    replicated = [p for p in model.parameters() if all(p is not e for e in experts)]
-    reduce_gradients(replicated, experts, groups.dp_ep_group, groups.edp_group, dp * ep)
+    finalizer.finish_gradients()  # averaged over dp x ep, experts over expert-DP
 
     ref_params = dict(reference.named_parameters())
     local = cfg.n_routed_experts // ep

@@ -1,27 +1,25 @@
-"""The step finalizer: every statistic of a step summed over all ranks in one all-reduce, shapes and
-names kept; ZeRO-1's communication overlapped with compute (the gather with the next forward, the
-reduce-scatter with the last backward) equal to the blocking one."""
-import copy
-
+"""Every statistic of a step summed over all ranks in one all-reduce, shapes and names kept; ZeRO-1's
+parameter gather overlapped with the next forward, equal to the blocking one (the gradient buffers'
+overlap: tests/dist/test_grad_buffer.py)."""
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
-from moetron.parallel.finalize import StepFinalizer
 from tests.dist.harness import run_ranks
 
 
 def _reduce(rank, world):
-    groups = build_groups(ParallelDims(pp=1, dp=world, ep=1), Topology(1, world), rank)
-    finalizer = StepFinalizer(nn.Linear(2, 2), [], groups, grad_clip=0.0)
+    from moetron.comm.packed import all_reduce_packed
+
+    build_groups(ParallelDims(pp=1, dp=world, ep=1), Topology(1, world), rank)
     calls = []
     real = dist.all_reduce
     dist.all_reduce = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
     try:
-        out = finalizer.reduce_metrics({"losses": torch.full((4,), float(rank), dtype=torch.float64),
-                                        "loads_LE": torch.arange(6, dtype=torch.float64).view(2, 3) * (rank + 1),
-                                        "idle": torch.tensor(0.25, dtype=torch.float64)})
+        out = all_reduce_packed({"losses": torch.full((4,), float(rank), dtype=torch.float64),
+                                 "loads_LE": torch.arange(6, dtype=torch.float64).view(2, 3) * (rank + 1),
+                                 "idle": torch.tensor(0.25, dtype=torch.float64)}, world_size=world)
     finally:
         dist.all_reduce = real
     return len(calls), out
@@ -66,35 +64,3 @@ def test_an_overlapped_parameter_gather_lands_each_bucket_when_its_module_runs()
         assert buckets == 2
         assert landed[:2] == [True, True] and landed[2:] == [False, False]
         assert all(torch.equal(a, e) for a, e in zip(after, expected))
-
-
-def _overlapped_reduce(rank, world):
-    """ZeRO-1's reduce-scatter started from the last backward's gradient hooks: the later layer's
-    bucket is under way before the backward ends, and the shards' gradients equal a blocking one's."""
-    import torch.distributed as dist
-
-    from moetron.parallel.zero1 import ShardedParams
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    plain = copy.deepcopy(model)
-    overlapped = ShardedParams(list(model.parameters()), dist.group.WORLD, world, rank, bucket_numel=50)
-    overlapped.overlap_reduce_with_backward()
-    blocking = ShardedParams(list(plain.parameters()), dist.group.WORLD, world, rank, bucket_numel=50)
-    started_during_backward = []
-    model[0].weight.register_hook(lambda g: started_during_backward.append(sorted(overlapped._reducing)) or g)
-    x = torch.randn(2, 4, 6) * (rank + 1)
-    for i in range(2):  # two micro-batches; the second backward is the last
-        if i == 1:
-            overlapped.arm_reduce()
-        model(x[i]).sum().backward()
-        plain(x[i]).sum().backward()
-    overlapped.reduce_scatter_grads(0.5)
-    blocking.reduce_scatter_grads(0.5)
-    return started_during_backward, [s.grad for s in overlapped.shards], [s.grad for s in blocking.shards]
-
-
-def test_an_overlapped_reduce_scatter_starts_during_the_last_backward_and_equals_a_blocking_one():
-    for started, overlapped, blocking in run_ranks(2, _overlapped_reduce):
-        assert started == [[], [1]]  # first backward: nothing; the last: the second layer's bucket
-        assert all(torch.equal(a, b) for a, b in zip(overlapped, blocking))

@@ -16,7 +16,10 @@ from moetron.models import get_spec
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
 from moetron.pipeline.builders import build_schedule, comm_lanes
-from moetron.train.micro_batches import PipelinedMicroBatches
+from moetron.parallel.grad_buffer import BUCKET_NUMEL, GradBuffer
+from moetron.pipeline.grads_final import gradient_order
+from moetron.pipeline.runtime import PipelineRunner
+from moetron.train.micro_batches import PipelinedMicroBatches, stage_parameters
 from tests.dist.harness import run_ranks
 
 ROWS, SEQ, LAYERS = 2, 16, 4
@@ -43,7 +46,8 @@ class RecordingOrder(IssueOrder):
             yield
 
 
-def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher="alltoall", order=None):
+def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher="alltoall", order=None,
+               zero1=False, overlap_reduce=False, bucket_numel=BUCKET_NUMEL):
     """`model` under EP and the trainer's pipelined micro-batches and step finalizer, built as the
     trainer builds them; returns (groups, micro, finalizer)."""
     groups = build_groups(dims, Topology(1, world), rank, comm_lanes(schedule, dims.pp, overlap))
@@ -52,9 +56,16 @@ def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher
     made = spec.parallelize(model, groups, dispatcher, defer_weights=True)
     sched = build_schedule(schedule, dims.pp, n)
     parts = spec.pipeline_split(model, sched, groups.pp_rank, None, n)
+    stage_params = stage_parameters(sched, parts)
+    deferred = frozenset(id(p) for p in made.deferred_params)
+    finalizer = StepFinalizer(model, made.expert_params, groups, 0.0, parts.holders, parts.shared, zero1=zero1,
+                              overlap_grad_reduce=overlap_reduce, bucket_numel=bucket_numel,
+                              grad_order=gradient_order(sched.actions[groups.pp_rank], stage_params, deferred))
+    if overlap_reduce:
+        made.weight_grad_store.on_accumulated = finalizer.grad_accumulated
     micro = PipelinedMicroBatches(lambda n: sched, parts, groups.pp_rank, groups.lanes("pp"), (ROWS, SEQ, model.cfg.hidden_size),
-                                  torch.device("cpu"), dtype, overlap, made.weight_grad_store)
-    finalizer = StepFinalizer(model, made.expert_params, groups, 0.0, parts.holders, parts.shared)
+                                  torch.device("cpu"), dtype, overlap, made.weight_grad_store,
+                                  finalizer if overlap_reduce else None, stage_params, deferred)
     return groups, micro, finalizer
 
 
@@ -178,3 +189,44 @@ def test_overlapped_pairs_keep_autocast_and_recompute_bitwise():
         assert grads_a.keys() == grads_b.keys() and grads_a
         for name in grads_a:
             assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def _reduced_grads(rank, world, schedule, zero1, overlap_reduce):
+    """One step of a pipeline schedule at dp=2; returns the reduced gradients (the parameters', or
+    under ZeRO-1 the shards') and the order of events: each compute action's begin and end, and
+    each bucket's start."""
+    torch.manual_seed(0)
+    cfg = load_preset("tiny", num_hidden_layers=LAYERS, n_routed_experts=8)
+    model = DeepSeekV3(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 4, ROWS, SEQ + 1))
+    groups, micro, finalizer = _pipelined(model, rank, world, ParallelDims(pp=2, dp=2, ep=1), schedule, False,
+                                          torch.float32, 4, zero1=zero1, overlap_reduce=overlap_reduce,
+                                          bucket_numel=20_000)  # several buckets per stage
+    events = []
+    real_start, real_run = GradBuffer._start, PipelineRunner._run
+    GradBuffer._start = lambda self, b: events.append(("start", b)) or real_start(self, b)
+    PipelineRunner._run = lambda self, a: (events.append(("begin", str(a.kind))), real_run(self, a),
+                                           events.append(("end", str(a.kind))))
+    try:
+        micro.run([(b[:, :-1], b[:, 1:]) for b in ids[groups.dp_ep_rank]], {"mtp_weight": 0.3})
+        events.append(("finish", None))
+        finalizer.finish_gradients()
+    finally:
+        GradBuffer._start, PipelineRunner._run = real_start, real_run
+    grads = [g.clone() for g in finalizer._reduced.values()]
+    return grads, events
+
+
+@pytest.mark.parametrize("schedule,zero1", [("zb1p", False), ("dualpipev", True)])
+def test_overlapped_gradient_reduction_starts_during_the_pipeline_backward_and_is_bitwise_the_same(schedule, zero1):
+    """Under a pipeline schedule each bucket's all-reduce (or ZeRO-1 reduce-scatter) starts once its
+    stage's last backward / W action has made its gradients final, before the rank's backward ends;
+    the reduced gradients are bitwise those of reducing after the step."""
+    overlapped = run_ranks(4, _reduced_grads, schedule, zero1, True)
+    blocking = run_ranks(4, _reduced_grads, schedule, zero1, False)
+    for (grads_a, events), (grads_b, events_b) in zip(overlapped, blocking):
+        assert len(grads_a) == len(grads_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+        last_end = max(i for i, (what, kind) in enumerate(events) if what == "end" and kind in ("B", "BW", "W", "FB"))
+        starts = [i for i, (what, _) in enumerate(events) if what == "start"]
+        assert starts and starts[0] < last_end  # under way before the backward ends
+        assert all(i > events_b.index(("finish", None)) for i, (what, _) in enumerate(events_b) if what == "start")

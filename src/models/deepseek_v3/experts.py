@@ -14,6 +14,7 @@ from torch import nn
 
 from moetron.models.deepseek_v3.layers import swiglu
 from moetron.parallel.recompute import discard_all, maybe_recompute
+from moetron.weight_grad_store import defer_or_compute
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -28,7 +29,7 @@ class _GroupedMM(torch.autograd.Function):
 
     With a pipeline's weight-gradient store enabled (a B action), the weight gradient is queued for
     the later W action instead of computed now, and added to `w_param` (the parameter `w` is, or was
-    cast from under autocast) in its dtype.
+    cast from under autocast) in its dtype (moetron.weight_grad_store).
     """
 
     @staticmethod
@@ -43,26 +44,37 @@ class _GroupedMM(torch.autograd.Function):
         grad_SN = grad_SN.contiguous()
         grad_x_SK = torch._grouped_mm(grad_SN, w_ENK, offs=offsets_E)
 
-        def weight_grad():  # groups along S: grad_rows^T @ x_rows per expert (zero for no rows)
-            return torch._grouped_mm(grad_SN.t(), x_SK, offs=offsets_E)
-
-        store, param = ctx.store, ctx.w_param
-        if store is not None and store.enabled and param is not None:
-            @torch.no_grad()
-            def accumulate():
-                grad = weight_grad().to(param.dtype)
-                param.grad = grad if param.grad is None else param.grad + grad
-
-            store.put(accumulate)  # no gradient flows back now, through the cast or otherwise
-            return grad_x_SK, None, None, None, None
-        return grad_x_SK, weight_grad(), None, None, None
+        # groups along S: grad_rows^T @ x_rows per expert (zero for no rows); deferred, no gradient
+        # flows back now, through the cast or otherwise
+        grad_w = defer_or_compute(ctx.store, ctx.w_param, lambda: torch._grouped_mm(grad_SN.t(), x_SK, offs=offsets_E))
+        return grad_x_SK, grad_w, None, None, None
 
 
-def grouped_mm_loop(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+class _LoopMM(torch.autograd.Function):
+    """The same product as _GroupedMM, one matmul per expert (where grouped_mm cannot run); the
+    weight gradient deferred alike. Its products are the ones autograd runs for the loop."""
+
+    @staticmethod
+    def forward(ctx, x_SK, w_ENK, sizes, store, w_param):
+        ctx.save_for_backward(x_SK, w_ENK)
+        ctx.sizes, ctx.store, ctx.w_param = sizes, store, w_param
+        outs = [chunk @ w_ENK[e].transpose(0, 1) for e, chunk in enumerate(x_SK.split(sizes))]
+        return torch.cat(outs) if outs else x_SK.new_zeros(0, w_ENK.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_SN):
+        x_SK, w_ENK = ctx.saved_tensors
+        grads, xs = grad_SN.split(ctx.sizes), x_SK.split(ctx.sizes)
+        grad_x_SK = torch.cat([g @ w_ENK[e] for e, g in enumerate(grads)]) if grads else torch.zeros_like(x_SK)
+        grad_w = defer_or_compute(ctx.store, ctx.w_param,
+                                  lambda: torch.stack([g.t() @ x for g, x in zip(grads, xs)]))
+        return grad_x_SK, grad_w, None, None, None
+
+
+def grouped_mm_loop(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                    weight_grad_store=None, w_param=None) -> torch.Tensor:
     """The reference path: one matmul per expert."""
-    chunks = x_SK.split(tokens_per_expert_E.tolist())
-    outs = [chunk @ w_ENK[e].transpose(0, 1) for e, chunk in enumerate(chunks)]
-    return torch.cat(outs) if outs else x_SK.new_zeros(0, w_ENK.shape[1])
+    return _LoopMM.apply(x_SK, w_ENK, tokens_per_expert_E.tolist(), weight_grad_store, w_param)
 
 
 def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
@@ -83,7 +95,7 @@ def grouped_mm(x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: tor
             # CPU) the GEMM stays eager, a graph break inside a compiled block
             return _grouped_mm_eager(x_SK, w_ENK, offsets_E, weight_grad_store, w_param)
         return _GroupedMM.apply(x_SK, w_ENK, offsets_E, weight_grad_store, w_param)
-    return _loop_eager(x_SK, w_ENK, tokens_per_expert_E)
+    return _loop_eager(x_SK, w_ENK, tokens_per_expert_E, weight_grad_store, w_param)
 
 
 @torch.compiler.disable
@@ -92,8 +104,8 @@ def _grouped_mm_eager(x_SK, w_ENK, offsets_E, store, w_param):
 
 
 @torch.compiler.disable  # per-expert sizes on the host: eager, not a recompile per step's counts
-def _loop_eager(x_SK, w_ENK, tokens_per_expert_E):
-    return grouped_mm_loop(x_SK, w_ENK, tokens_per_expert_E)
+def _loop_eager(x_SK, w_ENK, tokens_per_expert_E, store, w_param):
+    return grouped_mm_loop(x_SK, w_ENK, tokens_per_expert_E, store, w_param)
 
 
 class GroupedExperts(nn.Module):
