@@ -5,7 +5,7 @@ The package `moetron` is mapped from `src/`, and its Hydra configs (`moetron.con
 """
 from setuptools import setup
 
-SUBPACKAGES = ["comm", "comm.dispatch", "precision", "parallel", "models", "models.deepseek_v3", "pipeline", "train", "train.corpus",
+SUBPACKAGES = ["core", "comm", "comm.dispatch", "precision", "parallel", "models", "models.deepseek_v3", "pipeline", "train", "train.corpus",
                "plan"]
 
 setup(

@@ -47,7 +47,8 @@ from moetron.comm.a2a import all_to_all
 from moetron.comm.lanes import IssueOrder, LaneGroup
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.local_ranks import run_ranks
-from moetron.parallel.weight_grads import WeightGradStore, defer_weight_grads
+from moetron.core.weight_grads import WeightGradStore
+from moetron.parallel.weight_grads import defer_weight_grads
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.runtime import PipelineRunner
 from moetron.pipeline.simulate import Costs, simulate

@@ -22,9 +22,11 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from moetron.models.stages import PipelineParts, pipeline_split
-from moetron.parallel.weight_grads import defer_weight_grads, deferred_parameters
-from moetron.precision.convert import FP8Recipe, convert_to_fp8
-from moetron.weight_grad_store import WeightGradStore
+from moetron.core.convert import apply_converters
+from moetron.core.weight_grads import WeightGradStore
+from moetron.parallel.recompute import SelectiveRecompute
+from moetron.parallel.weight_grads import WeightGradDeferral, deferred_parameters
+from moetron.precision.convert import FP8Conversion, FP8Recipe
 
 
 @dataclass
@@ -47,13 +49,30 @@ def piecewise(schedule, tokens: float) -> float:
     return float(value)
 
 
-def defer_decoder_weight_grads(model: nn.Module, made: Parallelized) -> None:
-    """Make the decoder blocks' weight gradients deferrable to W actions (`model.layers`, the whole
-    model if it has none), through a new store recorded in `made`. The loss tail stays as it is: its
-    deferred gradients would keep the logits' gradient, [B, S, V] per head, alive until W."""
-    made.weight_grad_store = WeightGradStore()
-    decoder = defer_weight_grads(getattr(model, "layers", model), made.weight_grad_store)
-    made.deferred_params = deferred_parameters(decoder, made.weight_grad_store)
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The repeated blocks (`model.layers`), or the whole model if it has none."""
+    return getattr(model, "layers", model)
+
+
+def run_converters(model: nn.Module, made: Parallelized, fp8: Optional[FP8Recipe] = None,
+                   defer_weights: bool = False, recompute: Optional[dict] = None, fp8_scopes=None,
+                   high_precision_inputs: tuple[str, ...] = ()) -> None:
+    """The converters a run asks for, applied through the one seam (moetron.core.convert): FP8 in
+    `fp8_scopes(model)` (default: the decoder blocks), weight-gradient deferral in the decoder
+    blocks (a pipeline with W actions; the store and the deferred parameters recorded in `made`;
+    the loss tail stays as it is: its deferred gradients would keep the logits' gradient, [B, S, V]
+    per head, alive until W), and the recompute switches. Refuses combinations that cannot work."""
+    converters = []
+    if fp8:
+        converters.append(FP8Conversion(fp8, fp8_scopes or (lambda m: [decoder_of(m)]), high_precision_inputs))
+    if defer_weights:
+        made.weight_grad_store = WeightGradStore()
+        converters.append(WeightGradDeferral(made.weight_grad_store, decoder_of))
+    if recompute and any(recompute.values()):
+        converters.append(SelectiveRecompute(recompute))
+    apply_converters(model, converters)
+    if defer_weights:
+        made.deferred_params = deferred_parameters(decoder_of(model), made.weight_grad_store)
 
 
 class ModelSpec:
@@ -61,6 +80,11 @@ class ModelSpec:
 
     arch: str = ""
     config_cls: type = object
+    # model-config keys that do not shape the weights (loss weights, balance speeds): a resume may
+    # change them (the change is logged); every other key must equal the checkpoint's
+    run_settings: tuple[str, ...] = ()
+    # model-config keys that moved elsewhere -> where they are now (a checkpoint's saved config drops them)
+    moved_keys: dict = {}
 
     # -- config and model ------------------------------------------------------------------------
     def config(self, node) -> Any:
@@ -69,6 +93,11 @@ class ModelSpec:
         if isinstance(node, self.config_cls):
             cfg = node
         else:
+            moved = [k for k in self.moved_keys if k in node]
+            if moved:
+                raise ValueError("; ".join(f"model.{k} is now {self.moved_keys[k]} (a run setting): set "
+                                           f"{self.moved_keys[k]}={node[k]} instead" for k in moved).replace("True", "true")
+                                 .replace("False", "false"))
             try:
                 merged = OmegaConf.merge(OmegaConf.structured(self.config_cls), node)
                 cfg = OmegaConf.to_object(merged)
@@ -80,6 +109,10 @@ class ModelSpec:
         if callable(getattr(cfg, "validate", None)):
             cfg.validate()
         return cfg
+
+    def saved_config(self, node) -> Any:
+        """The typed config of a checkpoint's saved `model` node, without keys that moved out of it."""
+        return self.config({k: v for k, v in dict(node).items() if k not in self.moved_keys})
 
     def build(self, cfg, device: Optional[torch.device | str] = None) -> nn.Module:
         """The whole model; `device="meta"` builds without allocating (materialised per rank later)."""
@@ -99,15 +132,13 @@ class ModelSpec:
 
     # -- parallelism -----------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
-                    fp8: Optional[FP8Recipe] = None) -> Parallelized:
-        """Apply parallelism and precision without touching model code (module converters): FP8 in
-        the decoder blocks (`fp8`), and the weight-gradient deferral a pipeline's B/W split needs. A
+                    fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None) -> Parallelized:
+        """Apply parallelism, precision and memory policies without touching model code (module
+        converters, `run_converters`): FP8 in the decoder blocks (`fp8`), the weight-gradient
+        deferral a pipeline's B/W split needs, the recompute switches (`recompute`: switch -> on). A
         dense model has no dispatch: `fp8.dispatch` is moot."""
         made = Parallelized()
-        if fp8:
-            convert_to_fp8(getattr(model, "layers", model), fp8)
-        if defer_weights:
-            defer_decoder_weight_grads(model, made)
+        run_converters(model, made, fp8, defer_weights, recompute)
         return made
 
     def pipeline_split(self, model: nn.Module, schedule, pp_rank: int, layout: Optional[list],

@@ -14,12 +14,16 @@ function alone saves nothing. `OutputRecompute` therefore works like Megatron-Co
 
 Forward values and every gradient are bitwise those of running `fn` directly: the same kernels run
 on the same inputs, and the same summed output gradient enters the same backward.
+
+Which parts recompute is a run setting (`recompute.norm|mla_up_proj|swiglu`), applied by the
+`SelectiveRecompute` converter to the `recompute_<switch>` slots that layers declare.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+from torch import nn
 
 
 class _RunWithoutGraph(torch.autograd.Function):
@@ -81,6 +85,33 @@ class OutputRecompute:
             storage = fresh.untyped_storage()
             freed.untyped_storage().resize_(storage.size())
             freed.untyped_storage().copy_(storage)
+
+
+RECOMPUTE_SWITCHES = ("norm", "mla_up_proj", "swiglu")
+
+
+class SelectiveRecompute:
+    """The recompute converter (moetron.core.convert): for each switch on (the report's policy,
+    section 3.2.3: `norm`, `mla_up_proj`, `swiglu`), every module with a `recompute_<switch>` slot
+    recomputes that part in backward; a problem where no module of the model has the slot."""
+
+    name = "recompute"
+
+    def __init__(self, switches: dict[str, bool]) -> None:
+        unknown = sorted(set(switches) - set(RECOMPUTE_SWITCHES))
+        if unknown:
+            raise ValueError(f"recompute: no switch {unknown}; the switches are {RECOMPUTE_SWITCHES}")
+        self.on = [k for k in RECOMPUTE_SWITCHES if switches.get(k)]
+
+    def convert(self, root: nn.Module) -> None:
+        for module in root.modules():
+            for switch in self.on:
+                if hasattr(module, f"recompute_{switch}"):
+                    setattr(module, f"recompute_{switch}", True)
+
+    def problems(self, root: nn.Module) -> list[str]:
+        return [f"recompute.{s}=true, but no layer of this model can recompute its {s}" for s in self.on
+                if not any(hasattr(m, f"recompute_{s}") for m in root.modules())]
 
 
 def maybe_recompute(enabled: bool, fn: Callable, *inputs: torch.Tensor):

@@ -1,6 +1,6 @@
 """Weight gradients a pipeline B action defers to a later W action (zero-bubble's B/W split).
 
-`defer_weight_grads(module, store)` is a module converter (`moetron.parallel.convert`): it
+`defer_weight_grads(module, store)` is a module converter (`moetron.core.convert`): it
 replaces every nn.Linear of `module` by a DeferrableLinear sharing its parameters, and hands
 `store` to every layer that declares a `weight_grad_store` slot (grouped experts do). While
 `store.enabled`, their backward computes the input gradient and queues the weight gradient as a
@@ -9,14 +9,14 @@ closure; `close_batch` ends one B action's batch and `run_oldest` (a W action) r
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetron.parallel.convert import replace_modules
-from moetron.weight_grad_store import WeightGradStore, defer_or_compute
+from moetron.core.convert import replace_modules
+from moetron.core.weight_grads import WeightGradStore, defer_or_compute
 
 
 class _DeferrableLinearFn(torch.autograd.Function):
@@ -74,6 +74,26 @@ def defer_weight_grads(module: nn.Module, store: WeightGradStore) -> nn.Module:
         if hasattr(m, "weight_grad_store"):
             m.weight_grad_store = store
     return module
+
+
+class WeightGradDeferral:
+    """The weight-gradient converter (moetron.core.convert): `defer_weight_grads` on the module
+    `scope(root)` gives; a problem for every layer there that computes its weight gradient in the
+    backward and cannot hand it to a W action (it declares `DEFERS_WEIGHT_GRADS = False`, as
+    transformer-engine's linears do)."""
+
+    name = "defer_weight_grads"
+
+    def __init__(self, store: WeightGradStore, scope: Callable[[nn.Module], nn.Module]) -> None:
+        self.store, self.scope = store, scope
+
+    def convert(self, root: nn.Module) -> None:
+        defer_weight_grads(self.scope(root), self.store)
+
+    def problems(self, root: nn.Module) -> list[str]:
+        return [f"{name} ({type(m).__name__}) computes its weight gradient in the backward: a W action cannot "
+                "defer it" for name, m in self.scope(root).named_modules()
+                if getattr(type(m), "DEFERS_WEIGHT_GRADS", True) is False]
 
 
 def deferred_parameters(module: nn.Module, store: WeightGradStore) -> list[nn.Parameter]:

@@ -54,7 +54,7 @@ from moetron.pipeline.grads_final import final_gradient_actions
 from moetron.pipeline.schedule import Action, ActionKind, Schedule
 from moetron.pipeline.transfers import peer_stage, with_transfers
 from moetron.profiling import label
-from moetron.weight_grad_store import WeightGradStore
+from moetron.core.weight_grads import WeightGradStore
 
 K = ActionKind
 

@@ -109,6 +109,11 @@ class Schedule:
         return "\n".join(f"rank {r}: " + " ".join(str(a) for a in acts) for r, acts in enumerate(self.actions))
 
 
+def splits_weight_grads(schedule: Schedule) -> bool:
+    """Whether the schedule defers weight gradients to W actions (ZB1P, DualPipe, DualPipeV)."""
+    return any(a.kind == ActionKind.W for rank_actions in schedule.actions for a in rank_actions)
+
+
 def forward_only(schedule: Schedule) -> Schedule:
     """The schedule's forwards alone, in each rank's order (an F&B pair keeps its forward half): what
     an evaluation runs. Dropping backwards removes waits, never adds one, so it cannot deadlock."""

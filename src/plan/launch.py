@@ -50,7 +50,7 @@ def train_overrides(layout: Layout, hw: Hardware, overrides: list[str], planned:
         if stage_layout:  # the planner's balanced split (the head and MTP ride with the last stage)
             out.append("parallel.layout=" + json.dumps(stage_layout, separators=(",", ":")))
     if layout.recompute:
-        out += ["model.recompute_norm=true", "model.recompute_mla_up_proj=true", "model.recompute_swiglu=true"]
+        out += ["recompute.norm=true", "recompute.mla_up_proj=true", "recompute.swiglu=true"]
     return [o for o in out if o]
 
 

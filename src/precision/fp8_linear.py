@@ -8,7 +8,7 @@ weight-gradient GEMMs of a linear layer in E4M3 with fine-grained scales, FP32 a
 
 `FP8Linear` replaces an nn.Linear (same parameters), `FP8GroupedGemm` the routed experts' grouped
 GEMMs (one FP8 GEMM per expert). Both keep the `weight_grad_store` slot of pipeline W actions: with
-the store enabled, the weight gradient is queued, not computed (moetron.weight_grad_store).
+the store enabled, the weight gradient is queued, not computed (moetron.core.weight_grads).
 `cache_input`: the backward keeps the forward's FP8 tiles of the input (1 byte per element plus a
 scale per 128) instead of the input itself, and the weight gradient re-quantizes their dequantized
 values along the tokens (report section 3.3.3, "low-precision activation").
@@ -24,7 +24,7 @@ from torch import nn
 
 from moetron.precision.fp8_gemm import fp8_mm
 from moetron.precision.quantize import Tiles, quantize_blocks, quantize_tiles
-from moetron.weight_grad_store import defer_or_compute
+from moetron.core.weight_grads import defer_or_compute
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

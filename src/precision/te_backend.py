@@ -46,7 +46,10 @@ class TELinear(nn.Module):
     """An nn.Linear's weight run through te.pytorch.Linear under Float8BlockScaling. The TE module is
     made at the first forward, on the weight's device (the model is built on the meta device and
     materialized later), and kept out of the module tree: it holds this layer's weight, whose name
-    stays `weight` here."""
+    stays `weight` here. TE computes the weight gradient inside its own backward, so a pipeline's W
+    action cannot defer it (the weight-gradient converter refuses it)."""
+
+    DEFERS_WEIGHT_GRADS = False
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()

@@ -62,8 +62,8 @@ class ParallelConfig:
     # ZeRO-1: the updated shards' all-gather runs on while the next step starts, each module's forward
     # waiting for its own parameters only (Megatron-Core's overlap_param_gather); None: on with GPUs
     overlap_param_gather: Optional[bool] = None
-    # ZeRO-1 without pipelining: each bucket's reduce-scatter starts while the step's last backward
-    # goes on, once its gradients are final (Megatron-Core's overlap_grad_reduce); None: on with GPUs
+    # each gradient bucket's all-reduce (ZeRO-1: reduce-scatter) starts as soon as its gradients are
+    # final, while the backward goes on, pipelines included (Megatron-Core's overlap_grad_reduce); None: on with GPUs
     overlap_grad_reduce: Optional[bool] = None
     overlap_fb: bool = True  # dualpipe(v): run the forward and backward of each F&B pair at once
     # overlapped pairs: forward and backward take turns issuing collectives, in one order on every
@@ -93,13 +93,21 @@ class ClusterConfig:
 class PrecisionConfig:
     name: str = "auto"
     compute_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32 | bfloat16
-    master_dtype: str = "float32"  # parameters and gradients
     # FP8 GEMMs with 1x128 / 128x128 scales in the decoder's linears and experts (moetron.precision)
     fp8: bool = False
     backend: str = "auto"  # auto | emulated | torch | te: who runs the FP8 GEMMs (auto: torch on Hopper)
     fp8_dispatch: bool = True  # with fp8: tokens travel to their experts as E4M3 tiles (combine stays)
     # with fp8: activations kept for the backward in FP8 (linear inputs, SwiGLU inputs; report 3.3.3)
     fp8_cache_activations: bool = False
+
+
+@dataclass
+class RecomputeConfig:
+    """Recomputation in backward instead of storing (report section 3.2.3; moetron.parallel.recompute):
+    a run setting, free to change on resume."""
+    norm: bool = False  # RMSNorm outputs (decoder blocks and MLA's latent norms)
+    mla_up_proj: bool = False  # MLA's up-projected q, k, v
+    swiglu: bool = False  # SwiGLU outputs (dense MLPs, shared and routed experts)
 
 
 @dataclass
@@ -168,6 +176,7 @@ class RootConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -78,6 +78,9 @@ def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer, ema
             continue
         _check_model_settings(path, trainer, spec, model_cfg)
         _warn_if_the_data_changed(path, trainer, cfg)
+        changes = changed_run_settings(trainer["config"], OmegaConf.to_container(cfg, resolve=True), spec)
+        if changes and _is_main():
+            print(f"resuming with run settings changed since {path.name}: " + "; ".join(changes), flush=True)
         if not (path / dcp_io.METADATA_FILE).is_file():
             raise UserInputError(
                 f"{path} is in the per-rank format of moetron before 2026-12-02 (written with layout "
@@ -133,22 +136,48 @@ def _warn_if_the_data_changed(path: Path, trainer: dict, cfg) -> None:
               "have had", flush=True)
 
 
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def _check_model_settings(path: Path, trainer: dict, spec, model_cfg) -> None:
-    """The checkpoint's model settings equal this run's (compared as typed configs: a preset lists
-    some keys, the schema's defaults fill the rest; where a run started does not bind its resume)."""
+    """What shapes the weights equals the checkpoint's (compared as typed configs: a preset lists
+    some keys, the schema's defaults fill the rest); the model's run settings may differ."""
     try:
-        saved = dataclasses.asdict(spec.config(trainer["config"]["model"]))
+        saved = dataclasses.asdict(spec.saved_config(trainer["config"]["model"]))
     except ValueError as err:
-        raise UserInputError(f"the checkpoint {path} has model settings this version cannot read ({err}); use a "
-                             "new hydra.run.dir or train.resume=false") from err
+        raise UserInputError(f"the checkpoint {path} has model settings this version cannot read ({err}); train "
+                             "in a new hydra.run.dir") from err
     current = dataclasses.asdict(model_cfg)
-    for config in (saved, current):
-        config.pop("init_from", None)
-    if saved != current:
-        changed = sorted(k for k in current if saved.get(k) != current[k])
-        raise UserInputError(f"the checkpoint {path} was trained with other model settings "
-                             f"({', '.join('model.' + k for k in changed)}); use a new hydra.run.dir or "
-                             "train.resume=false")
+    changed = sorted(k for k in current if saved.get(k) != current[k] and k not in spec.run_settings)
+    if changed:
+        was = ", ".join(f"model.{k}={saved.get(k)!r} (now {current[k]!r})" for k in changed)
+        raise UserInputError(f"the checkpoint {path} holds weights of another model: {was}. Set them back to resume "
+                             "this run, or train the new model in a new hydra.run.dir (moetron-export's Hugging Face "
+                             "folder starts it from these weights as model.init_from where the shapes allow)")
+
+
+def changed_run_settings(saved: dict, current: dict, spec, ignore: tuple[str, ...] = ("data", "logging")) -> list[str]:
+    """`key: old -> new` for every run setting that differs from the checkpoint's config (`saved`):
+    the model's run settings and everything outside `model`, but the groups in `ignore` (data has a
+    note of its own; logging does not touch the weights)."""
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+
+    old, new = dict(leaves(saved)), dict(leaves(current))
+    out = []
+    for key in sorted(set(old) | set(new)):
+        group, _, name = key.partition(".")
+        if group in ignore or (group == "model" and name not in spec.run_settings) or group == "hydra":
+            continue
+        if key in ("train.resume", "train.exit_after_steps") or old.get(key) == new.get(key):
+            continue
+        out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return out
 
 
 def layout_of(groups, zero1: bool) -> dict:

@@ -36,6 +36,7 @@ from moetron.parallel.finalize import StepFinalizer
 from moetron.parallel.materialize import load_whole_state_dict, materialize
 from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.pipeline.grads_final import gradient_order
+from moetron.pipeline.schedule import splits_weight_grads
 from moetron.pipeline.timeline import save_rank_timeline
 from moetron.precision.convert import FP8Recipe
 from moetron.precision.fp8_gemm import resolve_backend
@@ -132,7 +133,9 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     prec = cfg.precision
     fp8 = FP8Recipe(resolve_backend(prec.backend, device), prec.fp8_dispatch, prec.fp8_cache_activations) \
         if prec.fp8 else None
-    made = spec.parallelize(model, groups, par.dispatcher, defer_weights=dims.pp > 1, fp8=fp8)
+    recompute = OmegaConf.to_container(cfg.recompute) if "recompute" in cfg else {}
+    defer = dims.pp > 1 and splits_weight_grads(build_schedule(par.schedule, dims.pp, num_microbatches))
+    made = spec.parallelize(model, groups, par.dispatcher, defer_weights=defer, fp8=fp8, recompute=recompute)
     if cfg.train.compile:
         spec.compile_blocks(model, cfg.train.compile_backend)  # compiled at first call, on materialized weights
     if dims.pp == 1:

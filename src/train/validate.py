@@ -127,6 +127,10 @@ def validate(cfg, world_size: int) -> ParallelDims:
             resolve_backend(cfg.precision.backend, device)
         except ValueError as err:
             problems.append(str(err))
+        if cfg.precision.backend == "te" and par.pp > 1 and par.schedule in ("zb1p", "dualpipe", "dualpipev"):
+            problems.append(f"precision.backend=te with parallel.schedule={par.schedule}: transformer-engine computes "
+                            "weight gradients inside its backward, so the schedule's W actions cannot defer them; use "
+                            "parallel.schedule=1f1b or interleaved_1f1b, or precision.backend=torch")
         if cfg.precision.fp8_dispatch and par.dispatcher == "deepep" and dims.ep > 1:
             problems.append("precision.fp8_dispatch=true: parallel.dispatcher=deepep sends BF16 only here; set "
                             "precision.fp8_dispatch=false or parallel.dispatcher=hierarchical")

@@ -11,7 +11,9 @@ import torch
 
 import moetron.comm.a2a as a2a_module
 from moetron.comm.lanes import IssueOrder, current_lane
+from moetron.core.convert import apply_converters
 from moetron.models.deepseek_v3 import DeepSeekV3, load_preset
+from moetron.parallel.recompute import RECOMPUTE_SWITCHES, SelectiveRecompute
 from moetron.models import get_spec
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
@@ -169,9 +171,9 @@ def test_ordered_pairs_issue_collectives_in_one_order_on_every_rank(schedule, di
 
 def _bf16_recompute_grads(rank, world, overlap):
     torch.manual_seed(0)
-    cfg = load_preset("tiny", num_hidden_layers=LAYERS, n_routed_experts=8, recompute_norm=True,
-                      recompute_mla_up_proj=True, recompute_swiglu=True)
+    cfg = load_preset("tiny", num_hidden_layers=LAYERS, n_routed_experts=8)
     model = DeepSeekV3(cfg).train()
+    apply_converters(model, [SelectiveRecompute({s: True for s in RECOMPUTE_SWITCHES})])
     ids = torch.randint(0, cfg.vocab_size, (2, 4, ROWS, SEQ + 1))
     groups, micro, _ = _pipelined(model, rank, world, ParallelDims(pp=2, dp=1, ep=2), "dualpipev", overlap,
                                   torch.bfloat16, 4)

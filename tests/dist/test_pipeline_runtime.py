@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moetron.parallel.weight_grads import WeightGradStore, defer_weight_grads
+from moetron.core.weight_grads import WeightGradStore
+from moetron.parallel.weight_grads import defer_weight_grads
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.runtime import PipelineRunner
 from tests.dist.harness import run_ranks

@@ -16,7 +16,7 @@ def _losses(run_dir):
 
 
 def test_compiled_blocks_equal_eager_with_recompute(tmp_path):
-    recompute = ["model.recompute_norm=true", "model.recompute_mla_up_proj=true", "model.recompute_swiglu=true"]
+    recompute = ["recompute.norm=true", "recompute.mla_up_proj=true", "recompute.swiglu=true"]
     for compiled in ("false", "true"):
         run_cli([*RUN, *recompute, f"train.compile={compiled}", f"hydra.run.dir={tmp_path / compiled}"], tmp_path)
     assert _losses(tmp_path / "true") == pytest.approx(_losses(tmp_path / "false"), rel=1e-6)

@@ -46,8 +46,23 @@ def test_a_checkpoint_of_other_model_settings_stops_with_the_reason(tmp_path):
     proc = run_cli([*RUN, "model.num_hidden_layers=4", f"hydra.run.dir={run_dir}"], tmp_path,
                    env_extra={"HYDRA_FULL_ERROR": "0"}, check=False)
     assert proc.returncode != 0
-    assert "was trained with other model settings (model.num_hidden_layers)" in proc.stderr
+    assert "holds weights of another model: model.num_hidden_layers=3 (now 4)" in proc.stderr
+    assert "train.resume=false" not in proc.stderr  # refused there: the advice names what works
+    assert "in a new hydra.run.dir" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_resume_may_change_run_settings_and_says_which(tmp_path):
+    """Recomputation is a run setting, not part of the model: a run resumed with it on goes on (and,
+    recomputation being bitwise, trains exactly as the uninterrupted run without it)."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    args = [*RUN, "train.max_steps=4"]
+    run_cli([*args, f"hydra.run.dir={whole}"], tmp_path)
+    run_cli([*args, "train.exit_after_steps=2", f"hydra.run.dir={split}"], tmp_path)
+    proc = run_cli([*args, "recompute.swiglu=true", "recompute.norm=true", f"hydra.run.dir={split}"], tmp_path)
+    assert "run settings changed since step_00000002: recompute.norm: False -> True; recompute.swiglu: False -> " \
+        "True" in proc.stdout
+    assert [m["loss"] for m in read_metrics(split)] == [m["loss"] for m in read_metrics(whole)]
 
 
 def test_a_run_whose_checkpoints_all_fail_to_load_stops_instead_of_starting_over(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from moetron.parallel.weight_grads import WeightGradStore
+from moetron.core.weight_grads import WeightGradStore
 from moetron.precision.convert import FP8Recipe, convert_to_fp8
 from moetron.precision.fp8_gemm import emulated_mm, resolve_backend
 from moetron.precision.fp8_linear import FP8GroupedGemm, FP8Linear, fp8_linear

@@ -123,7 +123,7 @@ def test_the_launch_script_for_256_nodes_places_every_rank(capsys):
     text = capsys.readouterr().out
     assert "sbatch --nodes=256 --gpus-per-node=8 --ntasks-per-node=8 launch/slurm/train.sbatch" in text
     assert "parallel.pp=16 parallel.ep=64 parallel.dp=2" in text and "parallel.schedule=dualpipe" in text
-    assert "model.recompute_swiglu=true" in text and "cluster=h800_2048" in text and "plan." not in text
+    assert "recompute.swiglu=true" in text and "cluster=h800_2048" in text and "plan." not in text
     for planned in ("model=v3_671b", "train.seq_len=4096", "train.global_batch=15360", "optim.moments_dtype=bfloat16",
                     "precision.fp8_cache_activations=true"):  # the run that was planned
         assert planned in text

@@ -6,9 +6,9 @@ once the forward has finished (saved-tensor hooks see every saved tensor; parame
 import pytest
 import torch
 
-from moetron.models import build_model, load_preset
-
-SWITCHES = ("recompute_norm", "recompute_mla_up_proj", "recompute_swiglu")
+from moetron.core.convert import apply_converters
+from moetron.models import build_model, get_spec, load_preset
+from moetron.parallel.recompute import RECOMPUTE_SWITCHES as SWITCHES, SelectiveRecompute
 
 
 def saved_activation_bytes_and_loss(model, inputs, labels):
@@ -26,8 +26,9 @@ def saved_activation_bytes_and_loss(model, inputs, labels):
 
 def run(switches: dict):
     torch.manual_seed(0)
-    cfg = load_preset("tiny", **switches)
+    cfg = load_preset("tiny")
     model = build_model(cfg).train()
+    apply_converters(model, [SelectiveRecompute(switches)])  # the run setting recompute.<switch>
     ids = torch.randint(0, cfg.vocab_size, (4, 65), generator=torch.Generator().manual_seed(1))
     saved_bytes, out = saved_activation_bytes_and_loss(model, ids[:, :-1], ids[:, 1:])
     out.loss.backward()
@@ -60,3 +61,10 @@ def test_all_switches_save_more_than_each_alone(baseline):
     alone = [run({s: True})[0] for s in SWITCHES]
     together = run({s: True for s in SWITCHES})[0]
     assert together < min(alone)
+
+
+def test_a_switch_no_layer_has_and_the_old_model_keys_are_refused_naming_the_new_one():
+    with pytest.raises(ValueError, match="no layer of this model can recompute its swiglu"):
+        apply_converters(torch.nn.Sequential(torch.nn.Linear(2, 2)), [SelectiveRecompute({"swiglu": True})])
+    with pytest.raises(ValueError, match=r"model.recompute_swiglu is now recompute.swiglu .* set recompute.swiglu=true"):
+        get_spec("deepseek_v3").config({"arch": "deepseek_v3", "recompute_swiglu": True})

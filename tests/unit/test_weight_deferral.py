@@ -5,7 +5,8 @@ import copy
 import torch
 from torch import nn
 
-from moetron.parallel.weight_grads import DeferrableLinear, WeightGradStore, defer_weight_grads
+from moetron.core.weight_grads import WeightGradStore
+from moetron.parallel.weight_grads import DeferrableLinear, defer_weight_grads
 
 
 def test_weight_gradient_is_deferred_then_equal():

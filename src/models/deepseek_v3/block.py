@@ -19,8 +19,8 @@ from moetron.parallel.recompute import discard_all, maybe_recompute
 class DecoderLayer(nn.Module):
     """x + MLA(norm(x)), then + FFN(norm(.)); names follow transformers' DeepseekV3DecoderLayer.
 
-    With `recompute_norm`, each norm's output is freed once its consumers have run and recomputed in
-    backward (see `moetron.parallel.recompute`).
+    With `recompute_norm` (a slot the recompute converter sets), each norm's output is freed once its
+    consumers have run and recomputed in backward (see `moetron.parallel.recompute`).
     """
 
     def __init__(self, cfg: DeepSeekV3Config, layer_idx: int, moe: bool) -> None:
@@ -30,13 +30,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg, layer_idx) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.recompute_swiglu)
+        self.mlp = MoE(cfg, layer_idx) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.recompute_norm = False
 
     def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor,
                 valid_len: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns the block output and the MoE balance loss (None for dense blocks / no loss);
         `valid_len`: the positions that count in the router's loads and balance loss."""
-        recompute = self.cfg.recompute_norm
+        recompute = self.recompute_norm
         normed_BSH, region = maybe_recompute(recompute, self.input_layernorm, x_BSH)
         attn_BSH = self.self_attn(normed_BSH, cos_SR2, sin_SR2)
         discard_all([region], after=attn_BSH)

@@ -63,10 +63,6 @@ class DeepSeekV3Config:
     # Multi-Token Prediction (section 2.2)
     num_nextn_predict_layers: int = 1  # D
     mtp_loss_weight: float = 0.3  # lambda; the MTP loss is lambda / D * sum_k L^k
-    # Recomputation in backward instead of storing (section 3.2.3)
-    recompute_norm: bool = False
-    recompute_mla_up_proj: bool = False
-    recompute_swiglu: bool = False
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.006
     tie_word_embeddings: bool = False

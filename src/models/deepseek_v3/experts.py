@@ -14,7 +14,7 @@ from torch import nn
 
 from moetron.models.deepseek_v3.layers import swiglu
 from moetron.parallel.recompute import discard_all, maybe_recompute
-from moetron.weight_grad_store import defer_or_compute
+from moetron.core.weight_grads import defer_or_compute
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -29,7 +29,7 @@ class _GroupedMM(torch.autograd.Function):
 
     With a pipeline's weight-gradient store enabled (a B action), the weight gradient is queued for
     the later W action instead of computed now, and added to `w_param` (the parameter `w` is, or was
-    cast from under autocast) in its dtype (moetron.weight_grad_store).
+    cast from under autocast) in its dtype (moetron.core.weight_grads).
     """
 
     @staticmethod
@@ -112,12 +112,11 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts: `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I],
     the layout of transformers' DeepseekV3Experts."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 recompute_swiglu: bool = False) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.recompute_swiglu = recompute_swiglu
+        self.recompute_swiglu = False  # a slot the recompute converter sets
         self.use_grouped_mm = True
         self.weight_grad_store = None  # handed in by parallelize's converter, to defer weight gradients to W
         self.first_expert = 0  # global index of expert 0 here (expert parallelism shards the stack)

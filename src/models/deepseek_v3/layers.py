@@ -95,12 +95,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     """SwiGLU feed-forward: the dense layers' FFN and the shared experts (their widths summed)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, recompute_swiglu: bool = False) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.recompute_swiglu = recompute_swiglu
+        self.recompute_swiglu = False  # a slot the recompute converter sets
         self.activation = swiglu  # a converter may hand in another (FP8: inputs cached in FP8)
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:

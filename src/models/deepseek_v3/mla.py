@@ -36,6 +36,9 @@ class MLA(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, N * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        # slots the recompute converter sets (moetron.parallel.recompute.SelectiveRecompute)
+        self.recompute_norm = False
+        self.recompute_mla_up_proj = False
         self.o_proj = nn.Linear(N * cfg.v_head_dim, H, bias=False)
 
     def _up_project(self, q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, norm_regions=None):
@@ -48,7 +51,7 @@ class MLA(nn.Module):
         cfg = self.cfg
         B, S, _ = kv_lat_BSC.shape
         N, P, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        recompute_norm = norm_regions is not None and cfg.recompute_norm
+        recompute_norm = norm_regions is not None and self.recompute_norm
 
         if cfg.q_lora_rank is None:
             q_BSND = q_lat
@@ -80,7 +83,7 @@ class MLA(nn.Module):
         kv_lat_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSH).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
 
         regions = []
-        if cfg.recompute_mla_up_proj:
+        if self.recompute_mla_up_proj:
             up = lambda q, kv, kr: self._up_project(q, kv, kr, cos_SR2, sin_SR2)  # noqa: E731
             (q_BNSD, k_BNSD, v_BNSV), region = maybe_recompute(True, up, q_lat, kv_lat_BSC, k_rope_BSR)
             regions.append(region)

@@ -27,10 +27,9 @@ class MoE(nn.Module):
     def __init__(self, cfg: DeepSeekV3Config, layer_idx: int) -> None:
         super().__init__()
         self.gate = TopKRouter(cfg, layer_idx)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                                      cfg.recompute_swiglu)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.recompute_swiglu)
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
             if cfg.n_shared_experts > 0 else None
         )
         self.dispatcher = LocalDispatcher(cfg.n_routed_experts)

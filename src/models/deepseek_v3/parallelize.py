@@ -17,10 +17,10 @@ from moetron.comm.dispatch.deepep import DeepEPBuffers
 from moetron.comm.dispatch.local import LocalDispatcher
 from moetron.comm.traffic import TrafficCounter
 from moetron.models.deepseek_v3.moe import MoE
-from moetron.models.spec import Parallelized, defer_decoder_weight_grads
+from moetron.models.spec import Parallelized, run_converters
 from moetron.parallel.dims import ParallelGroups
 from moetron.parallel.expert_parallel import make_dispatcher, shard_experts
-from moetron.precision.convert import FP8Recipe, convert_to_fp8
+from moetron.precision.convert import FP8Recipe
 from moetron.precision.fp8_dispatch import FP8DispatchCodec
 
 
@@ -46,17 +46,16 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
 
 
 def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hierarchical",
-                defer_weights: bool = False, fp8: Optional[FP8Recipe] = None) -> Parallelized:
+                defer_weights: bool = False, fp8: Optional[FP8Recipe] = None,
+                recompute: Optional[dict] = None) -> Parallelized:
     """FP8 (`fp8`) in the decoder and MTP blocks (attention projections, dense MLPs, shared and
     routed experts; the embedding, head and routers stay as they are, report section 3.3.1; the
     attention output projection's input is never cached in FP8, section 3.3.3), expert parallelism
-    over `groups` (with `fp8.dispatch` tokens travel to their experts in FP8), and
-    (`defer_weights`, for pipelines) deferrable weight gradients in the decoder blocks."""
+    over `groups` (with `fp8.dispatch` tokens travel to their experts in FP8), (`defer_weights`,
+    for pipelines with W actions) deferrable weight gradients in the decoder blocks, and the
+    recompute switches (`recompute`, section 3.2.3), all through the module converters."""
     made = Parallelized()
-    if fp8:
-        convert_to_fp8(model.layers, fp8, high_precision_inputs=("o_proj",))
-        convert_to_fp8(model.mtp, fp8, high_precision_inputs=("o_proj",))
-    if defer_weights:
-        defer_decoder_weight_grads(model, made)
+    run_converters(model, made, fp8, defer_weights, recompute, fp8_scopes=lambda m: [m.layers, m.mtp],
+                   high_precision_inputs=("o_proj",))
     shard_moe_layers(model, groups, dispatcher, made, FP8DispatchCodec() if fp8 and fp8.dispatch else None)
     return made

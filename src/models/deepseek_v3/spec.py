@@ -28,6 +28,9 @@ BIAS_SPEED_LATER = (14.3e12, 0.0)
 class DeepSeekV3Spec(ModelSpec):
     arch = "deepseek_v3"
     config_cls = DeepSeekV3Config
+    run_settings = ("mtp_loss_weight", "bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "init_from")
+    moved_keys = {"recompute_norm": "recompute.norm", "recompute_mla_up_proj": "recompute.mla_up_proj",
+                  "recompute_swiglu": "recompute.swiglu"}
 
     def build_module(self, cfg: DeepSeekV3Config) -> nn.Module:
         return DeepSeekV3(cfg)
@@ -47,8 +50,8 @@ class DeepSeekV3Spec(ModelSpec):
         return out
 
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
-                    fp8: Optional[FP8Recipe] = None) -> Parallelized:
-        return parallelize(model, groups, dispatcher, defer_weights, fp8)
+                    fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None) -> Parallelized:
+        return parallelize(model, groups, dispatcher, defer_weights, fp8, recompute)
 
     def loss_options(self, cfg: DeepSeekV3Config, train_cfg, tokens_seen: int) -> dict:
         """lambda of the MTP loss after `tokens_seen` tokens (`train.mtp_weight_schedule`)."""

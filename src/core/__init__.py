@@ -1,0 +1,1 @@
+"""The seams every layer uses: module converters and deferred weight gradients (no torch.distributed)."""
