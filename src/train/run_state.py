@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from moetron.parallel.row_shards import model_state, optimizer_state
 from moetron.train import checkpoint, dcp_io
@@ -62,11 +61,11 @@ class Progress:
     skipped_steps: int = 0
 
 
-def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer, ema=None) -> Progress:
+def resume(run_dir: Path, config: dict, spec, model_cfg, model, optimizer, finalizer, ema=None) -> Progress:
     """Restore the newest loadable checkpoint under run_dir into model, optimizer and RNG, whatever
     layout wrote it. A corrupt one is skipped with a warning; one that cannot be loaded into this
     run stops it with the reason (every rank sees the same files and the same outcome)."""
-    if not cfg.train.resume:
+    if not config["train"]["resume"]:
         return Progress()
     unreadable = []
     for step, path in checkpoint.complete_dirs(run_dir / "checkpoints"):
@@ -77,8 +76,8 @@ def resume(run_dir: Path, cfg, spec, model_cfg, model, optimizer, finalizer, ema
             unreadable.append(f"{path.name}: {type(err).__name__}: {err}")
             continue
         _check_model_settings(path, trainer, spec, model_cfg)
-        _warn_if_the_data_changed(path, trainer, cfg)
-        changes = changed_run_settings(trainer["config"], OmegaConf.to_container(cfg, resolve=True), spec)
+        _warn_if_the_data_changed(path, trainer, config)
+        changes = changed_run_settings(trainer["config"], config, spec)
         if changes and _is_main():
             print(f"resuming with run settings changed since {path.name}: " + "; ".join(changes), flush=True)
         if not (path / dcp_io.METADATA_FILE).is_file():
@@ -124,13 +123,13 @@ def _group_steps(saved: dict, optimizer, state: dict) -> dict[int, torch.Tensor]
     return holders
 
 
-def _warn_if_the_data_changed(path: Path, trainer: dict, cfg) -> None:
+def _warn_if_the_data_changed(path: Path, trainer: dict, config: dict) -> None:
     """Data settings that change which sequences come next: said, not refused (adding data is legitimate)."""
     saved = trainer["config"]
     keys = [("data", k) for k in ("path", "blend", "tokenizer", "valid_path", "valid_fraction")] + \
         [("train", k) for k in ("seq_len", "seed")]
     changed = [f"{group}.{key}" for group, key in keys
-               if saved.get(group, {}).get(key) != OmegaConf.to_container(cfg, resolve=True)[group].get(key)]
+               if saved.get(group, {}).get(key) != config[group].get(key)]
     if changed:
         print(f"note: {', '.join(changed)} differ from {path}'s: the run goes on with other sequences than it would "
               "have had", flush=True)

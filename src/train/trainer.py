@@ -16,6 +16,7 @@ after the optimizer step. One optimizer step:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -55,7 +56,7 @@ from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches
 from moetron.train.lr_schedule import lr_at
 from moetron.train.optim import build_optimizer, optimizer_state_gib, param_groups
 from moetron.train.run_state import resume, save
-from moetron.train.validate import model_config, validate
+from moetron.train.validate import model_config, typed_settings, validate
 
 
 def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
@@ -84,6 +85,8 @@ def train(cfg, run_dir: Path) -> dict:
                              "there would mix the two runs' metrics and checkpoints; use a new hydra.run.dir")
     except (ValueError, FileNotFoundError) as err:
         raise UserInputError(str(err)) from err
+    config = OmegaConf.to_container(cfg, resolve=True)  # as the user composed it: saved in checkpoints, logged
+    cfg = typed_settings(cfg, model_cfg)  # from here on, typed settings
 
     device = pick_device(world)
     world_group = init_process_group(world, device, cfg.train.collective_timeout_s)
@@ -100,7 +103,7 @@ def train(cfg, run_dir: Path) -> dict:
             if lanes > 1:
                 how = "in turns, one order on every rank" if groups.order else "as each half reaches them"
                 print(f"F&B pairs overlap; their collectives are issued {how}", flush=True)
-        return _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, valid)
+        return _train_loop(cfg, config, run_dir, world, groups, device, spec, sampler, valid)
     finally:
         if world_group is not None:
             torch.distributed.destroy_process_group()
@@ -133,7 +136,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     prec = cfg.precision
     fp8 = FP8Recipe(resolve_backend(prec.backend, device), prec.fp8_dispatch, prec.fp8_cache_activations) \
         if prec.fp8 else None
-    recompute = OmegaConf.to_container(cfg.recompute) if "recompute" in cfg else {}
+    recompute = dataclasses.asdict(cfg.recompute)
     defer = dims.pp > 1 and splits_weight_grads(build_schedule(par.schedule, dims.pp, num_microbatches))
     made = spec.parallelize(model, groups, par.dispatcher, defer_weights=defer, fp8=fp8, recompute=recompute)
     if cfg.train.compile:
@@ -185,8 +188,10 @@ def _zero1(cfg, dims) -> bool:
     return cfg.parallel.zero1 if cfg.parallel.zero1 is not None else dims.dp > 1
 
 
-def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, valid) -> dict:
-    tcfg = cfg.train
+def _train_loop(cfg, config_dict: dict, run_dir, world, groups, device, spec, sampler, valid) -> dict:
+    """`cfg`: the typed settings (RootConfig, `cfg.model` the spec's config); `config_dict`: the
+    composed config as a dict (saved with checkpoints, sent to W&B)."""
+    tcfg, model_cfg = cfg.train, cfg.model
     deterministic = tcfg.deterministic if tcfg.deterministic is not None else device.type == "cpu"
     torch.use_deterministic_algorithms(deterministic)
     torch.manual_seed(tcfg.seed)
@@ -194,12 +199,12 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
     np.random.seed(tcfg.seed)
     dims = groups.dims
     data_ranks = dims.dp * dims.ep  # every dp x ep rank of the stage reads its own sequences
-    ramp = OmegaConf.to_container(tcfg.batch_ramp) if tcfg.batch_ramp is not None else None
+    ramp = tcfg.batch_ramp
     num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)  # at the full batch
     model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
     optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay, finalizer.stepped_on), cfg.optim, device)
     ema = ParameterEMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
-    progress = resume(run_dir, cfg, spec, model_cfg, model, optimizer, finalizer, ema)  # step, tokens, skipped steps
+    progress = resume(run_dir, config_dict, spec, model_cfg, model, optimizer, finalizer, ema)  # step, tokens, skipped steps
     start_step = progress.step
     if world.is_main and start_step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
@@ -212,7 +217,6 @@ def _train_loop(cfg, run_dir, world, groups, device, spec, model_cfg, sampler, v
     flops_per_token = spec.flops_per_token(model_cfg, tcfg.seq_len)  # from the config: the same in every layout
     loss_names = spec.loss_metrics(model_cfg)
     end_step = tcfg.max_steps if not tcfg.exit_after_steps else min(tcfg.max_steps, start_step + tcfg.exit_after_steps)
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
     jsonl = wandb = console = None
     if world.is_main:
         jsonl = JsonlWriter(run_dir / "metrics.jsonl", start_step)

@@ -57,6 +57,15 @@ def model_config(cfg):
     return spec, spec.config(cfg.model)
 
 
+def typed_settings(cfg, model_cfg) -> RootConfig:
+    """The validated config as typed dataclasses: a RootConfig whose `model` is the spec's typed
+    model config (what the trainer works on; the DictConfig stays Hydra's)."""
+    rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "model"}
+    settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), rest))
+    settings.model = model_cfg
+    return settings
+
+
 def unknown_key_problems(cfg) -> list[str]:
     """Keys outside the schemas (the model's is checked by its spec)."""
     rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "model"}
