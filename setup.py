@@ -5,8 +5,8 @@ The package `moetron` is mapped from `src/`, and its Hydra configs (`moetron.con
 """
 from setuptools import setup
 
-SUBPACKAGES = ["core", "comm", "comm.dispatch", "precision", "parallel", "models", "models.deepseek_v3", "pipeline", "train", "train.corpus",
-               "plan"]
+SUBPACKAGES = ["core", "comm", "comm.dispatch", "precision", "parallel", "models", "models.deepseek_v3", "pipeline",
+               "data", "data.corpus", "checkpoint", "report", "train", "plan"]
 
 setup(
     name="moetron",
@@ -19,7 +19,7 @@ setup(
     + ["moetron.conf"],
     package_data={
         "moetron.conf": ["*.yaml", "*/*.yaml"],  # config groups are folders of yaml
-        "moetron.train.corpus": ["*.jsonl", "*.txt"],
+        "moetron.data.corpus": ["*.jsonl", "*.txt"],
     },
     install_requires=[
         # torch is not pinned here: install the build for your machine first (see README).
@@ -36,7 +36,7 @@ setup(
     entry_points={
         "console_scripts": [
             "moetron-train=moetron.train.cli:main",
-            "moetron-data=moetron.train.data_cli:main",
+            "moetron-data=moetron.data.cli:main",
             "moetron-export=moetron.train.export_cli:main",
             "moetron-plan=moetron.plan.cli:main",
             "moetron-report=moetron.report.cli:main",

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from moetron.models import build_model
 from moetron.models.deepseek_v3 import load_preset
 from moetron.parallel.row_shards import model_state, optimizer_state
-from moetron.train import dcp_io
+from moetron.checkpoint import dcp_io
 
 
 def _torch_save(folder: Path, model, optimizer) -> None:

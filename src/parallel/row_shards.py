@@ -8,7 +8,7 @@ A checkpoint keys every tensor by what it is in the whole model, never by the ra
   or (ZeRO-1) a row range of them.
 
 What a rank holds of such a tensor is a `RowShard` (rows [row_offset, row_offset + rows) of a tensor
-of `global_rows` rows) or the whole tensor. `moetron.train.dcp_io` saves and loads these with
+of `global_rows` rows) or the whole tensor. `moetron.checkpoint.dcp_io` saves and loads these with
 torch.distributed.checkpoint, which reshards: a checkpoint written in one layout loads in any other.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from moetron.parallel.materialize import expert_rows, held_state_dict
 
 OPTIM_PREFIX = "optim/"
 MODEL_PREFIX = "model/"
+EMA_PREFIX = "ema/"  # the parameter average (moetron.train.ema)
 
 
 @dataclass

@@ -24,7 +24,7 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     from moetron.train.distributed import world_from_env
     from moetron.train.interrupts import TrainingStopped
-    from moetron.train.errors import UserInputError
+    from moetron.core.errors import UserInputError
     from moetron.train.trainer import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from moetron.parallel.materialize import expert_rows
-from moetron.parallel.row_shards import RowShard
+from moetron.parallel.row_shards import EMA_PREFIX, RowShard
 
-EMA_PREFIX = "ema/"
 
 
 class ParameterEMA:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moetron.comm.packed import all_reduce_packed
 from moetron.models.outputs import named_losses
-from moetron.train.data import BatchSampler, Blend
+from moetron.data.windows import BatchSampler, Blend
 
 
 def evaluate(micro, world_size: int, valid: Blend, loss_options: dict, loss_names: dict, tcfg, data_rank: int,

@@ -18,12 +18,12 @@ from omegaconf import OmegaConf
 
 from moetron.parallel.materialize import merge_shards
 from moetron.parallel.row_shards import MODEL_PREFIX
-from moetron.train import checkpoint, dcp_io
+from moetron.checkpoint import dcp_io, folders
 from moetron.train.validate import model_config
 
 
 def newest_complete(run_dir: Path) -> Path:
-    for _, path in checkpoint.complete_dirs(run_dir / "checkpoints"):
+    for _, path in folders.complete_dirs(run_dir / "checkpoints"):
         return path
     raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
 
@@ -31,7 +31,7 @@ def newest_complete(run_dir: Path) -> Path:
 def export(run_dir: Path, out_dir: Path) -> Path:
     """Write the whole model of the newest complete checkpoint under `run_dir` to `out_dir`."""
     step_dir = newest_complete(run_dir)
-    cfg = OmegaConf.create(checkpoint.load_part(step_dir / "trainer.pt")["config"])
+    cfg = OmegaConf.create(folders.load_part(step_dir / "trainer.pt")["config"])
     spec, model_cfg = model_config(cfg)
     model = spec.build(model_cfg)
     if (step_dir / dcp_io.METADATA_FILE).is_file():
@@ -48,7 +48,7 @@ def _merge_per_rank_files(step_dir: Path, model) -> dict:
     shards = []
     for path in sorted(step_dir.glob("model*.pt")):
         ep = re.search(r"-ep(\d+)", path.stem)
-        shards.append((checkpoint.load_part(path), int(ep.group(1)) if ep else 0))
+        shards.append((folders.load_part(path), int(ep.group(1)) if ep else 0))
     return merge_shards(shards, whole_shapes)
 
 

@@ -1,28 +1,19 @@
-"""The training loop of `moetron-train`: validate, build, resume, step, log, checkpoint.
+"""`moetron-train`'s run: validate (one process, before any process group), start the process
+groups, build this rank's part of the model, resume, then the loop (moetron.train.loop).
 
 The trainer names no model: the spec of `model.arch` (moetron.models.registry) builds it,
-parallelizes it, cuts it into pipeline stages, gives the loss options of a step, and runs its hooks
-after the optimizer step. One optimizer step:
-
-1. this rank's micro-batches run forward and backward: the whole model, or its pipeline stages
-   under the schedule; each micro-batch loss scaled by 1 / micro-batches; the loss terms come back
-   as values (moetron.train.micro_batches);
-2. the step finalizer (moetron.parallel.finalize) averages gradients over data- and expert-parallel
-   ranks, sums them where pipeline ranks share a parameter, and clips by the whole model's norm;
-3. AdamW steps;
-4. the step's metrics (loss terms, bubble, all-to-all bytes, the spec's statistics: MoE loads and
-   biases) are summed over all ranks in one all-reduce; the spec's hook updates the routers'
-   loss-free biases from the loads; rank 0 logs.
+parallelizes it (module converters: FP8, weight-gradient deferral, recomputation; expert
+parallelism), cuts it into pipeline stages, gives the loss options of a step, and runs its hooks
+after the optimizer step. What this rank holds is allocated (moetron.parallel.materialize), then the
+step finalizer and its gradient buffers (moetron.parallel.finalize), wired to the micro-batch runner
+so that buckets reduce as their gradients become final.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import random
 import shutil
-import time
-from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,32 +21,24 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from moetron.comm.packed import all_reduce_packed
-from moetron.models.outputs import named_losses
+from moetron.checkpoint import folders
+from moetron.checkpoint.run_state import resume
+from moetron.core.errors import UserInputError
+from moetron.data.tokenizers import get_tokenizer
+from moetron.data.windows import build_data
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
 from moetron.parallel.materialize import load_whole_state_dict, materialize
 from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.pipeline.grads_final import gradient_order
 from moetron.pipeline.schedule import splits_weight_grads
-from moetron.pipeline.timeline import save_rank_timeline
 from moetron.precision.convert import FP8Recipe
 from moetron.precision.fp8_gemm import resolve_backend
-from moetron.profiling import StepProfiler
-from moetron.train import checkpoint
-from moetron.train.batch_ramp import global_batch_at
-from moetron.train.data import build_data
-from moetron.train.ema import ParameterEMA
-from moetron.train.evaluate import evaluate
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
-from moetron.train.tokenizers import get_tokenizer
-from moetron.train.errors import UserInputError
-from moetron.train.interrupts import StopRequests, TrainingStopped, first_nonfinite_gradient, is_timeout
-from moetron.train.metrics import Console, JsonlWriter, WandbLogger, peak_memory_gib
+from moetron.train.ema import ParameterEMA
+from moetron.train.loop import Built, TrainingLoop
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches, stage_parameters
-from moetron.train.lr_schedule import lr_at
-from moetron.train.optim import build_optimizer, optimizer_state_gib, param_groups
-from moetron.train.run_state import resume, save
+from moetron.train.optim import build_optimizer, param_groups
 from moetron.train.validate import model_config, typed_settings, validate
 
 
@@ -69,7 +52,7 @@ def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
 def train(cfg, run_dir: Path) -> dict:
     """Run training as `cfg` says, in `run_dir`; returns the last step's metrics (on every rank)."""
     world = world_from_env()
-    if cfg.train.resume and checkpoint.step_dirs(run_dir / "checkpoints") and cfg.model.get("init_from"):
+    if cfg.train.resume and folders.step_dirs(run_dir / "checkpoints") and cfg.model.get("init_from"):
         cfg.model.init_from = None  # a run that resumes starts from its checkpoint, not from model.init_from
     try:  # everything a user can get wrong is checked here, before any process group starts
         dims = validate(cfg, world.size)
@@ -80,7 +63,7 @@ def train(cfg, run_dir: Path) -> dict:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
                              f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
         sampler, valid = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, tokenizer, model_cfg.vocab_size)
-        if not cfg.train.resume and checkpoint.step_dirs(run_dir / "checkpoints"):
+        if not cfg.train.resume and folders.step_dirs(run_dir / "checkpoints"):
             raise ValueError(f"train.resume=false, but {run_dir} holds checkpoints of an earlier run: starting over "
                              "there would mix the two runs' metrics and checkpoints; use a new hydra.run.dir")
     except (ValueError, FileNotFoundError) as err:
@@ -189,190 +172,25 @@ def _zero1(cfg, dims) -> bool:
 
 
 def _train_loop(cfg, config_dict: dict, run_dir, world, groups, device, spec, sampler, valid) -> dict:
-    """`cfg`: the typed settings (RootConfig, `cfg.model` the spec's config); `config_dict`: the
-    composed config as a dict (saved with checkpoints, sent to W&B)."""
-    tcfg, model_cfg = cfg.train, cfg.model
+    """Seed, build, resume, then the loop (moetron.train.loop). `cfg`: the typed settings;
+    `config_dict`: the composed config as a dict (saved with checkpoints, sent to W&B)."""
+    tcfg = cfg.train
     deterministic = tcfg.deterministic if tcfg.deterministic is not None else device.type == "cpu"
     torch.use_deterministic_algorithms(deterministic)
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
-    dims = groups.dims
-    data_ranks = dims.dp * dims.ep  # every dp x ep rank of the stage reads its own sequences
-    ramp = tcfg.batch_ramp
-    num_microbatches = tcfg.global_batch // (tcfg.micro_batch * data_ranks)  # at the full batch
-    model, made, micro, finalizer = _build(cfg, groups, device, spec, model_cfg, num_microbatches)
+    num_microbatches = tcfg.global_batch // (tcfg.micro_batch * groups.dims.dp * groups.dims.ep)  # at the full batch
+    model, made, micro, finalizer = _build(cfg, groups, device, spec, cfg.model, num_microbatches)
     optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay, finalizer.stepped_on), cfg.optim, device)
     ema = ParameterEMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
-    progress = resume(run_dir, config_dict, spec, model_cfg, model, optimizer, finalizer, ema)  # step, tokens, skipped steps
-    start_step = progress.step
-    if world.is_main and start_step:
-        print(f"resuming from {run_dir / 'checkpoints'} at step {start_step}", flush=True)
-    if start_step >= tcfg.max_steps:
+    progress = resume(run_dir, config_dict, spec, cfg.model, model, optimizer, finalizer, ema)  # step, tokens, skips
+    if world.is_main and progress.step:
+        print(f"resuming from {run_dir / 'checkpoints'} at step {progress.step}", flush=True)
+    if progress.step >= tcfg.max_steps:
         if world.is_main:
             print(f"nothing to do: {run_dir} already reached train.max_steps={tcfg.max_steps} "
                   "(raise train.max_steps to train on)", flush=True)
         return {}
-
-    flops_per_token = spec.flops_per_token(model_cfg, tcfg.seq_len)  # from the config: the same in every layout
-    loss_names = spec.loss_metrics(model_cfg)
-    end_step = tcfg.max_steps if not tcfg.exit_after_steps else min(tcfg.max_steps, start_step + tcfg.exit_after_steps)
-    jsonl = wandb = console = None
-    if world.is_main:
-        jsonl = JsonlWriter(run_dir / "metrics.jsonl", start_step)
-        wandb = WandbLogger(cfg.logging.wandb, run_dir, config_dict, start_step, cfg.logging.heatmap_every)
-        console = Console(cfg.logging.progress, start_step, tcfg.max_steps, tcfg.log_every)
-
-    metrics, first_loss, step = {}, None, start_step
-    profiler = StepProfiler(cfg.logging.profile, world.rank, run_dir, device)
-    optimizer_gib = None  # this rank's optimizer state and master weights
-    with StopRequests() as stops:  # SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit
-        try:
-            for step in range(start_step, end_step):
-                phase = "forward_backward"  # named if a peer stops answering (_PHASES)
-                profiler.begin(step + 1)
-                t0 = time.perf_counter()
-                lr = lr_at(step, progress.tokens, cfg.optim)
-                for group_ in optimizer.param_groups:
-                    group_["lr"] = lr
-                batch = global_batch_at(progress.tokens, tcfg.global_batch, ramp)  # sequences in this step
-                tokens_per_step, first = batch * tcfg.seq_len, progress.tokens // tcfg.seq_len
-                batches = list(sampler.micro_batches(first, batch, tcfg.micro_batch, groups.dp_ep_rank, data_ranks))
-                loss_sums = micro.run(batches, spec.loss_options(model_cfg, tcfg, progress.tokens))
-                phase = "gradients"
-                grad_norm = finalizer.finish_gradients()
-                finite = math.isfinite(grad_norm)  # reduced over every rank: all of them agree
-                if not finite and tcfg.on_nonfinite == "stop":
-                    raise TrainingStopped(f"step {step + 1}: the gradient norm is {grad_norm}; the first non-finite "
-                                          f"gradient on rank {world.rank} is {first_nonfinite_gradient(model)}. No "
-                                          "checkpoint was written from it; lower optim.lr, or train.on_nonfinite=skip")
-                if finite:
-                    optimizer.step()
-                    if optimizer_gib is None:  # the state exists after the first step, and keeps its size
-                        optimizer_gib = optimizer_state_gib(optimizer)
-                progress.skipped_steps += not finite  # train.on_nonfinite=skip: a non-finite gradient norm
-                finalizer.after_optimizer_step(gather=finite)  # ZeRO-1: gather the updated shards; no gradients left
-                if ema is not None and finite:
-                    finalizer.finish_gather()  # the average reads the updated parameters
-                    ema.update()  # copied now, blended in on a worker thread
-                phase = "metrics"
-                parts = _step_parts(loss_sums, micro, made, spec, model, device)
-                parts["stop"] = stops.flag(device)
-                summed = all_reduce_packed(parts, world_size=world.size)
-                stop_now = float(summed.pop("stop")) > 0
-                extra = spec.after_step(model, summed, tcfg, progress.tokens, update=finite)
-                progress.tokens += tokens_per_step
-                step_time = time.perf_counter() - t0
-
-                metrics = _step_metrics(step + 1, progress.tokens, lr, grad_norm, step_time, tokens_per_step,
-                                        flops_per_token, world.size, cfg, device)
-                metrics.update(_reduced_metrics(summed, loss_names, len(batches) * data_ranks, world.size))
-                metrics["train/global_batch"] = batch
-                metrics.update(extra)
-                if len(sampler.blend.parts) > 1:  # each source's share of this step's sequences
-                    shares = sampler.blend.shares(first, batch)
-                    metrics.update({f"data/share/{name}": share for name, share in shares.items()})
-                if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
-                    phase = "metrics"
-                    with ema.swapped_in() if tcfg.eval_ema else nullcontext():
-                        metrics.update(evaluate(micro, world.size, valid,
-                                                spec.loss_options(model_cfg, tcfg, progress.tokens), loss_names, tcfg,
-                                                groups.dp_ep_rank, data_ranks))
-                gib = optimizer_gib if optimizer_gib is not None else optimizer_state_gib(optimizer)
-                metrics.update({"memory/optimizer_state_gib": gib, "train/skipped_steps": progress.skipped_steps})
-                first_loss = metrics["loss"] if first_loss is None else first_loss
-                if world.is_main:
-                    if (step + 1) % tcfg.log_every == 0 or step + 1 == end_step:
-                        jsonl.log(metrics)
-                        wandb.log(metrics, step + 1)
-                    console.update(metrics)
-                if cfg.logging.timeline and dims.pp > 1 and step + 1 == cfg.logging.timeline_step \
-                        and groups.dp_ep_rank == 0:  # one pipeline's ranks
-                    runner = micro.last_runner
-                    save_rank_timeline(run_dir / "timeline" / f"rank{groups.pp_rank}.json", runner.action_spans,
-                                       runner.step_started, runner.sched, step + 1, groups.pp_rank)
-                trace = profiler.end(step + 1)
-                if trace is not None:
-                    line = f"rank {world.rank}: profile of {profiler.steps} in {trace}"
-                    if console is not None:
-                        console.note(line)
-                    else:
-                        print(line, flush=True)
-                phase = "checkpoint"
-                if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == end_step or stop_now:
-                    finalizer.finish_gather()  # ZeRO-1: the parameters as the optimizer left them
-                    save(run_dir, step + 1, progress, model, optimizer, finalizer, config_dict, tcfg.ckpt_keep, world,
-                         groups, ema)
-                if stop_now:
-                    if world.is_main:
-                        how = stops.signal_name or "a stop signal on another rank"
-                        (console.note if console else print)(
-                            f"stopped by {how} after step {step + 1}, checkpoint written in {run_dir / 'checkpoints'}; "
-                            "run the same command to resume")
-                    break
-        except RuntimeError as err:
-            if not is_timeout(err):
-                raise
-            what, group_names = _PHASES[phase]
-            if phase == "forward_backward" and (finalizer.overlap_gather or finalizer.overlap_reduce):
-                group_names = [*group_names, "dp_ep", "edp"]  # overlapped gradient reductions and ZeRO-1 gathers run there too
-            raise TrainingStopped(f"step {step + 1}: rank {world.rank} had no answer from a peer within "
-                                  f"train.collective_timeout_s={tcfg.collective_timeout_s:g} s during {what} "
-                                  f"(its collectives here: {groups.describe(group_names)}): a rank is dead or hung "
-                                  f"(see its log). torch: {str(err).splitlines()[0]}") from err
-        finally:
-            profiler.close()
-            if ema is not None:
-                ema.close()
-            if world.is_main:
-                summary = None
-                if metrics:
-                    maxvio = f", MaxVio {metrics['moe/maxvio_batch']:.3f}" if "moe/maxvio_batch" in metrics else ""
-                    summary = (f"done: step {metrics['step']}/{tcfg.max_steps}, loss {first_loss:.4f} -> {metrics['loss']:.4f}, "
-                               f"{metrics['throughput/tokens_per_s']:.0f} tokens/s{maxvio}; run dir {run_dir}")
-                console.close(summary)
-                jsonl.close()
-                wandb.close()
-    return metrics
-
-
-# phase of a step -> (its name in messages, the process groups its collectives use: ParallelGroups.members)
-_PHASES = {"forward_backward": ("the forward and backward passes", ["ep", "pp"]),
-           "gradients": ("the gradient reduction", ["dp_ep", "edp", "ep", "pp"]),
-           "metrics": ("the metrics reduction", ["world"]),
-           "checkpoint": ("writing a checkpoint", ["world"])}
-
-
-def _step_parts(loss_sums, micro, made, spec, model, device) -> dict:
-    """This rank's metrics of the step, to be summed over all ranks in one collective."""
-    parts = {"losses": loss_sums}
-    if micro.idle is not None:
-        parts["idle"] = micro.idle
-    if made.traffic is not None:
-        moved = made.traffic.take()  # bytes the forward dispatch and combine sent, by link class
-        parts["a2a_bytes"] = torch.tensor([moved["ib"], moved["nvlink"]], dtype=torch.float64, device=device)
-    parts.update(spec.step_stats(model, device))
-    return parts
-
-
-def _step_metrics(step, tokens, lr, grad_norm, step_time, tokens_per_step, flops_per_token, world_size, cfg,
-                  device) -> dict:
-    tokens_per_s = tokens_per_step / step_time
-    tflops_per_rank = tokens_per_s * flops_per_token / world_size / 1e12
-    return {"step": step, "tokens": tokens, "lr": lr, "grad_norm": grad_norm,
-            "throughput/tokens_per_s": tokens_per_s, "throughput/tflops": tflops_per_rank,
-            "throughput/mfu": tflops_per_rank / cfg.cluster.peak_tflops, "step_time_s": step_time,
-            "memory/peak_gib": peak_memory_gib(device)}
-
-
-def _reduced_metrics(summed: dict, loss_names: dict, loss_count: int, world_size: int) -> dict:
-    """The trainer's own parts of the step's summed metrics (`_step_parts`), as logged values."""
-    # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x ep)
-    losses = summed.pop("losses") / loss_count
-    metrics = named_losses(losses, loss_names)
-    if "a2a_bytes" in summed:
-        ib, nvlink = summed.pop("a2a_bytes").tolist()
-        metrics.update({"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)})
-    if "idle" in summed:  # the measured idle share of the step, mean over all ranks
-        metrics["pipeline/bubble_ratio"] = float(summed.pop("idle")) / world_size
-    return metrics
+    built = Built(model, made, micro, finalizer, optimizer, ema, progress)
+    return TrainingLoop(cfg, config_dict, run_dir, world, groups, device, spec, sampler, valid, built).run()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moetron.parallel.row_shards import RowShard
-from moetron.train import dcp_io
+from moetron.checkpoint import dcp_io
 from tests.dist.harness import run_ranks
 
 WHOLE = torch.arange(30, dtype=torch.float32).view(10, 3)

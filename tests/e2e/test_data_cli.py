@@ -20,7 +20,7 @@ def corpora(tmp_path):
     for name, lines in (("a", TEXT * 60), ("b", list(reversed(TEXT)) * 40)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
         proc = run_cli([str(tmp_path / f"{name}.jsonl"), "--output", str(tmp_path / "data" / name), "--tokenizer",
-                        str(tokenizer), "--workers", "2"], tmp_path, module="moetron.train.data_cli")
+                        str(tokenizer), "--workers", "2"], tmp_path, module="moetron.data.cli")
         assert "tokens (uint16)" in proc.stdout
     return tmp_path / "data", tokenizer
 
@@ -57,6 +57,6 @@ def test_a_token_file_beyond_the_vocabulary_is_refused_naming_it(tmp_path):
 def test_moetron_data_refuses_input_that_yields_no_tokens(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     proc = run_cli([str(tmp_path / "empty.jsonl"), "--output", str(tmp_path / "out")], tmp_path,
-                   module="moetron.train.data_cli", check=False)
+                   module="moetron.data.cli", check=False)
     assert proc.returncode == 2 and "yielded no tokens" in proc.stderr
     assert not list(tmp_path.glob("out*"))

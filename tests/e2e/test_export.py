@@ -8,9 +8,9 @@ import torch
 
 from moetron.models import build_model
 from moetron.models.deepseek_v3 import load_preset
-from moetron.train import dcp_io
-from moetron.train.data import BatchSampler, load_source
-from moetron.train.tokenizers import ByteTokenizer
+from moetron.checkpoint import dcp_io
+from moetron.data.windows import BatchSampler, load_source
+from moetron.data.tokenizers import ByteTokenizer
 from tests.e2e.test_expert_parallel_cli import torchrun
 from tests.e2e.test_train_cli import read_metrics, run_cli
 

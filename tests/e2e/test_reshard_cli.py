@@ -3,7 +3,7 @@ pp, ep, dp, schedule and zero1, trains as one uninterrupted process does, and it
 the same model and optimizer state."""
 import pytest
 
-from moetron.train import dcp_io
+from moetron.checkpoint import dcp_io
 from tests.e2e.test_expert_parallel_cli import torchrun
 from tests.e2e.test_train_cli import read_metrics, run_cli
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moetron.train import dcp_io
+from moetron.checkpoint import dcp_io
 
 FAST = ["train.seq_len=64", "train.global_batch=8", "train.micro_batch=4", "logging.progress=false"]
 
@@ -113,7 +113,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, override, message):
 def test_own_data_through_moetron_data(tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"document {i}: " + "lorem ipsum " * 40}) + "\n" for i in range(50)))
-    proc = run_cli([str(docs), "--output", str(tmp_path / "tok" / "corpus")], tmp_path, module="moetron.train.data_cli")
+    proc = run_cli([str(docs), "--output", str(tmp_path / "tok" / "corpus")], tmp_path, module="moetron.data.cli")
     assert "50 documents" in proc.stdout
     run_cli(["train.max_steps=3", *FAST, "data.path=tok/corpus", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert len(read_metrics(tmp_path / "run")) == 3

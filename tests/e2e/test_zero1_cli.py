@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from moetron.train import dcp_io
+from moetron.checkpoint import dcp_io
 
 from tests.e2e.test_expert_parallel_cli import torchrun
 from tests.e2e.test_train_cli import read_metrics

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from moetron.train.data import Blend, PackedWindows
-from moetron.train.token_files import MEGATRON_MAGIC, TokenSource, open_token_file, write_token_file
-from moetron.train.tokenizers import ByteTokenizer, HFTokenizer
+from moetron.data.windows import Blend, PackedWindows
+from moetron.data.token_files import MEGATRON_MAGIC, TokenSource, open_token_file, write_token_file
+from moetron.data.tokenizers import ByteTokenizer, HFTokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from moetron.train import checkpoint
-from moetron.train.data import BatchSampler, load_source
-from moetron.train.token_files import open_token_file, write_token_file
-from moetron.train.tokenizers import ByteTokenizer
+from moetron.checkpoint import folders as checkpoint
+from moetron.data.windows import BatchSampler, load_source
+from moetron.data.token_files import open_token_file, write_token_file
+from moetron.data.tokenizers import ByteTokenizer
 from moetron.models.spec import piecewise
 from moetron.train.lr_schedule import lr_at, schedule_problems
 from moetron.train.optim import AdamWLowPrecisionMoments
@@ -162,7 +162,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running(tmp_path):
 _KILLED_WRITER = """
 import sys, time, torch
 from pathlib import Path
-from moetron.train import checkpoint
+from moetron.checkpoint import folders as checkpoint
 root = Path(sys.argv[1])
 real_save = torch.save
 def slow_save(obj, f):  # the process is killed while its second file is half written

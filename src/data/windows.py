@@ -26,13 +26,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from moetron.train.token_files import TokenSource, open_token_file, read_documents, tokenize_in_memory
+from moetron.data.token_files import TokenSource, open_token_file, read_documents, tokenize_in_memory
 
 
 def load_source(path: str, tokenizer) -> TokenSource:
     """`data.path`: "builtin" (the shipped corpus, tokenized here) or a token file's prefix."""
     if path == "builtin":
-        from moetron.train.corpus import corpus_path
+        from moetron.data.corpus import corpus_path
 
         tokens = tokenize_in_memory(read_documents(Path(str(corpus_path()))), tokenizer)
         return TokenSource(tokens, "the builtin corpus", int(tokens.max()) if len(tokens) else None)

@@ -1,7 +1,7 @@
 """Atomic checkpoints of a training run, the newest `keep` kept, corrupt ones skipped loudly.
 
 Layout: <run dir>/checkpoints/step_00000050/{<parts>, COMPLETE}; what the parts are is the
-writer's business (moetron.train.run_state: torch.distributed.checkpoint files and trainer.pt).
+writer's business (moetron.checkpoint.run_state: torch.distributed.checkpoint files and trainer.pt).
 A checkpoint is written into a hidden temp folder, every file fsynced, the COMPLETE marker last,
 then renamed into place: a crash leaves either the whole checkpoint or none under its final name.
 Loading tries the newest complete checkpoint first (`complete_dirs`); one that fails to load is

@@ -1,6 +1,6 @@
 """Rebuild python_docs.jsonl from this interpreter's documentation (PSF-licensed text).
 
-    python -m moetron.train.corpus.build_corpus
+    python -m moetron.data.corpus.build_corpus
 
 Documents: each pydoc topic, then, per pure-Python stdlib module, its module, class and function
 docstrings joined. Read with `ast`, never imported. Stops near MAX_BYTES.

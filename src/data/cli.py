@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from moetron.train.token_files import write_token_file
-from moetron.train.tokenizers import get_tokenizer
+from moetron.data.token_files import write_token_file
+from moetron.data.tokenizers import get_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,7 +176,7 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_name: str) -> None:
     global _worker_tokenizer
-    from moetron.train.tokenizers import get_tokenizer
+    from moetron.data.tokenizers import get_tokenizer
 
     _worker_tokenizer = get_tokenizer(tokenizer_name)
 

@@ -1,7 +1,7 @@
 """What a run saves and restores: the model and optimizer state under names that do not depend on
 the parallel layout (moetron.parallel.row_shards), written and read with torch.distributed.checkpoint
-(moetron.train.dcp_io), and `trainer.pt` (step, tokens, skipped steps, RNG, the config and the
-layout that wrote it); moetron.train.checkpoint makes the folder appear whole or not at all.
+(moetron.checkpoint.dcp_io), and `trainer.pt` (step, tokens, skipped steps, RNG, the config and the
+layout that wrote it); moetron.checkpoint.folders makes the folder appear whole or not at all.
 
 A checkpoint written in one layout resumes in any other: change parallel.pp, parallel.ep,
 parallel.dp, the schedule or parallel.zero1 between runs, and every rank loads what it now holds
@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetron.parallel.row_shards import model_state, optimizer_state
-from moetron.train import checkpoint, dcp_io
-from moetron.train.ema import EMA_PREFIX
-from moetron.train.errors import UserInputError
+from moetron.parallel.row_shards import EMA_PREFIX, model_state, optimizer_state
+from moetron.checkpoint import dcp_io, folders
+from moetron.core.errors import UserInputError
 
 
 def rng_state() -> dict:
@@ -68,11 +67,11 @@ def resume(run_dir: Path, config: dict, spec, model_cfg, model, optimizer, final
     if not config["train"]["resume"]:
         return Progress()
     unreadable = []
-    for step, path in checkpoint.complete_dirs(run_dir / "checkpoints"):
+    for step, path in folders.complete_dirs(run_dir / "checkpoints"):
         try:
-            trainer = checkpoint.load_part(path / "trainer.pt")
+            trainer = folders.load_part(path / "trainer.pt")
         except Exception as err:  # unreadable: try the previous one
-            checkpoint.skip_corrupt(path, err)
+            folders.skip_corrupt(path, err)
             unreadable.append(f"{path.name}: {type(err).__name__}: {err}")
             continue
         _check_model_settings(path, trainer, spec, model_cfg)
@@ -96,7 +95,7 @@ def resume(run_dir: Path, config: dict, spec, model_cfg, model, optimizer, final
             raise UserInputError(f"{path} does not fit this run: {err}; use a new hydra.run.dir or "
                                  "train.resume=false") from err
         except Exception as err:  # a part that cannot be read: the same on every rank (DCP gathers failures)
-            checkpoint.skip_corrupt(path, err)
+            folders.skip_corrupt(path, err)
             unreadable.append(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0]}")
             continue
         for i, group_step in group_steps.items():
@@ -191,16 +190,16 @@ def save(run_dir: Path, step: int, progress: Progress, model, optimizer, finaliz
     written once); rank 0 adds trainer.pt and commits. `progress`: its tokens and skipped steps."""
     root = run_dir / "checkpoints"
     if world.is_main:
-        checkpoint.begin(root, step)
+        folders.begin(root, step)
     barrier(world)
-    staging = checkpoint.staging_dir(root, step)
+    staging = folders.staging_dir(root, step)
     dcp_io.save_state(staging, training_state(model, optimizer, finalizer, ema))  # collective: all written after it
     if world.is_main:
         trainer = {"step": step, "tokens": progress.tokens, "skipped_steps": progress.skipped_steps,
                    "data_position": step, "rng": rng_state(), "config": config_dict,
                    "layout": layout_of(groups, finalizer.zero1)}
-        checkpoint.write(staging, {"trainer": trainer})
-        checkpoint.commit(root, step, keep)
+        folders.write(staging, {"trainer": trainer})
+        folders.commit(root, step, keep)
     barrier(world)
 
 
