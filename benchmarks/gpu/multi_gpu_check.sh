@@ -11,6 +11,9 @@
 # 4. With 8 GPUs: `mini` at EP8, bf16, alltoall and hierarchical: tokens/s of each. Inside one node
 #    hierarchical is the flat exchange (no inter-node hop); timing its two hops against flat needs
 #    EP across nodes (launch/slurm, cluster.nodes >= 2).
+# 5. Overlapped gradient reduction under NCCL (issue 23): `mini` bf16 at dp4 (all-reduce), dp4 with
+#    ZeRO-1 (reduce-scatter) and pp2 x dp2 zb1p, each with parallel.overlap_grad_reduce off and on:
+#    the same losses bit for bit, and the median step time of each (steps 6-20) in overlap.txt.
 # Without a GPU the same rows 1-2 run on 4 gloo ranks of the CPU (a dry run of the script).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -64,6 +67,24 @@ if [ "$cpu_only" = 0 ] && [ "$gpus" -ge 8 ]; then
         train "mini_ep8_$dispatcher" 8 "${MINI[@]}" parallel.ep=8 "parallel.dispatcher=$dispatcher"
     done
     check mini_ep8_alltoall mini_ep8_hierarchical 1e-2
+fi
+if [ "$cpu_only" = 0 ]; then
+    OVERLAP=(model=mini precision=bf16 train.max_steps=20 train.seq_len=2048 train.global_batch=32
+             train.micro_batch=4 train.ckpt_every=1000000 logging.progress=false cluster=h200)
+    for layout in "dp4 parallel.zero1=false" "dp4_zero1 parallel.zero1=true" \
+                  "pp2dp2_zb1p parallel.zero1=false parallel.pp=2 parallel.schedule=zb1p"; do
+        read -r name extra <<< "$layout"
+        for overlap in false true; do
+            train "overlap_${name}_$overlap" 4 "${OVERLAP[@]}" $extra \
+                "parallel.overlap_grad_reduce=$overlap"
+        done
+        check "overlap_${name}_false" "overlap_${name}_true" 0
+        python -c "import json, statistics, sys
+t = {o: statistics.median(json.loads(l)['step_time_s'] for l in list(open(f'$OUT/overlap_${name}_{o}/metrics.jsonl'))[5:])
+     for o in ('false', 'true')}
+print('$name', 'off', round(t['false'], 4), 'on', round(t['true'], 4), 'on/off', round(t['true'] / t['false'], 3))" \
+            | tee -a "$OUT/overlap.txt"
+    done
 fi
 echo "checks: $OUT/checks.jsonl (status $status)"
 exit $status

@@ -172,8 +172,10 @@ def changed_run_settings(saved: dict, current: dict, spec, ignore: tuple[str, ..
         group, _, name = key.partition(".")
         if group in ignore or (group == "model" and name not in spec.run_settings) or group == "hydra":
             continue
-        if key in ("train.resume", "train.exit_after_steps") or old.get(key) == new.get(key):
-            continue
+        if key in ("train.resume", "train.exit_after_steps", "model.init_from") or old.get(key) == new.get(key):
+            continue  # init_from: cleared on every resume (the checkpoint has the weights)
+        if key not in old or key not in new:
+            continue  # a key another version of moetron added or removed, not a change of the user's
         out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     return out
 

@@ -25,7 +25,7 @@ from moetron.models.stages import PipelineParts, pipeline_split
 from moetron.core.convert import apply_converters
 from moetron.core.weight_grads import WeightGradStore
 from moetron.parallel.recompute import SelectiveRecompute
-from moetron.parallel.weight_grads import WeightGradDeferral, deferred_parameters
+from moetron.parallel.weight_grads import WeightGradDeferral
 from moetron.precision.convert import FP8Conversion, FP8Recipe
 
 
@@ -36,7 +36,6 @@ class Parallelized:
     expert_params: list = field(default_factory=list)  # sharded over EP: gradients reduce over expert-DP
     traffic: Any = None  # a moetron.comm.traffic.TrafficCounter of the token exchanges, or None
     weight_grad_store: Optional[WeightGradStore] = None  # where B actions queue weight gradients for W
-    deferred_params: list = field(default_factory=list)  # whose weight gradients B actions defer to W
     dispatcher_buffers: Any = None  # one set shared by every MoE layer (DeepEP), or None
 
 
@@ -59,7 +58,7 @@ def run_converters(model: nn.Module, made: Parallelized, fp8: Optional[FP8Recipe
                    high_precision_inputs: tuple[str, ...] = ()) -> None:
     """The converters a run asks for, applied through the one seam (moetron.core.convert): FP8 in
     `fp8_scopes(model)` (default: the decoder blocks), weight-gradient deferral in the decoder
-    blocks (a pipeline with W actions; the store and the deferred parameters recorded in `made`;
+    blocks (a pipeline with W actions; the store recorded in `made`;
     the loss tail stays as it is: its deferred gradients would keep the logits' gradient, [B, S, V]
     per head, alive until W), and the recompute switches. Refuses combinations that cannot work."""
     converters = []
@@ -71,8 +70,6 @@ def run_converters(model: nn.Module, made: Parallelized, fp8: Optional[FP8Recipe
     if recompute and any(recompute.values()):
         converters.append(SelectiveRecompute(recompute))
     apply_converters(model, converters)
-    if defer_weights:
-        made.deferred_params = deferred_parameters(decoder_of(model), made.weight_grad_store)
 
 
 class ModelSpec:

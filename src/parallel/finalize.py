@@ -56,7 +56,7 @@ class StepFinalizer:
         final_order = sorted(held, key=lambda p: position.get(id(p), len(position)))
         self.experts = [p for p in final_order if id(p) in expert_ids]
         self.replicated = [p for p in final_order if id(p) not in expert_ids]
-        self.groups, self.grad_clip, self.model, self.zero1 = groups, grad_clip, model, zero1
+        self.groups, self.grad_clip, self.zero1 = groups, grad_clip, zero1
         self.pp_copies = {pid: len(ranks) for pid, ranks in (pp_holders or {}).items()}
         self.pp_shared = pp_shared or {}
         shared_sets = sorted({ranks for ranks in (pp_holders or {}).values() if len(ranks) > 1})

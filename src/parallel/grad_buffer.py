@@ -55,7 +55,7 @@ class GradBuffer:
             raise ValueError(f"one gradient buffer holds one dtype; these parameters have {sorted(map(str, dtypes))}")
         dtype = dtypes.pop() if dtypes else torch.float32
         device = params[0].device if params else torch.device("cpu")
-        self.rows = [math.ceil(p.shape[0] / size) for p in params]  # R per parameter (sharded)
+        self.rows = [math.ceil(p.shape[0] / size) if sharded else 0 for p in params]  # R per parameter
         spans = [r * size * _row_numel(p) if sharded else p.numel() for p, r in zip(params, self.rows)]
         self.offsets, self.spans = _starts(spans), spans  # where each parameter starts, and its length
         self.data = torch.zeros(sum(spans), dtype=dtype, device=device)

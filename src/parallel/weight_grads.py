@@ -96,7 +96,10 @@ class WeightGradDeferral:
                 if getattr(type(m), "DEFERS_WEIGHT_GRADS", True) is False]
 
 
-def deferred_parameters(module: nn.Module, store: WeightGradStore) -> list[nn.Parameter]:
-    """The parameters of `module` whose weight gradients a B action defers to `store`."""
-    return [p for m in module.modules() if getattr(m, "weight_grad_store", None) is store
-            for p in m.parameters(recurse=False)]
+def deferred_parameters(module: nn.Module, store: Optional[WeightGradStore]) -> frozenset[int]:
+    """Ids of the parameters of `module` whose weight gradients a B action defers to `store` (ask
+    after every swap: expert parallelism replaces the expert stacks with their shards)."""
+    if store is None:
+        return frozenset()
+    return frozenset(id(p) for m in module.modules() if getattr(m, "weight_grad_store", None) is store
+                     for p in m.parameters(recurse=False))

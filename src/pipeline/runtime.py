@@ -334,8 +334,8 @@ class PipelineRunner:
             self._post_transfers(transfers)
             transfers = []
             final = self._final_at.get(i)
-            if final:
-                self._grads.expect_final(final)
+            if final and action.kind != K.FB:  # an FB's backward runs on the side thread, amid the pair's
+                self._grads.expect_final(final)  # collectives: its buckets start after the pair
             self._run(action)
             if final:
                 self._grads.mark_final(final)

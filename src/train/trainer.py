@@ -29,6 +29,7 @@ from moetron.data.windows import build_data
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
 from moetron.parallel.materialize import load_whole_state_dict, materialize
+from moetron.parallel.weight_grads import deferred_parameters
 from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.pipeline.grads_final import gradient_order
 from moetron.pipeline.schedule import splits_weight_grads
@@ -140,7 +141,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     p2p_shape = spec.activation_shape(model_cfg, cfg.train.micro_batch, cfg.train.seq_len)
     schedule_for = functools.partial(build_schedule, par.schedule, dims.pp)  # a batch-size ramp changes the count
     stage_params = stage_parameters(schedule, parts)
-    deferred = frozenset(id(p) for p in made.deferred_params)
+    deferred = deferred_parameters(model, made.weight_grad_store)
     finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared,
                               zero1=_zero1(cfg, dims), overlap_param_gather=_on_gpus(par.overlap_param_gather, device),
                               overlap_grad_reduce=overlap_reduce,

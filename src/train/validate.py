@@ -20,6 +20,7 @@ from moetron.models.registry import get_spec
 from moetron.parallel.dims import ParallelDims, Topology
 from moetron.parallel.expert_parallel import DISPATCHERS
 from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
+from moetron.pipeline.schedule import splits_weight_grads
 from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train.batch_ramp import ramp_batches, ramp_problems
 from moetron.train.config import RootConfig
@@ -136,7 +137,7 @@ def validate(cfg, world_size: int) -> ParallelDims:
             resolve_backend(cfg.precision.backend, device)
         except ValueError as err:
             problems.append(str(err))
-        if cfg.precision.backend == "te" and par.pp > 1 and par.schedule in ("zb1p", "dualpipe", "dualpipev"):
+        if cfg.precision.backend == "te" and _defers_weight_grads(cfg, dims):
             problems.append(f"precision.backend=te with parallel.schedule={par.schedule}: transformer-engine computes "
                             "weight gradients inside its backward, so the schedule's W actions cannot defer them; use "
                             "parallel.schedule=1f1b or interleaved_1f1b, or precision.backend=torch")
@@ -168,6 +169,18 @@ def validate(cfg, world_size: int) -> ParallelDims:
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
     return dims
+
+
+def _defers_weight_grads(cfg, dims: ParallelDims) -> bool:
+    """Whether the run's schedule has W actions (weight gradients deferred from B)."""
+    par, train = cfg.parallel, cfg.train
+    if par.pp == 1 or par.schedule not in BUILDERS:
+        return False
+    try:
+        return splits_weight_grads(build_schedule(par.schedule, par.pp,
+                                                  train.global_batch // (train.micro_batch * dims.dp * dims.ep)))
+    except (MinimumMicrobatches, ZeroDivisionError, ValueError):
+        return False  # said by the batch checks
 
 
 def _data_problems(data) -> list[str]:

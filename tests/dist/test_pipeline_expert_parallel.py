@@ -14,6 +14,7 @@ from moetron.comm.lanes import IssueOrder, current_lane
 from moetron.core.convert import apply_converters
 from moetron.models.deepseek_v3 import DeepSeekV3, load_preset
 from moetron.parallel.recompute import RECOMPUTE_SWITCHES, SelectiveRecompute
+from moetron.parallel.weight_grads import deferred_parameters
 from moetron.models import get_spec
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
@@ -59,7 +60,7 @@ def _pipelined(model, rank, world, dims, schedule, overlap, dtype, n, dispatcher
     sched = build_schedule(schedule, dims.pp, n)
     parts = spec.pipeline_split(model, sched, groups.pp_rank, None, n)
     stage_params = stage_parameters(sched, parts)
-    deferred = frozenset(id(p) for p in made.deferred_params)
+    deferred = deferred_parameters(model, made.weight_grad_store)
     finalizer = StepFinalizer(model, made.expert_params, groups, 0.0, parts.holders, parts.shared, zero1=zero1,
                               overlap_grad_reduce=overlap_reduce, bucket_numel=bucket_numel,
                               grad_order=gradient_order(sched.actions[groups.pp_rank], stage_params, deferred))
@@ -193,15 +194,15 @@ def test_overlapped_pairs_keep_autocast_and_recompute_bitwise():
             assert torch.equal(grads_a[name], grads_b[name]), name
 
 
-def _reduced_grads(rank, world, schedule, zero1, overlap_reduce):
-    """One step of a pipeline schedule at dp=2; returns the reduced gradients (the parameters', or
+def _reduced_grads(rank, world, schedule, zero1, dp, ep, overlap_reduce):
+    """One step of a pipeline schedule at pp=2; returns the reduced gradients (the parameters', or
     under ZeRO-1 the shards') and the order of events: each compute action's begin and end, and
     each bucket's start."""
     torch.manual_seed(0)
     cfg = load_preset("tiny", num_hidden_layers=LAYERS, n_routed_experts=8)
     model = DeepSeekV3(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 4, ROWS, SEQ + 1))
-    groups, micro, finalizer = _pipelined(model, rank, world, ParallelDims(pp=2, dp=2, ep=1), schedule, False,
+    groups, micro, finalizer = _pipelined(model, rank, world, ParallelDims(pp=2, dp=dp, ep=ep), schedule, False,
                                           torch.float32, 4, zero1=zero1, overlap_reduce=overlap_reduce,
                                           bucket_numel=20_000)  # several buckets per stage
     events = []
@@ -219,13 +220,18 @@ def _reduced_grads(rank, world, schedule, zero1, overlap_reduce):
     return grads, events
 
 
-@pytest.mark.parametrize("schedule,zero1", [("zb1p", False), ("dualpipev", True)])
-def test_overlapped_gradient_reduction_starts_during_the_pipeline_backward_and_is_bitwise_the_same(schedule, zero1):
+@pytest.mark.parametrize("schedule,zero1,dp,ep", [("zb1p", False, 2, 1), ("dualpipev", True, 2, 1),
+                                                  ("dualpipev", False, 1, 2), ("zb1p", True, 1, 2),
+                                                  ("dualpipe", False, 2, 1)])
+def test_overlapped_gradient_reduction_starts_during_the_pipeline_backward_and_is_bitwise_the_same(schedule, zero1,
+                                                                                                  dp, ep):
     """Under a pipeline schedule each bucket's all-reduce (or ZeRO-1 reduce-scatter) starts once its
     stage's last backward / W action has made its gradients final, before the rank's backward ends;
-    the reduced gradients are bitwise those of reducing after the step."""
-    overlapped = run_ranks(4, _reduced_grads, schedule, zero1, True)
-    blocking = run_ranks(4, _reduced_grads, schedule, zero1, False)
+    the reduced gradients are bitwise those of reducing after the step. With EP the expert stacks
+    (sharded, their weight gradients deferred to W) take part; DualPipe's mirrored stages sum over
+    the pipeline."""
+    overlapped = run_ranks(4, _reduced_grads, schedule, zero1, dp, ep, True)
+    blocking = run_ranks(4, _reduced_grads, schedule, zero1, dp, ep, False)
     for (grads_a, events), (grads_b, events_b) in zip(overlapped, blocking):
         assert len(grads_a) == len(grads_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
         last_end = max(i for i, (what, kind) in enumerate(events) if what == "end" and kind in ("B", "BW", "W", "FB"))

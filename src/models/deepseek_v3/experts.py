@@ -65,7 +65,7 @@ class _LoopMM(torch.autograd.Function):
     def backward(ctx, grad_SN):
         x_SK, w_ENK = ctx.saved_tensors
         grads, xs = grad_SN.split(ctx.sizes), x_SK.split(ctx.sizes)
-        grad_x_SK = torch.cat([g @ w_ENK[e] for e, g in enumerate(grads)]) if grads else torch.zeros_like(x_SK)
+        grad_x_SK = torch.cat([g @ w_ENK[e] for e, g in enumerate(grads)]) if ctx.needs_input_grad[0] else None
         grad_w = defer_or_compute(ctx.store, ctx.w_param,
                                   lambda: torch.stack([g.t() @ x for g, x in zip(grads, xs)]))
         return grad_x_SK, grad_w, None, None, None
