@@ -54,8 +54,9 @@ class StepFinalizer:
         held = [p for p in held_parameters(model) if p.requires_grad]
         position = {id(p): i for i, p in enumerate(grad_order if grad_order is not None else reversed(held))}
         final_order = sorted(held, key=lambda p: position.get(id(p), len(position)))
-        self.experts = [p for p in final_order if id(p) in expert_ids]
-        self.replicated = [p for p in final_order if id(p) not in expert_ids]
+        # in model order (the norm sums its squares in this order, whatever order the buckets take)
+        self.experts = [p for p in held if id(p) in expert_ids]
+        self.replicated = [p for p in held if id(p) not in expert_ids]
         self.groups, self.grad_clip, self.zero1 = groups, grad_clip, zero1
         self.pp_copies = {pid: len(ranks) for pid, ranks in (pp_holders or {}).items()}
         self.pp_shared = pp_shared or {}
@@ -64,10 +65,10 @@ class StepFinalizer:
                                if shared_sets else {})
         _, dp_idx, _ = groups.dims.coords(groups.rank)
         self.overlap_reduce = overlap_grad_reduce
-        self.buffers = [GradBuffer(self.replicated, groups.dp_ep_group, self.data_ranks, groups.dp_ep_rank, zero1,
-                                   bucket_numel, overlap_grad_reduce),
-                        GradBuffer(self.experts, groups.edp_group, groups.dims.dp, dp_idx, zero1, bucket_numel,
-                                   overlap_grad_reduce)]
+        self.buffers = [GradBuffer([p for p in final_order if id(p) not in expert_ids], groups.dp_ep_group,
+                                   self.data_ranks, groups.dp_ep_rank, zero1, bucket_numel, overlap_grad_reduce),
+                        GradBuffer([p for p in final_order if id(p) in expert_ids], groups.edp_group, groups.dims.dp,
+                                   dp_idx, zero1, bucket_numel, overlap_grad_reduce)]
         for buffer in self.buffers:
             buffer.attach()
         self.sharded: list[ShardedParams] = []
@@ -126,8 +127,8 @@ class StepFinalizer:
             sum_shared_gradients(reduced, self._shared_groups)
         device = next((p.device for p in [*self.replicated, *self.experts]), torch.device("cpu"))
         squares = []
-        for buffer, group in zip(self.buffers, (g.dp_ep_group, g.edp_group)):
-            square = squared_norm([(self._reduced[id(p)], self.pp_copies.get(id(p), 1)) for p in buffer.params], device)
+        for params, group in ((self.replicated, g.dp_ep_group), (self.experts, g.edp_group)):
+            square = squared_norm([(self._reduced[id(p)], self.pp_copies.get(id(p), 1)) for p in params], device)
             if self.zero1 and group is not None:  # each rank holds its rows: the norm sums them
                 dist.all_reduce(square, group=group)
             squares.append(square)
