@@ -48,6 +48,11 @@ def piecewise(schedule, tokens: float) -> float:
     return float(value)
 
 
+def _cli_value(value) -> str:
+    """A value as a Hydra override writes it (true / false for booleans)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The repeated blocks (`model.layers`), or the whole model if it has none."""
     return getattr(model, "layers", model)
@@ -93,8 +98,7 @@ class ModelSpec:
             moved = [k for k in self.moved_keys if k in node]
             if moved:
                 raise ValueError("; ".join(f"model.{k} is now {self.moved_keys[k]} (a run setting): set "
-                                           f"{self.moved_keys[k]}={node[k]} instead" for k in moved).replace("True", "true")
-                                 .replace("False", "false"))
+                                           f"{self.moved_keys[k]}={_cli_value(node[k])} instead" for k in moved))
             try:
                 merged = OmegaConf.merge(OmegaConf.structured(self.config_cls), node)
                 cfg = OmegaConf.to_object(merged)
