@@ -3,10 +3,10 @@
 Install torch first (pinned; on a CPU machine `pip install torch==2.13.0`), then `pip install -e .`.
 The package `moetron` is mapped from `src/`, and its Hydra configs (`moetron.conf`) from `conf/`.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-SUBPACKAGES = ["core", "comm", "comm.dispatch", "precision", "parallel", "models", "models.deepseek_v3", "pipeline",
-               "data", "data.corpus", "checkpoint", "report", "train", "plan"]
+# every package under src/ (a folder with an __init__.py) ships: none is listed by hand
+SUBPACKAGES = find_packages("src")
 
 setup(
     name="moetron",
@@ -14,9 +14,7 @@ setup(
     description="DeepSeek-V3 training system on PyTorch: MLA, DeepSeekMoE, EP, DualPipe, FP8, ZeRO-1",
     python_requires=">=3.10",
     package_dir={"moetron": "src", "moetron.conf": "conf"},
-    packages=["moetron"]
-    + [f"moetron.{name}" for name in SUBPACKAGES]
-    + ["moetron.conf"],
+    packages=["moetron", "moetron.conf"] + [f"moetron.{name}" for name in SUBPACKAGES],
     package_data={
         "moetron.conf": ["*.yaml", "*/*.yaml"],  # config groups are folders of yaml
         "moetron.data.corpus": ["*.jsonl", "*.txt"],

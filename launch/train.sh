@@ -11,8 +11,12 @@ gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 # forward SLURM's SIGUSR1 too, and give the ranks time to finish the step and checkpoint (interrupts.py)
 STOP="--signals-to-handle=SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout=600"
 if [ "$gpus" -gt 0 ]; then
-  exec torchrun --standalone --nproc_per_node="$gpus" $STOP -m moetron.train hydra.run.dir=outputs/quickstart "$@"
+  ranks=$gpus layout=()
+else
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  ranks=4 layout=(parallel.pp=2 parallel.ep=2 parallel.schedule=dualpipev train.micro_batch=2)
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec torchrun --standalone --nproc_per_node=4 $STOP -m moetron.train hydra.run.dir=outputs/quickstart \
-  parallel.pp=2 parallel.ep=2 parallel.schedule=dualpipev train.micro_batch=2 "$@"
+args=(hydra.run.dir=outputs/quickstart "${layout[@]}" "$@")
+# every setting checked once, in one process, before any rank starts: a mistake is one message
+python -m moetron.train --check --world-size "$ranks" "${args[@]}" || exit 2
+exec torchrun --standalone --nproc_per_node="$ranks" $STOP -m moetron.train "${args[@]}"

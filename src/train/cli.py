@@ -3,11 +3,15 @@
     moetron-train model=tiny train.max_steps=30 hydra.run.dir=outputs/tiny
     torchrun --nproc_per_node=2 -m moetron.train model=tiny
     moetron-train -m model=tiny optim.lr=1e-3,3e-3
+    moetron-train --check --world-size 2 model=tiny      # every check, in one process, then exit
+
+A single run's command line is composed and checked once before Hydra starts (moetron.train.preflight).
 
 The run directory is Hydra's output folder: .hydra/, metrics.jsonl, checkpoints/, wandb/.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,8 +24,29 @@ from moetron.train.config import register_configs
 register_configs()
 
 
+def main() -> None:
+    """Check the command line once (moetron.train.preflight), then Hydra's app; `--check`: only check."""
+    from moetron.core.errors import UserInputError
+    from moetron.train.preflight import preflight, split_argv, world_size_for_check
+
+    try:
+        check, world_size, overrides = split_argv(sys.argv[1:])
+        single_run = not any(arg.startswith("-") for arg in overrides)  # Hydra's flags (-m, --cfg, ...) go on
+        if check or single_run:
+            summary = preflight(overrides, world_size_for_check(world_size), full=check)
+    except UserInputError as err:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: say it once
+            print(f"moetron-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if check:
+        print(f"moetron-train: {summary}", flush=True)
+        sys.exit(0)
+    sys.argv = [sys.argv[0], *overrides]
+    run()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://moetron.conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> float:
     from moetron.train.distributed import world_from_env
     from moetron.train.interrupts import TrainingStopped
     from moetron.core.errors import UserInputError

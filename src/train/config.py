@@ -183,13 +183,18 @@ class RootConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
 
 
+def schema_name(arch: str) -> str:
+    return f"{arch}_model_schema"
+
+
 def register_configs() -> None:
-    """The root schema, and each registered architecture's config class as `model/<arch>_schema`:
-    a preset names it first in its defaults list, so every key of its model can be overridden and
-    is type-checked when Hydra composes."""
+    """The root schema, and each registered architecture's config class as `<arch>_model_schema`
+    (outside the `model` group, so it is not offered as a preset): a preset names it first in its
+    defaults list (`- /deepseek_v3_model_schema@_here_`), so every key of its model can be
+    overridden and is type-checked when Hydra composes."""
     from moetron.models.registry import registered_specs
 
     cs = ConfigStore.instance()
     cs.store(name="root_schema", node=RootConfig)
     for spec in registered_specs():
-        cs.store(group="model", name=f"{spec.arch}_schema", node=spec.config_cls)
+        cs.store(name=schema_name(spec.arch), node=spec.config_cls)

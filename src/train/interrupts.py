@@ -5,6 +5,9 @@
   reduction (no collective of its own), a checkpoint is written and the run exits with one message.
   Restarting the same command (a requeued job does) resumes from it. A second SIGINT, more than
   two seconds after the first, aborts at once.
+- A rank that torchrun started and whose torchrun is gone (killed with -9, or by the OOM killer: its
+  workers live in sessions of their own and would train on as orphans beside a restarted run) asks
+  for the same stop at the next step boundary, naming the launcher.
 - A gradient norm that is not finite (NaN or inf anywhere, on any rank: the norm is reduced over
   all of them, so every rank sees the same value without another collective) skips the step
   (`train.on_nonfinite=skip`: no optimizer step, no bias update, counted in `train/skipped_steps`)
@@ -15,6 +18,7 @@
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -37,6 +41,8 @@ class StopRequests:
         self.signal_name: Optional[str] = None
         self._previous: dict = {}
         self._first_at = 0.0
+        # torchrun's workers: the agent is the parent; a new parent means it died
+        self._launcher_pid = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -56,8 +62,15 @@ class StopRequests:
         if self.signal_name is None:
             self.signal_name, self._first_at = signal.Signals(signum).name, time.monotonic()
 
+    def reason(self) -> Optional[str]:
+        """Why this rank was asked to stop (a signal, its launcher's end), or None."""
+        if self.signal_name is None and self._launcher_pid is not None and os.getppid() != self._launcher_pid:
+            self.signal_name = f"the end of its launcher (torchrun, pid {self._launcher_pid})"
+        return self.signal_name
+
     def flag(self, device: torch.device) -> torch.Tensor:
         """1 if this rank was asked to stop, for the step's metrics reduction (any rank stops all)."""
+        self.reason()
         return torch.tensor(0.0 if self.signal_name is None else 1.0, dtype=torch.float64, device=device)
 
 

@@ -106,7 +106,7 @@ class TrainingLoop:
                     first_loss = metrics["loss"] if first_loss is None else first_loss
                     self.checkpoint_if_due(step, stop_now)
                     if stop_now:
-                        self._note(f"stopped by {stops.signal_name or 'a stop signal on another rank'} after step "
+                        self._note(f"stopped by {stops.reason() or 'a stop signal on another rank'} after step "
                                    f"{step + 1}, checkpoint written in {self.run_dir / 'checkpoints'}; run the same "
                                    "command to resume", main_only=True)
                         break
@@ -262,7 +262,9 @@ class TrainingLoop:
             summary = None
             if metrics:
                 maxvio = f", MaxVio {metrics['moe/maxvio_batch']:.3f}" if "moe/maxvio_batch" in metrics else ""
-                summary = (f"done: step {metrics['step']}/{self.cfg.train.max_steps}, loss {first_loss:.4f} -> "
+                finished = metrics["step"] >= self.cfg.train.max_steps  # else stopped early, to be resumed
+                summary = (f"{'done' if finished else 'stopped'}: step {metrics['step']}/{self.cfg.train.max_steps}, "
+                           f"loss {first_loss:.4f} -> "
                            f"{metrics['loss']:.4f}, {metrics['throughput/tokens_per_s']:.0f} tokens/s{maxvio}; "
                            f"run dir {self.run_dir}")
             self.console.close(summary)

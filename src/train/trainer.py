@@ -16,12 +16,14 @@ import random
 import shutil
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from moetron.checkpoint import folders
+from moetron.checkpoint.run_lock import RunDirInUse, RunLock
 from moetron.checkpoint.run_state import resume
 from moetron.core.errors import UserInputError
 from moetron.data.tokenizers import get_tokenizer
@@ -50,14 +52,26 @@ def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def train(cfg, run_dir: Path) -> dict:
-    """Run training as `cfg` says, in `run_dir`; returns the last step's metrics (on every rank)."""
-    world = world_from_env()
+@dataclasses.dataclass
+class Checked:
+    """What `check` found a composed config to mean: the layout, the model and the data."""
+    dims: Any
+    topology: Topology
+    spec: Any
+    model_cfg: Any
+    sampler: Any
+    valid: Any
+
+
+def check(cfg, run_dir: Path, world_size: int) -> Checked:
+    """Everything a user can get wrong, checked in one process before any process group starts (by
+    every rank at its start, and once by `moetron-train --check` before a launcher starts ranks);
+    raises UserInputError naming the key and the fix."""
     if cfg.train.resume and folders.step_dirs(run_dir / "checkpoints") and cfg.model.get("init_from"):
         cfg.model.init_from = None  # a run that resumes starts from its checkpoint, not from model.init_from
-    try:  # everything a user can get wrong is checked here, before any process group starts
-        dims = validate(cfg, world.size)
-        topology = Topology.from_config(cfg.cluster, world.size)
+    try:
+        dims = validate(cfg, world_size)
+        topology = Topology.from_config(cfg.cluster, world_size)
         spec, model_cfg = model_config(cfg)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
         if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -69,13 +83,23 @@ def train(cfg, run_dir: Path) -> dict:
                              "there would mix the two runs' metrics and checkpoints; use a new hydra.run.dir")
     except (ValueError, FileNotFoundError) as err:
         raise UserInputError(str(err)) from err
+    return Checked(dims, topology, spec, model_cfg, sampler, valid)
+
+
+def train(cfg, run_dir: Path) -> dict:
+    """Run training as `cfg` says, in `run_dir`; returns the last step's metrics (on every rank)."""
+    world = world_from_env()
+    checked = check(cfg, run_dir, world.size)
+    dims, topology, spec, model_cfg = checked.dims, checked.topology, checked.spec, checked.model_cfg
     config = OmegaConf.to_container(cfg, resolve=True)  # as the user composed it: saved in checkpoints, logged
     cfg = typed_settings(cfg, model_cfg)  # from here on, typed settings
 
     device = pick_device(world)
     world_group = init_process_group(world, device, cfg.train.collective_timeout_s)
+    lock = None
     try:
         run_dir = _agree_on_run_dir(run_dir, world)
+        lock = _hold_run_dir(run_dir, world)
         lanes = comm_lanes(cfg.parallel.schedule, dims.pp, cfg.parallel.overlap_fb)
         ordered = cfg.parallel.ordered_issue
         if ordered is None:  # NCCL's kernels block until all members join: one issue order on every rank
@@ -87,10 +111,30 @@ def train(cfg, run_dir: Path) -> dict:
             if lanes > 1:
                 how = "in turns, one order on every rank" if groups.order else "as each half reaches them"
                 print(f"F&B pairs overlap; their collectives are issued {how}", flush=True)
-        return _train_loop(cfg, config, run_dir, world, groups, device, spec, sampler, valid)
+        return _train_loop(cfg, config, run_dir, world, groups, device, spec, checked.sampler, checked.valid)
     finally:
+        if lock is not None:
+            lock.release()
         if world_group is not None:
             torch.distributed.destroy_process_group()
+
+
+def _hold_run_dir(run_dir: Path, world) -> Optional[RunLock]:
+    """Rank 0 takes the run directory's lock for the run's life (moetron.checkpoint.run_lock); if a
+    live run holds it, every rank raises UserInputError naming that run."""
+    lock, refusal = None, None
+    if world.is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunDirInUse as err:
+            refusal = str(err)
+    if world.size > 1:
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise UserInputError(refusal)
+    return lock
 
 
 def _agree_on_run_dir(run_dir: Path, world) -> Path:

@@ -30,7 +30,8 @@ def _job(tmp_path, args):
         (bin_dir / name).chmod(0o755)
     python_dir = Path(sys.executable).parent  # `python` in the script is this interpreter
     env = {**os.environ, "PATH": f"{bin_dir}:{python_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "node001", "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+           "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1", "SLURM_NTASKS": "1",
+           "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
            "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(["bash", str(REPO / "launch/slurm/train.sbatch"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

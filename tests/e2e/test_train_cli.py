@@ -82,9 +82,9 @@ def test_corrupt_and_partial_checkpoints_are_skipped_and_kept(tmp_path):
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]  # steps 3-4 retrained, logged once
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.max_stepz=3", "max_stepz"),
-    ("model.hiden_size=8", "hiden_size"),
+BAD_INPUT = [
+    ("train.max_stepz=3", "train.max_stepz is not a setting: did you mean train.max_steps?"),
+    ("model.hiden_size=8", "model.hiden_size is not a setting: did you mean model.hidden_size?"),
     ("optim.lr=fast", "optim.lr"),
     ("train.global_batch=10", "train.global_batch=10 must be a multiple of train.micro_batch"),
     ("data.path=missing/corpus", "data file not found: missing/corpus.json"),
@@ -99,13 +99,30 @@ def test_corrupt_and_partial_checkpoints_are_skipped_and_kept(tmp_path):
     ("model.hidden_size=0", "model.hidden_size=0 must be at least 1"),
     # a key added with Hydra's `+` (the fix Hydra suggests for a misspelled one) is refused too
     ("+train.max_step=10", "train.max_step: Key 'max_step' not in 'TrainSettings'"),
-])
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_INPUT)
 def test_bad_input_gets_a_clear_error(tmp_path, override, message):
+    """Every check a run makes before its process groups, in one process (what `moetron-train
+    --check` and each rank at its start run: moetron.train.preflight)."""
+    from moetron.core.errors import UserInputError
+    from moetron.train.config import register_configs
+    from moetron.train.preflight import preflight
+    register_configs()
     first = [] if override.startswith("train.max_steps") else ["train.max_steps=1"]
-    proc = run_cli([*first, *FAST, override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False,
+    with pytest.raises(UserInputError) as err:
+        preflight([*first, *FAST, override, f"hydra.run.dir={tmp_path / 'run'}"], world_size=1, full=True)
+    assert message in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override,message", [BAD_INPUT[0], BAD_INPUT[5], BAD_INPUT[-1]])
+def test_bad_input_gets_one_message_and_no_traceback_from_the_command(tmp_path, override, message):
+    proc = run_cli(["train.max_steps=1", *FAST, override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False,
                    env_extra={"HYDRA_FULL_ERROR": "0"})  # as a user runs it: Hydra's short errors
-    assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
+    assert proc.returncode == 2
+    assert message in proc.stderr and proc.stderr.count("moetron-train: error:") == 1
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 

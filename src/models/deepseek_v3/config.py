@@ -42,8 +42,9 @@ class DeepSeekV3Config:
     rope_theta: float = 10000.0
     rope_interleave: bool = True  # DeepSeek's rotary layout: adjacent pairs rotate together
     # YaRN context extension (report section 4.3), named as transformers names it: {type: yarn,
-    # factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim}; None: plain RoPE
-    rope_scaling: Optional[dict[str, Any]] = None
+    # factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim}; None: plain RoPE.
+    # Typed Any: OmegaConf cannot set an Optional[Dict] that is None from the command line (yarn_problems checks it)
+    rope_scaling: Optional[Any] = None
     max_position_embeddings: int = 4096
     # DeepSeekMoE (section 2.1.2)
     n_routed_experts: int = 256

@@ -27,6 +27,9 @@ def get_mscale(factor: float, mscale: float = 1.0) -> float:
 def yarn_problems(scaling: Optional[dict[str, Any]]) -> list[str]:
     if scaling is None:
         return []
+    if not isinstance(scaling, dict):
+        return [f"model.rope_scaling={scaling!r}: a mapping, e.g. model.rope_scaling={{type:yarn,factor:4,"
+                "original_max_position_embeddings:4096}, or null"]
     kind = scaling.get("type", scaling.get("rope_type"))
     problems = []
     if kind != "yarn":
