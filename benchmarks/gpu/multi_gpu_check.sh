@@ -23,7 +23,8 @@ export WANDB_MODE=disabled OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 cpu_only=$([ "$gpus" -eq 0 ] && echo 1 || echo 0)
 [ "$cpu_only" = 1 ] && gpus=4
-SMALL=(model=tiny precision=fp32 train.max_steps=20 train.seq_len=64 train.global_batch=16 train.micro_batch=2
+STEPS=${STEPS:-20}  # of rows 1-2 (the test suite's dry run of this script takes fewer)
+SMALL=(model=tiny precision=fp32 train.max_steps=$STEPS train.seq_len=64 train.global_batch=16 train.micro_batch=2
        train.ckpt_every=1000000 logging.progress=false)
 status=0
 
@@ -44,10 +45,10 @@ for dispatcher in hierarchical alltoall; do
     train "ep4_$dispatcher" 4 "${SMALL[@]}" parallel.ep=4 "parallel.dispatcher=$dispatcher"
     check one "ep4_$dispatcher" 1e-4
 done
-# with a profiler trace of steps 10-11 on every rank (pp2ep2_dualpipev/profile): which exchange
+# with a profiler trace of two steps mid-run (10-11) on every rank (pp2ep2_dualpipev/profile): which exchange
 # overlaps which computation, per CUDA stream
 train pp2ep2_dualpipev 4 "${SMALL[@]}" parallel.pp=2 parallel.ep=2 parallel.schedule=dualpipev \
-    logging.profile.enabled=true logging.profile.start_step=10 "logging.profile.ranks=[]"
+    logging.profile.enabled=true logging.profile.start_step=$((STEPS / 2)) "logging.profile.ranks=[]"
 check one pp2ep2_dualpipev 1e-4
 train pp2dp2_dualpipe 4 "${SMALL[@]}" parallel.pp=2 parallel.schedule=dualpipe
 check one pp2dp2_dualpipe 1e-4

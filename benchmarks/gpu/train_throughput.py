@@ -12,8 +12,10 @@ MTP module here (transformers' has none), so both do the same work.
 FLOPs per token: moetron's `training_flops_per_token` = 3 x (2 x activated matmul parameters,
 output head included, embedding lookups excluded, + causal attention 2 * S * heads * (qk_head +
 v_head) / 2 per layer): 2.18 GFLOP per token for `mini` at S=2048 (../shared/reference). Model
-TFLOP/s = tokens/s x that; MFU is against a dense GEMM timed in the same run (bf16 8192^3 on a
-GPU, float32 2048^3 on a CPU), so it says how close to the GEMM rate the step gets.
+TFLOP/s = tokens/s x that. GEMM-relative utilisation (`mfu_vs_gemm`, printed "of GEMM peak") is that
+over a dense GEMM timed in the same run (bf16 8192^3 on a GPU, float32 2048^3 on a CPU), so it says
+how close to the GEMM rate the step gets. It is not the trainer's MFU: `throughput/mfu` in a run's
+metrics divides by the cluster's datasheet peak, `cluster.peak_tflops`.
 Precision: BF16 autocast over FP32 parameters on a GPU (all candidates alike), float32 on a CPU.
 Peak memory: each candidate's own peak on a GPU; on a CPU the process's largest resident size so far
 (not per candidate). The FP8 candidate is the `auto` backend: torch's blockwise GEMM on Hopper, the
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
     else:
         for name, r in runs.items():
             print(f"{name:13s} {r['tokens_per_s']:12,.0f} tok/s {r['tflops']:8.2f} TFLOP/s "
-                  f"MFU {r['mfu_vs_gemm']:6.1%} peak {r['peak_gib']:.2f} GiB")
+                  f"{r['mfu_vs_gemm']:6.1%} of GEMM peak, memory peak {r['peak_gib']:.2f} GiB")
         print("ratios:", out.get("ratios_vs_transformers"), "fp8/eager:", out.get("fp8_vs_eager"))
     return 0
 

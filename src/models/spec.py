@@ -193,7 +193,8 @@ class ModelSpec:
         return len(blocks)
 
     def parameter_counts(self, cfg) -> tuple[int, int]:
-        """(total parameters, parameters a token activates), for the planner."""
+        """(total parameters, parameters a token activates), for the planner. Activated counts
+        the output head and not the input embedding table, which a token reads one row of."""
         raise NotImplementedError(f"{self.arch} has no parameter counts for moetron-plan")
 
     def layer_costs(self, cfg, seq_len: int, recompute: bool, fp8_cache: bool) -> list:

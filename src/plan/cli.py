@@ -64,6 +64,9 @@ def fixed_from(overrides: list[str], cfg) -> Fixed:
     return fixed
 
 
+ACTIVATED = "output head counted, input embedding table not: a token reads one row of it"
+
+
 def _table(rows: list[Estimate], hw: Hardware) -> str:
     head = (f"{'layout':44s} {'step s':>7s} {'tok/s':>10s} {'MFU':>6s} {'GiB/GPU':>8s} {'exp.comm s':>10s} "
             f"{'bubble':>7s} {'GPU-h/T':>9s} {'days':>7s} {'cost':>10s}")
@@ -74,6 +77,21 @@ def _table(rows: list[Estimate], hw: Hardware) -> str:
                      f"{e.memory_per_gpu_gib:8.1f} {e.exposed_comm_s:10.2f} {e.bubble_ratio:7.1%} "
                      f"{e.gpu_hours_per_trillion_tokens:9.0f} {e.days:7.1f} {e.cost:10.3g}{flag}")
     return "\n".join(lines)
+
+
+def _tokens(n: float) -> str:
+    """14.8e12 -> '14.8T'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.4g}{unit}"
+    return f"{n:.4g}"
+
+
+def memory_warning(best: Estimate, hw: Hardware) -> str:
+    """What --launch-script says above the lines of a layout that does not fit."""
+    return (f"WARNING: this layout does not fit in memory: {best.memory_per_gpu_gib:.1f} GiB per GPU predicted "
+            f"against {hw.memory_gib:g} GiB on {hw.name} (cluster.memory_gib), and no layout these overrides "
+            "allow fits")
 
 
 def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
@@ -108,7 +126,8 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
     else:
         rows = [estimate(p, lay) for _, lay, p in sorted(misfits, key=lambda m: m[0])[:max(int(cfg.plan.top), 1)]]
     return rows, {"params_total": total, "params_active": active, "flops_per_token": spec.flops_per_token(model_cfg, seq),
-                  "cluster": hw.name, "gpus": hw.gpus, "seq_len": seq, "global_batch": int(cfg.train.global_batch)}
+                  "cluster": hw.name, "gpus": hw.gpus, "seq_len": seq, "global_batch": int(cfg.train.global_batch),
+                  "tokens": float(cfg.plan.tokens)}  # the run that days and cost are for
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -152,10 +171,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                "candidates": [e.as_dict() for e in rows[:int(cfg.plan.top)]]}
         print(json.dumps(out, indent=1))
     elif args.launch_script:
-        print(launch_lines(best.layout, hw, args.overrides, planned_run(cfg, model_choice), best.stage_layout))
+        lines = launch_lines(best.layout, hw, args.overrides, planned_run(cfg, model_choice), best.stage_layout)
+        if not best.fits:
+            warning = memory_warning(best, hw)
+            print(f"moetron-plan: {warning}", file=sys.stderr)
+            lines = f"# {warning}\n{lines}"
+        print(lines)
     else:
-        print(f"{model['params_total'] / 1e9:.1f}B parameters, {model['params_active'] / 1e9:.2f}B active per token; "
-              f"{model['flops_per_token'] / 1e9:.1f} GFLOP per token; {hw.name}: {hw.gpus} GPUs")
+        print(f"{model['params_total'] / 1e9:.1f}B parameters, {model['params_active'] / 1e9:.2f}B activated per token "
+              f"({ACTIVATED}); {model['flops_per_token'] / 1e9:.1f} GFLOP per token; {hw.name}: {hw.gpus} GPUs")
+        print(f"GPU-h/T: GPU-hours per trillion tokens; days and cost: for plan.tokens={_tokens(model['tokens'])} "
+              f"tokens at cluster.price_per_gpu_hour={hw.price_per_gpu_hour:g} (plan.tokens=... changes it)")
         if calibrated:
             print(f"calibrated: {calibrated}")
         if not best.fits:

@@ -28,7 +28,8 @@ def test_uneven_async_all_to_all_and_its_gradient():
         assert res["y"].tolist() == expected
     for rank, res in enumerate(results):
         # the gradient of a received row is its position (1-based) at the receiver, sent back
-        for row, (_, peer, i) in zip(res["grad"], [[rank, p, i] for p in range(world) for i in range((rank + p) % 3)]):
+        expected = [[rank, p, i] for p in range(world) for i in range((rank + p) % 3)]
+        for row, (_, peer, i) in zip(res["grad"], expected, strict=True):
             position = [tuple(r) for r in results[peer]["y"].tolist()].index((rank, peer, i)) + 1
             assert row.tolist() == [position] * 3
 
@@ -59,5 +60,5 @@ def _packed_beside_separate(rank, world):
 def test_packed_all_to_all_equals_one_exchange_per_tensor():
     for out, ids_need_grad in run_ranks(3, _packed_beside_separate):
         assert not ids_need_grad
-        for packed, separate in zip(out["packed"], out["separate"]):
+        for packed, separate in zip(out["packed"], out["separate"], strict=True):
             assert packed.dtype == separate.dtype and torch.equal(packed, separate)

@@ -28,7 +28,7 @@ def _traffic(rank, world, nodes, dispatcher_name):
         group = resolve(group)
         peers = dist.get_process_group_ranks(group) if group is not None else [rank]
         row_bytes = sum(part[0].numel() * part.element_size() for part in parts) if parts[0].shape[0] else 0
-        for peer, rows in zip(peers, send):
+        for peer, rows in zip(peers, send, strict=True):
             if peer != rank and rows:
                 moved["nvlink" if topo.node_of(peer) == topo.node_of(rank) else "ib"] += rows * row_bytes
 

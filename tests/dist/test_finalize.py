@@ -51,10 +51,10 @@ def _overlapped_gather(rank, world):
         shard.data.add_(1.0)  # what an optimizer step would do to every rank's shard
     before = [p.detach().clone() for p in params]
     sharded.all_gather_params(async_op=True)
-    assert all(torch.equal(p, b) for p, b in zip(params, before))  # nothing landed yet
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))  # nothing landed yet
     x = torch.randn(4, 6)
     model[0](x)  # the first layer's forward lands its own bucket only
-    landed = [not torch.equal(p, b) for p, b in zip(params, before)]
+    landed = [not torch.equal(p, b) for p, b in zip(params, before, strict=True)]
     sharded.finish_gather()
     return len(sharded.buckets), landed, [p.detach().clone() for p in params], [b + 1.0 for b in before]
 
@@ -63,4 +63,4 @@ def test_an_overlapped_parameter_gather_lands_each_bucket_when_its_module_runs()
     for buckets, landed, after, expected in run_ranks(2, _overlapped_gather):
         assert buckets == 2
         assert landed[:2] == [True, True] and landed[2:] == [False, False]
-        assert all(torch.equal(a, e) for a, e in zip(after, expected))
+        assert all(torch.equal(a, e) for a, e in zip(after, expected, strict=True))

@@ -55,7 +55,7 @@ def test_an_overlapped_bucket_starts_during_the_last_backward_and_equals_the_blo
         assert buckets == 2
         assert started == [[], [0]]  # first backward: nothing; the last: the second layer's bucket (bucket 0)
         assert same_views
-        assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, want))  # bitwise
+        assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))  # bitwise
 
 
 def _sums(rank, world, sharded):
@@ -71,7 +71,7 @@ def _sums(rank, world, sharded):
 def test_the_buffer_averages_over_the_group(sharded):
     for rank, grads in enumerate(run_ranks(2, _sums, sharded)):
         # the mean of 1 and 2; a ZeRO-1 shard holds ceil(rows / 2) rows, the padding rows zeros
-        for g, p in zip(grads, [(5, 6), (5,), (3, 5), (3,)]):
+        for g, p in zip(grads, [(5, 6), (5,), (3, 5), (3,)], strict=True):
             rows = p[0] if not sharded else min(-(-p[0] // 2), p[0] - rank * -(-p[0] // 2))
             assert torch.equal(g[:rows], torch.full((rows, *p[1:]), 1.5))
             assert not g[rows:].any()

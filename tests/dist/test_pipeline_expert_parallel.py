@@ -187,7 +187,7 @@ def test_overlapped_pairs_keep_autocast_and_recompute_bitwise():
     (norms, MLA up-projections, SwiGLU) match what one thread computes, bit for bit."""
     overlapped = run_ranks(4, _bf16_recompute_grads, True)
     serial = run_ranks(4, _bf16_recompute_grads, False)
-    for (sums_a, grads_a), (sums_b, grads_b) in zip(overlapped, serial):
+    for (sums_a, grads_a), (sums_b, grads_b) in zip(overlapped, serial, strict=True):
         assert torch.equal(sums_a, sums_b)
         assert grads_a.keys() == grads_b.keys() and grads_a
         for name in grads_a:
@@ -232,8 +232,8 @@ def test_overlapped_gradient_reduction_starts_during_the_pipeline_backward_and_i
     the pipeline."""
     overlapped = run_ranks(4, _reduced_grads, schedule, zero1, dp, ep, True)
     blocking = run_ranks(4, _reduced_grads, schedule, zero1, dp, ep, False)
-    for (grads_a, events), (grads_b, events_b) in zip(overlapped, blocking):
-        assert len(grads_a) == len(grads_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    for (grads_a, events), (grads_b, events_b) in zip(overlapped, blocking, strict=True):
+        assert len(grads_a) == len(grads_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
         last_end = max(i for i, (what, kind) in enumerate(events) if what == "end" and kind in ("B", "BW", "W", "FB"))
         starts = [i for i, (what, _) in enumerate(events) if what == "start"]
         assert starts and starts[0] < last_end  # under way before the backward ends

@@ -75,12 +75,12 @@ def test_schedule_runtime_matches_single_process(name, pp, extra):
     for rank_losses, rank_grads in results:
         losses.update(rank_losses)
         for depth, gs in rank_grads.items():  # DualPipe: a depth lives on two ranks; sum the mirrors
-            grads[depth] = gs if depth not in grads else [a + b for a, b in zip(grads[depth], gs)]
+            grads[depth] = gs if depth not in grads else [a + b for a, b in zip(grads[depth], gs, strict=True)]
     assert sorted(losses) == list(range(n))
     for mb in range(n):
         assert torch.equal(losses[mb], ref_losses[mb])  # the same float32 ops in the same order: bitwise
     for depth, ref in enumerate(ref_grads):
-        for g, r in zip(grads[depth], ref):
+        for g, r in zip(grads[depth], ref, strict=True):
             # per-micro-batch contributions accumulate in another order (and mirrors add): 1e-6 relative
             assert float((g - r).abs().max() / r.abs().max()) < 1e-6, f"depth {depth}"
 
@@ -197,8 +197,8 @@ def test_one_rank_dualpipev_runs_each_chunk_on_its_stream(overlap):
     inputs, targets = _data(n)
     losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n).losses
     assert all(torch.equal(losses[mb], ref_losses[mb]) for mb in range(n))
-    for block, ref in zip(blocks, ref_grads):
-        for p, r in zip(block.parameters(), ref):
+    for block, ref in zip(blocks, ref_grads, strict=True):
+        for p, r in zip(block.parameters(), ref, strict=True):
             assert torch.equal(p.grad, r)
     assert sorted(seen) == sorted([(s, f"chunk{s}") for s in (0, 1) for _ in range(n)])
     assert api.waits == [w for s, _ in seen for w in ((f"chunk{s}", "default"), ("default", f"chunk{s}"))]

@@ -34,7 +34,7 @@ def test_a_blend_with_validation_loss_in_one_process_and_in_a_pipeline(tmp_path,
     one, pp2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "pp2")
     assert [("eval/loss" in m, "eval/loss/lm" in m) for m in one] == [(False, False), (True, True)] * 2
     assert one[0][f"data/share/{data / 'a'}"] == 0.75 and one[0][f"data/share/{data / 'b'}.bin"] == 0.25
-    for a, b in zip(one, pp2):
+    for a, b in zip(one, pp2, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         if "eval/loss" in a:  # the same fixed batches, forward only, in both layouts
             assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-5)

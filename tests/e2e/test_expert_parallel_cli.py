@@ -1,28 +1,24 @@
 """Expert parallelism through the CLI: torchrun ranks reproduce the single-process loss curve."""
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.e2e.test_train_cli import read_metrics, run_cli
+from tests.forked_cli import run_module
 
 SMALL = ["train.max_steps=5", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=2",
          "logging.progress=false"]
 
 
 def torchrun(nproc, args, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "moetron.train", *args]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    """moetron-train on `nproc` ranks as torchrun starts them, forked from this process (tests.forked_cli)."""
+    proc = run_module("moetron.train", args, cwd, nproc, env_extra={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def assert_same_curve(reference, other):
     assert [r["step"] for r in other] == [r["step"] for r in reference]
-    for a, b in zip(reference, other):
+    for a, b in zip(reference, other, strict=True):
         # float32; the expert outputs of a token are summed in another order across ranks: 1e-5 relative
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["loss/mtp"] == pytest.approx(a["loss/mtp"], rel=1e-5)
@@ -35,7 +31,7 @@ def test_ep4_on_one_node_matches_ep1(tmp_path):
     ep1, ep4 = read_metrics(tmp_path / "ep1"), read_metrics(tmp_path / "ep4")
     assert_same_curve(ep1, ep4)
     assert all(r["comm/a2a_bytes/nvlink"] > 0 and r["comm/a2a_bytes/ib"] == 0 for r in ep4)
-    for a, b in zip(ep1, ep4):
+    for a, b in zip(ep1, ep4, strict=True):
         # model FLOPs per token (TFLOP/s per rank x ranks / tokens/s) do not depend on the layout: each
         # EP rank holds a quarter of the routed experts, and the figure used to shrink with them
         assert b["throughput/tflops"] * 4 / b["throughput/tokens_per_s"] == pytest.approx(

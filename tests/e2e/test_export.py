@@ -1,7 +1,5 @@
 """moetron-export writes a run's newest checkpoint, whatever its layout, as a Hugging Face folder that
 transformers loads; `model.init_from` starts a run from such a folder in any layout."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,9 +29,7 @@ def test_export_from_a_pipelined_expert_parallel_run_and_start_from_it(tmp_path)
     run_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
     torchrun(4, [*RUN, "train.max_steps=3", "parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev",
                  f"hydra.run.dir={run_dir}"], tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "moetron.train.export_cli", str(run_dir), "--hf", str(hf_dir)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli([str(run_dir), "--hf", str(hf_dir)], tmp_path, module="moetron.train.export_cli")
     assert (hf_dir / "config.json").is_file() and (hf_dir / "mtp.safetensors").is_file()
 
     ours = _whole_model(run_dir)

@@ -4,15 +4,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_run_dir import _free_port
 from tests.e2e.test_train_cli import FAST, read_metrics, run_cli
+from tests.forked_cli import start_module
 
 REPO = Path(__file__).resolve().parents[2]
 TOY = ["imports=[tests.fakes.toy_dense]", f"hydra.searchpath=[file://{REPO / 'tests' / 'fakes' / 'conf'}]",
@@ -34,30 +32,24 @@ def test_a_stop_signal_to_one_rank_checkpoints_every_rank_and_the_same_command_r
     """SLURM sends SIGUSR1 (--signal) or SIGTERM before a time limit; Ctrl-C sends SIGINT. Here it
     reaches rank 1 only: both ranks stop after the same step, with one complete checkpoint."""
     run_dir = tmp_path / "run"
-    procs = _two_ranks(tmp_path, ["train.max_steps=400", "train.ckpt_every=1000", *FAST, f"hydra.run.dir={run_dir}"])
-    _wait_for_steps(run_dir, 3, procs)
-    procs[1].send_signal(sig)
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    job = _two_ranks(tmp_path, ["train.max_steps=400", "train.ckpt_every=1000", *FAST, f"hydra.run.dir={run_dir}"])
+    _wait_for_steps(run_dir, 3, [job])
+    os.kill(job.pids[1], sig)
+    done = job.finish()
+    assert done.returncode == 0, done.stderr[-4000:]
     stopped = len(read_metrics(run_dir))
     assert 3 <= stopped < 400
-    assert f"stopped by a stop signal on another rank after step {stopped}" in outputs[0][0]
+    assert f"stopped by a stop signal on another rank after step {stopped}" in done.stdout
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step_{stopped:08d}"]
-    procs = _two_ranks(tmp_path, [f"train.max_steps={stopped + 2}", *FAST, f"hydra.run.dir={run_dir}"])
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert f"at step {stopped}" in outputs[0][0], outputs[0][1][-2000:]  # the same command resumes
+    done = _two_ranks(tmp_path, [f"train.max_steps={stopped + 2}", *FAST, f"hydra.run.dir={run_dir}"]).finish()
+    assert f"at step {stopped}" in done.stdout, done.stderr[-2000:]  # the same command resumes
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, stopped + 3))
 
 
 def _two_ranks(cwd, overrides):
-    """Two ranks of moetron-train started as torchrun would (without its agent, so signals reach a rank)."""
-    port, procs = _free_port(), []
-    for rank in (0, 1):
-        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "moetron.train", *overrides], cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
+    """Two ranks of moetron-train started as torchrun would (without its agent, so a signal reaches
+    one rank), forked (tests.forked_cli)."""
+    return start_module("moetron.train", overrides, cwd, nproc=2, env_extra={"OMP_NUM_THREADS": "1"})
 
 
 def test_a_nonfinite_step_is_skipped_and_the_run_goes_on(tmp_path):
@@ -82,16 +74,13 @@ def test_a_nonfinite_step_stops_the_run_naming_it_and_saves_nothing_from_it(tmp_
 
 def test_a_hung_peer_ends_the_run_with_a_message_naming_the_rank_the_phase_and_the_group(tmp_path):
     run_dir = tmp_path / "run"
-    procs = _two_ranks(tmp_path, ["train.max_steps=400", "train.ckpt_every=1000", "train.collective_timeout_s=3",
-                                  *FAST, f"hydra.run.dir={run_dir}"])
-    try:
-        _wait_for_steps(run_dir, 2, procs)
-        procs[1].send_signal(signal.SIGSTOP)  # hung: alive, but never answers
-        out, err = procs[0].communicate(timeout=120)
-        assert procs[0].returncode == 3, err[-2000:]
-        assert "rank 0 had no answer from a peer within train.collective_timeout_s=3 s during" in err
-        assert re.search(r"\(its collectives here: (dp_ep group \[0, 1\]|world group \[0, 1\])", err), err[-2000:]
-        assert "Traceback" not in err
-    finally:
-        procs[1].kill()
-        procs[1].wait()
+    job = _two_ranks(tmp_path, ["train.max_steps=400", "train.ckpt_every=1000", "train.collective_timeout_s=3",
+                                *FAST, f"hydra.run.dir={run_dir}"])
+    _wait_for_steps(run_dir, 2, [job])
+    os.kill(job.pids[1], signal.SIGSTOP)  # hung: alive, but never answers (killed once rank 0 gave up)
+    done = job.finish(timeout=120)
+    err = done.stderr
+    assert done.returncode == 3, err[-2000:]
+    assert "rank 0 had no answer from a peer within train.collective_timeout_s=3 s during" in err
+    assert re.search(r"\(its collectives here: (dp_ep group \[0, 1\]|world group \[0, 1\])", err), err[-2000:]
+    assert "Traceback" not in err

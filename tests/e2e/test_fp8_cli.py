@@ -41,7 +41,7 @@ def test_fp8_layouts_agree_with_one_process(tmp_path):
     one, one_cached, pp2, ep2 = (read_metrics(tmp_path / name) for name in ("one", "one_cached", "pp2", "ep2"))
     assert ep2[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)  # the first forward: per-token quantization
     assert one_cached[0]["loss"] == one[0]["loss"]  # caching changes the backward only
-    for a, a_cached, b, c in zip(one, one_cached, pp2, ep2):
+    for a, a_cached, b, c in zip(one, one_cached, pp2, ep2, strict=True):
         assert b["loss"] == pytest.approx(a_cached["loss"], rel=1e-5)
         assert c["loss"] == pytest.approx(a["loss"], rel=1e-3)
         assert a_cached["loss"] == pytest.approx(a["loss"], rel=1e-2)

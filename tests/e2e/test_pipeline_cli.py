@@ -25,7 +25,7 @@ def test_dualpipev_with_expert_parallelism_matches_one_process(tmp_path):
     assert {"pipeline.FB.forward", "pipeline.FB.backward", "moe.dispatch", "moe.combine"} <= labels
     pipelined = read_metrics(tmp_path / "pp2ep2")
     assert_same_curve(read_metrics(tmp_path / "one"), pipelined)
-    for a, b in zip(read_metrics(tmp_path / "one"), pipelined):
+    for a, b in zip(read_metrics(tmp_path / "one"), pipelined, strict=True):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)  # clipping sees the whole model
         assert b["moe/load/layer_2"] == a["moe/load/layer_2"]  # loads summed over every rank
         assert 0.0 <= b["pipeline/bubble_ratio"] < 1.0 and "pipeline/bubble_ratio" not in a
@@ -61,7 +61,7 @@ def test_bf16_dualpipev_with_expert_parallelism_follows_one_process(tmp_path):
     assert "F&B pairs overlap; their collectives are issued in turns, one order on every rank" in proc.stdout
     one, pipelined = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "pp2ep2")
     assert [r["step"] for r in pipelined] == [1, 2, 3]
-    for a, b in zip(one, pipelined):
+    for a, b in zip(one, pipelined, strict=True):
         # bf16 products summed in other orders across ranks and micro-batches (seen: 3e-6): 1e-3 relative
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
     assert pipelined[-1]["loss"] < pipelined[0]["loss"]

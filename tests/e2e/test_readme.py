@@ -3,12 +3,15 @@ appended, and the run goes to a temporary folder). A command that cannot run her
 SKIP with the reason."""
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.forked_cli import run_module
 
 REPO = Path(__file__).resolve().parents[2]
 SHORT = "train.max_steps=2 logging.progress=false"
@@ -50,15 +53,49 @@ def _as_run_here(i: int, command: str, tmp: Path) -> str:
     would go elsewhere (a run directory it names itself lands in the user's folder: later commands
     read it, as the README's do)."""
     if "moetron-train" in command or "-m moetron.train" in command or command.startswith("bash launch/train.sh"):
-        if "--cfg" in command:
+        if "--cfg" in command or "--check" in command:  # they print, and start no run
             return command
         if "hydra.run.dir=" in command and not _in_repository(command):
             return f"{command} {SHORT}"
         folder = "hydra.sweep.dir" if re.search(r"moetron-train -m\b", command) else "hydra.run.dir"
         return f"{command} {SHORT} {folder}={tmp / f'command{i}'}"
-    if command.startswith("bash benchmarks/gpu/multi_gpu_check.sh"):
-        return f"{command} {tmp / 'gpu_checks'}"
+    if command.startswith("bash benchmarks/gpu/multi_gpu_check.sh"):  # a dry run on gloo ranks, of 4 steps
+        return f"STEPS=4 {command} {tmp / 'gpu_checks'}"
     return command
+
+
+CONSOLE_SCRIPTS = {"moetron-train": "moetron.train", "moetron-data": "moetron.data.cli",
+                   "moetron-export": "moetron.train.export_cli", "moetron-plan": "moetron.plan.cli",
+                   "moetron-report": "moetron.report.cli"}
+
+
+def _as_forked(command: str, cwd: Path):
+    """(module, arguments, ranks, environment) of a command that starts moetron's own module (a
+    console script, `python -m moetron...`, or torchrun's `--nproc_per_node=N -m moetron.train`),
+    with the shell's globs and leading VAR=value assignments applied; None for anything else."""
+    if re.search(r"[|;&<>`$]", command):
+        return None
+    words = shlex.split(command)
+    env = {}
+    while words and re.match(r"^[A-Z_]+=", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = str((cwd / value).resolve()) if name == "PYTHONPATH" else value
+    nproc = 1
+    if words[:2] == ["torchrun", "--standalone"] and re.match(r"^--nproc_per_node=\d+$", words[2]) \
+            and words[3] == "-m":
+        nproc, words = int(words[2].split("=")[1]), words[4:]
+        env["OMP_NUM_THREADS"] = "1"
+    elif words[:2] == ["python", "-m"] and words[2].startswith("moetron."):
+        words = words[2:]
+    elif words[0] in CONSOLE_SCRIPTS:
+        words = [CONSOLE_SCRIPTS[words[0]], *words[1:]]
+    else:
+        return None
+    module, arguments = words[0], []
+    for word in words[1:]:
+        matches = sorted(str(p.relative_to(cwd)) for p in cwd.glob(word)) if "*" in word else []
+        arguments += matches or [word]
+    return module, arguments, nproc, env
 
 
 def _in_repository(command: str) -> bool:
@@ -98,7 +135,12 @@ def test_readme_command(i, workdir):
     else:
         args = ["bash", "-c", _as_run_here(i, command, workdir)]
     cwd = REPO if _in_repository(command) else workdir
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    forked = _as_forked(_as_run_here(i, command, workdir), cwd) if kind == "bash" else None
+    if forked is not None:  # the same arguments, on ranks forked from this process (tests.forked_cli)
+        module, arguments, nproc, env_extra = forked
+        proc = run_module(module, arguments, cwd, nproc, env_extra={**env, **env_extra}, timeout=900)
+    else:
+        proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{command}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     if "hydra.run.dir" in _as_run_here(i, command, workdir) and "--cfg" not in command:
         assert "done: step 2/" in proc.stdout, proc.stdout[-2000:]

@@ -20,7 +20,7 @@ def test_a_batch_ramp_is_the_same_in_a_pipeline_and_across_a_resume(tmp_path):
     for name in ("dual", "moved"):
         other = read_metrics(tmp_path / name)
         assert [m["train/global_batch"] for m in other] == [8, 8, 8, 12, 12, 16]
-        for a, b in zip(one, other):  # float32; micro-batches and expert shards sum in another order
+        for a, b in zip(one, other, strict=True):  # float32; micro-batches and expert shards sum in another order
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (name, a["step"])
 
 
@@ -53,7 +53,7 @@ def test_the_parameter_average_is_evaluated_and_carried_across_a_resume_in_anoth
     torchrun(2, [*args, "parallel.ep=2", "train.exit_after_steps=3", f"hydra.run.dir={tmp_path / 'moved'}"], tmp_path)
     run_cli([*args, f"hydra.run.dir={tmp_path / 'moved'}"], tmp_path)
     whole, moved = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "moved")
-    for a, b in zip(whole, moved):
+    for a, b in zip(whole, moved, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         if "eval/loss" in a:  # the average, not the parameters: it trails the training loss
             assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-5)

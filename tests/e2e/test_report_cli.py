@@ -1,12 +1,9 @@
 """moetron-report on a real pipelined run with logging.timeline=true: the measured timeline holds
 every action of each rank's schedule, and the page shows it next to the simulated one."""
-import subprocess
-import sys
-
 from moetron.pipeline.builders import build_schedule
 from moetron.pipeline.timeline import load_timelines
 from tests.e2e.test_expert_parallel_cli import torchrun
-from tests.e2e.test_train_cli import FAST
+from tests.e2e.test_train_cli import FAST, run_cli
 
 
 def test_a_pipelined_runs_report_draws_its_measured_step(tmp_path):
@@ -19,11 +16,10 @@ def test_a_pipelined_runs_report_draws_its_measured_step(tmp_path):
     sched = build_schedule("dualpipe", 2, 8)
     assert [[a for a, _, _ in row] for row in spans] == sched.actions  # every action, in each rank's order
     assert all(0 <= start <= end for row in spans for _, start, end in row)
-    proc = subprocess.run([sys.executable, "-m", "moetron.report.cli", str(run)], capture_output=True, text=True)
+    proc = run_cli([str(run)], tmp_path, module="moetron.report.cli", check=False)
     assert proc.returncode == 0, proc.stderr
     page = (run / "report" / "index.html").read_text()
     for name in ("timeline_measured.png", "timeline_simulated.png", "experts_run.png", "bubble.png", "bias.png"):
         assert f'src="{name}"' in page and (run / "report" / name).stat().st_size > 5_000
-    proc = subprocess.run([sys.executable, "-m", "moetron.report.cli", str(tmp_path / "nothing")],
-                          capture_output=True, text=True)
+    proc = run_cli([str(tmp_path / "nothing")], tmp_path, module="moetron.report.cli", check=False)
     assert proc.returncode == 2 and "give the run directory of a moetron-train run" in proc.stderr

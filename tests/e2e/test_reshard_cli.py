@@ -2,6 +2,7 @@
 pp, ep, dp, schedule and zero1, trains as one uninterrupted process does, and its checkpoints hold
 the same model and optimizer state."""
 import pytest
+from omegaconf import OmegaConf
 
 from moetron.checkpoint import dcp_io
 from tests.e2e.test_expert_parallel_cli import torchrun
@@ -26,7 +27,7 @@ def test_a_run_resumed_in_other_layouts_equals_an_uninterrupted_one(tmp_path):
 
     reference, resumed = read_metrics(whole), read_metrics(moved)
     assert [m["step"] for m in resumed] == list(range(1, 9))
-    for a, b in zip(reference, resumed):
+    for a, b in zip(reference, resumed, strict=True):
         # float32; shards and micro-batches sum in other orders: 1e-5 relative
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
         assert b["tokens"] == a["tokens"]
@@ -87,3 +88,15 @@ def test_a_context_extension_stage_starts_from_an_exported_pretrained_model(tmp_
     run_cli(["model=tiny", "stage=long_context_32k", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=4",
              "train.max_steps=1", "logging.progress=false", f"model.init_from={tmp_path / 'hf'}",
              f"hydra.run.dir={tmp_path / 'ctx'}"], tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path / "ctx")] == [1]
+    saved = OmegaConf.load(tmp_path / "ctx" / ".hydra" / "config.yaml").model
+    assert saved.rope_scaling.type == "yarn" and saved.rope_scaling.factor == 40
+    assert saved.max_position_embeddings == 163840
+    # the pre-trained weights, moved by one AdamW step at the stage's 7.3e-6 (a fresh initialisation
+    # would differ by ~0.02); the routing biases move by the balance speed instead
+    pre = dcp_io.load_whole(tmp_path / "pre" / "checkpoints" / "step_00000002", "model/")
+    ctx = dcp_io.load_whole(tmp_path / "ctx" / "checkpoints" / "step_00000001", "model/")
+    assert set(ctx) == set(pre)
+    for name, weight in pre.items():
+        if not name.endswith("expert_bias"):
+            assert float((ctx[name] - weight).abs().max()) < 1e-4, name

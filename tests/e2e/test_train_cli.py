@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,14 @@ import torch
 
 from moetron.checkpoint import dcp_io
 
+from tests.forked_cli import run_module
+
 FAST = ["train.seq_len=64", "train.global_batch=8", "train.micro_batch=4", "logging.progress=false"]
 
 
-def run_cli(args, cwd, module="moetron.train", env_extra=None, check=True):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", **(env_extra or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+def run_cli(args, cwd, module="moetron.train", env_extra=None, check=True, nproc=1, fork=True):
+    """`python -m module args` in `cwd` (on `nproc` ranks), forked from this process (tests.forked_cli)."""
+    proc = run_module(module, args, cwd, nproc, env_extra={"HYDRA_FULL_ERROR": "1", **(env_extra or {})}, fork=fork)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
@@ -160,27 +160,23 @@ def test_wandb_offline_run_folder_with_expert_heatmaps(tmp_path):
 def test_data_parallel_matches_single_process(tmp_path):
     single = tmp_path / "single"
     run_cli(["train.max_steps=4", *FAST, f"hydra.run.dir={single}"], tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "moetron.train", "train.max_steps=4", *FAST, f"hydra.run.dir={tmp_path / 'dp2'}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli(["train.max_steps=4", *FAST, f"hydra.run.dir={tmp_path / 'dp2'}"], tmp_path, nproc=2,
+            env_extra={"OMP_NUM_THREADS": "1"})
     single_rows, dp_rows = read_metrics(single), read_metrics(tmp_path / "dp2")
     assert len(single_rows) == len(dp_rows) == 4
     # Step 1: same weights, same tokens; loads are summed over both ranks before logging.
     assert dp_rows[0]["moe/load/layer_1"] == single_rows[0]["moe/load/layer_1"]
-    for a, b in zip(single_rows, dp_rows):
+    for a, b in zip(single_rows, dp_rows, strict=True):
         # Same global batch split over 2 ranks: gradients are summed in another order, so float32
         # results agree to rounding (1e-5 relative), not bitwise.
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
-def test_a_mistake_is_reported_once_under_torchrun(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "moetron.train", "optim.lr=-1", *FAST, f"hydra.run.dir={tmp_path / 'run'}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
+def test_a_mistake_is_reported_once_by_two_ranks(tmp_path):
+    """(tests/e2e/test_errors_once.py runs real torchrun.)"""
+    proc = run_cli(["optim.lr=-1", *FAST, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, nproc=2,
+                   env_extra={"OMP_NUM_THREADS": "1"}, check=False)
+    assert proc.returncode == 2
     assert proc.stderr.count("moetron-train: error: invalid config") == 1  # rank 0 says it; the others exit 2
 
 

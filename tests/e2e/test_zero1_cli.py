@@ -1,8 +1,5 @@
 """ZeRO-1 through the CLI: sharded optimizer state trains exactly as replicated state does, holds a
 1/dp share of it, and resumes from its per-rank optimizer shards."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,10 +7,15 @@ import torch
 from moetron.checkpoint import dcp_io
 
 from tests.e2e.test_expert_parallel_cli import torchrun
-from tests.e2e.test_train_cli import read_metrics
+from tests.e2e.test_train_cli import read_metrics, run_cli
 
+# Seed 1: at the default seed 0 the gradient norm spikes at step 15 (2.2 -> 3.9), and there any two
+# layouts (dp4 or dp2 x ep2, ZeRO-1 or not) give norms 4e-7..6e-6 apart while the losses agree to 1e-8
+# and every expert receives the same tokens: not a routing flip, but a gradient whose conditioning
+# amplifies rounding (at seed 21, global batch 8, dp4 leaves one process the same way at step 31, as
+# the norm climbs from 0.7 to 26.7 by step 33, with identical loads). Seed 1's 20 steps have no such spike.
 RUN = ["model=tiny", "train.max_steps=20", "train.seq_len=64", "train.global_batch=16", "train.micro_batch=2",
-       "logging.progress=false"]
+       "logging.progress=false", "train.seed=1"]
 
 
 @pytest.mark.parametrize("nproc,layout", [(2, []), (4, ["parallel.ep=2"]),
@@ -23,16 +25,14 @@ def test_zero1_trains_as_replicated_optimizer_state(tmp_path, nproc, layout):
     torchrun(nproc, [*RUN, *layout, "parallel.zero1=false", f"hydra.run.dir={tmp_path / 'plain'}"], tmp_path)
     proc = torchrun(nproc, [*RUN, *layout, f"hydra.run.dir={tmp_path / 'zero1'}"], tmp_path)  # on: dp > 1
     plain, zero1 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "zero1")
-    assert [r["step"] for r in zero1] == list(range(1, 21))
-    for a, b in zip(plain, zero1):
+    assert [r["step"] for r in zero1] == [r["step"] for r in plain] == list(range(1, 21))
+    for a, b in zip(plain, zero1, strict=True):
+        # the same tokens reach the same experts at every step (counts summed over all ranks: exact)
+        assert all(b[key] == a[key] for key in a if key.startswith("moe/load/")), b["step"]
         # float32; gradients reduce-scattered instead of all-reduced: the same sums in another order,
-        # 1e-6 relative over 20 steps (measured 5e-8)
-        for key in ("loss", "loss/lm", "loss/mtp"):
+        # 1e-6 relative (measured at this seed: 1.3e-7 at worst, 4e-16 for the norm at dp=2)
+        for key in ("loss", "loss/lm", "loss/mtp", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-6), (b["step"], key)
-        # the norm (squares summed in float64) agrees to 2e-16 at dp=2; with dp x ep = 4 ranks summing
-        # the replicated gradients in another order, one step of 20 (15) shows 5e-6 while the losses
-        # stay within 1e-8: the norm is the more sensitive statistic
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), b["step"]
     # AdamW's two moments and the master weights: each dp rank keeps a half of the replicated
     # parameters' (dp x ep ranks share them) and of the experts' (dp ranks share them); shard padding
     # along dim 0 adds a little
@@ -70,10 +70,8 @@ def test_a_checkpoint_of_the_per_rank_format_is_refused_with_how_to_move_it(tmp_
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     (step / dcp_io.METADATA_FILE).unlink()  # what the old format lacks
     before = sorted(p.name for p in step.iterdir())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moetron.train",
-           *[a.replace("max_steps=2", "max_steps=3") for a in args]]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli([a.replace("max_steps=2", "max_steps=3") for a in args], tmp_path, nproc=2,
+                   env_extra={"OMP_NUM_THREADS": "1"}, check=False)
     assert proc.returncode != 0
     assert proc.stderr.count("is in the per-rank format of moetron before 2026-12-02") == 1  # said once, by rank 0
     assert f"moetron-export {tmp_path / 'run'} --hf OUT_DIR" in proc.stderr

@@ -82,5 +82,5 @@ def test_expert_weight_gradients_are_deferred_on_both_gemm_paths(grouped):
     store.close_batch()
     assert all(p.grad is None for p in deferred.parameters())  # queued for the W action
     store.run_oldest()
-    for p, q in zip(deferred.parameters(), plain.parameters()):
+    for p, q in zip(deferred.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)  # the same products, bitwise

@@ -168,7 +168,7 @@ def test_the_torch_backend_matches_emulated_on_hopper():
         y = fp8_linear(xr, wr, backend)
         y.backward(dy)
         grads[backend] = (y, xr.grad, wr.grad)
-    for ours, theirs in zip(grads["emulated"], grads["torch"]):
+    for ours, theirs in zip(grads["emulated"], grads["torch"], strict=True):
         torch.testing.assert_close(theirs.float(), ours.float(), rtol=1e-3, atol=1e-3)
 
 

@@ -62,7 +62,8 @@ def test_held_state_dict_round_trip_and_missing_entries():
     source = _whole(cfg)
     target = _whole(cfg, seed=SEED + 1)
     load_held_state_dict(target, held_state_dict(source))
-    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    pairs = zip(source.state_dict().values(), target.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     partial = dict(held_state_dict(source))
     partial.pop("norm.weight")
     with pytest.raises(KeyError, match="another parallel layout"):

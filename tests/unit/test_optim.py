@@ -47,7 +47,7 @@ def test_foreach_chunks_equal_the_loop_with_uneven_steps_and_a_reload():
     loop, fast = _Loop(ref, **kw), AdamWLowPrecisionMoments(ours, chunk_elems=40, **kw)  # several chunks
     g = torch.Generator().manual_seed(1)
     for step in range(6):
-        for i, (a, b) in enumerate(zip(ref, ours)):
+        for i, (a, b) in enumerate(zip(ref, ours, strict=True)):
             if i == 3 and step in (0, 1, 4):  # no gradient on these steps: its own step count lags
                 a.grad = b.grad = None
                 continue
@@ -59,7 +59,8 @@ def test_foreach_chunks_equal_the_loop_with_uneven_steps_and_a_reload():
             reloaded = AdamWLowPrecisionMoments(ours, chunk_elems=40, **kw)
             reloaded.load_state_dict(fast.state_dict())
             fast = reloaded
-    assert all(torch.equal(a, b) for a, b in zip(ref, ours))
+    assert all(torch.equal(a, b) for a, b in zip(ref, ours, strict=True))
     assert [int(fast.state[p]["step"]) for p in ours] == [6, 6, 6, 3]
     assert all(fast.state[p]["exp_avg"].dtype == torch.bfloat16 for p in ours)
-    assert all(torch.equal(loop.state[a]["exp_avg_sq"], fast.state[b]["exp_avg_sq"]) for a, b in zip(ref, ours))
+    assert all(torch.equal(loop.state[a]["exp_avg_sq"], fast.state[b]["exp_avg_sq"])
+               for a, b in zip(ref, ours, strict=True))

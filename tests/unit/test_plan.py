@@ -60,9 +60,10 @@ def test_deepseek_v3_on_its_own_layout_costs_the_reports_gpu_hours_within_15_per
                              "num_microbatches": 120, "recompute": True, "fp8": True, "zero1": True}
     assert abs(out["gpu_hours_per_trillion_tokens"] / 180e3 - 1) < 0.15, out["gpu_hours_per_trillion_tokens"]
     assert abs(out["params_total"] / 671e9 - 1) < 0.01
-    # 36.63B activated without the embedding table (1.01% under the report's 37B, which rounds to
-    # whole billions; with the table, 37.55B)
-    assert abs(out["params_active"] / 37e9 - 1) < 0.0102
+    # 36.63B activated per token: the output head counted, the input embedding table not (the
+    # report's 37B, to whole billions); params.py's printout gives the same figure
+    assert round(out["params_active"] / 1e9, 2) == 36.63
+    assert out["params_active"] == count_parameters(load_preset("v3_671b")).activated_per_token
     assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and out["memory_per_gpu_gib"] > 0
     assert 0 < out["bubble_ratio"] < 0.2
 
@@ -137,6 +138,33 @@ def test_the_launch_script_for_256_nodes_places_every_rank(capsys):
     assert nodes[16].startswith("node   16: ranks   128-  135 | pp stage 1 | dp 0")  # 128 ranks per stage
     assert nodes[-1].startswith("node  255: ranks  2040- 2047 | pp stage 15 | dp 1 | ep ranks 56-63")
     assert "32 EP groups of 64 ranks, each on 8 node(s)" in text
+
+
+def test_the_launch_script_warns_when_the_layout_does_not_fit(capsys):
+    """By the planner's count V3's own layout needs ~154 GiB per GPU on 80 GB H800s: the script
+    still prints, but says so on stderr and in its first line; a layout that fits gets no warning."""
+    assert plan_main([*V3_LAYOUT, "--launch-script"]) == 0
+    captured = capsys.readouterr()
+    first = captured.out.splitlines()[0]
+    assert first.startswith("# WARNING: this layout does not fit in memory: 154.5 GiB per GPU predicted against "
+                            "79 GiB on h800_2048"), first
+    assert "moetron-plan: WARNING: this layout does not fit in memory: 154.5 GiB" in captured.err
+    assert "sbatch --nodes=256" in captured.out
+    assert plan_main(["model=mini", "cluster=h200_8", "train.seq_len=2048", "train.global_batch=64",
+                      "--launch-script"]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING" not in captured.out and captured.err == ""
+    assert captured.out.startswith("# pp1 ep1 dp8")
+
+
+def test_days_and_cost_are_for_plan_tokens(capsys):
+    args = ["model=mini", "cluster=h200_8", "train.seq_len=2048", "train.global_batch=64"]
+    default, half = _json(capsys, args), _json(capsys, [*args, "plan.tokens=7.4e12"])
+    assert default["tokens"] == 14.8e12 and half["tokens"] == 7.4e12
+    assert half["days"] == pytest.approx(default["days"] / 2) and half["cost"] == pytest.approx(default["cost"] / 2)
+    assert half["gpu_hours_per_trillion_tokens"] == pytest.approx(default["gpu_hours_per_trillion_tokens"])
+    assert plan_main([*args, "plan.tokens=7.4e12"]) == 0
+    assert "days and cost: for plan.tokens=7.4T tokens" in capsys.readouterr().out
 
 
 def test_calibration_reads_this_projects_benchmark_and_metrics(tmp_path, capsys):

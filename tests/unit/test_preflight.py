@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 register_configs()
 
 # README words that look like keys but are files
-NOT_KEYS = {"model.safetensors", "train.sbatch", "train.sh"}
+NOT_KEYS = {"model.safetensors", "train.sbatch", "train.sh", "train.max_step"}  # (the last: a misspelling shown)
 # a value to set on the command line for each documented key whose default is null
 SAMPLES = {
     "model.rope_scaling": "{type:yarn,factor:4,original_max_position_embeddings:64}",

@@ -26,7 +26,7 @@ def test_weight_gradient_is_deferred_then_equal():
     assert torch.equal(x2.grad, x.grad)  # the input gradient is there at once (B)
     assert all(p.grad is None for p in deferred.parameters())  # weights wait for W
     store.run_oldest()
-    for p, q in zip(deferred.parameters(), plain.parameters()):
+    for p, q in zip(deferred.parameters(), plain.parameters(), strict=True):
         assert not p.grad.requires_grad
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)  # float32, same products
 
@@ -80,6 +80,6 @@ def test_deferred_weight_gradients_under_bf16_autocast_land_in_float32():
     store.close_batch()
     assert all(p.grad is None for p in deferred.parameters())
     store.run_oldest()
-    for p, q in zip(deferred.parameters(), plain.parameters()):
+    for p, q in zip(deferred.parameters(), plain.parameters(), strict=True):
         assert p.grad.dtype == torch.float32
         assert torch.equal(p.grad, q.grad)  # the same bf16 products, cast once to float32

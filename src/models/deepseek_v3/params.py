@@ -2,9 +2,11 @@
 
 Counted (report section 4.2: 671B total, 37B activated): every parameter of the main model,
 embedding and output head included, MTP modules excluded (the published checkpoint's 685B adds the
-14B MTP module: 11.6B of its own plus copies of the embedding and head). Activated per token:
-everything except the routed experts a token does not use, i.e. routed expert weights count K/E of
-their total. Router biases are buffers, not parameters.
+14B MTP module: 11.6B of its own plus copies of the embedding and head). Activated per token
+(`activated_per_token`, what the planner and this module's printout report: 36.63B for v3_671b, the
+report's 37B to whole billions): every parameter of the main model a token's forward multiplies by,
+i.e. the output head counted and the input embedding table not (a token reads one row of it), and
+routed expert weights at K/E of their total. Router biases are buffers, not parameters.
 
 The counts come from the config, not from a module, so they do not depend on the parallel layout
 (under expert parallelism a rank's module holds 1/ep of the routed experts; a pipeline rank holds
@@ -23,10 +25,17 @@ from moetron.models.deepseek_v3.config import DeepSeekV3Config, load_preset
 @dataclass
 class ParameterCount:
     total: int  # main model, embedding and head included
-    activated: int  # per token
+    activated: int  # total less the routed expert weights a token does not use (embedding table included)
     mtp: int  # MTP modules (not in total)
     embedding_and_head: int
     mtp_activated: int = 0  # per token, in the MTP modules
+    embedding_table: int = 0  # the input embedding table (0 when tied to the head, which a token uses)
+
+    @property
+    def activated_per_token(self) -> int:
+        """Activated parameters per token, as reported: the output head counted, the input
+        embedding table not (a token reads one row of it)."""
+        return self.activated - self.embedding_table
 
 
 @dataclass
@@ -70,7 +79,8 @@ def count_parameters(cfg: DeepSeekV3Config) -> ParameterCount:
     mtp_depth = 3 * H + 2 * H * H + depth.total  # hnorm, enorm, norm; eh_proj; its block
     D = cfg.num_nextn_predict_layers
     return ParameterCount(total=total, activated=activated, mtp=D * mtp_depth, embedding_and_head=embed_head,
-                          mtp_activated=D * (mtp_depth - depth.unused_routed))
+                          mtp_activated=D * (mtp_depth - depth.unused_routed),
+                          embedding_table=0 if cfg.tie_word_embeddings else V * H)
 
 
 def training_flops_per_token(cfg: DeepSeekV3Config, seq_len: int) -> float:
@@ -95,9 +105,8 @@ def main(argv: list[str]) -> None:
     name = argv[0] if argv else "v3_671b"
     count = count_parameters(load_preset(name))
     print(f"{name}: total {count.total / 1e9:.2f}B (main model, embedding and head included), "
-          f"activated per token {count.activated / 1e9:.2f}B "
-          f"({(count.activated - count.embedding_and_head) / 1e9:.2f}B without embedding and head), "
-          f"MTP modules {count.mtp / 1e9:.2f}B more")
+          f"activated per token {count.activated_per_token / 1e9:.2f}B (output head counted, input embedding "
+          f"table not: a token reads one row of it), MTP modules {count.mtp / 1e9:.2f}B more")
 
 
 if __name__ == "__main__":

@@ -96,10 +96,10 @@ class DeepSeekV3Spec(ModelSpec):
         return training_flops_per_token(cfg, seq_len)
 
     def parameter_counts(self, cfg: DeepSeekV3Config) -> tuple[int, int]:
-        """Total (671.0B for v3_671b) and activated without the embedding table, which a token
-        reads one row of (36.6B; with it 37.6B; the report rounds to 37B)."""
+        """Total (671.0B for v3_671b) and activated per token, the output head counted and the
+        input embedding table not, which a token reads one row of (36.63B; the report's 37B)."""
         count = count_parameters(cfg)
-        return count.total, count.activated - cfg.vocab_size * cfg.hidden_size
+        return count.total, count.activated_per_token
 
     def layer_costs(self, cfg: DeepSeekV3Config, seq_len: int, recompute: bool, fp8_cache: bool) -> list:
         return layer_costs(cfg, seq_len, recompute, fp8_cache)
