@@ -12,6 +12,7 @@ launch/train.sh, signals to a rank, the installed console scripts) start real pr
 """
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import runpy
@@ -118,7 +119,7 @@ class _Rank:
 class Job:
     """Ranks started by `start_module`: `pids`, `poll()`, and `finish()` for their outputs."""
 
-    def __init__(self, module: str, args: list[str], cwd, nproc: int, env: dict, fork: bool) -> None:
+    def __init__(self, module: str, args: list[str], cwd, nproc: int, env: dict, fork) -> None:
         self.args = [module, *args]
         self._tmp = tempfile.TemporaryDirectory()
         self.ranks, self.files = [], []
@@ -131,7 +132,8 @@ class Job:
             out, err = os.path.join(self._tmp.name, f"{rank}.out"), os.path.join(self._tmp.name, f"{rank}.err")
             self.files.append((out, err))
             if fork:
-                process = _fork_server().Process(target=_run_child, args=(module, args, Path(cwd), rank_env, out, err))
+                context = _fork_server() if fork != "here" else mp.get_context("fork")
+                process = context.Process(target=_run_child, args=(module, args, Path(cwd), rank_env, out, err))
                 process.start()
             else:
                 with open(out, "w") as stdout, open(err, "w") as stderr:
@@ -157,16 +159,17 @@ class Job:
         return subprocess.CompletedProcess(self.args, status, stdout, stderr)
 
 
-def start_module(module: str, args, cwd, nproc: int = 1, env_extra: dict | None = None, fork: bool = True) -> Job:
+def start_module(module: str, args, cwd, nproc: int = 1, env_extra: dict | None = None, fork=True) -> Job:
     """`python -m module args` in `cwd` on `nproc` ranks, started and left running. `fork=False`
-    starts each rank as a new interpreter instead (inductor's compile workers need one)."""
+    starts each rank as a new interpreter instead (inductor's compile workers need one);
+    `fork="here"` forks this process, which must not have computed anything (the command line below)."""
     env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
     env.pop("PYTEST_CURRENT_TEST", None)
     return Job(module, [str(a) for a in args], cwd, nproc, env, fork)
 
 
 def run_module(module: str, args, cwd, nproc: int = 1, env_extra: dict | None = None,
-               timeout: float = 600.0, fork: bool = True) -> subprocess.CompletedProcess:
+               timeout: float = 600.0, fork=True) -> subprocess.CompletedProcess:
     """`python -m module args` in `cwd` on `nproc` ranks, to their end: a CompletedProcess with the
     worst status of its ranks and their outputs in rank order."""
     return start_module(module, args, cwd, nproc, env_extra, fork).finish(timeout)
@@ -174,7 +177,7 @@ def run_module(module: str, args, cwd, nproc: int = 1, env_extra: dict | None = 
 
 def _wait(ranks: list[_Rank], timeout: float) -> list[int]:
     """Each rank's exit status (minus the signal's number for a rank killed by one). Ranks still
-    running past `timeout`, or 10 s after another rank failed (as torchrun ends a job whose rank
+    running past `timeout`, or 3 s after another rank failed (as torchrun ends a job whose rank
     failed, after a moment for the others to say why), are killed."""
     deadline, failed_at = time.monotonic() + timeout, None
     while True:
@@ -184,9 +187,30 @@ def _wait(ranks: list[_Rank], timeout: float) -> list[int]:
         if failed_at is None and any(c not in (None, 0) for c in codes):
             failed_at = time.monotonic()
         now = time.monotonic()
-        if now > deadline or (failed_at is not None and now - failed_at > 10.0):
+        if now > deadline or (failed_at is not None and now - failed_at > 3.0):
             for rank, code in zip(ranks, codes, strict=True):
                 if code is None:
                     rank.kill()
             return [rank.poll() for rank in ranks]
         time.sleep(0.02)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.forked_cli --nproc_per_node=N -m MODULE ARGS...`: torchrun's command line
+    for scripts that take a launcher (benchmarks/gpu/multi_gpu_check.sh's LAUNCHER), on forked ranks."""
+    nproc, rest = 1, list(argv)
+    while rest and rest[0] != "-m":
+        flag = rest.pop(0)
+        if flag.startswith("--nproc_per_node="):
+            nproc = int(flag.split("=", 1)[1])
+    module, args = rest[1], rest[2:]
+    for name in PRELOAD:  # imported once here, then the ranks fork from this process, which computed nothing
+        importlib.import_module(name)
+    done = run_module(module, args, os.getcwd(), nproc, fork="here")
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    return done.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -24,6 +24,8 @@ gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 cpu_only=$([ "$gpus" -eq 0 ] && echo 1 || echo 0)
 [ "$cpu_only" = 1 ] && gpus=4
 STEPS=${STEPS:-20}  # of rows 1-2 (the test suite's dry run of this script takes fewer)
+# what starts the ranks of each row (the test suite's dry run forks them: python -m tests.forked_cli)
+LAUNCHER=${LAUNCHER:-python -m torch.distributed.run --standalone}
 SMALL=(model=tiny precision=fp32 train.max_steps=$STEPS train.seq_len=64 train.global_batch=16 train.micro_batch=2
        train.ckpt_every=1000000 logging.progress=false)
 status=0
@@ -31,7 +33,7 @@ status=0
 train() {  # train NAME NPROC OVERRIDES...
     local name=$1 nproc=$2; shift 2
     echo "== $name on $nproc rank(s)"
-    python -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m moetron.train "$@" \
+    $LAUNCHER --nproc_per_node="$nproc" -m moetron.train "$@" \
         "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1 || { echo "FAILED: see $OUT/$name.log"; status=1; }
 }
 

@@ -92,11 +92,12 @@ def explain(err: Exception, overrides: list[str]) -> str:
             hint = f"; did you mean {group}={guess[0]}?" if guess else ""
             return f"{group}={name}: no such preset{hint} (choose one of: {', '.join(options)})"
     if key and ("Could not override" in text or "Could not append" in text or "not in struct" in str(cause)):
+        # the override as typed: of trian.max_steps=3 Hydra names only `trian`
+        typed, _, value = next((o.lstrip("+~") for o in overrides if o.lstrip("+~").startswith(key)),
+                               key).partition("=")
         moved = _moved_key(key, overrides)
         if moved:
-            return f"{key} is now {moved} (a run setting): set {moved}=... instead"
-        typed = next((o.lstrip("+~").partition("=")[0] for o in overrides
-                      if o.lstrip("+~").startswith(key)), key)  # trian.max_steps, of which Hydra names `trian`
+            return f"{key} is now {moved} (a run setting): set {moved}={value or '...'} instead"
         guess = closest_key(typed, overrides) or closest_key(key, overrides)
         key = typed
         hint = f"did you mean {guess}?" if guess else "remove it or fix its spelling"

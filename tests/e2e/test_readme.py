@@ -1,6 +1,6 @@
 """Every command the README shows, run as written (a few steps instead of hundreds: overrides are
-appended, and the run goes to a temporary folder). A command that cannot run here is listed in
-SKIP with the reason."""
+appended, and the run goes to a temporary folder). A command that cannot run here, or that another
+test runs already, is listed in SKIP with the reason."""
 import os
 import re
 import shlex
@@ -15,13 +15,16 @@ from tests.forked_cli import run_module
 
 REPO = Path(__file__).resolve().parents[2]
 SHORT = "train.max_steps=2 logging.progress=false"
-SKIP = {  # command prefix -> why this machine cannot run it
+SKIP = {  # command prefix -> why this machine cannot run it, or which test runs it already
     "bash launch/test.sh": "the test suite itself (CI runs it)",
     "sbatch ": "needs a SLURM cluster",
     "moetron-train -m hydra/launcher=submitit_slurm": "needs a SLURM cluster (tests/e2e/test_submitit.py runs the "
                                                       "same path through submitit_local)",
     "pip install": "installs into the environment; launch/env.sh, which every launch script sources, does it",
     "git clone": "NVIDIA apex builds on CUDA machines only",
+    # run elsewhere in the suite
+    "bash launch/train.sh ": "the quick start's script with an override: `bash launch/train.sh` runs above",
+    "python benchmarks/gpu/train_throughput.py": "tests/e2e/test_train_throughput.py runs it and reads its output",
 }
 
 
@@ -59,8 +62,8 @@ def _as_run_here(i: int, command: str, tmp: Path) -> str:
             return f"{command} {SHORT}"
         folder = "hydra.sweep.dir" if re.search(r"moetron-train -m\b", command) else "hydra.run.dir"
         return f"{command} {SHORT} {folder}={tmp / f'command{i}'}"
-    if command.startswith("bash benchmarks/gpu/multi_gpu_check.sh"):  # a dry run on gloo ranks, of 4 steps
-        return f"STEPS=4 {command} {tmp / 'gpu_checks'}"
+    if command.startswith("bash benchmarks/gpu/multi_gpu_check.sh"):  # a dry run on forked gloo ranks, of 4 steps
+        return f"STEPS=4 LAUNCHER='python -m tests.forked_cli' {command} {tmp / 'gpu_checks'}"
     return command
 
 

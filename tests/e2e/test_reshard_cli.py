@@ -59,8 +59,10 @@ def test_a_resume_may_change_run_settings_and_says_which(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     args = [*RUN, "train.max_steps=4"]
     run_cli([*args, f"hydra.run.dir={whole}"], tmp_path)
-    run_cli([*args, "train.exit_after_steps=2", f"hydra.run.dir={split}"], tmp_path)
+    stopped = run_cli([*args, "train.exit_after_steps=2", f"hydra.run.dir={split}"], tmp_path)
+    assert "stopped: step 2/4" in stopped.stdout and "done:" not in stopped.stdout  # "done" only when finished
     proc = run_cli([*args, "recompute.swiglu=true", "recompute.norm=true", f"hydra.run.dir={split}"], tmp_path)
+    assert "done: step 4/4" in proc.stdout
     assert "run settings changed since step_00000002: recompute.norm: False -> True; recompute.swiglu: False -> " \
         "True" in proc.stdout
     assert [m["loss"] for m in read_metrics(split)] == [m["loss"] for m in read_metrics(whole)]
