@@ -11,11 +11,6 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   source .venv/bin/activate
 fi
 moetron_pip() { python -m pip install -q --disable-pip-version-check "$@"; }
-moetron_torch_index() {
-  if [ -n "${MOETRON_TORCH_INDEX:-}" ]; then echo "$MOETRON_TORCH_INDEX"
-  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then echo ""
-  else echo "https://download.pytorch.org/whl/cpu"; fi
-}
 torch_spec="${TORCH_SPEC:-torch==2.13.0}"
 torch_there() {  # the wanted torch is installed (a pinned version is read without starting pip)
   case "$torch_spec" in
@@ -25,7 +20,7 @@ torch_there() {  # the wanted torch is installed (a pinned version is read witho
   esac
 }
 if ! torch_there; then  # not installed yet, or another version
-  torch_index=$(moetron_torch_index)
+  torch_index=$(bash launch/torch_index.sh)
   if [ -z "$torch_index" ]; then
     moetron_pip "$torch_spec"
   elif python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=5)" \

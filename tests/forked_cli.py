@@ -12,6 +12,7 @@ launch/train.sh, signals to a rank, the installed console scripts) start real pr
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import multiprocessing as mp
 import os
@@ -67,6 +68,7 @@ def _run_child(module: str, args: list[str], cwd: Path, env: dict, out: str, err
     except BaseException:  # the rank could not start (a missing working folder): say why
         traceback.print_exc()
     finally:
+        atexit._run_exitfuncs()  # what the interpreter runs at its exit (os._exit below would skip them)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -144,6 +146,12 @@ class Job:
     @property
     def pids(self) -> list[int]:
         return [rank.process.pid for rank in self.ranks]
+
+    def kill(self) -> None:
+        """End every rank still running (a test that failed before `finish`)."""
+        for rank in self.ranks:
+            if rank.poll() is None:
+                rank.kill()
 
     def poll(self):
         """None while every rank runs, else the status of the first that ended."""

@@ -11,7 +11,6 @@ The run directory is Hydra's output folder: .hydra/, metrics.jsonl, checkpoints/
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -27,15 +26,18 @@ register_configs()
 def main() -> None:
     """Check the command line once (moetron.train.preflight), then Hydra's app; `--check`: only check."""
     from moetron.core.errors import UserInputError
-    from moetron.train.preflight import preflight, split_argv, world_size_for_check
+    from moetron.train.distributed import world_from_env
+    from moetron.train.interrupts import remember_launcher
+    from moetron.train.preflight import hydra_runs_it_otherwise, preflight, split_argv, world_size_for_check
 
+    remember_launcher()  # before anything slow: a launcher that dies from here on is noticed
+    is_main = world_from_env().is_main  # torchrun's RANK or SLURM's SLURM_PROCID
     try:
         check, world_size, overrides = split_argv(sys.argv[1:])
-        single_run = not any(arg.startswith("-") for arg in overrides)  # Hydra's flags (-m, --cfg, ...) go on
-        if check or single_run:
-            summary = preflight(overrides, world_size_for_check(world_size), full=check)
+        if check or not hydra_runs_it_otherwise(overrides):
+            summary = preflight(overrides, world_size_for_check(world_size), full=check, probe_lock=is_main)
     except UserInputError as err:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: say it once
+        if is_main:  # every rank of a job finds the same mistake: say it once
             print(f"moetron-train: error: {err}", file=sys.stderr)
         sys.exit(2)
     if check:

@@ -34,6 +34,16 @@ class TrainingStopped(Exception):
     """The run cannot go on (a non-finite gradient under train.on_nonfinite=stop); the message says why."""
 
 
+_LAUNCHER = {"pid": None}
+
+
+def remember_launcher() -> None:
+    """Under torchrun, note the agent's pid (this worker's parent) at the process's start: a later
+    parent means the agent died (StopRequests asks to stop then)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") and _LAUNCHER["pid"] is None:
+        _LAUNCHER["pid"] = os.getppid()
+
+
 class StopRequests:
     """While entered, the stop signals set `signal_name` instead of killing the process."""
 
@@ -41,8 +51,8 @@ class StopRequests:
         self.signal_name: Optional[str] = None
         self._previous: dict = {}
         self._first_at = 0.0
-        # torchrun's workers: the agent is the parent; a new parent means it died
-        self._launcher_pid = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
+        remember_launcher()  # (done at the start of moetron-train; here for runs started otherwise)
+        self._launcher_pid = _LAUNCHER["pid"]
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there

@@ -9,7 +9,9 @@ directory that a live run holds is refused before Hydra writes into it.
 process groups start (moetron.train.trainer.check: layout and world size, batch sizes, model, data,
 run directory), then prints one line and exits: 0 when the config would start, 2 with the message
 when not. `launch/train.sh` and the sbatch script run it before they start ranks; put it before your
-own torchrun line with the same overrides and `--world-size` (default: $WORLD_SIZE, else 1).
+own torchrun line with the same overrides and `--world-size` (default: $WORLD_SIZE or $SLURM_NTASKS,
+else 1). A layout over several nodes outside SLURM is checked as `cluster.nodes` and
+`cluster.gpus_per_node` say (set them as the run will have them).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ CHECK_FLAG, WORLD_SIZE_FLAG = "--check", "--world-size"
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config `moetron-train OVERRIDES` runs with (Hydra's own node under `hydra`)."""
-    with initialize_config_module(config_module="moetron.conf", version_base="1.3"):
+    # job_name: what Hydra calls moetron-train's job (the module of its app), for ${hydra:job.name}
+    with initialize_config_module(config_module="moetron.conf", version_base="1.3", job_name="cli"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
@@ -93,8 +96,8 @@ def explain(err: Exception, overrides: list[str]) -> str:
             return f"{group}={name}: no such preset{hint} (choose one of: {', '.join(options)})"
     if key and ("Could not override" in text or "Could not append" in text or "not in struct" in str(cause)):
         # the override as typed: of trian.max_steps=3 Hydra names only `trian`
-        typed, _, value = next((o.lstrip("+~") for o in overrides if o.lstrip("+~").startswith(key)),
-                               key).partition("=")
+        typed, _, value = next((o.lstrip("+~") for o in overrides
+                                if re.match(rf"{re.escape(key)}(=|\.)", o.lstrip("+~"))), key).partition("=")
         moved = _moved_key(key, overrides)
         if moved:
             return f"{key} is now {moved} (a run setting): set {moved}={value or '...'} instead"
@@ -102,27 +105,33 @@ def explain(err: Exception, overrides: list[str]) -> str:
         key = typed
         hint = f"did you mean {guess}?" if guess else "remove it or fix its spelling"
         return f"{key} is not a setting: {hint} (`moetron-train --cfg job` prints every key)"
+    if "multirun" in text.lower():  # a sweep's syntax without -m: Hydra says how
+        return " ".join(line.strip() for line in text.splitlines() if line.strip())
     detail = str(cause).splitlines()[0] if cause is not None and str(cause) else text.splitlines()[0]
     where = f"{key}: " if key and key not in detail else ""
     return f"{where}{detail}"
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
-    """The run directory a single run would use (`hydra.run.dir`, by default a new dated folder)."""
-    return Path(OmegaConf.select(cfg, "hydra.run.dir"))
+def run_dir_of(cfg: DictConfig) -> Optional[Path]:
+    """The run directory a single run would use (`hydra.run.dir`, by default a new dated folder), or
+    None where it names what only Hydra's running app knows (`${hydra:runtime...}`)."""
+    try:
+        return Path(OmegaConf.select(cfg, "hydra.run.dir"))
+    except OmegaConfBaseException:
+        return None
 
 
-def preflight(overrides: list[str], world_size: int, full: bool) -> str:
+def preflight(overrides: list[str], world_size: int, full: bool, probe_lock: bool = True) -> str:
     """Compose `overrides` as Hydra will; raise UserInputError with one message if that fails, if the
-    run directory is held by a live run, or (`full`) if any check of a rank's start fails. Returns a
-    one-line description of the run (for --check)."""
+    run directory is held by a live run (`probe_lock`: one rank of a job asks), or (`full`) if any
+    check of a rank's start fails. Returns a one-line description of the run (for --check)."""
     from moetron.checkpoint.run_lock import holder_of
     try:
         cfg = compose_config(overrides)
     except (HydraException, OmegaConfBaseException, ValueError, AttributeError) as err:
         raise UserInputError(explain(err, overrides)) from err
     run_dir = run_dir_of(cfg)
-    holder = holder_of(run_dir)
+    holder = holder_of(run_dir) if run_dir is not None and probe_lock else None
     if holder is not None:
         raise UserInputError(holder)
     with open_dict(cfg):
@@ -134,10 +143,11 @@ def preflight(overrides: list[str], world_size: int, full: bool) -> str:
     if not full:
         return ""
     from moetron.train.trainer import check
-    checked = check(cfg, run_dir, world_size)
+    checked = check(cfg, run_dir if run_dir is not None else Path("."), world_size)
     dims = checked.dims
     return (f"config ok for {world_size} rank{'s' if world_size > 1 else ''}: pp={dims.pp} x dp={dims.dp} x "
-            f"ep={dims.ep}, model.arch={cfg.model.arch}, {cfg.train.max_steps} steps, run dir {run_dir}")
+            f"ep={dims.ep}, model.arch={cfg.model.arch}, {cfg.train.max_steps} steps, run dir "
+            f"{run_dir if run_dir is not None else '(named by Hydra as the run starts)'}")
 
 
 def split_argv(argv: list[str]) -> tuple[bool, Optional[int], list[str]]:
@@ -154,8 +164,19 @@ def split_argv(argv: list[str]) -> tuple[bool, Optional[int], list[str]]:
             world_size = int(value)
         else:
             rest.append(arg)
+    if world_size is not None and not check:
+        raise UserInputError(f"{WORLD_SIZE_FLAG} goes with {CHECK_FLAG} (a run takes its world size from its launcher)")
     return check, world_size, rest
 
 
 def world_size_for_check(given: Optional[int]) -> int:
-    return given if given is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    """--world-size, else the job's: torchrun's WORLD_SIZE, SLURM's SLURM_NTASKS, else 1."""
+    if given is not None:
+        return given
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def hydra_runs_it_otherwise(overrides: list[str]) -> bool:
+    """Hydra's flags (-m, --cfg, --help, ...) or a multirun chosen by `hydra.mode=`: Hydra's own
+    handling goes first, and a sweep's jobs are checked as each starts."""
+    return any(arg.startswith("-") or arg.startswith("hydra.mode=") for arg in overrides)

@@ -11,6 +11,7 @@ so that buckets reduce as their gradients become final.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import random
 import shutil
@@ -128,6 +129,12 @@ def _hold_run_dir(run_dir: Path, world) -> Optional[RunLock]:
             lock = RunLock(run_dir).acquire()
         except RunDirInUse as err:
             refusal = str(err)
+        except OSError as err:
+            if err.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):  # a mount without locks
+                print(f"moetron-train: warning: {run_dir}'s file system refuses locks ({err.strerror}): "
+                      "nothing stops a second run in this folder", flush=True)
+            else:
+                refusal = f"cannot use the run directory {run_dir}: {err}; choose another hydra.run.dir"
     if world.size > 1:
         box = [refusal]
         torch.distributed.broadcast_object_list(box, src=0)

@@ -33,7 +33,11 @@ def test_a_stop_signal_to_one_rank_checkpoints_every_rank_and_the_same_command_r
     reaches rank 1 only: both ranks stop after the same step, with one complete checkpoint."""
     run_dir = tmp_path / "run"
     job = _two_ranks(tmp_path, ["train.max_steps=400", "train.ckpt_every=1000", *FAST, f"hydra.run.dir={run_dir}"])
-    _wait_for_steps(run_dir, 3, [job])
+    try:
+        _wait_for_steps(run_dir, 3, [job])
+    except AssertionError:  # a rank ended early, or the run never got there: end it, say why
+        job.kill()
+        raise AssertionError(job.finish().stderr[-3000:]) from None
     os.kill(job.pids[1], sig)
     done = job.finish()
     assert done.returncode == 0, done.stderr[-4000:]
@@ -76,7 +80,11 @@ def test_a_hung_peer_ends_the_run_with_a_message_naming_the_rank_the_phase_and_t
     run_dir = tmp_path / "run"
     job = _two_ranks(tmp_path, ["train.max_steps=400", "train.ckpt_every=1000", "train.collective_timeout_s=3",
                                 *FAST, f"hydra.run.dir={run_dir}"])
-    _wait_for_steps(run_dir, 2, [job])
+    try:
+        _wait_for_steps(run_dir, 2, [job])
+    except AssertionError:
+        job.kill()
+        raise AssertionError(job.finish().stderr[-3000:]) from None
     os.kill(job.pids[1], signal.SIGSTOP)  # hung: alive, but never answers (killed once rank 0 gave up)
     done = job.finish(timeout=120)
     err = done.stderr

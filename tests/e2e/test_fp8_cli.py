@@ -19,15 +19,15 @@ def _mean_last(run_dir, n):
 # one trajectory of this model moves with a change of precision that nobody calls an error (seed 6
 # meets a loss spike in BF16 only). FP8 in the same runs: -0.09, -0.11, +0.29, +0.71, -0.00, -0.00%.
 SIGMA_BF16 = 0.0163
-SEEDS = (3, 4, 5)
+SEEDS = (3, 4)
 
 
 def test_fp8_loss_stays_within_the_noise_of_a_precision_change(tmp_path):
     """The report's FP8 loss error is under 0.25% against BF16. One trajectory of a small model moves
     by more than that with any change of rounding, either way, so one seed cannot show it. FP8's own
     error (FP8 GEMMs in a float32 framework against float32, all else equal) is taken as the mean
-    over three seeds, two-sided, and held to two standard errors of the measured BF16-vs-float32
-    spread (1.9%): FP8 may move the loss no more than BF16 does. That bound is loose because the
+    over two seeds, two-sided, and held to two standard errors of the measured BF16-vs-float32
+    spread (2 x 1.63% / sqrt(2) = 2.3%): FP8 may move the loss no more than BF16 does. That bound is loose because the
     noise is: it catches an FP8 error that shifts the loss systematically (a wrong scale, a lost
     tile), not one of a tenth of a percent, which this model cannot resolve (the benchmark's six
     seeds put FP8 at +0.13% +- 0.32%)."""

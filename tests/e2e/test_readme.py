@@ -1,5 +1,7 @@
 """Every command the README shows, run as written (a few steps instead of hundreds: overrides are
-appended, and the run goes to a temporary folder). A command that cannot run here, or that another
+appended, and the run goes to a temporary folder). Commands that start moetron's own modules
+(console scripts, `python -m moetron...`, torchrun lines) run with the same arguments on ranks
+forked from a preloaded process (tests.forked_cli), as torchrun would start them. A command that cannot run here, or that another
 test runs already, is listed in SKIP with the reason."""
 import os
 import re

@@ -80,8 +80,10 @@ def test_ranks_whose_torchrun_died_stop_at_the_next_step_with_a_checkpoint(tmp_p
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "-m", "moetron.train", *FAST, f"hydra.run.dir={run_dir}"],
                              cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_rows(run_dir, 3, agent)
-    agent.kill()
+    try:
+        _wait_rows(run_dir, 3, agent)
+    finally:
+        agent.kill()  # (on a failure above too: its workers then stop by themselves, as tested here)
     out, err = agent.communicate(timeout=300)  # the workers hold the pipes until they exit
     rows = _metrics_rows(run_dir)
     assert 3 <= rows < 400

@@ -9,6 +9,7 @@ copy or nothing."""
 import configparser
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,8 +26,11 @@ REPO = Path(__file__).resolve().parents[2]
 def installed(tmp_path_factory):
     """(the fresh environment's bin folder, the wheel's console scripts, a folder outside the repository)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # built from a copy: nothing is written into the repository, no stale build/
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "outputs",
+                                                                "multirun", "wandb", "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(tmp / "dist"), str(REPO)], check=True, capture_output=True, text=True)
+                    "--wheel-dir", str(tmp / "dist"), str(source)], check=True, capture_output=True, text=True)
     (wheel,) = (tmp / "dist").glob("moetron-*.whl")
     env_dir = tmp / "env"
     venv.EnvBuilder(with_pip=False).create(env_dir)

@@ -126,7 +126,9 @@ def test_check_runs_every_start_check_against_the_world_size(tmp_path):
     with pytest.raises(UserInputError, match=r"world size 2 != parallel.pp\*parallel.dp\*parallel.ep = 2\*1\*2"):
         preflight(["parallel.pp=2", "parallel.ep=2", "parallel.dp=1"], world_size=2, full=True)
     assert split_argv(["--check", "--world-size", "4", "model=tiny"]) == (True, 4, ["model=tiny"])
-    assert split_argv(["--world-size=2", "a=b"]) == (False, 2, ["a=b"])
+    assert split_argv(["--check", "--world-size=2", "a=b"]) == (True, 2, ["a=b"])
+    with pytest.raises(UserInputError, match="--world-size goes with --check"):
+        split_argv(["--world-size=2", "a=b"])
     with pytest.raises(UserInputError, match="--world-size takes a number"):
         split_argv(["--world-size", "x"])
 
