@@ -14,8 +14,8 @@ moetron_pip() { python -m pip install -q --disable-pip-version-check "$@"; }
 torch_spec="${TORCH_SPEC:-torch==2.13.0}"
 torch_there() {  # the wanted torch is installed (a pinned version is read without starting pip)
   case "$torch_spec" in
-    torch==*) python -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != sys.argv[1])" \
-                "${torch_spec#torch==}" 2>/dev/null ;;
+    torch==*) python -c "import importlib.metadata as m, sys; v, want = m.version('torch'), sys.argv[1]
+sys.exit((v if '+' in want else v.split('+')[0]) != want)" "${torch_spec#torch==}" 2>/dev/null ;;
     *) moetron_pip --no-index "$torch_spec" 2>/dev/null ;;
   esac
 }
