@@ -143,7 +143,7 @@ def preflight(overrides: list[str], world_size: int, full: bool, probe_lock: boo
     if not full:
         return ""
     from moetron.train.trainer import check
-    checked = check(cfg, run_dir if run_dir is not None else Path("."), world_size)
+    checked = check(cfg, run_dir, world_size)
     dims = checked.dims
     return (f"config ok for {world_size} rank{'s' if world_size > 1 else ''}: pp={dims.pp} x dp={dims.dp} x "
             f"ep={dims.ep}, model.arch={cfg.model.arch}, {cfg.train.max_steps} steps, run dir "

@@ -64,11 +64,13 @@ class Checked:
     valid: Any
 
 
-def check(cfg, run_dir: Path, world_size: int) -> Checked:
+def check(cfg, run_dir: Optional[Path], world_size: int) -> Checked:
     """Everything a user can get wrong, checked in one process before any process group starts (by
     every rank at its start, and once by `moetron-train --check` before a launcher starts ranks);
-    raises UserInputError naming the key and the fix."""
-    if cfg.train.resume and folders.step_dirs(run_dir / "checkpoints") and cfg.model.get("init_from"):
+    raises UserInputError naming the key and the fix. `run_dir` None: not known yet (its checks wait
+    for the run)."""
+    held = folders.step_dirs(run_dir / "checkpoints") if run_dir is not None else []
+    if cfg.train.resume and held and cfg.model.get("init_from"):
         cfg.model.init_from = None  # a run that resumes starts from its checkpoint, not from model.init_from
     try:
         dims = validate(cfg, world_size)
@@ -79,7 +81,7 @@ def check(cfg, run_dir: Path, world_size: int) -> Checked:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
                              f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
         sampler, valid = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, tokenizer, model_cfg.vocab_size)
-        if not cfg.train.resume and folders.step_dirs(run_dir / "checkpoints"):
+        if not cfg.train.resume and held:
             raise ValueError(f"train.resume=false, but {run_dir} holds checkpoints of an earlier run: starting over "
                              "there would mix the two runs' metrics and checkpoints; use a new hydra.run.dir")
     except (ValueError, FileNotFoundError) as err:
