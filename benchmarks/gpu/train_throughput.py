@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--candidates", nargs="*", default=["transformers", "eager", "compiled", "fp8"])
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend for the compiled candidate (aot_eager: traced, no code generated)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
             parallelize(model, None, fp8=FP8Recipe(resolve_backend("auto", device)))
         if compiled:
             for block in model.layers:
-                block.compile()
+                block.compile(backend=args.compile_backend)
         return model
 
     def theirs():  # the same weights, moved across with to_hf
