@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from moetron.comm.dispatch.hop import plan_hop
 from moetron.models.deepseek_v3 import load_preset
-from moetron.models.deepseek_v3.router import TopKRouter
+from moetron.models.common.router import TopKRouter
 from moetron.parallel.local_ranks import run_ranks
 
 EP, GPUS_PER_NODE = 64, 8
@@ -52,7 +52,7 @@ def traffic(num_tokens: int = 8192, seed: int = 0) -> dict:
     results = {}
     for label, topk_group in (("free", 8), ("node_limited", 4)):
         cfg = load_preset("v3_671b", topk_group=topk_group)
-        router = TopKRouter(cfg, layer_idx=3).eval()
+        router = TopKRouter(cfg.router_settings(), layer_idx=3).eval()
         torch.nn.init.normal_(router.weight, std=cfg.initializer_range)
         with torch.no_grad():
             routing = router(torch.randn(1, num_tokens, cfg.hidden_size))

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     from moetron.models import build_model
     from moetron.models.deepseek_v3 import load_preset
     from moetron.models.deepseek_v3.params import training_flops_per_token
-    from moetron.models.deepseek_v3.parallelize import parallelize
+    from moetron.models.common.parallelize import parallelize
     from moetron.models.hf import to_hf
     from moetron.precision.convert import FP8Recipe
     from moetron.precision.fp8_gemm import resolve_backend

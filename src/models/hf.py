@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moetron.models.deepseek_v3 import DeepSeekV3, DeepSeekV3Config
-from moetron.models.deepseek_v3.rope import YARN_KEYS
+from moetron.models.common.rope import YARN_KEYS
 
 # Config fields with the same name and meaning on both sides.
 _SHARED_FIELDS = (

@@ -131,6 +131,14 @@ class ModelSpec:
             return [f"train.seq_len={seq_len} exceeds model.max_position_embeddings={limit}"]
         return []
 
+    def routed_experts(self, cfg) -> int:
+        """Routed experts per MoE layer, which expert parallelism shards (0: a dense model)."""
+        return 0
+
+    def routing_groups(self, cfg) -> tuple[int, int]:
+        """(expert groups, groups a token may reach) of group-limited routing; (0, 0) without."""
+        return (0, 0)
+
     # -- parallelism -----------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
                     fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None) -> Parallelized:

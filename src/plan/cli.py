@@ -108,7 +108,7 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
         key = (recompute, fp8)
         if key not in problems:
             costs = spec.layer_costs(model_cfg, seq, recompute, fp8 and bool(cfg.precision.fp8_cache_activations))
-            groups = (getattr(model_cfg, "n_group", 0) or 0, getattr(model_cfg, "topk_group", 0) or 0)
+            groups = spec.routing_groups(model_cfg)
             problems[key] = Problem(costs, hw, eff, seq, model_cfg.hidden_size, groups,
                                     spec.flops_per_token(model_cfg, seq), float(cfg.plan.tokens),
                                     2.0 if cfg.optim.moments_dtype == "bfloat16" else 4.0)
@@ -116,7 +116,7 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
 
     decoders = sum(1 for c in problem(False, False).costs if c.kind in ("dense", "moe"))
     fits, misfits = [], []
-    for layout in layouts(hw.gpus, decoders, getattr(model_cfg, "n_routed_experts", 1) or 1,
+    for layout in layouts(hw.gpus, decoders, spec.routed_experts(model_cfg) or 1,
                           int(cfg.train.global_batch), fixed, tuple(cfg.plan.micro_batches)):
         p = problem(layout.recompute, layout.fp8)
         memory = sum(memory_parts(p, layout).values())

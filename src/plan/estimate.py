@@ -8,7 +8,7 @@
   recomputation), W (weight gradients).
 - Expert parallelism: per MoE layer and micro-batch, dispatch and combine move each token's K copies;
   across nodes a token travels once per node it targets (node-limited routing: at most
-  `model.topk_group` nodes), then over NVLink. Forward: dispatch (FP8 with fp8 dispatch) and combine
+  the routing's group limit of nodes), then over NVLink. Forward: dispatch (FP8 with fp8 dispatch) and combine
   (BF16); backward: both again in BF16.
 - Overlap: DualPipe(V) pairs a forward with a backward; the pair's all-to-all hides behind its
   compute, which runs on the SMs the communication leaves (report section 3.2.2). Other schedules
@@ -160,13 +160,13 @@ class _StageTimes:
     a2a_b: float
 
 
-def nodes_reached(ep_nodes: int, copies: int, n_group: int, topk_group: int) -> int:
+def nodes_reached(ep_nodes: int, copies: int, groups: int, groups_per_token: int) -> int:
     """Nodes a token's `copies` expert copies reach at most under node-limited routing: the experts
-    form `n_group` groups and a token picks `topk_group` of them (0: no limit). A group spans
-    ep_nodes / n_group nodes when EP spans more nodes than there are groups."""
+    form `groups` groups and a token picks `groups_per_token` of them (0: no limit). A group spans
+    ep_nodes / groups nodes when EP spans more nodes than there are groups."""
     limit = ep_nodes
-    if 0 < topk_group < n_group:
-        limit = topk_group * max(1, -(-ep_nodes // n_group))  # a group's nodes, rounded up
+    if 0 < groups_per_token < groups:
+        limit = groups_per_token * max(1, -(-ep_nodes // groups))  # a group's nodes, rounded up
     return max(1, min(limit, ep_nodes, copies))
 
 

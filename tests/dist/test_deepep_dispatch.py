@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from moetron.comm.dispatch.deepep import DeepEPBuffers, DeepEPDispatcher
 from moetron.comm.traffic import TrafficCounter
-from moetron.models.deepseek_v3.moe import MoE
+from moetron.models.deepseek_v3.block import deepseek_moe
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.expert_parallel import make_dispatcher
 from tests.dist.harness import run_ranks
@@ -58,7 +58,7 @@ def test_deepep_layer_matches_single_process(deep_ep, ep, nodes, node_limited):
 
 
 def _ref_layer_params(nodes, node_limited):
-    return MoE(moe_cfg(nodes, node_limited), 1).parameters()
+    return deepseek_moe(moe_cfg(nodes, node_limited), 1).parameters()
 
 
 def _whole_model(rank, world):

@@ -9,7 +9,7 @@ import torch
 
 from moetron.models.deepseek_v3 import load_preset
 from moetron.models.deepseek_v3.model import DeepSeekV3
-from moetron.models.deepseek_v3.parallelize import parallelize
+from moetron.models.common.parallelize import parallelize
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from tests.dist.harness import run_ranks
 from tests.unit.test_host_syncs import SyncCounter, counting_tolist

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from moetron.comm.traffic import TrafficCounter
 from moetron.models.deepseek_v3 import load_preset
-from moetron.models.deepseek_v3.moe import MoE
+from moetron.models.deepseek_v3.block import deepseek_moe
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.expert_parallel import make_dispatcher, shard_experts
 from tests.dist.harness import run_ranks
@@ -27,7 +27,7 @@ def moe_cfg(nodes: int, node_limited: bool):
 def ep_vs_reference(rank, world, nodes, dispatcher, node_limited):
     torch.manual_seed(0)
     cfg = moe_cfg(nodes, node_limited)
-    reference = MoE(cfg, layer_idx=1)
+    reference = deepseek_moe(cfg, 1)
     for p in reference.parameters():
         torch.nn.init.normal_(p, std=0.2)
     with torch.no_grad():  # skew: low-index experts attract most tokens, the last ones none
@@ -79,7 +79,7 @@ def test_expert_parallel_matches_single_process(ep, nodes, node_limited, dispatc
         # Each token's expert outputs are summed per rank, then across ranks: the float32 sum order
         # differs from the single process, so agreement is to rounding, 1e-6 relative.
         assert rel_error(y, y_ref) < 1e-6, f"rank {rank}"
-        assert len(res["grads"]) == 1 + len(list(MoE(moe_cfg(nodes, node_limited), 1).parameters()))
+        assert len(res["grads"]) == 1 + len(list(deepseek_moe(moe_cfg(nodes, node_limited), 1).parameters()))
         for name, (grad, ref) in res["grads"].items():
             assert rel_error(grad, ref) < 1e-5, f"rank {rank} {name}"  # gradients: 1e-5 relative
     if nodes == 1:

@@ -7,7 +7,7 @@ import torch
 
 from moetron.models.deepseek_v3 import finish_moe_step, load_preset
 from moetron.models.deepseek_v3.model import DeepSeekV3
-from moetron.models.deepseek_v3.parallelize import parallelize
+from moetron.models.common.parallelize import parallelize
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
 from tests.dist.harness import run_ranks

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from moetron.comm.dispatch.local import LocalDispatcher
 from moetron.comm.traffic import TrafficCounter
-from moetron.models.deepseek_v3.moe import MoE
+from moetron.models.deepseek_v3.block import deepseek_moe
 from moetron.parallel.dims import ParallelDims, Topology, build_groups
 from moetron.parallel.expert_parallel import make_dispatcher, shard_experts
 from moetron.precision.fp8_dispatch import FP8DispatchCodec
@@ -20,7 +20,7 @@ from tests.dist.test_expert_parallel import NUM_EXPERTS, TOKENS_PER_RANK, moe_cf
 def _moe_pair(rank, world, nodes, dispatcher):
     torch.manual_seed(0)
     cfg = moe_cfg(nodes, node_limited=False)
-    reference = MoE(cfg, layer_idx=1)
+    reference = deepseek_moe(cfg, 1)
     for p in reference.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x_all = torch.randn(world, 1, TOKENS_PER_RANK, cfg.hidden_size) * torch.logspace(-2, 1, cfg.hidden_size)

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.models import ModelSpec, register_model
-from moetron.models.deepseek_v3.layers import MLP, RMSNorm, apply_rotary, rotary_cos_sin
+from moetron.models.common.mlp import MLP
+from moetron.models.common.norm import RMSNorm
+from moetron.models.common.rope import apply_rotary, rotary_cos_sin
 from moetron.models.outputs import LMOutput, LossTerms
 
 

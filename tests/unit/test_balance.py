@@ -4,37 +4,37 @@ import torch
 
 from moetron.models import build_model, load_preset
 from moetron.models.deepseek_v3 import finish_moe_step
-from moetron.models.deepseek_v3.balance import batch_balance_loss, max_violation, sequence_balance_loss
-from moetron.models.deepseek_v3.router import TopKRouter
+from moetron.models.common.balance import batch_balance_loss, max_violation, sequence_balance_loss
+from moetron.models.common.router import TopKRouter
 
 
 def _router(**overrides):
     cfg = load_preset("tiny", **overrides)
-    router = TopKRouter(cfg, layer_idx=1).train()
+    router = TopKRouter(cfg.router_settings(), layer_idx=1).train()
     torch.nn.init.normal_(router.weight, std=0.5)
     return router
 
 
 def test_gates_are_normalised_raw_affinities_and_the_bias_only_steers():
     router = _router(n_group=1, topk_group=1)
-    x = torch.randn(2, 16, router.cfg.hidden_size)
+    x = torch.randn(2, 16, router.settings.hidden_size)
     plain = router(x)
     with torch.no_grad():
-        router.expert_bias.copy_(torch.linspace(-0.5, 0.5, router.cfg.n_routed_experts))
+        router.expert_bias.copy_(torch.linspace(-0.5, 0.5, router.settings.num_experts))
     biased = router(x)
     assert not torch.equal(plain.topk_idx_TK.sort(-1).values, biased.topk_idx_TK.sort(-1).values)
     scores = torch.sigmoid(x.view(-1, x.shape[-1]) @ router.weight.T)
     chosen = scores.gather(1, biased.topk_idx_TK)
-    expected = chosen / chosen.sum(-1, keepdim=True) * router.cfg.routed_scaling_factor
+    expected = chosen / chosen.sum(-1, keepdim=True) * router.settings.scaling_factor
     torch.testing.assert_close(biased.topk_weight_TK, expected, rtol=1e-6, atol=0)  # float32 rounding
     # top-K on affinity + bias
     assert torch.equal(biased.topk_idx_TK.sort(-1).values,
-                       (scores + router.expert_bias).topk(router.cfg.num_experts_per_tok).indices.sort(-1).values)
+                       (scores + router.expert_bias).topk(router.settings.top_k).indices.sort(-1).values)
 
 
 def test_group_limited_routing_stays_in_top_groups():
     router = _router(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
-    routing = router(torch.randn(4, 32, router.cfg.hidden_size))
+    routing = router(torch.randn(4, 32, router.settings.hidden_size))
     groups = routing.topk_idx_TK // 4
     assert max(len(set(row)) for row in groups.tolist()) <= 2
     assert min(len(set(row)) for row in groups.tolist()) >= 1
@@ -161,11 +161,11 @@ def test_the_sequence_balance_loss_counts_the_raw_top_k_and_mtp_wraparound_is_le
     """f_i of eq. 18 counts the top-K of the affinities s, not the bias-shifted choice; an MTP
     depth's last positions (wrapped-around tokens) count in neither the loads nor the loss."""
     from moetron.models.deepseek_v3 import load_preset
-    from moetron.models.deepseek_v3.balance import sequence_balance_loss
-    from moetron.models.deepseek_v3.router import TopKRouter
+    from moetron.models.common.balance import sequence_balance_loss
+    from moetron.models.common.router import TopKRouter
 
     cfg = load_preset("tiny", balance_mode="loss_free", seq_aux_alpha=1.0, n_group=1, topk_group=1)
-    router = TopKRouter(cfg, 1)
+    router = TopKRouter(cfg.router_settings(), 1)
     torch.nn.init.normal_(router.weight, std=0.5)
     with torch.no_grad():
         router.expert_bias.copy_(torch.linspace(2, -2, cfg.n_routed_experts))  # the choice ignores the scores

@@ -10,7 +10,7 @@ from torch import nn
 
 from moetron.core.convert import apply_converters
 from moetron.core.weight_grads import WeightGradStore
-from moetron.models.deepseek_v3.experts import GroupedExperts
+from moetron.models.common.experts import GroupedExperts
 from moetron.parallel.weight_grads import DeferrableLinear, WeightGradDeferral
 from moetron.precision.convert import FP8Conversion, FP8Recipe
 from moetron.precision.fp8_linear import FP8Linear

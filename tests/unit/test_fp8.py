@@ -135,7 +135,7 @@ def test_backends_this_machine_cannot_run_are_refused_naming_the_key():
 def test_the_converter_puts_fp8_in_the_decoder_and_leaves_head_router_and_norms():
     from moetron.models import build_model
     from moetron.models.deepseek_v3 import load_preset
-    from moetron.models.deepseek_v3.parallelize import parallelize
+    from moetron.models.common.parallelize import parallelize
 
     model = build_model(load_preset("tiny"))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -78,7 +78,7 @@ def test_fp8_cached_swiglu_has_the_exact_output_and_the_gradients_of_its_cached_
 def test_caching_activations_in_the_model_keeps_attention_output_inputs_and_saves_memory():
     from moetron.models import build_model
     from moetron.models.deepseek_v3 import load_preset
-    from moetron.models.deepseek_v3.parallelize import parallelize
+    from moetron.models.common.parallelize import parallelize
 
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
     saved = {}

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moetron.models.deepseek_v3.experts import HAS_GROUPED_MM, GroupedExperts, grouped_mm, grouped_mm_loop
+from moetron.models.common.experts import HAS_GROUPED_MM, GroupedExperts, grouped_mm, grouped_mm_loop
 
 pytestmark = pytest.mark.skipif(not HAS_GROUPED_MM, reason="this torch build has no torch._grouped_mm")
 

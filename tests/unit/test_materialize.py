@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moetron.models import build_model, load_preset
-from moetron.models.deepseek_v3.parallelize import parallelize
+from moetron.models.common.parallelize import parallelize
 from moetron.parallel.dims import ParallelDims, ParallelGroups, Topology
 from moetron.parallel.materialize import held_state_dict, load_held_state_dict, materialize
 from moetron.models.stages import pipeline_split

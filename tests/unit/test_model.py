@@ -5,8 +5,8 @@ import torch
 from moetron.models import Parallelized, build_model, get_spec, load_preset
 from moetron.models.deepseek_v3 import DeepSeekV3, LMOutput
 from moetron.models.deepseek_v3.mtp import IGNORE_INDEX, shift_left
-from moetron.models.deepseek_v3.experts import GroupedExperts
-from moetron.models.deepseek_v3.parallelize import shard_moe_layers
+from moetron.models.common.experts import GroupedExperts
+from moetron.models.common.parallelize import shard_moe_layers
 from moetron.models.deepseek_v3.params import count_parameters, training_flops_per_token
 from moetron.parallel.dims import ParallelDims, ParallelGroups, Topology
 
@@ -105,7 +105,7 @@ def test_v3_671b_parameter_count():
 
 
 def test_rms_norm_gradients():
-    from moetron.models.deepseek_v3.layers import RMSNorm
+    from moetron.models.common.norm import RMSNorm
 
     norm = RMSNorm(16).double()
     torch.nn.init.normal_(norm.weight)
@@ -119,7 +119,7 @@ def test_rms_norm_gradients():
 def test_the_fused_rms_norm_kernel_is_bitwise_the_composite():
     """The forward uses torch's fused kernel where it exists: on the CPU its output (float32 and,
     cast back, bfloat16) is bitwise what the composite x * rsqrt(mean(x^2) + eps) gives."""
-    from moetron.models.deepseek_v3 import layers
+    from moetron.models.common import norm as layers
 
     norm = layers.RMSNorm(300)
     torch.nn.init.normal_(norm.weight)

@@ -113,10 +113,10 @@ def test_the_table_and_its_errors(capsys):
 
 def test_node_limited_routing_reaches_the_nodes_its_groups_span():
     from moetron.plan.estimate import nodes_reached
-    assert nodes_reached(ep_nodes=8, copies=8, n_group=8, topk_group=4) == 4  # a group per node (V3 at EP64)
-    assert nodes_reached(ep_nodes=16, copies=8, n_group=8, topk_group=4) == 8  # a group spans 2 nodes
-    assert nodes_reached(ep_nodes=2, copies=8, n_group=8, topk_group=4) == 2
-    assert nodes_reached(ep_nodes=32, copies=8, n_group=0, topk_group=0) == 8  # no limit: one per copy
+    assert nodes_reached(ep_nodes=8, copies=8, groups=8, groups_per_token=4) == 4  # a group per node (V3 at EP64)
+    assert nodes_reached(ep_nodes=16, copies=8, groups=8, groups_per_token=4) == 8  # a group spans 2 nodes
+    assert nodes_reached(ep_nodes=2, copies=8, groups=8, groups_per_token=4) == 2
+    assert nodes_reached(ep_nodes=32, copies=8, groups=0, groups_per_token=0) == 8  # no limit: one per copy
 
 
 def test_the_launch_script_for_256_nodes_places_every_rank(capsys):

@@ -32,7 +32,7 @@ def test_weight_gradient_is_deferred_then_equal():
 
 
 def test_grouped_expert_weight_gradient_is_deferred_then_equal():
-    from moetron.models.deepseek_v3.experts import GroupedExperts
+    from moetron.models.common.experts import GroupedExperts
 
     torch.manual_seed(0)
     plain = GroupedExperts(4, 16, 8)
@@ -58,7 +58,7 @@ def test_grouped_expert_weight_gradient_is_deferred_then_equal():
 def test_deferred_weight_gradients_under_bf16_autocast_land_in_float32():
     """Under autocast the GEMMs run in bf16 on cast copies; the deferred gradient still reaches the
     float32 parameter, in its dtype, as autograd's own cast would leave it."""
-    from moetron.models.deepseek_v3.experts import GroupedExperts
+    from moetron.models.common.experts import GroupedExperts
 
     torch.manual_seed(0)
     plain = nn.ModuleDict({"linear": nn.Linear(16, 16, bias=False), "experts": GroupedExperts(4, 16, 8)})

@@ -12,9 +12,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from moetron.models.deepseek_v3.rope import yarn_problems
-
-BALANCE_MODES = ("loss_free", "seq_aux", "aux_loss", "none")
+from moetron.models.common.rope import yarn_problems
+from moetron.models.common.router import BALANCE_MODES, RouterSettings
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                    "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                    "v_head_dim", "max_position_embeddings", "num_experts_per_tok", "n_group", "topk_group")
@@ -76,6 +75,15 @@ class DeepSeekV3Config:
     @property
     def num_moe_layers(self) -> int:
         return self.num_hidden_layers - self.first_k_dense_replace
+
+    def router_settings(self) -> RouterSettings:
+        """The sigmoid router with loss-free balancing and group-limited top-K (section 2.1.2)."""
+        return RouterSettings(
+            hidden_size=self.hidden_size, num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok,
+            scores="sigmoid", norm_topk_prob=self.norm_topk_prob, scaling_factor=self.routed_scaling_factor,
+            n_group=self.n_group, topk_group=self.topk_group, group_score="top2_sum",
+            balance_mode=self.balance_mode, seq_aux_alpha=self.seq_aux_alpha, aux_loss_alpha=self.aux_loss_alpha,
+            bias_update_speed=self.bias_update_speed)
 
     def validate(self) -> "DeepSeekV3Config":
         """Raise ValueError naming the key and the fix for an inconsistent config."""

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetron.models.deepseek_v3.block import DecoderLayer
+from moetron.models.common.experts import GroupedExperts
+from moetron.models.common.norm import RMSNorm
+from moetron.models.common.rope import rotary_cos_sin
+from moetron.models.common.router import TopKRouter
+from moetron.models.deepseek_v3.block import decoder_layer
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
-from moetron.models.deepseek_v3.experts import GroupedExperts
-from moetron.models.deepseek_v3.layers import RMSNorm, rotary_cos_sin
 from moetron.models.deepseek_v3.mtp import IGNORE_INDEX, MTPModule, mtp_depths
-from moetron.models.deepseek_v3.router import TopKRouter
 from moetron.models.outputs import LMOutput, LossTerms, add_optional
 
 
@@ -49,7 +50,7 @@ class DeepSeekV3(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, moe=i >= cfg.first_k_dense_replace and cfg.n_routed_experts > 0)
+            decoder_layer(cfg, i, moe=i >= cfg.first_k_dense_replace and cfg.n_routed_experts > 0)
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from moetron.models.deepseek_v3.block import DecoderLayer
+from moetron.models.common.norm import RMSNorm
+from moetron.models.deepseek_v3.block import decoder_layer
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
-from moetron.models.deepseek_v3.layers import RMSNorm
 
 IGNORE_INDEX = -100
 
@@ -44,7 +44,7 @@ class MTPModule(nn.Module):
         self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
         self.enorm = RMSNorm(H, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * H, H, bias=False)
-        self.block = DecoderLayer(cfg, layer_idx, moe=cfg.n_routed_experts > 0)
+        self.block = decoder_layer(cfg, layer_idx, moe=cfg.n_routed_experts > 0)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
 
     def forward(self, h_prev_BSH, emb_next_BSH, cos_SR2, sin_SR2, valid_len=None):

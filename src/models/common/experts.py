@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetron.models.deepseek_v3.layers import swiglu
+from moetron.models.common.mlp import swiglu
 from moetron.parallel.recompute import discard_all, maybe_recompute
 from moetron.core.weight_grads import defer_or_compute
 

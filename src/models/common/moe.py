@@ -1,4 +1,5 @@
-"""DeepSeekMoE layer (report section 2.1.2, eq. 12): shared experts plus top-K routed experts.
+"""An MoE layer: optional shared experts plus top-K routed experts (DeepSeekMoE, DeepSeek-V3 report
+section 2.1.2, eq. 12; without shared experts, Mixtral's, Qwen3-MoE's and GPT-OSS's layer).
 
 h'_t = u_t + sum_i FFN^shared_i(u_t) + sum_i g_{i,t} FFN^routed_i(u_t). The routed part runs
 router -> dispatcher.dispatch -> grouped expert GEMMs -> dispatcher.combine. The dispatcher is
@@ -14,25 +15,23 @@ import torch
 from torch import nn
 
 from moetron.comm.dispatch import LocalDispatcher
-from moetron.models.deepseek_v3.config import DeepSeekV3Config
-from moetron.models.deepseek_v3.experts import GroupedExperts
-from moetron.models.deepseek_v3.layers import MLP
-from moetron.models.deepseek_v3.router import TopKRouter
+from moetron.models.common.experts import GroupedExperts
 from moetron.profiling import label
 
 
 class MoE(nn.Module):
-    """Names follow transformers' DeepseekV3MoE: `gate`, `experts`, `shared_experts`."""
+    """`gate` (a router: moetron.models.common.router), `experts` (GroupedExperts), `shared_experts`
+    (a dense FFN, or None), as transformers' DeepseekV3MoE names them; `dispatcher` moves token rows
+    to the experts (expert parallelism swaps it). Every MoE layer of every family is this class:
+    expert parallelism and the balance hook find them by it."""
 
-    def __init__(self, cfg: DeepSeekV3Config, layer_idx: int) -> None:
+    def __init__(self, gate: nn.Module, experts: GroupedExperts, shared_experts: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.gate = TopKRouter(cfg, layer_idx)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
-            if cfg.n_shared_experts > 0 else None
-        )
-        self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
+        self.gate = gate
+        self.experts = experts
+        self.shared_experts = shared_experts
+        self.num_experts = experts.global_experts
+        self.dispatcher = LocalDispatcher(self.num_experts)
 
     def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns the layer output and the (alpha-weighted) balance loss, or None; `valid_len`: the

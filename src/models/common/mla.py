@@ -14,16 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetron.models.deepseek_v3.config import DeepSeekV3Config
-from moetron.models.deepseek_v3.layers import RMSNorm, apply_rotary
-from moetron.models.deepseek_v3.rope import softmax_scale_factor
+from moetron.models.common.norm import RMSNorm
+from moetron.models.common.rope import apply_rotary, softmax_scale_factor
 from moetron.parallel.recompute import discard_all, maybe_recompute
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention; parameter names follow transformers' DeepseekV3Attention."""
+    """Multi-head Latent Attention; parameter names follow transformers' DeepseekV3Attention. `cfg` is
+    any config with transformers' MLA fields (DeepSeek-V2's and V3's): hidden_size,
+    num_attention_heads, q_lora_rank (None: an uncompressed query, as V2-Lite), kv_lora_rank,
+    qk_nope_head_dim, qk_rope_head_dim, qk_head_dim, v_head_dim, rms_norm_eps, rope_interleave,
+    rope_scaling."""
 
-    def __init__(self, cfg: DeepSeekV3Config) -> None:
+    def __init__(self, cfg) -> None:
         super().__init__()
         self.cfg = cfg
         H, N = cfg.hidden_size, cfg.num_attention_heads
@@ -90,7 +93,7 @@ class MLA(nn.Module):
         else:
             q_BNSD, k_BNSD, v_BNSV = self._up_project(q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, regions)
 
-        # 1/sqrt(qk_nope + qk_rope), as eq. 10; under YaRN times mscale^2 (moetron.models.deepseek_v3.rope)
+        # 1/sqrt(qk_nope + qk_rope), as eq. 10; under YaRN times mscale^2 (moetron.models.common.rope)
         scale = q_BNSD.shape[-1] ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
         attn_BNSV = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSV, is_causal=True, scale=scale)
         out_BSH = self.o_proj(attn_BNSV.transpose(1, 2).reshape(B, S, -1))

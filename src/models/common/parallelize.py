@@ -1,6 +1,6 @@
-"""Apply parallelism to a DeepSeek-V3 model without touching its code (torchtitan style).
+"""Apply parallelism to an MoE decoder without touching its code (torchtitan style).
 
-Expert parallelism: every MoE layer (MTP blocks included) keeps its router whole and replicated,
+Expert parallelism: every MoE layer (`moetron.models.common.moe.MoE`, MTP blocks included) keeps its router whole and replicated,
 shards its routed experts over the EP group, and swaps its local dispatcher for an all-to-all one.
 Pipelines cut the model with the generic split (`moetron.models.stages`), after the weight
 gradients of its linears and experts are made deferrable (`moetron.parallel.weight_grads`). The
@@ -16,7 +16,7 @@ from torch import nn
 from moetron.comm.dispatch.deepep import DeepEPBuffers
 from moetron.comm.dispatch.local import LocalDispatcher
 from moetron.comm.traffic import TrafficCounter
-from moetron.models.deepseek_v3.moe import MoE
+from moetron.models.common.moe import MoE
 from moetron.models.spec import Parallelized, run_converters
 from moetron.parallel.dims import ParallelGroups
 from moetron.parallel.expert_parallel import make_dispatcher, shard_experts
@@ -32,7 +32,7 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
     if groups is None or groups.dims.ep == 1:  # None: one process
         for module in model.modules() if codec is not None else []:
             if isinstance(module, MoE):  # nothing travels, but the rows are rounded as they would be
-                module.dispatcher = LocalDispatcher(model.cfg.n_routed_experts, codec)
+                module.dispatcher = LocalDispatcher(module.num_experts, codec)
         return
     made.traffic = TrafficCounter()
     if dispatcher == "deepep":  # one set of (large) buffers for all layers
@@ -40,9 +40,14 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
     for module in model.modules():
         if isinstance(module, MoE):
             shard_experts(module.experts, groups.ep_rank, groups.dims.ep)
-            module.dispatcher = make_dispatcher(dispatcher, model.cfg.n_routed_experts, groups, made.traffic,
+            module.dispatcher = make_dispatcher(dispatcher, module.num_experts, groups, made.traffic,
                                                 made.dispatcher_buffers, codec)
             made.expert_params += list(module.experts.parameters())
+
+
+def decoder_and_mtp_blocks(model: nn.Module) -> list[nn.Module]:
+    """Where FP8 runs: the decoder blocks and, where the model has them, its MTP depths."""
+    return [model.layers, *([model.mtp] if hasattr(model, "mtp") else [])]
 
 
 def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hierarchical",
@@ -55,7 +60,7 @@ def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hie
     for pipelines with W actions) deferrable weight gradients in the decoder blocks, and the
     recompute switches (`recompute`, section 3.2.3), all through the module converters."""
     made = Parallelized()
-    run_converters(model, made, fp8, defer_weights, recompute, fp8_scopes=lambda m: [m.layers, m.mtp],
+    run_converters(model, made, fp8, defer_weights, recompute, fp8_scopes=decoder_and_mtp_blocks,
                    high_precision_inputs=("o_proj",))
     shard_moe_layers(model, groups, dispatcher, made, FP8DispatchCodec() if fp8 and fp8.dispatch else None)
     return made

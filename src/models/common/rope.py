@@ -1,4 +1,4 @@
-"""Rotary frequencies: plain RoPE (Su et al. 2021) and YaRN (Peng et al. 2023), DeepSeek-V3's context
+"""Rotary position embedding: plain RoPE (Su et al. 2021) and YaRN (Peng et al. 2023), DeepSeek-V3's context
 extension from 4K to 128K (report section 4.3; the configuration of DeepSeek-V2: s = 40, alpha = 1,
 beta = 32, sqrt(t) = 0.1 ln s + 1).
 
@@ -7,7 +7,7 @@ dimensions that turn beta_fast and beta_slow times over the original context; co
 mscale(factor, mscale) / mscale(factor, mscale_all_dim), and MLA's softmax scale by
 mscale(factor, mscale_all_dim)^2, as transformers' DeepseekV3 does.
 
-Shape legend: R2 rotary pairs (qk_rope_head_dim / 2).
+Shape legend: S sequence, R rotary dim, R2 rotary pairs (R / 2).
 """
 from __future__ import annotations
 
@@ -76,3 +76,29 @@ def softmax_scale_factor(scaling: Optional[dict[str, Any]]) -> float:
     if scaling is None or not scaling.get("mscale_all_dim"):
         return 1.0
     return get_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+
+
+def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float, device, dtype,
+                   scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [S, R/2] for positions 0..S-1 (RoPE, Su et al. 2021; with `scaling`,
+    YaRN: `inv_freq` above)."""
+    inv_freq_R2, attention = inv_freq(rope_dim, theta, scaling, device)
+    positions_S = torch.arange(seq_len, dtype=torch.float32, device=device)
+    angles_SR2 = positions_S[:, None] * inv_freq_R2[None, :]
+    return (angles_SR2.cos() * attention).to(dtype), (angles_SR2.sin() * attention).to(dtype)
+
+
+def apply_rotary(x_R: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dim of x [..., S, R] by position.
+
+    `interleave=True` is DeepSeek's layout: pairs (x0, x1), (x2, x3), ... rotate together. The result
+    is written with all first elements, then all second elements (as transformers does); query and
+    key get the same permutation, so their dot products are those of the interleaved form.
+    `interleave=False` pairs x[j] with x[j + R/2] (the Llama layout).
+    """
+    if interleave:
+        first, second = x_R[..., 0::2], x_R[..., 1::2]
+    else:
+        half = x_R.shape[-1] // 2
+        first, second = x_R[..., :half], x_R[..., half:]
+    return torch.cat([first * cos_SR2 - second * sin_SR2, second * cos_SR2 + first * sin_SR2], dim=-1)

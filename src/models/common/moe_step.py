@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetron.models.deepseek_v3.balance import max_violation
-from moetron.models.deepseek_v3.router import TopKRouter
+from moetron.models.common.balance import max_violation
+from moetron.models.common.router import TopKRouter
 
 
 @dataclass
@@ -80,8 +80,8 @@ def apply_moe_step(model: nn.Module, summed: dict[str, torch.Tensor], bias_updat
     bias_LE = (summed["bias_LE"].cpu() / summed["holders_L"].cpu().clamp_min(1)[:, None]).float()
     for i, router in enumerate(all_routers):
         load_E, bias_E = loads_LE[i], bias_LE[i]
-        speed = router.cfg.bias_update_speed if bias_update_speed is None else bias_update_speed
-        if router.cfg.balance_mode == "loss_free" and speed > 0:
+        speed = router.settings.bias_update_speed if bias_update_speed is None else bias_update_speed
+        if router.settings.balance_mode == "loss_free" and speed > 0:
             # the sign in float64: exact for any token count (float32 is exact to 2^24 per layer only)
             bias_E = bias_E + speed * torch.sign(load_E.mean() - load_E).to(bias_E.dtype)
         if _held(router):

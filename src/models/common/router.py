@@ -1,0 +1,162 @@
+"""Top-K routers of MoE layers behind one protocol: `router(x_BSH, valid_len) -> Routing` (the chosen
+experts, their gates and the balance loss), a `tokens_per_expert` buffer counting the step's load,
+and an `expert_bias` buffer (loss-free balancing; zeros and unused elsewhere). Expert parallelism,
+the balance hook (`moe_step`) and the metrics see only this protocol.
+
+Scoring (`RouterSettings.scores`), each family's as transformers computes it:
+- `sigmoid` (DeepSeek-V3, Moonlight, Kimi K2; report eqs. 12-16): s = sigmoid(u^T e_i); the top-K is
+  chosen on s + b (b: Loss-Free Balancing's bias, arXiv 2408.15664 eq. 3), optionally among the
+  `topk_group` groups whose two best biased scores sum highest (groups become nodes under expert
+  parallelism); gates are the raw s of the chosen, normalised over the K (`norm_topk_prob`), times
+  `scaling_factor`. The bias steers the choice only and never gets a gradient.
+- `softmax` (Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V2): s = softmax over all experts; top-K of s
+  (DeepSeek-V2's `group_limited_greedy`: among the groups whose best score is highest); gates are
+  the chosen s, renormalised over the K where `norm_topk_prob` (Mixtral's softmax of the top-K
+  logits is exactly that), times `scaling_factor`.
+- `softmax_topk` (GPT-OSS): logits u^T e_i + bias; top-K on the logits; gates softmax over the K.
+
+Gating runs in float32 whatever the compute dtype, autocast included (DeepSeek-V3 report 3.3).
+
+Shape legend: B batch, S sequence, T tokens (B*S), H hidden, E routed experts, K experts per token,
+G groups, V positions that count in the loads (valid_len).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetron.comm.counts import count_per_expert
+from moetron.models.common.balance import batch_balance_loss, sequence_balance_loss
+
+SCORES = ("sigmoid", "softmax", "softmax_topk")
+GROUP_SCORES = ("top2_sum", "max")
+BALANCE_MODES = ("loss_free", "seq_aux", "aux_loss", "none")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """How a family routes; an architecture's config says it (`router_settings()`)."""
+
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    scores: str = "sigmoid"
+    norm_topk_prob: bool = True
+    scaling_factor: float = 1.0
+    n_group: int = 1  # expert groups of group-limited routing (1: none)
+    topk_group: int = 1  # groups a token may route to
+    group_score: str = "top2_sum"  # a group's score: its two best (DeepSeek-V3) or its best (V2)
+    linear_bias: bool = False  # the router's linear has a bias (GPT-OSS)
+    # loss_free: the bias b (and the sequence-wise loss where seq_aux_alpha > 0); seq_aux: the
+    # sequence-wise loss only; aux_loss: the batch-wise auxiliary loss; none
+    balance_mode: str = "none"
+    seq_aux_alpha: float = 0.0
+    aux_loss_alpha: float = 0.0
+    bias_update_speed: float = 0.0  # u in b_i += u * sign(mean_load - load_i)
+
+    @property
+    def group_limited(self) -> bool:
+        return self.n_group > 1 and self.topk_group < self.n_group
+
+
+@dataclass
+class Routing:
+    topk_idx_TK: torch.Tensor
+    topk_weight_TK: torch.Tensor
+    balance_loss: Optional[torch.Tensor]  # alpha-weighted; None when the mode adds no loss
+
+
+def limit_to_top_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int,
+                        group_score: str = "top2_sum") -> torch.Tensor:
+    """Mask (to -inf) experts outside each token's `topk_group` best groups. A group scores the sum
+    of its two highest entries of `choice_TE` (top2_sum) or its highest (max)."""
+    T, E = choice_TE.shape
+    grouped_TGE = choice_TE.view(T, n_group, E // n_group)
+    if group_score == "max":
+        group_score_TG = grouped_TGE.max(dim=-1).values
+    else:
+        group_score_TG = grouped_TGE.topk(2, dim=-1).values.sum(dim=-1)
+    top_groups_TG = group_score_TG.topk(topk_group, dim=-1, sorted=False).indices
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    return choice_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+class TopKRouter(nn.Module):
+    """Chooses K experts per token and their gates; counts the step's load per expert.
+
+    `expert_bias` is a buffer (never a parameter): `moe_step.apply_moe_step` updates it after each
+    optimizer step from `tokens_per_expert`, which accumulates over all micro-batches of the step.
+    """
+
+    def __init__(self, settings: RouterSettings, layer_idx: int) -> None:
+        super().__init__()
+        self.settings = settings
+        self.layer_idx = layer_idx
+        E = settings.num_experts
+        self.weight = nn.Parameter(torch.empty(E, settings.hidden_size))
+        self.bias = nn.Parameter(torch.empty(E)) if settings.linear_bias else None
+        self.register_buffer("expert_bias", torch.zeros(E))
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.half()`...: the routing bias stays float32 whatever the model's dtype
+        (a bias step of 0.001 is below bfloat16's resolution once |b| >= 0.5, and rounding it moves
+        tokens to other experts); only its device follows."""
+        bias = self.expert_bias
+        module = super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32 and bias.dtype == torch.float32 and not bias.is_meta:
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return module
+
+    def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None) -> Routing:
+        """`valid_len`: only the first positions of each sequence count in the loads and the balance
+        loss (an MTP depth k's last k positions hold wrapped-around tokens)."""
+        cfg = self.settings
+        B, S, H = x_BSH.shape
+        V = S if valid_len is None else valid_len
+        E, K = cfg.num_experts, cfg.top_k
+        with torch.autocast(x_BSH.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            logits_TE = F.linear(x_BSH.reshape(B * S, H).float(), self.weight.float(), bias)
+        if cfg.scores == "softmax_topk":
+            top_logits_TK, topk_idx_TK = logits_TE.topk(K, dim=-1)
+            gate_TK = top_logits_TK.softmax(dim=-1)
+            scores_TE = logits_TE.softmax(dim=-1)  # for the balance loss only
+        else:
+            scores_TE = logits_TE.sigmoid() if cfg.scores == "sigmoid" else logits_TE.softmax(dim=-1)
+            choice_TE = scores_TE.detach()
+            if cfg.balance_mode == "loss_free":
+                choice_TE = choice_TE + self.expert_bias
+            if cfg.group_limited:
+                choice_TE = limit_to_top_groups(choice_TE, cfg.n_group, cfg.topk_group, cfg.group_score)
+            topk_idx_TK = choice_TE.topk(K, dim=-1, sorted=False).indices
+            gate_TK = scores_TE.gather(1, topk_idx_TK)
+            if cfg.norm_topk_prob:
+                gate_TK = gate_TK / (gate_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.scaling_factor != 1.0:
+            gate_TK = gate_TK * cfg.scaling_factor
+
+        scores_BVE = scores_TE.view(B, S, E)[:, :V]
+        chosen_BVK = topk_idx_TK.view(B, S, K)[:, :V]
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += count_per_expert(chosen_BVK, E)
+        return Routing(topk_idx_TK, gate_TK, self._balance_loss(scores_BVE, chosen_BVK))
+
+    def _balance_loss(self, scores_BVE, chosen_BVK) -> Optional[torch.Tensor]:
+        cfg = self.settings
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        if cfg.balance_mode in ("loss_free", "seq_aux") and cfg.seq_aux_alpha > 0:
+            # f_i counts the top-K of the raw affinities, not the biased choice (eq. 18)
+            raw_topk_BVK = scores_BVE.detach().topk(cfg.top_k, dim=-1, sorted=False).indices
+            return cfg.seq_aux_alpha * sequence_balance_loss(scores_BVE, raw_topk_BVK)
+        if cfg.balance_mode == "aux_loss" and cfg.aux_loss_alpha > 0:
+            E, K = cfg.num_experts, cfg.top_k
+            return cfg.aux_loss_alpha * batch_balance_loss(scores_BVE.reshape(-1, E), chosen_BVK.reshape(-1, K))
+        return None
