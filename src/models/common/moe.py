@@ -30,8 +30,7 @@ class MoE(nn.Module):
         self.gate = gate
         self.experts = experts
         self.shared_experts = shared_experts
-        self.num_experts = experts.global_experts
-        self.dispatcher = LocalDispatcher(self.num_experts)
+        self.dispatcher = LocalDispatcher(experts.global_experts)
 
     def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns the layer output and the (alpha-weighted) balance loss, or None; `valid_len`: the

@@ -24,6 +24,10 @@ BALANCE_METRIC = {"loss_free": "loss/seq_aux", "seq_aux": "loss/seq_aux", "aux_l
 class MoEDecoderSpec(ModelSpec):
     """The spec of a decoder whose MoE layers are moetron.models.common.moe.MoE."""
 
+    # the config keys of the routed expert count, the expert groups and the groups a token may
+    # reach, for messages
+    experts_key, groups_key, group_limit_key = "model.n_routed_experts", "model.n_group", "model.topk_group"
+
     def routed_experts(self, cfg) -> int:
         return cfg.router_settings().num_experts
 
@@ -47,10 +51,6 @@ class MoEDecoderSpec(ModelSpec):
             out.append(f"node-limited routing maps expert groups to nodes: the EP group spans {ep_nodes} nodes, "
                        f"so set {self.groups_key}={ep_nodes} ({self.group_limit_key} = M, the most nodes per token)")
         return out
-
-    # the config keys of the routed expert count, the expert groups and the groups a token may
-    # reach, for messages
-    experts_key, groups_key, group_limit_key = "model.n_routed_experts", "model.n_group", "model.topk_group"
 
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
                     fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None) -> Parallelized:

@@ -32,7 +32,7 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
     if groups is None or groups.dims.ep == 1:  # None: one process
         for module in model.modules() if codec is not None else []:
             if isinstance(module, MoE):  # nothing travels, but the rows are rounded as they would be
-                module.dispatcher = LocalDispatcher(module.num_experts, codec)
+                module.dispatcher = LocalDispatcher(module.experts.global_experts, codec)
         return
     made.traffic = TrafficCounter()
     if dispatcher == "deepep":  # one set of (large) buffers for all layers
@@ -40,7 +40,7 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
     for module in model.modules():
         if isinstance(module, MoE):
             shard_experts(module.experts, groups.ep_rank, groups.dims.ep)
-            module.dispatcher = make_dispatcher(dispatcher, module.num_experts, groups, made.traffic,
+            module.dispatcher = make_dispatcher(dispatcher, module.experts.global_experts, groups, made.traffic,
                                                 made.dispatcher_buffers, codec)
             made.expert_params += list(module.experts.parameters())
 
