@@ -6,8 +6,8 @@ gives its ModelSpec (what the trainer asks of an architecture).
 """
 from __future__ import annotations
 
-from moetron.models.registry import build_model, get_spec, register_model
+from moetron.models.registry import build_model, get_spec, load_preset, register_model
 from moetron.models.spec import ModelSpec, Parallelized
-from moetron.models.deepseek_v3 import DeepSeekV3Config, load_preset
+from moetron.models.deepseek_v3 import DeepSeekV3Config
 
 __all__ = ["build_model", "get_spec", "register_model", "ModelSpec", "Parallelized", "DeepSeekV3Config", "load_preset"]

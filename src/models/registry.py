@@ -47,10 +47,31 @@ def build_model(cfg, device: Optional[torch.device | str] = None) -> nn.Module:
     return spec.build(spec.config(cfg), device)
 
 
+def load_preset(name: str, **overrides):
+    """`conf/model/<name>.yaml` as its architecture's validated config (`arch` in the file names it);
+    unknown keys raise an error naming them."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    folder = resources.files("moetron.conf").joinpath("model")
+    preset_file = folder.joinpath(f"{name}.yaml")
+    if not preset_file.is_file():
+        available = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+        raise ValueError(f"no model preset {name!r}; available: {available}")
+    preset = OmegaConf.create(preset_file.read_text())
+    preset.pop("defaults", None)  # Hydra's defaults list (the schema this merge applies itself)
+    spec = get_spec(preset.get("arch", "deepseek_v3"))
+    merged = OmegaConf.merge(OmegaConf.structured(spec.config_cls), preset, OmegaConf.create(overrides))
+    return spec.config(OmegaConf.to_object(merged))
+
+
 def _register_builtin() -> None:
     from moetron.models.deepseek_v3.spec import DeepSeekV3Spec
+    from moetron.models.qwen3_moe.spec import Qwen3MoeSpec
 
-    register_model(DeepSeekV3Spec())
+    for spec in (DeepSeekV3Spec(), Qwen3MoeSpec()):
+        register_model(spec)
 
 
 _register_builtin()

@@ -87,6 +87,8 @@ class ModelSpec:
     run_settings: tuple[str, ...] = ()
     # model-config keys that moved elsewhere -> where they are now (a checkpoint's saved config drops them)
     moved_keys: dict = {}
+    # how the family maps to its transformers model (moetron.models.common.hf_adapter.HFAdapter), or None
+    hf: Any = None
 
     # -- config and model ------------------------------------------------------------------------
     def config(self, node) -> Any:
@@ -180,12 +182,20 @@ class ModelSpec:
 
     # -- Hugging Face folders (moetron-export, model.init_from) -------------------------------------
     def save_hf(self, model: nn.Module, out_dir) -> None:
-        """Write the whole model (on the CPU) as a Hugging Face folder."""
-        raise NotImplementedError(f"{self.arch} has no Hugging Face export")
+        """Write the whole model (on the CPU) as a Hugging Face folder (through `hf`)."""
+        if self.hf is None:
+            raise NotImplementedError(f"{self.arch} has no Hugging Face export")
+        from moetron.models.hf import save_hf_folder
+
+        save_hf_folder(model, out_dir)
 
     def load_hf(self, cfg, folder) -> dict:
-        """The whole model's state dict (moetron names) from a Hugging Face folder."""
-        raise NotImplementedError(f"{self.arch} cannot start from a Hugging Face folder (model.init_from)")
+        """The whole model's state dict (moetron names) from a Hugging Face folder (through `hf`)."""
+        if self.hf is None:
+            raise NotImplementedError(f"{self.arch} cannot start from a Hugging Face folder (model.init_from)")
+        from moetron.models.hf import load_hf_folder
+
+        return load_hf_folder(cfg, folder)
 
     def flops_per_token(self, cfg, seq_len: int) -> float:
         """Model FLOPs of one training token, from the config (the same in every layout)."""
@@ -206,7 +216,7 @@ class ModelSpec:
         raise NotImplementedError(f"{self.arch} has no parameter counts for moetron-plan")
 
     def layer_costs(self, cfg, seq_len: int, recompute: bool, fp8_cache: bool) -> list:
-        """Per-token costs of each layer in order (moetron.models.deepseek_v3.layer_costs.LayerCost),
+        """Per-token costs of each layer in order (moetron.models.common.costs.LayerCost),
         for the planner."""
         raise NotImplementedError(f"{self.arch} has no per-layer costs: moetron-plan cannot plan it")
 

@@ -5,7 +5,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moetron.models import build_model, load_preset  # noqa: E402
-from moetron.models.hf import from_hf, hf_config_from, hf_key, to_hf  # noqa: E402
+from moetron.models.deepseek_v3.hf import hf_config_from, hf_key  # noqa: E402
+from moetron.models.hf import from_hf, to_hf  # noqa: E402
 
 ROUTING_SETTINGS = {
     "group_limited": dict(n_group=4, topk_group=2, num_experts_per_tok=2),
@@ -101,7 +102,7 @@ def test_yarn_as_deepseek_v3_publishes_it_gives_transformers_logits():
         assert _rel_err(plain(ids), hf_model(ids).logits) > 1e-3
 
 def test_an_activation_other_than_silu_is_refused():
-    from moetron.models.hf import config_from_hf
+    from moetron.models.deepseek_v3.hf import config_from_hf
 
     cfg = hf_config_from(load_preset("tiny"))
     cfg.hidden_act = "gelu"

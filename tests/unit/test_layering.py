@@ -54,7 +54,8 @@ MACHINERY = ["core", "comm", "parallel", "precision", "pipeline", "data", "check
 # keys every decoder's config has (or a spec reads through ModelSpec): the machinery may name these
 GENERIC_KEYS = {"arch", "vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "init_from",
                 "num_attention_heads", "intermediate_size", "rope_theta", "rms_norm_eps", "initializer_range",
-                "tie_word_embeddings", "rope_scaling"}
+                "tie_word_embeddings", "rope_scaling",
+                "num_experts"}  # also the routers' and dispatchers' own word (RouterSettings.num_experts)
 
 
 def _architecture_packages() -> set[str]:

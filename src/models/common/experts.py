@@ -110,12 +110,17 @@ def _loop_eager(x_SK, w_ENK, tokens_per_expert_E, store, w_param):
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts: `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj` [E, H, I],
-    the layout of transformers' DeepseekV3Experts."""
+    the layout of transformers' DeepseekV3Experts; with `bias`, `gate_up_proj_bias` [E, 2I] and
+    `down_proj_bias` [E, H] (GPT-OSS). `activation(gate, up)` is SwiGLU unless a family hands in
+    another (GPT-OSS's clamped one)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 activation=swiglu) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
         self.recompute_swiglu = False  # a slot the recompute converter sets
         self.use_grouped_mm = True
         self.weight_grad_store = None  # handed in by parallelize's converter, to defer weight gradients to W
@@ -124,7 +129,7 @@ class GroupedExperts(nn.Module):
         # a grouped GEMM of another precision (FP8: moetron.precision.convert hands one in), called
         # as expert_gemm(x_SK, w_ENK, tokens_per_expert_E, weight_grad_store); None: grouped_mm
         self.expert_gemm = None
-        self.activation = swiglu  # a converter may hand in another (FP8: inputs cached in FP8)
+        self.activation = activation  # a converter may hand in another (FP8: inputs cached in FP8)
 
     def _gemm(self, x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         if self.expert_gemm is not None:
@@ -132,9 +137,19 @@ class GroupedExperts(nn.Module):
         return grouped_mm(x_SK, w_ENK, tokens_per_expert_E, self.use_grouped_mm, self.weight_grad_store)
 
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        gate_up_S2I = self._gemm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E)
+        gate_up_S2I = _add_row_bias(self._gemm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E),
+                                    self.gate_up_proj_bias, tokens_per_expert_E)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
         act_SI, region = maybe_recompute(self.recompute_swiglu, self.activation, gate_SI, up_SI)
-        y_SH = self._gemm(act_SI, self.down_proj, tokens_per_expert_E)
+        y_SH = _add_row_bias(self._gemm(act_SI, self.down_proj, tokens_per_expert_E), self.down_proj_bias,
+                             tokens_per_expert_E)
         discard_all([region], after=y_SH)
         return y_SH
+
+
+def _add_row_bias(y_SN: torch.Tensor, bias_EN, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """y plus each row's expert's bias (rows grouped by expert, `tokens_per_expert_E` of each)."""
+    if bias_EN is None:
+        return y_SN
+    rows_bias_SN = bias_EN.repeat_interleave(tokens_per_expert_E, dim=0, output_size=y_SN.shape[0])
+    return y_SN + rows_bias_SN.to(y_SN.dtype)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetron.models.common.costs import CoreCost
 from moetron.models.common.norm import RMSNorm
 from moetron.models.common.rope import apply_rotary, softmax_scale_factor
 from moetron.parallel.recompute import discard_all, maybe_recompute
@@ -43,6 +44,13 @@ class MLA(nn.Module):
         self.recompute_norm = False
         self.recompute_mla_up_proj = False
         self.o_proj = nn.Linear(N * cfg.v_head_dim, H, bias=False)
+
+    def core_cost(self, seq_len: int) -> CoreCost:
+        """Causal: S / 2 keys per query; q and k of qk_head_dim, v and the output of v_head_dim per head."""
+        cfg = self.cfg
+        N = cfg.num_attention_heads
+        return CoreCost(2.0 * seq_len / 2 * N * (cfg.qk_head_dim + cfg.v_head_dim),
+                        N * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim))
 
     def _up_project(self, q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, norm_regions=None):
         """Eqs. 1-8 after the down-projections: latents -> q, k, v of shape [B, N, S, D].

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from moetron.models.common import costs
 from moetron.models.common.moe_step import apply_moe_step, local_moe_stats
 from moetron.models.common.parallelize import parallelize
 from moetron.models.spec import ModelSpec, Parallelized, piecewise
@@ -51,6 +52,16 @@ class MoEDecoderSpec(ModelSpec):
             out.append(f"node-limited routing maps expert groups to nodes: the EP group spans {ep_nodes} nodes, "
                        f"so set {self.groups_key}={ep_nodes} ({self.group_limit_key} = M, the most nodes per token)")
         return out
+
+    # -- counts and costs, read off the modules on the meta device (moetron.models.common.costs) -----
+    def parameter_counts(self, cfg) -> tuple[int, int]:
+        return costs.parameter_counts(self.build(cfg, "meta"))
+
+    def flops_per_token(self, cfg, seq_len: int) -> float:
+        return costs.training_flops_per_token(self.build(cfg, "meta"), seq_len)
+
+    def layer_costs(self, cfg, seq_len: int, recompute: bool, fp8_cache: bool) -> list:
+        return costs.layer_costs(self.build(cfg, "meta"), seq_len, recompute, fp8_cache)
 
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
                     fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None) -> Parallelized:

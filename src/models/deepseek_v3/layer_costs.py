@@ -21,30 +21,9 @@ E4M3 tiles (1 byte plus a float32 scale per 128).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from moetron.models.common.costs import BF16, FP8, LayerCost
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.models.deepseek_v3.params import _attention, _block
-
-BF16, FP8 = 2.0, 1.0 + 4.0 / 128  # bytes per element (FP8: a float32 scale per 1x128 tile)
-
-
-@dataclass
-class LayerCost:
-    kind: str  # embedding | dense | moe | head | mtp
-    fp8_flops: float  # forward GEMM FLOPs per token that FP8 may run
-    bf16_flops: float  # forward GEMM FLOPs per token kept in BF16 (router, output head)
-    attention_flops: float  # forward attention core per token (causal)
-    params: int  # parameters, routed experts included
-    routed_params: int  # routed experts' parameters (sharded over EP)
-    routed_copies: int  # copies of each token sent to experts (top-K); 0 without MoE
-    act_bytes: float  # activations kept for the backward, bytes per token
-    recompute_flops: float = 0.0  # forward FLOPs the backward runs again (recompute policy)
-    routed_flops: float = 0.0  # the part of fp8_flops in routed experts (load imbalance slows it)
-    traffic_bytes: float = 0.0  # activations the layer writes, bytes per token (recomputed or not)
-
-    def forward_flops(self) -> float:
-        return self.fp8_flops + self.bf16_flops + self.attention_flops
 
 
 def _mla(cfg: DeepSeekV3Config, S: int, recompute: bool) -> tuple[float, float, float, float]:

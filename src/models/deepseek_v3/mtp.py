@@ -19,11 +19,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from moetron.models.common.decoder_lm import IGNORE_INDEX
 from moetron.models.common.norm import RMSNorm
 from moetron.models.deepseek_v3.block import decoder_layer
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "MTPModule", "mtp_depths", "shift_left"]
 
 
 def shift_left(ids_BS: torch.Tensor, k: int, fill: Optional[int] = None) -> torch.Tensor:

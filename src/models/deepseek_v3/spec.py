@@ -8,7 +8,7 @@ from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.models.deepseek_v3.layer_costs import layer_costs
 from moetron.models.deepseek_v3.model import DeepSeekV3
 from moetron.models.deepseek_v3.params import count_parameters, training_flops_per_token
-from moetron.models.hf import load_hf_folder, save_hf_folder
+from moetron.models.deepseek_v3.hf import ADAPTER
 from moetron.models.spec import piecewise
 
 # the report's schedules in tokens, where train.* leaves them unset (None): lambda from the model
@@ -23,6 +23,7 @@ class DeepSeekV3Spec(MoEDecoderSpec):
     run_settings = ("mtp_loss_weight", "bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "init_from")
     moved_keys = {"recompute_norm": "recompute.norm", "recompute_mla_up_proj": "recompute.mla_up_proj",
                   "recompute_swiglu": "recompute.swiglu"}
+    hf = ADAPTER
 
     def build_module(self, cfg: DeepSeekV3Config) -> nn.Module:
         return DeepSeekV3(cfg)
@@ -41,12 +42,6 @@ class DeepSeekV3Spec(MoEDecoderSpec):
     def bias_update_schedule(self, cfg: DeepSeekV3Config, train_cfg) -> list:
         """The speed u (0.001), then 0 after 14.3T tokens, unless `train.bias_update_schedule` says."""
         return train_cfg.bias_update_schedule or [[0, cfg.bias_update_speed], list(BIAS_SPEED_LATER)]
-
-    def save_hf(self, model: nn.Module, out_dir) -> None:
-        save_hf_folder(model, out_dir)
-
-    def load_hf(self, cfg: DeepSeekV3Config, folder) -> dict:
-        return load_hf_folder(cfg, folder)
 
     def flops_per_token(self, cfg: DeepSeekV3Config, seq_len: int) -> float:
         return training_flops_per_token(cfg, seq_len)

@@ -1,0 +1,35 @@
+"""Checks every family's config runs in `validate()`: each problem names the key and the fix."""
+from __future__ import annotations
+
+from moetron.models.common.router import BALANCE_MODES
+
+
+def count_problems(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> list[str]:
+    """Fields that must be >= 1 (None allowed: an optional width) and fields that must be >= 0."""
+    problems = [f"model.{key}={getattr(cfg, key)} must be at least 1" for key in positive
+                if getattr(cfg, key) is not None and getattr(cfg, key) < 1]
+    return problems + [f"model.{key}={getattr(cfg, key)} must be at least 0" for key in non_negative
+                       if getattr(cfg, key) < 0]
+
+
+def routing_problems(num_experts: int, top_k: int, balance_mode: str, experts_key: str, top_k_key: str) -> list[str]:
+    problems = []
+    if balance_mode not in BALANCE_MODES:
+        problems.append(f"model.balance_mode={balance_mode!r}: choose one of {BALANCE_MODES}")
+    if num_experts and top_k > num_experts:
+        problems.append(f"model.{top_k_key}={top_k} exceeds model.{experts_key}={num_experts}: lower it")
+    return problems
+
+
+def attention_problems(num_heads: int, num_kv_heads: int, head_dim: int) -> list[str]:
+    problems = []
+    if num_heads % num_kv_heads:
+        problems.append(f"model.num_key_value_heads={num_kv_heads} must divide model.num_attention_heads={num_heads}")
+    if head_dim % 2:
+        problems.append(f"model.head_dim={head_dim} must be even (rotary pairs)")
+    return problems
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("invalid model config:\n  " + "\n  ".join(problems))

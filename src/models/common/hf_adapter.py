@@ -1,0 +1,118 @@
+"""How one family maps to its transformers model: config fields, state-dict keys and tensor layouts.
+
+A family's spec holds an `HFAdapter` (`spec.hf`); `moetron.models.hf` does the rest for every family
+(`from_hf`, `to_hf`, Hugging Face folders for `moetron-export` and `model.init_from`). moetron names
+its modules as transformers does without the `model.` prefix, so most adapters are a list of shared
+config fields and a few renames; a family whose tensors are laid out otherwise (per-expert weights,
+transposed stacks) overrides `to_hf_state` / `from_hf_state`.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from moetron.models.common.rope import YARN_KEYS
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("Hugging Face interop needs transformers: pip install 'moetron[test]' "
+                          "or pip install transformers") from err
+    return transformers
+
+
+def rope_from_hf(hf_config) -> tuple[float, Optional[dict]]:
+    """(rope_theta, moetron's rope_scaling: None for plain RoPE, a YaRN mapping) of a transformers
+    config; other scaled RoPE variants are refused rather than silently mis-mapped."""
+    rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise NotImplementedError(f"rope_type={kind!r}: moetron implements plain RoPE and YaRN")
+    theta = float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    if kind != "yarn":
+        return theta, None
+    return theta, {"type": "yarn", **{k: v for k, v in rope.items() if k in YARN_KEYS - {"type", "rope_type"}}}
+
+
+def rope_to_hf(rope_theta: float, rope_scaling: Optional[dict]) -> dict:
+    """transformers' `rope_parameters` of moetron's rope settings."""
+    if not rope_scaling:
+        return {"rope_type": "default", "rope_theta": rope_theta}
+    return {**{k: v for k, v in rope_scaling.items() if k != "type"}, "rope_type": "yarn", "rope_theta": rope_theta}
+
+
+def refuse_other_activation(hf_config, field: str = "hidden_act") -> None:
+    act = getattr(hf_config, field, "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"{field}={act!r}: moetron's experts and MLPs are SwiGLU (SiLU); this config uses "
+                         "another activation")
+
+
+class HFAdapter:
+    """One family's mapping; subclasses set the class attributes and the two config methods."""
+
+    model_type: str = ""  # transformers' `config.model_type`
+    causal_lm: str = ""  # transformers' model class, e.g. "Qwen3MoeForCausalLM"
+    shared_fields: tuple[str, ...] = ()  # config fields of the same name and meaning on both sides
+    renames: tuple[tuple[str, str], ...] = ()  # (ours, theirs) parts of state-dict keys
+    # config fields that shape no weight: a folder made for fewer positions may start a longer run
+    positional: frozenset = frozenset({"max_position_embeddings", "rope_scaling"})
+
+    # -- configs -----------------------------------------------------------------------------------
+    def config_from_hf(self, hf_config, **overrides) -> Any:
+        """moetron's config equal to a transformers config (plus `overrides`), validated."""
+        raise NotImplementedError
+
+    def hf_config(self, cfg, **overrides) -> Any:
+        """A transformers config of the same model."""
+        raise NotImplementedError
+
+    def compared_fields(self) -> tuple[str, ...]:
+        """Fields a Hugging Face folder's config must share with the model it starts."""
+        return tuple(f for f in (*self.shared_fields, "rope_theta") if f not in self.positional)
+
+    # -- state dicts -------------------------------------------------------------------------------
+    def hf_key(self, key: str) -> Optional[str]:
+        """transformers' key of a moetron key; None for tensors transformers has no place for."""
+        if self.ours_only(key):
+            return None
+        for ours, theirs in self.renames:
+            key = key.replace(ours, theirs)
+        return key if key.startswith("lm_head.") else "model." + key
+
+    def ours_only(self, key: str) -> bool:
+        """A moetron tensor with no transformers counterpart (kept as initialised on import)."""
+        return False
+
+    def to_hf_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.hf_key(k): v for k, v in state.items() if self.hf_key(k) is not None}
+
+    def from_hf_state(self, hf_state: dict[str, torch.Tensor], our_keys) -> dict[str, torch.Tensor]:
+        """moetron's tensors from transformers' (keys of ours it has no tensor for are left out)."""
+        theirs_to_ours = {self.hf_key(k): k for k in our_keys if self.hf_key(k) is not None}
+        unknown = sorted(set(hf_state) - set(theirs_to_ours))
+        if unknown:
+            raise ValueError(f"Hugging Face tensors with no moetron counterpart: {unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''}")
+        return {ours: hf_state[theirs] for theirs, ours in theirs_to_ours.items() if theirs in hf_state}
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def prepare_hf_model(self, hf_model) -> None:
+        """Adjust a freshly built transformers model before moetron's weights are copied in."""
+
+    def import_notes(self, cfg) -> list[str]:
+        """Warnings for a model imported from transformers (what starts fresh)."""
+        return []
+
+    def export_notes(self, model) -> list[str]:
+        """Warnings for a model exported to transformers (what is left out)."""
+        return []
+
+    def save_extra(self, model, out_dir) -> None:
+        """Tensors transformers has no place for, written beside the Hugging Face files."""
+
+    def load_extra(self, cfg, folder, state: dict) -> None:
+        """Add what `save_extra` wrote to `state` (moetron names)."""

@@ -1,0 +1,101 @@
+"""DeepSeek-V3 against transformers' `DeepseekV3ForCausalLM` (moetron.models.hf does the copying).
+
+moetron names its modules as transformers does (minus the `model.` prefix): the routing bias is
+`expert_bias` here and `e_score_correction_bias` there. MTP modules have no counterpart in
+transformers' DeepseekV3ForCausalLM (its loader ignores layer 61 of DeepSeek's checkpoint): an
+export leaves them out of the model and writes them to MTP_FILE beside it; an import from a
+transformers model keeps ours freshly initialised. Both warn.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from moetron.models.common.hf_adapter import (HFAdapter, import_transformers, refuse_other_activation,
+                                              rope_from_hf, rope_to_hf)
+from moetron.models.deepseek_v3.config import DeepSeekV3Config
+
+MTP_FILE = "mtp.safetensors"  # MTP weights, beside the Hugging Face files (moetron names)
+
+
+class DeepSeekV3HF(HFAdapter):
+    model_type = "deepseek_v3"
+    causal_lm = "DeepseekV3ForCausalLM"
+    shared_fields = (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "rope_interleave", "max_position_embeddings", "n_routed_experts",
+        "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "routed_scaling_factor",
+        "norm_topk_prob", "rms_norm_eps", "initializer_range", "tie_word_embeddings",
+    )
+    renames = ((".gate.expert_bias", ".gate.e_score_correction_bias"),)
+
+    def config_from_hf(self, hf_config, **overrides) -> DeepSeekV3Config:
+        refuse_other_activation(hf_config)
+        if hf_config.num_key_value_heads != hf_config.num_attention_heads:
+            raise ValueError("MLA has one key/value per head: num_key_value_heads must equal num_attention_heads")
+        fields = {name: getattr(hf_config, name) for name in self.shared_fields}
+        fields["rope_theta"], fields["rope_scaling"] = rope_from_hf(hf_config)
+        fields["num_nextn_predict_layers"] = int(getattr(hf_config, "num_nextn_predict_layers", 0) or 0)
+        fields.update(overrides)
+        return DeepSeekV3Config(**fields).validate()
+
+    def hf_config(self, cfg: DeepSeekV3Config, **overrides):
+        fields = {name: getattr(cfg, name) for name in self.shared_fields}
+        fields["rope_parameters"] = rope_to_hf(cfg.rope_theta, cfg.rope_scaling)
+        fields["num_key_value_heads"] = cfg.num_attention_heads
+        fields["num_nextn_predict_layers"] = cfg.num_nextn_predict_layers  # recorded; the HF model builds none
+        fields.update(overrides)
+        return import_transformers().DeepseekV3Config(**fields)
+
+    def ours_only(self, key: str) -> bool:
+        return key.startswith("mtp.")
+
+    def prepare_hf_model(self, hf_model) -> None:
+        for module in hf_model.modules():  # routing biases in float32 there too (TopKRouter._apply says why)
+            if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
+                module.e_score_correction_bias = module.e_score_correction_bias.float()
+
+    def import_notes(self, cfg: DeepSeekV3Config) -> list[str]:
+        return ["transformers' DeepseekV3ForCausalLM has no MTP modules: moetron's "
+                f"{cfg.num_nextn_predict_layers} MTP depth(s) keep their fresh initialisation"
+                ] if cfg.num_nextn_predict_layers else []
+
+    def export_notes(self, model) -> list[str]:
+        return [f"to_hf leaves out {len(model.mtp)} MTP depth(s): transformers' DeepseekV3ForCausalLM "
+                "has no MTP modules"] if len(model.mtp) else []
+
+    def save_extra(self, model, out_dir) -> None:
+        from safetensors.torch import save_file
+
+        mtp = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith("mtp.")}
+        if mtp:
+            save_file(mtp, str(Path(out_dir) / MTP_FILE))
+
+    def load_extra(self, cfg: DeepSeekV3Config, folder, state: dict) -> None:
+        from safetensors.torch import load_file
+
+        if (Path(folder) / MTP_FILE).is_file():
+            state.update(load_file(str(Path(folder) / MTP_FILE)))
+        elif cfg.num_nextn_predict_layers:
+            warnings.warn(f"{folder} has no {MTP_FILE}: the MTP depths start from a fresh initialisation")
+
+
+ADAPTER = DeepSeekV3HF()
+
+
+def hf_key(key: str):
+    """The transformers state-dict key of a moetron key (None for MTP tensors)."""
+    return ADAPTER.hf_key(key)
+
+
+def config_from_hf(hf_config, **overrides) -> DeepSeekV3Config:
+    """A moetron config equal to a transformers DeepseekV3Config (plus `overrides`)."""
+    return ADAPTER.config_from_hf(hf_config, **overrides)
+
+
+def hf_config_from(cfg: DeepSeekV3Config, **overrides):
+    """A transformers DeepseekV3Config describing the same main model (MTP excluded)."""
+    return ADAPTER.hf_config(cfg, **overrides)

@@ -1,0 +1,113 @@
+"""Every family of the zoo against its transformers model, weight for weight: logits of a random tiny
+transformers model (every layer kind the family has) equal moetron's, an export and import are
+bitwise, a Hugging Face folder starts a run (model.init_from), and `from_hf` / `to_hf` pick the
+family from the model they are given."""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moetron.models import build_model, get_spec, load_preset  # noqa: E402
+from moetron.models.hf import from_hf, to_hf  # noqa: E402
+
+# family preset -> variants of its tiny config that change which code runs
+VARIANTS = {
+    "qwen3_moe_tiny": {
+        "dense_first": {},
+        "sliding_window": dict(use_sliding_window=True, sliding_window=7),
+        "unnormalised_every_other": dict(norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[]),
+    },
+}
+CASES = [(preset, variant) for preset, variants in VARIANTS.items() for variant in variants]
+
+
+def _hf_model(preset: str, variant: str, seed: int):
+    torch.manual_seed(seed)
+    cfg = load_preset(preset, **VARIANTS[preset][variant])
+    hf_cfg = get_spec(cfg.arch).hf.hf_config(cfg)
+    hf_cfg._attn_implementation = "eager"
+    hf_model = getattr(transformers, get_spec(cfg.arch).hf.causal_lm)(hf_cfg).eval()
+    with torch.no_grad():  # transformers initialises some tensors to constants: make every one matter
+        for name, tensor in hf_model.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.copy_(1.0 + 0.1 * torch.randn_like(tensor))
+            elif name.endswith("bias") or name.endswith("sinks"):
+                tensor.normal_(0.0, 0.1)
+    return hf_model
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("preset,variant", CASES)
+def test_from_hf_gives_transformers_logits(preset, variant, seed):
+    hf_model = _hf_model(preset, variant, seed)
+    model = from_hf(hf_model).eval()
+    assert model.cfg.arch == load_preset(preset).arch  # the family comes from the transformers model
+    ids = torch.randint(0, hf_model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(seed))
+    ours, theirs = _logits(model, ids), _logits(hf_model, ids)
+    assert ours.shape == theirs.shape == (3, 40, hf_model.config.vocab_size)
+    # float32, same weights and routing; only summation order differs (SDPA vs eager attention,
+    # grouped vs looped experts): a few ulps, far inside 1e-5 of the largest logit
+    assert _rel_err(ours, theirs) < 1e-5
+    assert _rel_err(ours, _logits(_hf_model(preset, variant, seed + 10), ids)) > 1e-3  # other weights: other logits
+
+
+@pytest.mark.parametrize("preset,variant", CASES)
+def test_export_then_import_is_bitwise(preset, variant):
+    hf_model = _hf_model(preset, variant, seed=5)
+    back = to_hf(from_hf(hf_model))
+    original, returned = hf_model.state_dict(), back.state_dict()
+    assert original.keys() == returned.keys()
+    for key in original:
+        assert torch.equal(original[key], returned[key]), key
+
+
+@pytest.mark.parametrize("preset", list(VARIANTS))
+def test_a_trained_model_exports_to_transformers_and_starts_a_run_from_its_folder(preset, tmp_path):
+    cfg = load_preset(preset)
+    spec = get_spec(cfg.arch)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):  # weights no initialiser would give
+        model(ids, ids.roll(-1, 1)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    spec.save_hf(model.eval(), tmp_path / "hf")
+    hf_model = getattr(transformers, spec.hf.causal_lm).from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+    assert _rel_err(_logits(hf_model.eval(), ids), _logits(model, ids)) < 1e-5
+    state = spec.load_hf(cfg, tmp_path / "hf")  # what model.init_from loads
+    mine = model.state_dict()
+    assert state.keys() == mine.keys()
+    for key in mine:
+        assert torch.equal(state[key], mine[key]), key
+
+
+@pytest.mark.parametrize("preset", list(VARIANTS))
+def test_init_from_a_folder_of_another_shape_names_the_keys(preset, tmp_path):
+    cfg = load_preset(preset)
+    spec = get_spec(cfg.arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec.save_hf(build_model(cfg).eval(), tmp_path / "hf")
+    wider = load_preset(preset, hidden_size=2 * cfg.hidden_size)
+    with pytest.raises(ValueError, match="differs from the model's in model.hidden_size"):
+        spec.load_hf(wider, tmp_path / "hf")
+
+
+def test_an_unknown_transformers_family_is_named():
+    hf_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="model_type='llama' has no moetron family"):
+        from_hf(transformers.LlamaForCausalLM(hf_cfg))

@@ -1,0 +1,55 @@
+"""Every published-size preset holds its published config.json (tests/published_configs/), and its
+parameter count, read off moetron's modules on the meta device, equals transformers' own model of
+that config on the meta device, exactly, and rounds to the published total and activated figures."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moetron.models import get_spec, load_preset  # noqa: E402
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "published_configs"
+# preset -> (config.json, published total, its last digit's unit, activated, its unit, whether the
+# activated figure counts the input embedding table: Qwen's do, DeepSeek's do not)
+PRESETS = {
+    "qwen3_30b_a3b": ("Qwen--Qwen3-30B-A3B.json", 30.5e9, 0.1e9, 3.3e9, 0.1e9, True),
+    "qwen3_235b_a22b": ("Qwen--Qwen3-235B-A22B.json", 235e9, 1e9, 22e9, 1e9, True),
+}
+
+
+def _published_config(file: str):
+    fields = json.loads((PUBLISHED / file).read_text())
+    return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def _rounds_to(count: float, figure: float, unit: float) -> bool:
+    """`figure` is `count` rounded, or cut, to `unit`."""
+    return figure - unit / 2 <= count < figure + unit
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_preset_holds_the_published_config(preset):
+    cfg = load_preset(preset)
+    adapter = get_spec(cfg.arch).hf
+    published = adapter.config_from_hf(_published_config(PRESETS[preset][0]))
+    for field in (*adapter.shared_fields, "rope_theta", "rope_scaling"):
+        assert getattr(cfg, field) == getattr(published, field), field
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_parameter_counts_equal_transformers_and_the_published_figures(preset):
+    file, total_figure, total_unit, active_figure, active_unit, embedding_counted = PRESETS[preset]
+    cfg = load_preset(preset)
+    spec = get_spec(cfg.arch)
+    with torch.device("meta"):
+        hf_model = getattr(transformers, spec.hf.causal_lm)(_published_config(file))
+    theirs = sum(p.numel() for p in hf_model.parameters())
+    total, active = spec.parameter_counts(cfg)
+    assert total == theirs
+    assert _rounds_to(total, total_figure, total_unit), total
+    if embedding_counted:
+        active += cfg.vocab_size * cfg.hidden_size
+    assert _rounds_to(active, active_figure, active_unit), active
