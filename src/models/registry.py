@@ -68,9 +68,10 @@ def load_preset(name: str, **overrides):
 
 def _register_builtin() -> None:
     from moetron.models.deepseek_v3.spec import DeepSeekV3Spec
+    from moetron.models.mixtral.spec import MixtralSpec
     from moetron.models.qwen3_moe.spec import Qwen3MoeSpec
 
-    for spec in (DeepSeekV3Spec(), Qwen3MoeSpec()):
+    for spec in (DeepSeekV3Spec(), Qwen3MoeSpec(), MixtralSpec()):
         register_model(spec)
 
 

@@ -19,6 +19,10 @@ VARIANTS = {
         "sliding_window": dict(use_sliding_window=True, sliding_window=7),
         "unnormalised_every_other": dict(norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[]),
     },
+    "mixtral_tiny": {
+        "full": {},
+        "sliding_window_wide_heads": dict(sliding_window=9, head_dim=24),
+    },
 }
 CASES = [(preset, variant) for preset, variants in VARIANTS.items() for variant in variants]
 

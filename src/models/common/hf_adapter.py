@@ -116,3 +116,37 @@ class HFAdapter:
 
     def load_extra(self, cfg, folder, state: dict) -> None:
         """Add what `save_extra` wrote to `state` (moetron names)."""
+
+
+def routing_bias_notes(model) -> list[str]:
+    """A warning when loss-free routing biases (which the transformers model has no place for) are set."""
+    biased = [name for name, buf in model.named_buffers() if name.endswith("expert_bias") and bool(buf.any())]
+    return [f"to_hf leaves out the loss-free routing biases of {len(biased)} layer(s): transformers' "
+            f"{model.cfg.arch} routes without them, so its choices of experts differ"] if biased else []
+
+
+class SameNamesHF(HFAdapter):
+    """A family whose config fields have transformers' names (RoPE apart), SwiGLU experts, and routers
+    without a routing bias there: moetron's (balance_mode=loss_free) is left out, with a warning."""
+
+    config_cls: type = object  # moetron's config class
+    hf_config_cls: str = ""  # transformers' config class, e.g. "Qwen3MoeConfig"
+
+    def config_from_hf(self, hf_config, **overrides):
+        refuse_other_activation(hf_config)
+        fields = {name: getattr(hf_config, name, None) for name in self.shared_fields}
+        fields["rope_theta"], fields["rope_scaling"] = rope_from_hf(hf_config)
+        fields.update(overrides)
+        return self.config_cls(**fields).validate()
+
+    def hf_config(self, cfg, **overrides):
+        fields = {name: getattr(cfg, name) for name in self.shared_fields}
+        fields["rope_parameters"] = rope_to_hf(cfg.rope_theta, cfg.rope_scaling)
+        fields.update(overrides)
+        return getattr(import_transformers(), self.hf_config_cls)(**fields)
+
+    def ours_only(self, key: str) -> bool:
+        return key.endswith(".gate.expert_bias")
+
+    def export_notes(self, model) -> list[str]:
+        return routing_bias_notes(model)
