@@ -67,11 +67,12 @@ def load_preset(name: str, **overrides):
 
 
 def _register_builtin() -> None:
+    from moetron.models.deepseek_v2.spec import DeepSeekV2Spec
     from moetron.models.deepseek_v3.spec import DeepSeekV3Spec
     from moetron.models.mixtral.spec import MixtralSpec
     from moetron.models.qwen3_moe.spec import Qwen3MoeSpec
 
-    for spec in (DeepSeekV3Spec(), Qwen3MoeSpec(), MixtralSpec()):
+    for spec in (DeepSeekV3Spec(), Qwen3MoeSpec(), MixtralSpec(), DeepSeekV2Spec()):
         register_model(spec)
 
 

@@ -23,6 +23,13 @@ VARIANTS = {
         "full": {},
         "sliding_window_wide_heads": dict(sliding_window=9, head_dim=24),
     },
+    "deepseek_v2_tiny": {
+        "group_limited_no_q_lora": {},
+        "greedy_q_lora_yarn": dict(topk_method="greedy", q_lora_rank=24, num_experts_per_tok=3, routed_scaling_factor=1.0,
+                                   rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 16,
+                                                 "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                                                 "mscale_all_dim": 0.707}),
+    },
 }
 CASES = [(preset, variant) for preset, variants in VARIANTS.items() for variant in variants]
 

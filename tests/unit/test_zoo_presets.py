@@ -17,6 +17,8 @@ PUBLISHED = Path(__file__).resolve().parents[1] / "published_configs"
 PRESETS = {
     "qwen3_30b_a3b": ("Qwen--Qwen3-30B-A3B.json", 30.5e9, 0.1e9, 3.3e9, 0.1e9, True),
     "qwen3_235b_a22b": ("Qwen--Qwen3-235B-A22B.json", 235e9, 1e9, 22e9, 1e9, True),
+    "deepseek_v2_lite": ("deepseek-ai--DeepSeek-V2-Lite.json", 15.7e9, 0.1e9, 2.4e9, 0.1e9, False),
+    "deepseek_v2": ("deepseek-ai--DeepSeek-V2.json", 236e9, 1e9, 21e9, 1e9, False),
     "mixtral_8x7b": ("mistralai--Mixtral-8x7B-v0.1.json", 46.7e9, 0.1e9, 12.9e9, 0.1e9, True),
 }
 

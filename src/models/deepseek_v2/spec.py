@@ -1,0 +1,19 @@
+"""DeepSeek-V2's model spec: an MoE decoder of the shared parts (moetron.models.common.moe_spec)."""
+from __future__ import annotations
+
+from torch import nn
+
+from moetron.models.common.moe_spec import MoEDecoderSpec
+from moetron.models.deepseek_v2.config import DeepSeekV2Config
+from moetron.models.deepseek_v2.hf import DeepSeekV2HF
+from moetron.models.deepseek_v2.model import DeepSeekV2
+
+
+class DeepSeekV2Spec(MoEDecoderSpec):
+    arch = "deepseek_v2"
+    config_cls = DeepSeekV2Config
+    run_settings = ("aux_loss_alpha", "seq_aux", "bias_update_speed", "init_from")
+    hf = DeepSeekV2HF()
+
+    def build_module(self, cfg: DeepSeekV2Config) -> nn.Module:
+        return DeepSeekV2(cfg)
