@@ -104,7 +104,8 @@ def load_hf_folder(cfg, folder) -> dict:
         raise ValueError(f"model.init_from={folder}: a {hf_model.config.model_type} model, not "
                          f"{adapter.model_type} (model.arch={cfg.arch})")
     theirs = adapter.config_from_hf(hf_model.config)
-    differ = [f for f in adapter.compared_fields() if getattr(theirs, f) != getattr(cfg, f)]
+    ours = adapter.config_from_hf(adapter.hf_config(cfg))  # as transformers would read it (defaults filled)
+    differ = [f for f in adapter.compared_fields() if getattr(theirs, f) != getattr(ours, f)]
     if differ:
         raise ValueError(f"model.init_from={folder}: its config differs from the model's in "
                          f"{', '.join('model.' + f for f in differ)}; set them as the folder's config.json has them")

@@ -69,10 +69,11 @@ def load_preset(name: str, **overrides):
 def _register_builtin() -> None:
     from moetron.models.deepseek_v2.spec import DeepSeekV2Spec
     from moetron.models.deepseek_v3.spec import DeepSeekV3Spec
+    from moetron.models.gpt_oss.spec import GptOssSpec
     from moetron.models.mixtral.spec import MixtralSpec
     from moetron.models.qwen3_moe.spec import Qwen3MoeSpec
 
-    for spec in (DeepSeekV3Spec(), Qwen3MoeSpec(), MixtralSpec(), DeepSeekV2Spec()):
+    for spec in (DeepSeekV3Spec(), Qwen3MoeSpec(), MixtralSpec(), DeepSeekV2Spec(), GptOssSpec()):
         register_model(spec)
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 from torch import nn
 
+from moetron.core.activations import swiglu
 from moetron.core.convert import replace_modules
 from moetron.precision.fp8_linear import FP8GroupedGemm, FP8Linear
 from moetron.precision.fp8_swiglu import fp8_cached_swiglu
@@ -75,6 +76,6 @@ def convert_to_fp8(module: nn.Module, recipe: FP8Recipe, high_precision_inputs: 
         if hasattr(m, "expert_gemm"):
             m.expert_gemm = FP8GroupedGemm(expert_backend, recipe.dispatch, recipe.cache_activations)
             count += 1
-        if recipe.cache_activations and hasattr(m, "activation"):
-            m.activation = fp8_cached_swiglu
+        if recipe.cache_activations and getattr(m, "activation", None) is swiglu:
+            m.activation = fp8_cached_swiglu  # another activation (GPT-OSS's clamped one) keeps its inputs
     return count

@@ -74,7 +74,8 @@ class _FP8LinearFn(torch.autograd.Function):
 
 
 class FP8Linear(nn.Linear):
-    """nn.Linear (no bias) whose three GEMMs run in FP8 on `backend` ("emulated" or "torch")."""
+    """nn.Linear whose three GEMMs run in FP8 on `backend` ("emulated" or "torch"); a bias (GPT-OSS's
+    attention has them) is added after the GEMM in the output's precision."""
 
     def __init__(self, in_features: int, out_features: int, backend: str = "emulated", cache_input: bool = False,
                  device=None, dtype=None):
@@ -84,15 +85,14 @@ class FP8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str, cache_input: bool = False) -> "FP8Linear":
-        """An FP8Linear holding `linear`'s own weight (not a copy)."""
-        if linear.bias is not None:
-            raise ValueError("FP8Linear has no bias; DeepSeek-V3's linears have none")
+        """An FP8Linear holding `linear`'s own weight and bias (not copies)."""
         new = cls(linear.in_features, linear.out_features, backend, cache_input, device="meta")
-        new.weight = linear.weight
+        new.weight, new.bias = linear.weight, linear.bias
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.backend, self.weight_grad_store, self.cache_input)
+        y = fp8_linear(x, self.weight, self.backend, self.weight_grad_store, self.cache_input)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}, cache_input={self.cache_input}"

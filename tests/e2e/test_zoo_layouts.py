@@ -6,7 +6,7 @@ import pytest
 from tests.e2e.test_expert_parallel_cli import torchrun
 from tests.e2e.test_train_cli import read_metrics, run_cli
 
-ZOO = ["qwen3_moe_tiny", "mixtral_tiny", "deepseek_v2_tiny"]
+ZOO = ["qwen3_moe_tiny", "mixtral_tiny", "deepseek_v2_tiny", "gpt_oss_tiny"]
 RUN = ["train.max_steps=8", "train.seq_len=64", "train.global_batch=8", "train.micro_batch=2",
        "logging.progress=false"]
 FP8 = ["precision=fp8", "precision.backend=emulated", "precision.compute_dtype=float32"]

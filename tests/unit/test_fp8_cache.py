@@ -114,3 +114,21 @@ def test_the_te_backend_matches_emulated_on_a_gpu():
     y_te = te_linear(x)
     y_ref = fp8_linear(x, w, "emulated")
     torch.testing.assert_close(y_te.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_biased_linear_keeps_its_bias_and_another_activation_is_not_swapped():
+    """GPT-OSS under precision=fp8 with cached activations: its attention's biases survive the
+    conversion (added after the FP8 GEMM), and its experts' clamped SwiGLU is not replaced by the
+    cached plain SwiGLU (a different function)."""
+    from moetron.models import build_model, load_preset
+    from moetron.precision.convert import convert_to_fp8
+
+    model = build_model(load_preset("gpt_oss_tiny"))
+    experts = model.layers[0].mlp.experts
+    clamped = experts.activation
+    convert_to_fp8(model.layers, FP8Recipe("emulated", cache_activations=True))
+    q_proj = model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, FP8Linear) and q_proj.bias is not None
+    x = torch.randn(2, 5, q_proj.in_features)
+    torch.testing.assert_close(q_proj(x) - fp8_linear(x, q_proj.weight, "emulated"), q_proj.bias.expand(2, 5, -1))
+    assert experts.activation is clamped and experts.expert_gemm is not None

@@ -30,6 +30,11 @@ VARIANTS = {
                                                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
                                                  "mscale_all_dim": 0.707}),
     },
+    "gpt_oss_tiny": {
+        "sliding_full_sliding": {},
+        "full_first_plain_rope": dict(layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                                      rope_scaling=None, sliding_window=5, swiglu_limit=0.5),
+    },
 }
 CASES = [(preset, variant) for preset, variants in VARIANTS.items() for variant in variants]
 

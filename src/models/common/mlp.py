@@ -5,15 +5,12 @@ Shape legend: B batch, S sequence, H hidden, I FFN width.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moetron.core.activations import swiglu
 from moetron.parallel.recompute import discard_all, maybe_recompute
 
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up (Shazeer 2020)."""
-    return F.silu(gate) * up
+__all__ = ["MLP", "swiglu"]
 
 
 class MLP(nn.Module):
