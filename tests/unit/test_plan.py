@@ -202,3 +202,31 @@ def test_the_launch_lines_pass_the_trainers_own_checks_for_2048_ranks(capsys):
     assert validate(cfg, 2048).__dict__ == {"pp": 16, "dp": 2, "ep": 64}
     assert cfg.precision.fp8 and cfg.precision.fp8_cache_activations and cfg.optim.moments_dtype == "bfloat16"
     assert cfg.train.global_batch == 15360 and cfg.model.num_hidden_layers == 61
+
+
+ZOO_PRESETS = ["qwen3_30b_a3b", "qwen3_235b_a22b", "mixtral_8x7b", "deepseek_v2_lite", "deepseek_v2", "gpt_oss_20b",
+               "gpt_oss_120b", "moonlight_16b_a3b", "kimi_k2"]
+
+
+@pytest.mark.parametrize("preset", ZOO_PRESETS)
+def test_every_zoo_preset_plans_on_a_cluster_from_its_own_layer_costs(preset, capsys):
+    """moetron-plan model=<preset> cluster=h100_1024 --json, with the layout fixed (the search over
+    layouts of a 94-layer model simulates many pipelines: a minute here); the costs it plans from
+    sum to the trainer's FLOPs and the spec's parameter count."""
+    from moetron.models import get_spec
+    from moetron.models import load_preset as load_any_preset
+
+    cfg = load_any_preset(preset)
+    spec = get_spec(cfg.arch)
+    costs = spec.layer_costs(cfg, 4096, True, True)
+    assert sum(3 * c.forward_flops() for c in costs) == pytest.approx(spec.flops_per_token(cfg, 4096), rel=1e-12)
+    total, active = spec.parameter_counts(cfg)
+    mtp = sum(c.params for c in costs if c.kind == "mtp")
+    assert sum(c.params for c in costs) == total + mtp
+    assert {c.kind for c in costs} >= {"embedding", "moe", "head"}
+    out = _json(capsys, [f"model={preset}", "cluster=h100_1024", "parallel.pp=4", "parallel.ep=8",
+                         "parallel.schedule=1f1b", "train.micro_batch=1", "plan.recompute=true"])
+    assert (out["params_total"], out["params_active"]) == (total, active)
+    assert out["flops_per_token"] == pytest.approx(spec.flops_per_token(cfg, 4096), rel=1e-12)
+    assert out["layout"]["pp"] == 4 and out["layout"]["ep"] == 8 and out["gpus"] == 1024
+    assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and out["memory_per_gpu_gib"] > 0

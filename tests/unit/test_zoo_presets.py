@@ -21,13 +21,17 @@ PRESETS = {
     "deepseek_v2": ("deepseek-ai--DeepSeek-V2.json", 236e9, 1e9, 21e9, 1e9, False),
     "gpt_oss_20b": ("openai--gpt-oss-20b.json", 21e9, 1e9, 3.6e9, 0.1e9, False),
     "gpt_oss_120b": ("openai--gpt-oss-120b.json", 117e9, 1e9, 5.1e9, 0.1e9, False),
+    "moonlight_16b_a3b": ("moonshotai--Moonlight-16B-A3B-Instruct.json", 16e9, 1e9, 3e9, 1e9, False),
+    "kimi_k2": ("moonshotai--Kimi-K2-Instruct.json", 1e12, 1e12, 32e9, 1e9, False),
     "mixtral_8x7b": ("mistralai--Mixtral-8x7B-v0.1.json", 46.7e9, 0.1e9, 12.9e9, 0.1e9, True),
 }
 
 
 def _published_config(file: str):
     fields = json.loads((PUBLISHED / file).read_text())
-    return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model_type = fields.pop("model_type")
+    # Kimi K2 names its own model type (remote code) for DeepSeek-V3's architecture
+    return transformers.AutoConfig.for_model("deepseek_v3" if model_type == "kimi_k2" else model_type, **fields)
 
 
 def _rounds_to(count: float, figure: float, unit: float) -> bool:
