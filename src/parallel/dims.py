@@ -195,6 +195,14 @@ def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int =
     return groups
 
 
+def data_parallel_copy(groups: "ParallelGroups", name: str = "balance") -> Optional[dist.ProcessGroup]:
+    """A group of my dp x ep ranks (the "dp_ep" partition) of its own, for collectives that must keep
+    their own order (a forward's, while a backward reduces gradients on dp_ep); every rank calls it
+    alike. None where the group would be this rank alone."""
+    dims = groups.dims
+    return _make_groups(dims.grid().reshape(dims.pp, -1).tolist(), groups.rank, groups.timeout, name)
+
+
 def pipeline_subgroups(dims: ParallelDims, rank: int, pp_sets: list[tuple[int, ...]],
                        timeout: Optional[timedelta] = None) -> dict:
     """For each set of pp indices, the group of those pipeline ranks in my (dp, ep) column (every

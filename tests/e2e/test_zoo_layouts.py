@@ -40,3 +40,16 @@ def test_fp8_trains_under_expert_parallelism_and_a_pipeline(preset, tmp_path):
                  f"hydra.run.dir={tmp_path / 'fp8'}"], tmp_path)
     rows = read_metrics(tmp_path / "fp8")
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_global_batch_balance_and_z_loss_train_in_an_overlapped_pipeline(tmp_path):
+    """balance_mode=global_aux_loss sums expert counts over the dp x ep ranks on a group of its own
+    while DualPipeV's paired backward reduces gradients: 4 ranks train without a hang, and the loss
+    logged includes the z-loss."""
+    args = ["model=qwen3_moe_tiny", *RUN, "train.micro_batch=1", "model.balance_mode=global_aux_loss",
+            "model.router_z_loss_coef=0.001"]
+    torchrun(4, [*args, "parallel.ep=2", "parallel.pp=2", "parallel.schedule=dualpipev",
+                 f"hydra.run.dir={tmp_path / 'global'}"], tmp_path)
+    rows = read_metrics(tmp_path / "global")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["loss"] < rows[0]["loss"]
+    assert all(r["loss/aux"] > 0 for r in rows)

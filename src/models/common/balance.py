@@ -5,6 +5,11 @@
   L = alpha * sum_i f_i P_i, averaged over sequences.
 - Classic auxiliary loss: the same over all tokens of the micro-batch (the baseline of
   Loss-Free Balancing, arXiv 2408.15664, alpha 1e-3).
+- Global-batch loss (Qiu et al. 2025, arXiv 2501.11873): the classic loss with f_i counted over
+  the micro-batch of every data-parallel rank (their counts summed before it is applied) and P_i
+  over this rank's tokens; the data-parallel mean of the ranks' losses is then the loss of their
+  union, each rank's gradient its share.
+- Router z-loss (ST-MoE, arXiv 2202.08906 eq. 5): mean over tokens of logsumexp(logits)^2.
 - MaxVio_batch = (max_i load_i - mean load) / mean load.
 
 Shape legend: B batch, S sequence, T tokens, E routed experts, K experts per token, L MoE layers.
@@ -29,6 +34,20 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor) 
 def batch_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
     """sum_i f_i P_i over all T tokens at once (the classic auxiliary loss, without alpha)."""
     return sequence_balance_loss(scores_TE.unsqueeze(0), topk_idx_TK.unsqueeze(0))
+
+
+def global_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, tokens: float, top_k: int) -> torch.Tensor:
+    """sum_i f_i P_i with f_i = E / (K T_all) * counts_E (summed over ranks: no gradient) and P_i this
+    rank's mean normalised score (without alpha)."""
+    E = scores_TE.shape[-1]
+    probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    frac_E = counts_E.to(scores_TE.dtype) * (E / (top_k * tokens))
+    return (frac_E * probs_TE.mean(dim=0)).sum()
+
+
+def router_z_loss(logits_BVE: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of logsumexp over experts of the router logits, squared (without alpha)."""
+    return torch.logsumexp(logits_BVE.float(), dim=-1).square().mean()
 
 
 def max_violation(load_E: torch.Tensor) -> float:

@@ -19,7 +19,8 @@ from moetron.models.common.parallelize import parallelize
 from moetron.models.spec import ModelSpec, Parallelized, piecewise
 from moetron.precision.convert import FP8Recipe
 
-BALANCE_METRIC = {"loss_free": "loss/seq_aux", "seq_aux": "loss/seq_aux", "aux_loss": "loss/aux"}
+BALANCE_METRIC = {"loss_free": "loss/seq_aux", "seq_aux": "loss/seq_aux", "aux_loss": "loss/aux",
+                  "global_aux_loss": "loss/aux"}  # a router z-loss joins whichever is logged
 
 
 class MoEDecoderSpec(ModelSpec):
@@ -69,9 +70,11 @@ class MoEDecoderSpec(ModelSpec):
 
     def loss_metrics(self, cfg) -> dict[str, str]:
         names = super().loss_metrics(cfg)
-        mode = cfg.router_settings().balance_mode
-        if mode in BALANCE_METRIC:
-            names["balance"] = BALANCE_METRIC[mode]
+        settings = cfg.router_settings()
+        if settings.balance_mode in BALANCE_METRIC:
+            names["balance"] = BALANCE_METRIC[settings.balance_mode]
+        elif settings.z_loss_alpha > 0:
+            names["balance"] = "loss/z"
         return names
 
     def bias_update_schedule(self, cfg, train_cfg) -> list:

@@ -17,8 +17,9 @@ from moetron.comm.dispatch.deepep import DeepEPBuffers
 from moetron.comm.dispatch.local import LocalDispatcher
 from moetron.comm.traffic import TrafficCounter
 from moetron.models.common.moe import MoE
+from moetron.models.common.router import TopKRouter
 from moetron.models.spec import Parallelized, run_converters
-from moetron.parallel.dims import ParallelGroups
+from moetron.parallel.dims import ParallelGroups, data_parallel_copy
 from moetron.parallel.expert_parallel import make_dispatcher, shard_experts
 from moetron.precision.convert import FP8Recipe
 from moetron.precision.fp8_dispatch import FP8DispatchCodec
@@ -45,6 +46,17 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
             made.expert_params += list(module.experts.parameters())
 
 
+def connect_global_balance(model: nn.Module, groups: ParallelGroups) -> None:
+    """Routers with the global-batch balance loss sum their expert counts over the dp x ep ranks, on a
+    group of their own (created only where some router needs it)."""
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.settings.balance_mode == "global_aux_loss"]
+    if groups is None or not routers:
+        return
+    group = data_parallel_copy(groups)
+    for router in routers:
+        router.balance_group = group
+
+
 def decoder_and_mtp_blocks(model: nn.Module) -> list[nn.Module]:
     """Where FP8 runs: the decoder blocks and, where the model has them, its MTP depths."""
     return [model.layers, *([model.mtp] if hasattr(model, "mtp") else [])]
@@ -63,4 +75,5 @@ def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hie
     run_converters(model, made, fp8, defer_weights, recompute, fp8_scopes=decoder_and_mtp_blocks,
                    high_precision_inputs=("o_proj",))
     shard_moe_layers(model, groups, dispatcher, made, FP8DispatchCodec() if fp8 and fp8.dispatch else None)
+    connect_global_balance(model, groups)
     return made

@@ -17,6 +17,14 @@ Scoring (`RouterSettings.scores`), each family's as transformers computes it:
 
 Gating runs in float32 whatever the compute dtype, autocast included (DeepSeek-V3 report 3.3).
 
+Balance terms (`balance_mode`, each alpha-weighted; `moetron.models.common.balance`): `seq_aux` the
+sequence-wise loss (DeepSeek-V3 eqs. 17-20), `aux_loss` the micro-batch's (Switch), `global_aux_loss`
+the same with the expert counts f_i summed over every data-parallel rank (dp x ep) of the micro-batch
+before it is applied (Qiu et al. 2025, arXiv 2501.11873: Qwen3's global-batch balance; `balance_group`,
+handed in by parallelize, is a group of those ranks of its own), `loss_free` the bias b (plus the
+sequence-wise loss where seq_aux_alpha > 0). A router z-loss (ST-MoE, arXiv 2202.08906 eq. 5:
+mean over tokens of logsumexp(logits)^2, weight `z_loss_alpha`) joins any of them.
+
 Shape legend: B batch, S sequence, T tokens (B*S), H hidden, E routed experts, K experts per token,
 G groups, V positions that count in the loads (valid_len).
 """
@@ -26,15 +34,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from moetron.comm.counts import count_per_expert
-from moetron.models.common.balance import batch_balance_loss, sequence_balance_loss
+from moetron.models.common.balance import (batch_balance_loss, global_balance_loss, router_z_loss,
+                                           sequence_balance_loss)
+from moetron.models.outputs import add_optional
 
 SCORES = ("sigmoid", "softmax", "softmax_topk")
 GROUP_SCORES = ("top2_sum", "max")
-BALANCE_MODES = ("loss_free", "seq_aux", "aux_loss", "none")
+BALANCE_MODES = ("loss_free", "seq_aux", "aux_loss", "global_aux_loss", "none")
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ class RouterSettings:
     seq_aux_alpha: float = 0.0
     aux_loss_alpha: float = 0.0
     bias_update_speed: float = 0.0  # u in b_i += u * sign(mean_load - load_i)
+    z_loss_alpha: float = 0.0  # weight of the router z-loss (0: none)
 
     @property
     def group_limited(self) -> bool:
@@ -102,6 +114,7 @@ class TopKRouter(nn.Module):
         self.bias = nn.Parameter(torch.empty(E)) if settings.linear_bias else None
         self.register_buffer("expert_bias", torch.zeros(E))
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
+        self.balance_group = None  # the data-parallel ranks of global_aux_loss (None: this process alone)
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.cuda()`, `.half()`...: the routing bias stays float32 whatever the model's dtype
@@ -146,17 +159,34 @@ class TopKRouter(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += count_per_expert(chosen_BVK, E)
-        return Routing(topk_idx_TK, gate_TK, self._balance_loss(scores_BVE, chosen_BVK))
+        balance = self._balance_loss(scores_BVE, chosen_BVK)
+        if cfg.z_loss_alpha > 0 and self.training and torch.is_grad_enabled():
+            balance = add_optional(balance, cfg.z_loss_alpha * router_z_loss(logits_TE.view(B, S, E)[:, :V]))
+        return Routing(topk_idx_TK, gate_TK, balance)
 
     def _balance_loss(self, scores_BVE, chosen_BVK) -> Optional[torch.Tensor]:
         cfg = self.settings
         if not (self.training and torch.is_grad_enabled()):
             return None
+        E, K = cfg.num_experts, cfg.top_k
         if cfg.balance_mode in ("loss_free", "seq_aux") and cfg.seq_aux_alpha > 0:
             # f_i counts the top-K of the raw affinities, not the biased choice (eq. 18)
             raw_topk_BVK = scores_BVE.detach().topk(cfg.top_k, dim=-1, sorted=False).indices
             return cfg.seq_aux_alpha * sequence_balance_loss(scores_BVE, raw_topk_BVK)
         if cfg.balance_mode == "aux_loss" and cfg.aux_loss_alpha > 0:
-            E, K = cfg.num_experts, cfg.top_k
             return cfg.aux_loss_alpha * batch_balance_loss(scores_BVE.reshape(-1, E), chosen_BVK.reshape(-1, K))
+        if cfg.balance_mode == "global_aux_loss" and cfg.aux_loss_alpha > 0:
+            counts_E, tokens = global_counts(chosen_BVK, E, self.balance_group)
+            return cfg.aux_loss_alpha * global_balance_loss(scores_BVE.reshape(-1, E), counts_E, tokens, K)
         return None
+
+
+@torch.compiler.disable  # a collective: eager, between compiled regions
+def global_counts(chosen_BVK: torch.Tensor, num_experts: int, group) -> tuple[torch.Tensor, float]:
+    """(tokens choosing each expert [E], tokens) over this micro-batch on every rank of `group`."""
+    local_E1 = torch.cat([count_per_expert(chosen_BVK, num_experts),
+                          torch.tensor([chosen_BVK.shape[0] * chosen_BVK.shape[1]], device=chosen_BVK.device)])
+    summed_E1 = local_E1.double()
+    if group is not None:
+        dist.all_reduce(summed_E1, group=group)
+    return summed_E1[:num_experts], float(summed_E1[num_experts])

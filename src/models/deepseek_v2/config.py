@@ -60,6 +60,7 @@ class DeepSeekV2Config:
     tie_word_embeddings: bool = False
     balance_mode: str = "seq_aux"  # moetron.models.common.router.BALANCE_MODES
     bias_update_speed: float = 0.0  # u of loss-free balancing (balance_mode loss_free)
+    router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE), added to the balance loss
     init_from: Optional[str] = None  # a Hugging Face folder to start from
 
     @property
@@ -83,7 +84,8 @@ class DeepSeekV2Config:
             scores="softmax", norm_topk_prob=self.norm_topk_prob, scaling_factor=self.routed_scaling_factor,
             n_group=self.n_group if self.group_limited else 1, topk_group=self.topk_group if self.group_limited else 1,
             group_score="max", balance_mode=self.balance_mode, seq_aux_alpha=self.aux_loss_alpha,
-            aux_loss_alpha=self.aux_loss_alpha, bias_update_speed=self.bias_update_speed)
+            aux_loss_alpha=self.aux_loss_alpha, bias_update_speed=self.bias_update_speed,
+            z_loss_alpha=self.router_z_loss_coef)
 
     def validate(self) -> "DeepSeekV2Config":
         problems = count_problems(self, POSITIVE_FIELDS, ("first_k_dense_replace", "n_routed_experts", "n_shared_experts"))

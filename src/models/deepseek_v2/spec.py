@@ -12,7 +12,7 @@ from moetron.models.deepseek_v2.model import DeepSeekV2
 class DeepSeekV2Spec(MoEDecoderSpec):
     arch = "deepseek_v2"
     config_cls = DeepSeekV2Config
-    run_settings = ("aux_loss_alpha", "seq_aux", "bias_update_speed", "init_from")
+    run_settings = ("aux_loss_alpha", "seq_aux", "bias_update_speed", "router_z_loss_coef", "init_from")
     hf = DeepSeekV2HF()
 
     def build_module(self, cfg: DeepSeekV2Config) -> nn.Module:

@@ -60,6 +60,7 @@ class DeepSeekV3Config:
     bias_update_speed: float = 0.001  # u in b_i += u * sign(mean_load - load_i)
     seq_aux_alpha: float = 1e-4
     aux_loss_alpha: float = 1e-3
+    router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE), added to the balance loss
     # Multi-Token Prediction (section 2.2)
     num_nextn_predict_layers: int = 1  # D
     mtp_loss_weight: float = 0.3  # lambda; the MTP loss is lambda / D * sum_k L^k
@@ -83,7 +84,8 @@ class DeepSeekV3Config:
             scores="sigmoid", norm_topk_prob=self.norm_topk_prob, scaling_factor=self.routed_scaling_factor,
             n_group=self.n_group, topk_group=self.topk_group, group_score="top2_sum",
             balance_mode=self.balance_mode, seq_aux_alpha=self.seq_aux_alpha, aux_loss_alpha=self.aux_loss_alpha,
-            bias_update_speed=self.bias_update_speed)
+            bias_update_speed=self.bias_update_speed,
+            z_loss_alpha=self.router_z_loss_coef)
 
     def validate(self) -> "DeepSeekV3Config":
         """Raise ValueError naming the key and the fix for an inconsistent config."""

@@ -20,7 +20,7 @@ BIAS_SPEED_LATER = (14.3e12, 0.0)
 class DeepSeekV3Spec(MoEDecoderSpec):
     arch = "deepseek_v3"
     config_cls = DeepSeekV3Config
-    run_settings = ("mtp_loss_weight", "bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "init_from")
+    run_settings = ("mtp_loss_weight", "bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "router_z_loss_coef", "init_from")
     moved_keys = {"recompute_norm": "recompute.norm", "recompute_mla_up_proj": "recompute.mla_up_proj",
                   "recompute_swiglu": "recompute.swiglu"}
     hf = ADAPTER

@@ -43,6 +43,7 @@ class MixtralConfig:
     balance_mode: str = "aux_loss"  # moetron.models.common.router.BALANCE_MODES
     seq_aux_alpha: float = 0.0
     bias_update_speed: float = 0.0  # u of loss-free balancing (balance_mode loss_free)
+    router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE), added to the balance loss
     init_from: Optional[str] = None  # a Hugging Face folder to start from
 
     @property
@@ -54,7 +55,8 @@ class MixtralConfig:
         return RouterSettings(
             hidden_size=self.hidden_size, num_experts=self.num_local_experts, top_k=self.num_experts_per_tok,
             scores="softmax", norm_topk_prob=True, balance_mode=self.balance_mode, seq_aux_alpha=self.seq_aux_alpha,
-            aux_loss_alpha=self.router_aux_loss_coef, bias_update_speed=self.bias_update_speed)
+            aux_loss_alpha=self.router_aux_loss_coef, bias_update_speed=self.bias_update_speed,
+            z_loss_alpha=self.router_z_loss_coef)
 
     def attention_settings(self) -> AttentionSettings:
         return AttentionSettings(

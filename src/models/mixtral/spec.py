@@ -12,7 +12,7 @@ from moetron.models.mixtral.model import Mixtral
 class MixtralSpec(MoEDecoderSpec):
     arch = "mixtral"
     config_cls = MixtralConfig
-    run_settings = ("router_aux_loss_coef", "seq_aux_alpha", "bias_update_speed", "init_from")
+    run_settings = ("router_aux_loss_coef", "seq_aux_alpha", "bias_update_speed", "router_z_loss_coef", "init_from")
     experts_key = "model.num_local_experts"
     hf = MixtralHF()
 

@@ -12,7 +12,7 @@ from moetron.models.qwen3_moe.model import Qwen3Moe
 class Qwen3MoeSpec(MoEDecoderSpec):
     arch = "qwen3_moe"
     config_cls = Qwen3MoeConfig
-    run_settings = ("router_aux_loss_coef", "seq_aux_alpha", "bias_update_speed", "init_from")
+    run_settings = ("router_aux_loss_coef", "seq_aux_alpha", "bias_update_speed", "router_z_loss_coef", "init_from")
     experts_key = "model.num_experts"
     hf = Qwen3MoeHF()
 
