@@ -105,12 +105,12 @@ def load_hf_folder(cfg, folder) -> dict:
                          f"{adapter.model_type} (model.arch={cfg.arch})")
     theirs = adapter.config_from_hf(hf_model.config)
     ours = adapter.config_from_hf(adapter.hf_config(cfg))  # as transformers would read it (defaults filled)
-    differ = [f for f in adapter.compared_fields() if getattr(theirs, f) != getattr(ours, f)]
+    compared = adapter.compared_fields(get_spec(cfg.arch).run_settings)
+    differ = [f for f in compared if getattr(theirs, f) != getattr(ours, f)]
     if differ:
         raise ValueError(f"model.init_from={folder}: its config differs from the model's in "
                          f"{', '.join('model.' + f for f in differ)}; set them as the folder's config.json has them")
-    kept = {f.name: getattr(cfg, f.name) for f in fields(cfg)
-            if f.name not in adapter.compared_fields() and f.name != "arch"}
+    kept = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in compared and f.name != "arch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what transformers lacks comes from the adapter's files
         state = from_hf(hf_model, **kept).state_dict()

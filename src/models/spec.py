@@ -152,6 +152,13 @@ class ModelSpec:
         run_converters(model, made, fp8, defer_weights, recompute)
         return made
 
+    def recompute_switches(self, cfg) -> tuple[str, ...]:
+        """The `recompute.<switch>` keys some module of the model has a slot for (the model on meta)."""
+        from moetron.parallel.recompute import RECOMPUTE_SWITCHES
+
+        modules = list(self.build(cfg, "meta").modules())
+        return tuple(s for s in RECOMPUTE_SWITCHES if any(hasattr(m, f"recompute_{s}") for m in modules))
+
     def pipeline_split(self, model: nn.Module, schedule, pp_rank: int, layout: Optional[list],
                        num_microbatches: int) -> PipelineParts:
         return pipeline_split(model, schedule, pp_rank, layout, num_microbatches)

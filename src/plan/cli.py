@@ -171,7 +171,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                "candidates": [e.as_dict() for e in rows[:int(cfg.plan.top)]]}
         print(json.dumps(out, indent=1))
     elif args.launch_script:
-        lines = launch_lines(best.layout, hw, args.overrides, planned_run(cfg, model_choice), best.stage_layout)
+        from moetron.train.validate import model_config
+
+        spec, model_cfg = model_config(cfg)
+        lines = launch_lines(best.layout, hw, args.overrides, planned_run(cfg, model_choice), best.stage_layout,
+                             spec.recompute_switches(model_cfg))
         if not best.fits:
             warning = memory_warning(best, hw)
             print(f"moetron-plan: {warning}", file=sys.stderr)

@@ -37,9 +37,11 @@ def planned_run(cfg, model_choice: str) -> list[str]:
 
 
 def train_overrides(layout: Layout, hw: Hardware, overrides: list[str], planned: list[str],
-                    stage_layout: Optional[list[list[int]]] = None) -> list[str]:
+                    stage_layout: Optional[list[list[int]]] = None,
+                    recompute_switches: tuple[str, ...] = ("norm", "mla_up_proj", "swiglu")) -> list[str]:
     """moetron-train's overrides for `layout`: the planned run's settings (`planned_run`), the
-    user's other overrides (not the planner's), and the layout's."""
+    user's other overrides (not the planner's), and the layout's (under recompute, the switches the
+    model has a slot for: the spec's `recompute_switches`)."""
     planned_keys = {_key(p) for p in planned}
     kept = [o for o in overrides if not o.lstrip("+~").startswith(LAYOUT_KEYS) and _key(o) not in planned_keys]
     out = [*planned, *kept, f"cluster={hw.name}" if not any(o.startswith("cluster=") for o in kept) else None,
@@ -50,7 +52,7 @@ def train_overrides(layout: Layout, hw: Hardware, overrides: list[str], planned:
         if stage_layout:  # the planner's balanced split (the head and MTP ride with the last stage)
             out.append("parallel.layout=" + json.dumps(stage_layout, separators=(",", ":")))
     if layout.recompute:
-        out += ["recompute.norm=true", "recompute.mla_up_proj=true", "recompute.swiglu=true"]
+        out += [f"recompute.{switch}=true" for switch in recompute_switches]
     return [o for o in out if o]
 
 
@@ -75,8 +77,10 @@ def placement(layout: Layout, hw: Hardware) -> list[str]:
 
 
 def launch_lines(layout: Layout, hw: Hardware, overrides: list[str], planned: list[str],
-                 stage_layout: Optional[list[list[int]]] = None) -> str:
-    args = " ".join(shlex.quote(o) for o in train_overrides(layout, hw, overrides, planned, stage_layout))
+                 stage_layout: Optional[list[list[int]]] = None,
+                 recompute_switches: tuple[str, ...] = ("norm", "mla_up_proj", "swiglu")) -> str:
+    args = " ".join(shlex.quote(o) for o in train_overrides(layout, hw, overrides, planned, stage_layout,
+                                                            recompute_switches))
     g = hw.gpus_per_node
     return "\n".join([
         f"# {layout.describe()} on {hw.nodes} nodes x {g} GPUs ({hw.name})",

@@ -47,16 +47,15 @@ class TELinear(nn.Module):
     made at the first forward, on the weight's device (the model is built on the meta device and
     materialized later), and kept out of the module tree: it holds this layer's weight, whose name
     stays `weight` here. TE computes the weight gradient inside its own backward, so a pipeline's W
-    action cannot defer it (the weight-gradient converter refuses it)."""
+    action cannot defer it (the weight-gradient converter refuses it). A bias (GPT-OSS's attention)
+    stays this layer's own and is added after TE's GEMM, in the output's precision."""
 
     DEFERS_WEIGHT_GRADS = False
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("TELinear has no bias; DeepSeek-V3's linears have none")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
+        self.weight, self.bias = linear.weight, linear.bias
         object.__setattr__(self, "_te", None)
 
     def _inner(self) -> nn.Module:
@@ -72,7 +71,8 @@ class TELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from transformer_engine.common.recipe import Float8BlockScaling
         with _fp8_autocast(Float8BlockScaling()):
-            return self._inner()(x)
+            y = self._inner()(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend=te (Float8BlockScaling)"

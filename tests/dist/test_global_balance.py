@@ -4,6 +4,8 @@ of their losses and gradients) exactly the loss and router gradient of one proce
 micro-batch; the micro-batch loss (aux_loss) does not. And the router z-loss."""
 import dataclasses
 
+import pytest
+
 import torch
 
 from moetron.models.common.balance import batch_balance_loss, global_balance_loss
@@ -66,3 +68,46 @@ def test_one_process_global_balance_is_the_micro_batch_loss_and_z_loss_adds_its_
     logits_TE = x.reshape(-1, 16) @ _router().weight.detach().t()
     z = torch.logsumexp(logits_TE, dim=-1).square().mean()
     torch.testing.assert_close(with_z.detach() - plain, 0.1 * z)
+
+
+def _qwen3_global(rank, world, dp, ep, mode):
+    """Qwen3-MoE on 2 ranks (2 sequences each) against one process on all 4, every gradient."""
+    import copy
+
+    from moetron.models import build_model, load_preset
+    from moetron.models.common.parallelize import parallelize
+    from moetron.parallel.dims import ParallelDims, Topology, build_groups
+    from moetron.parallel.finalize import StepFinalizer
+
+    torch.manual_seed(0)
+    cfg = load_preset("qwen3_moe_tiny", balance_mode=mode, router_aux_loss_coef=0.5, router_z_loss_coef=0.01)
+    reference = build_model(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (4, 33))
+    model = copy.deepcopy(reference)
+    groups = build_groups(ParallelDims(pp=1, dp=dp, ep=ep), Topology(1, world), rank)
+    made = parallelize(model, groups, "alltoall")
+    finalizer = StepFinalizer(model, made.expert_params, groups, grad_clip=0.0)
+    reference(ids[:, :-1], ids[:, 1:]).loss.backward()
+    mine = ids[2 * rank:2 * rank + 2]
+    model(mine[:, :-1], mine[:, 1:]).loss.backward()
+    finalizer.finish_gradients()
+    local = cfg.num_experts // ep
+    errors = {}
+    for name, p in model.named_parameters():
+        ref = dict(reference.named_parameters())[name].grad
+        if p.shape != ref.shape:  # an expert shard
+            ref = ref[groups.ep_rank * local:(groups.ep_rank + 1) * local]
+        errors[name] = float((p.grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    grouped = all(r.balance_group is not None for r in model.modules() if isinstance(r, TopKRouter))
+    return {"errors": errors, "grouped": grouped}
+
+
+@pytest.mark.parametrize("dp,ep", [(2, 1), (1, 2)])
+def test_a_whole_model_with_global_balance_over_dp_x_ep_ranks_has_one_process_gradients(dp, ep):
+    results = run_ranks(2, _qwen3_global, dp, ep, "global_aux_loss")
+    for res in results:
+        assert res["grouped"]  # parallelize handed every router its group
+        # float32 sums in another order over ranks: 1e-5 relative of each tensor's largest entry
+        assert max(res["errors"].values()) < 1e-5, sorted(res["errors"].items(), key=lambda kv: -kv[1])[:3]
+    local = run_ranks(2, _qwen3_global, dp, ep, "aux_loss")  # each rank's own micro-batch loss: other gradients
+    assert max(v for k, v in local[0]["errors"].items() if k.endswith("gate.weight")) > 1e-3

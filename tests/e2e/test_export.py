@@ -57,3 +57,28 @@ def test_init_from_a_missing_folder_names_the_key(tmp_path):
     proc = run_cli([*RUN, "train.max_steps=1", f"model.init_from={tmp_path / 'nothing'}",
                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False)
     assert proc.returncode == 2 and "model.init_from=" in proc.stderr and "moetron-export" in proc.stderr
+
+
+def test_a_zoo_family_exports_from_an_expert_parallel_run_and_starts_from_its_folder(tmp_path):
+    """GPT-OSS, the family whose adapter converts most (router renamed, experts transposed and
+    interleaved): the export of a 2-rank EP run loads in transformers with the checkpoint's logits,
+    and a run started from the folder begins at the exported weights' loss."""
+    from moetron.models import load_preset as load_any_preset
+
+    run = ["model=gpt_oss_tiny", *RUN[1:]]
+    run_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
+    torchrun(2, [*run, "train.max_steps=2", "parallel.ep=2", f"hydra.run.dir={run_dir}"], tmp_path)
+    run_cli([str(run_dir), "--hf", str(hf_dir)], tmp_path, module="moetron.train.export_cli")
+    ours = build_model(load_any_preset("gpt_oss_tiny"))
+    ours.load_state_dict(dcp_io.load_whole(sorted((run_dir / "checkpoints").iterdir())[-1], "model/"))
+    theirs = transformers.GptOssForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    theirs.config._attn_implementation = "eager"
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids), rtol=1e-5, atol=1e-5)
+    sampler = BatchSampler.of_tokens(load_source("builtin", ByteTokenizer()), 64, 0)
+    ours.train()
+    expected = float(torch.stack([ours(x, y).loss.detach() for x, y in sampler.micro_batches(0, 16, 8, 0, 1)]).mean())
+    run_cli([*run, "train.micro_batch=8", "train.max_steps=1", f"model.init_from={hf_dir}",
+             f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert read_metrics(tmp_path / "one")[0]["loss"] == pytest.approx(expected, rel=1e-5)

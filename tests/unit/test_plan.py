@@ -230,3 +230,32 @@ def test_every_zoo_preset_plans_on_a_cluster_from_its_own_layer_costs(preset, ca
     assert out["flops_per_token"] == pytest.approx(spec.flops_per_token(cfg, 4096), rel=1e-12)
     assert out["layout"]["pp"] == 4 and out["layout"]["ep"] == 8 and out["gpus"] == 1024
     assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and out["memory_per_gpu_gib"] > 0
+
+
+@pytest.mark.parametrize("preset", ["qwen3_30b_a3b", "gpt_oss_20b"])
+def test_gqa_families_flops_follow_the_formula_written_out(preset):
+    """The FLOPs read off the modules against the formula by hand: 3 x (2 x activated matmul weights
+    + 2 x keys seen x heads x (q dim + v dim)); a sliding window of w over S sees w - w^2 / 2S keys."""
+    from moetron.models import get_spec
+    from moetron.models import load_preset as load_any_preset
+
+    cfg, S = load_any_preset(preset), 4096
+    H, N, K, D, V = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+    E = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    I = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    forward = 2.0 * V * H  # the head
+    for i in range(cfg.num_hidden_layers):
+        window = cfg.sliding_window if getattr(cfg, "layer_kinds", None) and cfg.layer_kinds()[i] == "sliding_attention" else None
+        keys = S / 2 if window is None else window - window * window / (2 * S)
+        matmul = H * N * D + 2 * H * K * D + N * D * H + cfg.num_experts_per_tok * 3 * H * I + E * H
+        forward += 2.0 * matmul + 2.0 * keys * N * 2 * D
+    assert get_spec(cfg.arch).flops_per_token(cfg, S) == pytest.approx(3 * forward, rel=1e-12)
+
+
+def test_the_launch_lines_of_a_gqa_family_turn_on_only_the_recompute_switches_it_has(capsys):
+    args = ["model=mixtral_8x7b", "cluster=h100_1024", "parallel.pp=4", "parallel.ep=8", "parallel.schedule=1f1b",
+            "train.micro_batch=1", "plan.recompute=true", "--launch-script"]
+    assert plan_main(args) == 0
+    out = capsys.readouterr().out
+    assert "recompute.norm=true" in out and "recompute.swiglu=true" in out
+    assert "recompute.mla_up_proj" not in out  # no MLA: the trainer would refuse the switch

@@ -127,3 +127,45 @@ def test_an_unknown_transformers_family_is_named():
                                       num_attention_heads=2, num_key_value_heads=2)
     with pytest.raises(ValueError, match="model_type='llama' has no moetron family"):
         from_hf(transformers.LlamaForCausalLM(hf_cfg))
+
+
+@pytest.mark.parametrize("preset", list(VARIANTS))
+def test_a_save_pretrained_folder_starts_a_model_with_transformers_logits(preset, tmp_path):
+    """What model.init_from does with a folder transformers wrote: the model it starts equals it."""
+    variant = next(iter(VARIANTS[preset]))
+    hf_model = _hf_model(preset, variant, seed=7)
+    hf_model.save_pretrained(tmp_path / "hf")
+    cfg = load_preset(preset, **VARIANTS[preset][variant])
+    model = build_model(cfg)
+    model.load_state_dict(get_spec(cfg.arch).load_hf(cfg, tmp_path / "hf"))
+    ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(7))
+    assert _rel_err(_logits(model.eval(), ids), _logits(hf_model, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("preset,one_moe_layer", [("qwen3_moe_tiny", dict(mlp_only_layers=[0, 2])),
+                                                  ("mixtral_tiny", dict(num_hidden_layers=1))])
+def test_router_aux_loss_coef_weighs_the_balance_loss_as_transformers_does(preset, one_moe_layer):
+    """With one MoE layer transformers' pooled statistics are that layer's: its coef x aux_loss equals
+    moetron's balance loss exactly (per layer, alpha = coef x K / L)."""
+    cfg = load_preset(preset, router_aux_loss_coef=0.05, **one_moe_layer)
+    hf_model = getattr(transformers, get_spec(cfg.arch).hf.causal_lm)(get_spec(cfg.arch).hf.hf_config(cfg)).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = hf_model(ids, output_router_logits=True).aux_loss
+    ours = from_hf(hf_model).train()(ids, ids.roll(-1, 1)).loss_balance
+    torch.testing.assert_close(ours.detach(), 0.05 * theirs, rtol=1e-5, atol=0)
+
+
+def test_init_from_takes_a_folder_whose_run_settings_differ():
+    """A published Qwen3 folder (router_aux_loss_coef 0.001) may start a run with another balance
+    weight, init range or window-layer record: none of them shape a weight."""
+    import tempfile
+
+    cfg = load_preset("qwen3_moe_tiny")
+    spec = get_spec(cfg.arch)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec.save_hf(build_model(cfg).eval(), folder)
+        other = load_preset("qwen3_moe_tiny", router_aux_loss_coef=0.01, initializer_range=0.5, max_window_layers=1,
+                            balance_mode="global_aux_loss")
+        assert spec.load_hf(other, folder).keys() == build_model(cfg).state_dict().keys()

@@ -22,7 +22,7 @@ PRESETS = {
     "gpt_oss_20b": ("openai--gpt-oss-20b.json", 21e9, 1e9, 3.6e9, 0.1e9, False),
     "gpt_oss_120b": ("openai--gpt-oss-120b.json", 117e9, 1e9, 5.1e9, 0.1e9, False),
     "moonlight_16b_a3b": ("moonshotai--Moonlight-16B-A3B-Instruct.json", 16e9, 1e9, 3e9, 1e9, False),
-    "kimi_k2": ("moonshotai--Kimi-K2-Instruct.json", 1e12, 1e12, 32e9, 1e9, False),
+    "kimi_k2": ("moonshotai--Kimi-K2-Instruct.json", 1.0e12, 0.1e12, 32e9, 1e9, False),
     "mixtral_8x7b": ("mistralai--Mixtral-8x7B-v0.1.json", 46.7e9, 0.1e9, 12.9e9, 0.1e9, True),
 }
 

@@ -88,10 +88,16 @@ class GroupedQueryAttention(nn.Module):
             self.k_norm = RMSNorm(D, s.rms_norm_eps)
         self.sinks = nn.Parameter(torch.empty(N)) if s.sinks else None
 
-    def core_cost(self, seq_len: int) -> CoreCost:
+    def core_cost(self, seq_len: int, recompute: bool = False) -> CoreCost:
+        """Per token: q, k, v and the output, the q/k norms' inputs and outputs (recompute.norm
+        recomputes only the layer norms), and with sinks the written-out softmax's float32 scores
+        and probabilities of every key (2 x 2 BF16 elements each)."""
         s = self.settings
         q_out, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        return CoreCost(2.0 * s.mean_keys(seq_len) * s.num_heads * 2 * s.head_dim, 2 * q_out + 2 * kv)
+        kept = 2 * q_out + 2 * kv + (2 * (q_out + kv) if s.qk_norm else 0)
+        if s.sinks:
+            kept += 4 * s.num_heads * seq_len
+        return CoreCost(2.0 * s.mean_keys(seq_len) * s.num_heads * 2 * s.head_dim, kept)
 
     def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor) -> torch.Tensor:
         s = self.settings

@@ -36,12 +36,12 @@ def batch_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> to
     return sequence_balance_loss(scores_TE.unsqueeze(0), topk_idx_TK.unsqueeze(0))
 
 
-def global_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, tokens: float, top_k: int) -> torch.Tensor:
+def global_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, tokens, top_k: int) -> torch.Tensor:
     """sum_i f_i P_i with f_i = E / (K T_all) * counts_E (summed over ranks: no gradient) and P_i this
     rank's mean normalised score (without alpha)."""
     E = scores_TE.shape[-1]
     probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-    frac_E = counts_E.to(scores_TE.dtype) * (E / (top_k * tokens))
+    frac_E = (counts_E * (E / top_k) / tokens).to(scores_TE.dtype)  # tokens: a number or a 0-dim tensor
     return (frac_E * probs_TE.mean(dim=0)).sum()
 
 

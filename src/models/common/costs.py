@@ -33,7 +33,14 @@ class CoreCost:
     """An attention core's per-token cost (each attention module says its own: `core_cost(S)`)."""
 
     flops: float  # forward FLOPs: 2 x mean keys seen x heads x (qk dim + v dim)
-    kept_elements: float  # q, k, v and the output, kept for the backward
+    kept_elements: float  # kept for the backward (q, k, v, the output, what the attention's own norms keep)
+    recompute_flops: float = 0.0  # forward FLOPs the backward runs again (under the recompute policy)
+
+
+def attention_norms(attention: nn.Module) -> list[nn.Module]:
+    """The norms inside an attention module (its core_cost counts their activations: per head, not
+    per weight element)."""
+    return [m for m in attention.modules() if isinstance(m, RMSNorm)]
 
 
 @dataclass
@@ -68,7 +75,7 @@ def _decoder_layer_cost(layer: nn.Module, seq_len: int, recompute: bool, fp8_cac
         if isinstance(module, nn.Linear):
             fp8_flops += 2.0 * module.weight.numel()
             acts += gemm_in * module.in_features
-        elif isinstance(module, RMSNorm):
+        elif isinstance(module, RMSNorm) and module not in attention_norms(layer.self_attn):
             acts += BF16 * module.weight.numel() * (1 if recompute else 2)
     moe = layer.mlp if isinstance(layer.mlp, MoE) else None
     if moe is not None:
@@ -84,10 +91,9 @@ def _decoder_layer_cost(layer: nn.Module, seq_len: int, recompute: bool, fp8_cac
         copies = K
         H, I2 = experts.gate_up_proj.shape[2], experts.gate_up_proj.shape[1]
         acts += 4.0 * E + K * (gemm_in * H + gemm_in * I2 + (0 if recompute else gemm_in * I2 / 2) + BF16 * H)
-    attn = layer.self_attn
-    core = attn.core_cost(seq_len)
+    core = layer.self_attn.core_cost(seq_len, recompute)
     acts += BF16 * core.kept_elements
-    recompute_flops = 0.0
+    recompute_flops = core.recompute_flops
     return LayerCost("moe" if moe is not None else "dense", fp8_flops, bf16_flops, core.flops, _numel(layer),
                      routed_params, copies, acts, recompute_flops, routed_flops)
 

@@ -32,6 +32,9 @@ def rope_from_hf(hf_config) -> tuple[float, Optional[dict]]:
     if kind not in ("default", "yarn"):
         raise NotImplementedError(f"rope_type={kind!r}: moetron implements plain RoPE and YaRN")
     theta = float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    unknown = sorted(set(rope) - YARN_KEYS - {"rope_theta"})
+    if unknown:
+        raise NotImplementedError(f"rope_parameters {unknown}: moetron's RoPE and YaRN take {sorted(YARN_KEYS)}")
     if kind != "yarn":
         return theta, None
     return theta, {"type": "yarn", **{k: v for k, v in rope.items() if k in YARN_KEYS - {"type", "rope_type"}}}
@@ -60,6 +63,8 @@ class HFAdapter:
     renames: tuple[tuple[str, str], ...] = ()  # (ours, theirs) parts of state-dict keys
     # config fields that shape no weight: a folder made for fewer positions may start a longer run
     positional: frozenset = frozenset({"max_position_embeddings", "rope_scaling"})
+    # config fields that change neither the weights nor what the model computes from them
+    weightless: frozenset = frozenset({"initializer_range"})
 
     # -- configs -----------------------------------------------------------------------------------
     def config_from_hf(self, hf_config, **overrides) -> Any:
@@ -70,9 +75,11 @@ class HFAdapter:
         """A transformers config of the same model."""
         raise NotImplementedError
 
-    def compared_fields(self) -> tuple[str, ...]:
-        """Fields a Hugging Face folder's config must share with the model it starts."""
-        return tuple(f for f in (*self.shared_fields, "rope_theta") if f not in self.positional)
+    def compared_fields(self, run_settings: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Fields a Hugging Face folder's config must share with the model it starts (not the
+        positional or weightless ones, nor the spec's `run_settings`: a balance weight, say)."""
+        free = self.positional | self.weightless | set(run_settings)
+        return tuple(f for f in (*self.shared_fields, "rope_theta") if f not in free)
 
     # -- state dicts -------------------------------------------------------------------------------
     def hf_key(self, key: str) -> Optional[str]:

@@ -29,6 +29,10 @@ class MoEDecoderSpec(ModelSpec):
     # the config keys of the routed expert count, the expert groups and the groups a token may
     # reach, for messages
     experts_key, groups_key, group_limit_key = "model.n_routed_experts", "model.n_group", "model.topk_group"
+    # what a group of group-limited routing stands for: "nodes" (DeepSeek-V3's node-limited
+    # routing: the groups must be the EP group's nodes) or "devices" (DeepSeek-V2's device-limited
+    # routing: any number of groups, checked against no node count)
+    groups_span = "nodes"
 
     def routed_experts(self, cfg) -> int:
         return cfg.router_settings().num_experts
@@ -49,7 +53,7 @@ class MoEDecoderSpec(ModelSpec):
                        "moetron-export RUN_DIR --hf OUT_DIR writes one")
         n_group, _ = self.routing_groups(cfg)
         ep_nodes = dims.ep_nodes(topology)
-        if ep_nodes > 1 and n_group and n_group != ep_nodes:
+        if self.groups_span == "nodes" and ep_nodes > 1 and n_group and n_group != ep_nodes:
             out.append(f"node-limited routing maps expert groups to nodes: the EP group spans {ep_nodes} nodes, "
                        f"so set {self.groups_key}={ep_nodes} ({self.group_limit_key} = M, the most nodes per token)")
         return out
@@ -71,7 +75,8 @@ class MoEDecoderSpec(ModelSpec):
     def loss_metrics(self, cfg) -> dict[str, str]:
         names = super().loss_metrics(cfg)
         settings = cfg.router_settings()
-        if settings.balance_mode in BALANCE_METRIC:
+        alpha = settings.seq_aux_alpha if settings.balance_mode in ("loss_free", "seq_aux") else settings.aux_loss_alpha
+        if settings.balance_mode in BALANCE_METRIC and alpha > 0:
             names["balance"] = BALANCE_METRIC[settings.balance_mode]
         elif settings.z_loss_alpha > 0:
             names["balance"] = "loss/z"

@@ -20,8 +20,9 @@ Gating runs in float32 whatever the compute dtype, autocast included (DeepSeek-V
 Balance terms (`balance_mode`, each alpha-weighted; `moetron.models.common.balance`): `seq_aux` the
 sequence-wise loss (DeepSeek-V3 eqs. 17-20), `aux_loss` the micro-batch's (Switch), `global_aux_loss`
 the same with the expert counts f_i summed over every data-parallel rank (dp x ep) of the micro-batch
-before it is applied (Qiu et al. 2025, arXiv 2501.11873: Qwen3's global-batch balance; `balance_group`,
-handed in by parallelize, is a group of those ranks of its own), `loss_free` the bias b (plus the
+before it is applied (the global-batch balance of Qiu et al. 2025, arXiv 2501.11873, which Qwen3
+trains with; they also accumulate the counts over a step's micro-batches, which this does not;
+`balance_group`, handed in by parallelize, is a group of those ranks of its own), `loss_free` the bias b (plus the
 sequence-wise loss where seq_aux_alpha > 0). A router z-loss (ST-MoE, arXiv 2202.08906 eq. 5:
 mean over tokens of logsumexp(logits)^2, weight `z_loss_alpha`) joins any of them.
 
@@ -73,6 +74,14 @@ class RouterSettings:
     @property
     def group_limited(self) -> bool:
         return self.n_group > 1 and self.topk_group < self.n_group
+
+
+def per_layer_aux_alpha(router_aux_loss_coef: float, top_k: int, moe_layers: int) -> float:
+    """The alpha of each MoE layer's balance loss that gives transformers' `router_aux_loss_coef`
+    its meaning there: transformers adds coef x E x sum_i f_i P_i once, from f (tokens per expert,
+    summing to K) and P pooled over the layers (K at perfect balance); moetron adds alpha x sum_i
+    f'_i P_i per layer with f' = E f / K (1 at balance). Equal for equal layers: alpha = coef x K / L."""
+    return router_aux_loss_coef * top_k / max(moe_layers, 1)
 
 
 @dataclass
@@ -182,11 +191,12 @@ class TopKRouter(nn.Module):
 
 
 @torch.compiler.disable  # a collective: eager, between compiled regions
-def global_counts(chosen_BVK: torch.Tensor, num_experts: int, group) -> tuple[torch.Tensor, float]:
-    """(tokens choosing each expert [E], tokens) over this micro-batch on every rank of `group`."""
-    local_E1 = torch.cat([count_per_expert(chosen_BVK, num_experts),
-                          torch.tensor([chosen_BVK.shape[0] * chosen_BVK.shape[1]], device=chosen_BVK.device)])
+def global_counts(chosen_BVK: torch.Tensor, num_experts: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens choosing each expert [E], tokens []) over this micro-batch on every rank of `group`,
+    float64 on the device (no wait on the host)."""
+    tokens_1 = torch.full((1,), chosen_BVK[..., 0].numel(), dtype=torch.int64, device=chosen_BVK.device)
+    local_E1 = torch.cat([count_per_expert(chosen_BVK, num_experts), tokens_1])
     summed_E1 = local_E1.double()
     if group is not None:
         dist.all_reduce(summed_E1, group=group)
-    return summed_E1[:num_experts], float(summed_E1[num_experts])
+    return summed_E1[:num_experts], summed_E1[num_experts]

@@ -81,7 +81,10 @@ class DeepSeekV2Config:
         expert, under group_limited_greedy), gates times routed_scaling_factor."""
         return RouterSettings(
             hidden_size=self.hidden_size, num_experts=self.n_routed_experts, top_k=self.num_experts_per_tok,
-            scores="softmax", norm_topk_prob=self.norm_topk_prob, scaling_factor=self.routed_scaling_factor,
+            # DeepSeek's code renormalises the K gates or scales them, never both (transformers' V2
+            # ignores norm_topk_prob; the published configs set it false)
+            scores="softmax", norm_topk_prob=self.norm_topk_prob,
+            scaling_factor=1.0 if self.norm_topk_prob else self.routed_scaling_factor,
             n_group=self.n_group if self.group_limited else 1, topk_group=self.topk_group if self.group_limited else 1,
             group_score="max", balance_mode=self.balance_mode, seq_aux_alpha=self.aux_loss_alpha,
             aux_loss_alpha=self.aux_loss_alpha, bias_update_speed=self.bias_update_speed,

@@ -14,6 +14,7 @@ class DeepSeekV2Spec(MoEDecoderSpec):
     config_cls = DeepSeekV2Config
     run_settings = ("aux_loss_alpha", "seq_aux", "bias_update_speed", "router_z_loss_coef", "init_from")
     hf = DeepSeekV2HF()
+    groups_span = "devices"  # device-limited routing (section 2.2.2), not node-limited
 
     def build_module(self, cfg: DeepSeekV2Config) -> nn.Module:
         return DeepSeekV2(cfg)

@@ -7,10 +7,7 @@ field for field (see `moetron.models.hf`). Presets live in `conf/model/*.yaml` (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Optional
-
-from omegaconf import OmegaConf
 
 from moetron.models.common.rope import yarn_problems
 from moetron.models.common.router import BALANCE_MODES, RouterSettings
@@ -124,14 +121,11 @@ class DeepSeekV3Config:
 
 
 def load_preset(name: str, **overrides) -> DeepSeekV3Config:
-    """Load `conf/model/<name>.yaml` into a validated config; unknown keys raise an error naming them."""
-    preset_file = resources.files("moetron.conf").joinpath("model", f"{name}.yaml")
-    if not preset_file.is_file():
-        available = sorted(p.name.removesuffix(".yaml") for p in resources.files("moetron.conf").joinpath("model").iterdir()
-                           if p.name.endswith(".yaml"))
-        raise ValueError(f"no model preset {name!r}; available: {available}")
-    schema = OmegaConf.structured(DeepSeekV3Config)
-    preset = OmegaConf.create(preset_file.read_text())
-    preset.pop("defaults", None)  # Hydra's defaults list (the schema this merge applies itself)
-    merged = OmegaConf.merge(schema, preset, OmegaConf.create(overrides))
-    return OmegaConf.to_object(merged).validate()
+    """A DeepSeek-V3 preset, `conf/model/<name>.yaml`, validated (moetron.models.load_preset loads any
+    family's); unknown keys raise an error naming them."""
+    from moetron.models.registry import load_preset as load_any_preset
+
+    cfg = load_any_preset(name, **overrides)
+    if not isinstance(cfg, DeepSeekV3Config):
+        raise ValueError(f"model preset {name!r} is a {cfg.arch} model: moetron.models.load_preset loads it")
+    return cfg

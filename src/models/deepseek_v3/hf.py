@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from moetron.models.common.hf_adapter import (HFAdapter, import_transformers, refuse_other_activation,
-                                              rope_from_hf, rope_to_hf)
+from moetron.models.common.hf_adapter import SameNamesHF
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 
 MTP_FILE = "mtp.safetensors"  # MTP weights, beside the Hugging Face files (moetron names)
 
 
-class DeepSeekV3HF(HFAdapter):
+class DeepSeekV3HF(SameNamesHF):
     model_type = "deepseek_v3"
     causal_lm = "DeepseekV3ForCausalLM"
+    config_cls, hf_config_cls = DeepSeekV3Config, "DeepseekV3Config"
     shared_fields = (
         "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
         "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
@@ -33,22 +33,15 @@ class DeepSeekV3HF(HFAdapter):
     renames = ((".gate.expert_bias", ".gate.e_score_correction_bias"),)
 
     def config_from_hf(self, hf_config, **overrides) -> DeepSeekV3Config:
-        refuse_other_activation(hf_config)
         if hf_config.num_key_value_heads != hf_config.num_attention_heads:
             raise ValueError("MLA has one key/value per head: num_key_value_heads must equal num_attention_heads")
-        fields = {name: getattr(hf_config, name) for name in self.shared_fields}
-        fields["rope_theta"], fields["rope_scaling"] = rope_from_hf(hf_config)
-        fields["num_nextn_predict_layers"] = int(getattr(hf_config, "num_nextn_predict_layers", 0) or 0)
-        fields.update(overrides)
-        return DeepSeekV3Config(**fields).validate()
+        depths = int(getattr(hf_config, "num_nextn_predict_layers", 0) or 0)
+        return super().config_from_hf(hf_config, **{"num_nextn_predict_layers": depths, **overrides})
 
     def hf_config(self, cfg: DeepSeekV3Config, **overrides):
-        fields = {name: getattr(cfg, name) for name in self.shared_fields}
-        fields["rope_parameters"] = rope_to_hf(cfg.rope_theta, cfg.rope_scaling)
-        fields["num_key_value_heads"] = cfg.num_attention_heads
-        fields["num_nextn_predict_layers"] = cfg.num_nextn_predict_layers  # recorded; the HF model builds none
-        fields.update(overrides)
-        return import_transformers().DeepseekV3Config(**fields)
+        # MTP depths recorded (transformers' model builds none)
+        return super().hf_config(cfg, **{"num_key_value_heads": cfg.num_attention_heads,
+                                         "num_nextn_predict_layers": cfg.num_nextn_predict_layers, **overrides})
 
     def ours_only(self, key: str) -> bool:
         return key.startswith("mtp.")

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from moetron.models.common.attention import AttentionSettings
 from moetron.models.common.checks import attention_problems, count_problems, raise_problems, routing_problems
 from moetron.models.common.rope import yarn_problems
-from moetron.models.common.router import RouterSettings
+from moetron.models.common.router import RouterSettings, per_layer_aux_alpha
 
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "num_key_value_heads", "head_dim", "max_position_embeddings", "num_local_experts",
@@ -39,7 +39,7 @@ class MixtralConfig:
     rms_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
-    router_aux_loss_coef: float = 0.02  # alpha of the load-balancing loss (balance_mode aux_loss)
+    router_aux_loss_coef: float = 0.02  # transformers' weight of its balance loss (per layer: per_layer_aux_alpha)
     balance_mode: str = "aux_loss"  # moetron.models.common.router.BALANCE_MODES
     seq_aux_alpha: float = 0.0
     bias_update_speed: float = 0.0  # u of loss-free balancing (balance_mode loss_free)
@@ -55,7 +55,8 @@ class MixtralConfig:
         return RouterSettings(
             hidden_size=self.hidden_size, num_experts=self.num_local_experts, top_k=self.num_experts_per_tok,
             scores="softmax", norm_topk_prob=True, balance_mode=self.balance_mode, seq_aux_alpha=self.seq_aux_alpha,
-            aux_loss_alpha=self.router_aux_loss_coef, bias_update_speed=self.bias_update_speed,
+            aux_loss_alpha=per_layer_aux_alpha(self.router_aux_loss_coef, self.num_experts_per_tok,
+                                               self.num_hidden_layers), bias_update_speed=self.bias_update_speed,
             z_loss_alpha=self.router_z_loss_coef)
 
     def attention_settings(self) -> AttentionSettings:

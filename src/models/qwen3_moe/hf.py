@@ -17,3 +17,4 @@ class Qwen3MoeHF(SameNamesHF):
         "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "rms_norm_eps", "initializer_range",
         "tie_word_embeddings", "router_aux_loss_coef",
     )
+    weightless = SameNamesHF.weightless | {"max_window_layers"}  # transformers' Qwen3-MoE does not read it
