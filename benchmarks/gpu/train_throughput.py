@@ -59,7 +59,7 @@ def _hf_loss(model, ids):
 
 def _ours_loss(model, ids):
     """moetron's models take labels aligned with their inputs: the next token, none for the last."""
-    from moetron.models.deepseek_v3.model import IGNORE_INDEX
+    from moetron.models.common.decoder_lm import IGNORE_INDEX
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
     return model(ids, labels).loss
 

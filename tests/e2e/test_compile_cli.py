@@ -16,7 +16,10 @@ def _losses(run_dir):
 
 
 def test_compiled_blocks_equal_eager_with_recompute(tmp_path):
-    recompute = ["recompute.norm=true", "recompute.mla_up_proj=true", "recompute.swiglu=true"]
+    """Inductor's code, each block compiled apart: one dense and one MoE block (no MTP block, which
+    is another MoE block) cover every recompute region; each block costs inductor seconds here."""
+    recompute = ["recompute.norm=true", "recompute.mla_up_proj=true", "recompute.swiglu=true",
+                 "model.num_hidden_layers=2", "model.num_nextn_predict_layers=0"]
     for compiled in ("false", "true"):
         run_cli([*RUN, *recompute, f"train.compile={compiled}", f"hydra.run.dir={tmp_path / compiled}"], tmp_path,
                 fork=compiled == "false")  # inductor's compile workers hang in a forked test process

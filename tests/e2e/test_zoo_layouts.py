@@ -33,9 +33,10 @@ def test_every_layout_reproduces_one_process(preset, tmp_path):
             assert b["moe/load/layer_1"] == a["moe/load/layer_1"], name  # the same routing, every step
 
 
-@pytest.mark.parametrize("preset", ZOO)
-def test_fp8_trains_under_expert_parallelism_and_a_pipeline(preset, tmp_path):
-    args = [f"model={preset}", *RUN, *FP8]
+def test_fp8_trains_under_expert_parallelism_and_a_pipeline(tmp_path):
+    """GPT-OSS, the family with the most of its own under FP8 (biased linears, biased experts, the
+    clamped SwiGLU); every family's FP8 against float32: tests/unit/test_zoo_fp8.py."""
+    args = ["model=gpt_oss_tiny", *RUN, *FP8]
     torchrun(4, [*args, "train.micro_batch=1", "parallel.ep=2", "parallel.pp=2", "parallel.schedule=dualpipev",
                  f"hydra.run.dir={tmp_path / 'fp8'}"], tmp_path)
     rows = read_metrics(tmp_path / "fp8")

@@ -204,6 +204,8 @@ def test_the_launch_lines_pass_the_trainers_own_checks_for_2048_ranks(capsys):
     assert cfg.train.global_batch == 15360 and cfg.model.num_hidden_layers == 61
 
 
+# one preset per family through moetron-plan itself (a second preset of a family plans alike)
+PLANNED_ON_THE_CLI = {"qwen3_235b_a22b", "mixtral_8x7b", "deepseek_v2_lite", "gpt_oss_120b", "kimi_k2"}
 ZOO_PRESETS = ["qwen3_30b_a3b", "qwen3_235b_a22b", "mixtral_8x7b", "deepseek_v2_lite", "deepseek_v2", "gpt_oss_20b",
                "gpt_oss_120b", "moonlight_16b_a3b", "kimi_k2"]
 
@@ -224,6 +226,8 @@ def test_every_zoo_preset_plans_on_a_cluster_from_its_own_layer_costs(preset, ca
     mtp = sum(c.params for c in costs if c.kind == "mtp")
     assert sum(c.params for c in costs) == total + mtp
     assert {c.kind for c in costs} >= {"embedding", "moe", "head"}
+    if preset not in PLANNED_ON_THE_CLI:
+        return
     out = _json(capsys, [f"model={preset}", "cluster=h100_1024", "parallel.pp=4", "parallel.ep=8",
                          "parallel.schedule=1f1b", "train.micro_batch=1", "plan.recompute=true"])
     assert (out["params_total"], out["params_active"]) == (total, active)
