@@ -16,7 +16,9 @@ Forward values and every gradient are bitwise those of running `fn` directly: th
 on the same inputs, and the same summed output gradient enters the same backward.
 
 Which parts recompute is a run setting (`recompute.norm|mla_up_proj|swiglu`), applied by the
-`SelectiveRecompute` converter to the `recompute_<switch>` slots that layers declare.
+`SelectiveRecompute` converter to the `recompute_<switch>` slots that layers declare. Inside a
+compiled block (`train.compile`) `run` and `discard` stay eager (`torch.compiler.disable`): dynamo
+cannot trace their side effects, and trying costs more graphs (19 against 11 for two tiny blocks).
 """
 from __future__ import annotations
 
@@ -58,12 +60,14 @@ class OutputRecompute:
         self.recomputed_outputs: tuple[torch.Tensor, ...] | None = None
         self.recomputed_inputs: tuple[torch.Tensor, ...] | None = None
 
+    @torch.compiler.disable  # eager inside a compiled block: one graph break, no tracing attempt
     def run(self, fn: Callable, *inputs: torch.Tensor):
         self.fn, self.ctx_inputs = fn, inputs
         outputs = _RunWithoutGraph.apply(fn, self, *inputs)
         self.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         return outputs
 
+    @torch.compiler.disable
     def discard(self, after: torch.Tensor) -> None:
         """Free the outputs now; recompute them when the gradient of `after` is computed."""
         if not after.requires_grad:
