@@ -33,3 +33,30 @@ def attention_problems(num_heads: int, num_kv_heads: int, head_dim: int) -> list
 def raise_problems(problems: list[str]) -> None:
     if problems:
         raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+
+
+def group_limit_problems(num_experts: int, n_group: int, topk_group: int, top_k: int, top2: bool) -> list[str]:
+    """Group-limited routing (DeepSeek-V2's device limit, V3's node limit): groups divide the experts,
+    a token's `topk_group` groups hold its K experts; `top2`: a group scores its two best experts."""
+    problems = []
+    if num_experts % n_group:
+        problems.append(f"model.n_group={n_group} must divide model.n_routed_experts={num_experts}")
+    if not 1 <= topk_group <= n_group:
+        problems.append(f"model.topk_group={topk_group} must be in [1, model.n_group={n_group}]")
+    reachable = topk_group * (num_experts // n_group)
+    if top_k > reachable:
+        problems.append(f"model.num_experts_per_tok={top_k} exceeds the {reachable} experts in "
+                        f"model.topk_group={topk_group} groups; raise topk_group or lower num_experts_per_tok")
+    if top2 and n_group > 1 and num_experts // n_group < 2:
+        problems.append("group-limited routing scores a group by its two best experts: use >= 2 experts per group")
+    return problems
+
+
+def mla_decoder_problems(cfg) -> list[str]:
+    """A DeepSeek-style decoder: MLA's rotary part in pairs, the dense layers a prefix of the stack."""
+    problems = []
+    if cfg.qk_rope_head_dim % 2:
+        problems.append(f"model.qk_rope_head_dim={cfg.qk_rope_head_dim} must be even (rotary pairs)")
+    if not 0 <= cfg.first_k_dense_replace <= cfg.num_hidden_layers:
+        problems.append(f"model.first_k_dense_replace={cfg.first_k_dense_replace} must be in [0, num_hidden_layers]")
+    return problems

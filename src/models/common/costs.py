@@ -71,11 +71,12 @@ def _decoder_layer_cost(layer: nn.Module, seq_len: int, recompute: bool, fp8_cac
     fp8_flops = bf16_flops = routed_flops = 0.0
     acts = 0.0
     routed_params = copies = 0
+    own_norms = {id(m) for m in attention_norms(layer.self_attn)}  # core_cost counts these
     for module in layer.modules():
         if isinstance(module, nn.Linear):
             fp8_flops += 2.0 * module.weight.numel()
             acts += gemm_in * module.in_features
-        elif isinstance(module, RMSNorm) and module not in attention_norms(layer.self_attn):
+        elif isinstance(module, RMSNorm) and id(module) not in own_norms:
             acts += BF16 * module.weight.numel() * (1 if recompute else 2)
     moe = layer.mlp if isinstance(layer.mlp, MoE) else None
     if moe is not None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from moetron.models.common.checks import count_problems, raise_problems, routing_problems
+from moetron.models.common.checks import (count_problems, group_limit_problems, mla_decoder_problems,
+                                          raise_problems, routing_problems)
 from moetron.models.common.rope import yarn_problems
 from moetron.models.common.router import RouterSettings
 
@@ -20,6 +21,7 @@ POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_interm
                    "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                    "v_head_dim", "max_position_embeddings", "num_experts_per_tok", "n_group", "topk_group",
                    "moe_layer_freq")
+COUNT_FIELDS = ("first_k_dense_replace", "n_routed_experts", "n_shared_experts")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 
@@ -91,7 +93,7 @@ class DeepSeekV2Config:
             z_loss_alpha=self.router_z_loss_coef)
 
     def validate(self) -> "DeepSeekV2Config":
-        problems = count_problems(self, POSITIVE_FIELDS, ("first_k_dense_replace", "n_routed_experts", "n_shared_experts"))
+        problems = count_problems(self, POSITIVE_FIELDS, COUNT_FIELDS)
         raise_problems(problems + yarn_problems(self.rope_scaling))  # the checks below divide by these
         problems = routing_problems(self.n_routed_experts, self.num_experts_per_tok, self.balance_mode,
                                     "n_routed_experts", "num_experts_per_tok")
@@ -102,16 +104,9 @@ class DeepSeekV2Config:
         if self.moe_layer_freq != 1:
             problems.append(f"model.moe_layer_freq={self.moe_layer_freq}: every layer from "
                             "model.first_k_dense_replace on is MoE here (as in transformers); set 1")
-        if self.group_limited and self.n_routed_experts % self.n_group:
-            problems.append(f"model.n_group={self.n_group} must divide model.n_routed_experts={self.n_routed_experts}")
-        if self.group_limited and not 1 <= self.topk_group <= self.n_group:
-            problems.append(f"model.topk_group={self.topk_group} must be in [1, model.n_group={self.n_group}]")
-        elif self.group_limited and self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
-            problems.append(f"model.num_experts_per_tok={self.num_experts_per_tok} exceeds the experts of "
-                            f"model.topk_group={self.topk_group} groups; raise topk_group")
-        if self.qk_rope_head_dim % 2:
-            problems.append(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary pairs)")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            problems.append(f"model.first_k_dense_replace={self.first_k_dense_replace} must be in [0, num_hidden_layers]")
+        if self.group_limited:
+            problems += group_limit_problems(self.n_routed_experts, self.n_group, self.topk_group,
+                                             self.num_experts_per_tok, top2=False)
+        problems += mla_decoder_problems(self)
         raise_problems(problems)
         return self

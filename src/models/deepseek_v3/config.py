@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from moetron.models.common.checks import count_problems, group_limit_problems, mla_decoder_problems, raise_problems
 from moetron.models.common.rope import yarn_problems
 from moetron.models.common.router import BALANCE_MODES, RouterSettings
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -86,37 +87,14 @@ class DeepSeekV3Config:
 
     def validate(self) -> "DeepSeekV3Config":
         """Raise ValueError naming the key and the fix for an inconsistent config."""
-        problems = [f"model.{key}={getattr(self, key)} must be at least 1" for key in POSITIVE_FIELDS
-                    if getattr(self, key) is not None and getattr(self, key) < 1]
-        problems += [f"model.{key}={getattr(self, key)} must be at least 0" for key in COUNT_FIELDS
-                     if getattr(self, key) < 0]
-        problems += yarn_problems(self.rope_scaling)
-        if problems:  # the checks below divide by these
-            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+        problems = count_problems(self, POSITIVE_FIELDS, COUNT_FIELDS) + yarn_problems(self.rope_scaling)
+        raise_problems(problems)  # the checks below divide by these
         if self.balance_mode not in BALANCE_MODES:
             problems.append(f"model.balance_mode={self.balance_mode!r}: choose one of {BALANCE_MODES}")
-        if self.n_routed_experts % self.n_group:
-            problems.append(
-                f"model.n_group={self.n_group} must divide model.n_routed_experts={self.n_routed_experts}"
-            )
-        if not 1 <= self.topk_group <= self.n_group:
-            problems.append(f"model.topk_group={self.topk_group} must be in [1, model.n_group={self.n_group}]")
-        experts_reachable = self.topk_group * (self.n_routed_experts // self.n_group)
-        if self.num_experts_per_tok > experts_reachable:
-            problems.append(
-                f"model.num_experts_per_tok={self.num_experts_per_tok} exceeds the {experts_reachable} experts "
-                f"in model.topk_group={self.topk_group} groups; raise topk_group or lower num_experts_per_tok"
-            )
-        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
-            problems.append("group-limited routing scores a group by its two best experts: use >= 2 experts per group")
-        if self.qk_rope_head_dim % 2:
-            problems.append(f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary pairs)")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            problems.append(
-                f"model.first_k_dense_replace={self.first_k_dense_replace} must be in [0, num_hidden_layers]"
-            )
-        if problems:
-            raise ValueError("invalid model config:\n  " + "\n  ".join(problems))
+        problems += group_limit_problems(self.n_routed_experts, self.n_group, self.topk_group,
+                                         self.num_experts_per_tok, top2=True)
+        problems += mla_decoder_problems(self)
+        raise_problems(problems)
         return self
 
 
