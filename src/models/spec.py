@@ -222,8 +222,9 @@ class ModelSpec:
         the output head and not the input embedding table, which a token reads one row of."""
         raise NotImplementedError(f"{self.arch} has no parameter counts for moetron-plan")
 
-    def layer_costs(self, cfg, seq_len: int, recompute: bool, fp8_cache: bool) -> list:
-        """Per-token costs of each layer in order (moetron.models.common.costs.LayerCost),
-        for the planner."""
+    def layer_costs(self, cfg, seq_len: int, recompute: bool) -> list:
+        """Per-token FLOPs and parameters of each layer in order (moetron.models.common.costs.LayerCost),
+        for the planner: the embedding, the decoder layers, the head, then any MTP depths, the
+        order in which moetron.plan.memory measures their activations."""
         raise NotImplementedError(f"{self.arch} has no per-layer costs: moetron-plan cannot plan it")
 

@@ -48,12 +48,14 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from moetron.comm.lanes import GroupLike, LaneGroup
 from moetron.pipeline.grads_final import final_gradient_actions
 from moetron.pipeline.schedule import Action, ActionKind, Schedule
 from moetron.pipeline.transfers import peer_stage, with_transfers
 from moetron.profiling import label
+from moetron.core.saved_tensors import SavedTensorMeter
 from moetron.core.weight_grads import WeightGradStore
 
 K = ActionKind
@@ -70,8 +72,9 @@ class PipelineRunner:
                  group: GroupLike, p2p_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                  store: Optional[WeightGradStore] = None, overlap: bool = True,
                  device: torch.device = torch.device("cpu"), grads=None, stage_params: Optional[dict] = None,
-                 deferred: frozenset = frozenset()) -> None:
-        """`grads` (optional): told when gradients are final, `grads.expect_final(params)` before the
+                 deferred: frozenset = frozenset(), meter: Optional[SavedTensorMeter] = None) -> None:
+        """`meter`: notes what each forward saves for its backward, sampled after each forward
+        (moetron.core.saved_tensors; a new one if None). `grads` (optional): told when gradients are final, `grads.expect_final(params)` before the
         action that adds their last gradient of the step and `grads.mark_final(params)` after it
         (the step finalizer, to start their buckets' reduction); `stage_params`: stage -> the
         parameters its backward reaches (its module's and, on a last stage, the loss tail's);
@@ -96,6 +99,7 @@ class PipelineRunner:
         self.overlap = overlap
         self._pool: Optional[ThreadPoolExecutor] = None
         self._grads = grads
+        self.meter = meter if meter is not None else SavedTensorMeter(p for m in stage_modules.values() for p in m.parameters())
         self._final_at = final_gradient_actions(self.actions, stage_params or {}, deferred) if grads is not None else {}
 
     # -- transfers -------------------------------------------------------------------------------
@@ -159,7 +163,8 @@ class PipelineRunner:
         ambient, stream = self._device_module.current_stream(), self._streams[stage]
         stream.wait_stream(ambient)  # the input arrived on the ambient stream
         self._use_on(x, stage)
-        with self._device_module.stream(stream):
+        saving = self.meter.saving((mb, stage)) if self._backward_follows else nullcontext()
+        with self._device_module.stream(stream), saving:
             out = self._keep_metrics(self.modules[stage](x))
             if self.sched.next_stage(mb, stage) is None:
                 loss = self._keep_metrics(self._loss_fn(out, self._targets[mb]))
@@ -168,6 +173,7 @@ class PipelineRunner:
         ambient.wait_stream(stream)  # sends and the next chunk read the output there
         if self._backward_follows:
             self._saved[(mb, stage)] = (x, out)
+            self.meter.sample()
         return out
 
     def _keep_metrics(self, returned):
@@ -318,6 +324,7 @@ class PipelineRunner:
         """Run this rank's actions for one optimizer step: the losses of its last stages' micro-batches
         and the sum of the metrics its modules and the loss returned."""
         self._inputs, self._targets, self._loss_fn, self._loss_scale = inputs, targets, loss_fn, loss_scale
+        self.meter.ignore(tree_leaves((inputs, targets)))  # held by the caller all step
         self._saved, self._local_acts, self._local_grads, self._losses = {}, {}, {}, {}
         self._metrics: list[torch.Tensor] = []
         self._posted, self._outbox, self._sends = {}, {}, []

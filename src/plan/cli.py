@@ -6,6 +6,7 @@
     moetron-plan --calibrate fp8_linear.json --calibrate outputs/run/metrics.jsonl
     moetron-plan parallel.pp=16 parallel.ep=64 --launch-script    # sbatch / srun / torchrun lines
     moetron-plan parallel.pp=16 parallel.ep=64 --plot plan.png     # the table as a chart
+    moetron-plan model=v3_671b train.seq_len=4096 --memory         # activations kept per layer, measured
 
 Arguments are Hydra overrides of conf/plan.yaml (the same groups as moetron-train). Overrides of
 parallel.pp / parallel.ep / parallel.dp / parallel.schedule / train.micro_batch / precision /
@@ -27,6 +28,7 @@ from moetron.plan.calibrate import calibrate
 from moetron.plan.estimate import Estimate, Problem, estimate, memory_parts
 from moetron.plan.hardware import Efficiency, Hardware
 from moetron.plan.launch import launch_lines, planned_run
+from moetron.plan.memory import MemorySettings, bytes_by_kind, measure, memory_table, with_activations
 from moetron.plan.search import Fixed, layouts
 
 
@@ -94,6 +96,15 @@ def memory_warning(best: Estimate, hw: Hardware) -> str:
             "allow fits")
 
 
+def measured_costs(spec, model_cfg, seq: int, recompute: bool, fp8: bool, fp8_cache: bool) -> list:
+    """The spec's layer costs with the activations each layer keeps, measured (moetron.plan.memory)
+    under the report's recompute policy (every switch the model has) or none."""
+    switches = spec.recompute_switches(model_cfg) if recompute else ()
+    kept = measure(spec, model_cfg, MemorySettings(seq, recompute=switches, fp8=fp8, fp8_cache=fp8_cache))
+    written = kept if not switches else measure(spec, model_cfg, MemorySettings(seq, fp8=fp8, fp8_cache=fp8_cache))
+    return with_activations(spec.layer_costs(model_cfg, seq, recompute), kept, written)
+
+
 def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
     """Estimates of the layouts that fit, best first (or, when none fits, the smallest memory
     first), and what the model is."""
@@ -107,7 +118,7 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
     def problem(recompute: bool, fp8: bool) -> Problem:
         key = (recompute, fp8)
         if key not in problems:
-            costs = spec.layer_costs(model_cfg, seq, recompute, fp8 and bool(cfg.precision.fp8_cache_activations))
+            costs = measured_costs(spec, model_cfg, seq, recompute, fp8, fp8 and bool(cfg.precision.fp8_cache_activations))
             groups = spec.routing_groups(model_cfg)
             problems[key] = Problem(costs, hw, eff, seq, model_cfg.hidden_size, groups,
                                     spec.flops_per_token(model_cfg, seq), float(cfg.plan.tokens),
@@ -125,9 +136,13 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
         rows = sorted((estimate(p, lay) for _, lay, p in fits), key=lambda e: e.gpu_hours_per_trillion_tokens)
     else:
         rows = [estimate(p, lay) for _, lay, p in sorted(misfits, key=lambda m: m[0])[:max(int(cfg.plan.top), 1)]]
+    chosen = problem(rows[0].layout.recompute, rows[0].layout.fp8).costs if rows else []
     return rows, {"params_total": total, "params_active": active, "flops_per_token": spec.flops_per_token(model_cfg, seq),
                   "cluster": hw.name, "gpus": hw.gpus, "seq_len": seq, "global_batch": int(cfg.train.global_batch),
-                  "tokens": float(cfg.plan.tokens)}  # the run that days and cost are for
+                  "tokens": float(cfg.plan.tokens),  # the run that days and cost are for
+                  "activation_bytes_per_token": bytes_by_kind(chosen),  # the best layout's, at pp=1
+                  "weight_copy_bytes_per_microbatch": {"dense": sum(c.weight_copy_bytes for c in chosen),
+                                                       "routed": sum(c.routed_copy_bytes for c in chosen)}}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -142,9 +157,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                             "into compute, exposed communication and bubble")
     parser.add_argument("--launch-script", action="store_true",
                         help="print the sbatch / srun / torchrun lines and rank placement of the best layout")
+    parser.add_argument("--memory", action="store_true",
+                        help="the activations each kind of layer keeps for the backward, per token, under each "
+                             "recompute / FP8 setting (measured on fake tensors: moetron.plan.memory)")
     args = parser.parse_args(argv)
     try:
         cfg, model_choice = _compose(args.overrides)
+        if args.memory:
+            from moetron.train.validate import model_config
+
+            spec, model_cfg = model_config(cfg)
+            print(memory_table(spec, model_cfg, int(cfg.train.seq_len)))
+            return 0
         fixed = fixed_from(args.overrides, cfg)
         hw = Hardware.from_config(cfg.cluster)
         calibrated = calibrate(args.calibrate, hw) if args.calibrate else {}

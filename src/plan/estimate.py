@@ -19,7 +19,8 @@
   rings (NVLink inside a node, else InfiniBand); the gather overlaps the next step's forward, the
   reduce-scatter is exposed.
 - Memory per GPU: float32 parameters and gradients of the held stages (routed experts / ep),
-  AdamW moments sharded by ZeRO-1, activations of the micro-batches in flight, a reserve.
+  AdamW moments sharded by ZeRO-1, the activations and weight copies that the micro-batches in
+  flight keep for their backward (measured per layer: moetron.plan.memory), a reserve.
 """
 from __future__ import annotations
 
@@ -279,10 +280,18 @@ def _held_params(place: _Placement, ids: list, ep: int) -> tuple[float, float]:
     return sum(c.params - c.routed_params for c in layers), sum(c.routed_params for c in layers) / ep
 
 
+def _kept(stage: list, tokens: int, ep: int) -> tuple[float, float]:
+    """(activation bytes, weight-copy bytes) one micro-batch keeps in a stage: measured per token
+    and per micro-batch (moetron.plan.memory), the routed experts' copies of this rank's 1/ep."""
+    return (tokens * sum(c.act_bytes for c in stage),
+            sum(c.weight_copy_bytes + c.routed_copy_bytes / ep for c in stage))
+
+
 def memory_parts(problem: Problem, layout: Layout, place: Optional[_Placement] = None) -> dict:
     """GiB per part on the pipeline rank that holds the most: float32 weights and gradients, AdamW
     moments sharded by ZeRO-1 (dense parameters over dp x ep ranks, routed experts over dp), the
-    activations of its peak of micro-batch-stages in flight, and a reserve."""
+    activations and weight copies (measured: moetron.plan.memory) of its peak of micro-batch-stages
+    in flight, and a reserve."""
     place = place or _place(problem, layout)
     tokens = layout.micro_batch * problem.seq_len
     peaks = peak_in_flight(layout.schedule, layout.pp, layout.num_microbatches)
@@ -290,11 +299,12 @@ def memory_parts(problem: Problem, layout: Layout, place: Optional[_Placement] =
     per_rank = []
     for rank, ids in enumerate(place.held):
         dense, routed = _held_params(place, ids, layout.ep)
-        acts = max(sum(c.act_bytes for c in place.stages[place.positions[s]]) for s in ids) * tokens
+        acts, copies = max((_kept(place.stages[place.positions[s]], tokens, layout.ep) for s in ids), key=sum)
         weights = 4.0 * (dense + routed)
         optimizer = 2 * problem.moments_bytes * (dense / shard_dense + routed / shard_routed)
         per_rank.append({"weights": weights / GIB, "gradients": weights / GIB, "optimizer": optimizer / GIB,
-                         "activations": peaks[rank] * acts / GIB, "reserved": problem.eff.reserved_gib})
+                         "activations": peaks[rank] * acts / GIB, "weight_copies": peaks[rank] * copies / GIB,
+                         "reserved": problem.eff.reserved_gib})
     return max(per_rank, key=lambda p: sum(p.values()))
 
 

@@ -72,8 +72,10 @@ def scale_b_layout(b: Operand) -> torch.Tensor:
     return b.scale.t().contiguous()
 
 
+@torch.overrides.wrap_torch_function(lambda a, b, *rest, **kw: (a.data, b.data))
 def fp8_mm(a: Tiles, b: Operand, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """a b^T on `backend` ("emulated" or "torch"; resolved, see `resolve_backend`)."""
+    """a b^T on `backend` ("emulated" or "torch"; resolved, see `resolve_backend`). A torch function:
+    moetron.plan.memory's fake-tensor run replaces it by its output's shape."""
     if backend == "torch":
         return torch_scaled_mm(a, b, out_dtype)
     return emulated_mm(a, b, out_dtype)

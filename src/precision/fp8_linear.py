@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from moetron.precision.fp8_gemm import fp8_mm
-from moetron.precision.quantize import Tiles, quantize_blocks, quantize_tiles
+from moetron.precision.quantize import Blocks, Tiles, quantize_blocks, quantize_tiles
 from moetron.core.weight_grads import defer_or_compute
 
 
@@ -37,17 +37,23 @@ def _weight_grad(grad_MN: torch.Tensor, x_MK: torch.Tensor, backend: str) -> tor
     return fp8_mm(quantize_tiles(grad_MN.t()), quantize_tiles(x_MK.t()), torch.float32, backend)
 
 
-def _save_input(ctx, x_MK: torch.Tensor, x_q: Tiles, cache_input: bool) -> None:
-    """Keep x for the backward: itself, or (cache_input) its FP8 tiles."""
+def _save(ctx, x_MK: torch.Tensor, x_q: Tiles, cache_input: bool, w_q: list[Blocks]) -> None:
+    """Keep for the backward x (itself, or with `cache_input` its FP8 tiles) and the FP8 weight
+    blocks, all as saved tensors (what moetron.plan.memory counts)."""
     ctx.cached_cols = x_q.cols if cache_input else None
-    ctx.save_for_backward(*((x_q.data, x_q.scale) if cache_input else (x_MK,)))
+    ctx.w_cols = [w.cols for w in w_q]
+    inputs = (x_q.data, x_q.scale) if cache_input else (x_MK,)
+    ctx.save_for_backward(*inputs, *[t for w in w_q for t in (w.data, w.scale)])
 
 
-def _saved_input(ctx, dtype: torch.dtype) -> torch.Tensor:
+def _saved(ctx, dtype: torch.dtype) -> tuple[torch.Tensor, list[Blocks]]:
+    """(x, the weight blocks) that `_save` kept."""
+    saved = ctx.saved_tensors
     if ctx.cached_cols is None:
-        return ctx.saved_tensors[0]
-    data, scale = ctx.saved_tensors
-    return Tiles(data, scale, ctx.cached_cols).dequantize().to(dtype)
+        x, rest = saved[0], saved[1:]
+    else:
+        x, rest = Tiles(saved[0], saved[1], ctx.cached_cols).dequantize().to(dtype), saved[2:]
+    return x, [Blocks(rest[2 * i], rest[2 * i + 1], cols) for i, cols in enumerate(ctx.w_cols)]
 
 
 class _FP8LinearFn(torch.autograd.Function):
@@ -56,18 +62,18 @@ class _FP8LinearFn(torch.autograd.Function):
         x_MK = x.reshape(-1, x.shape[-1])
         w_q, x_q = quantize_blocks(weight.detach()), quantize_tiles(x_MK)
         y_MN = fp8_mm(x_q, w_q, out_dtype, backend)
-        _save_input(ctx, x_MK, x_q, cache_input)
-        ctx.w_q, ctx.weight, ctx.backend, ctx.store, ctx.in_shape = w_q, weight, backend, store, x.shape
+        _save(ctx, x_MK, x_q, cache_input, [w_q])
+        ctx.weight, ctx.backend, ctx.store, ctx.in_shape = weight, backend, store, x.shape
         ctx.in_dtype = x.dtype
         return y_MN.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_MK = _saved_input(ctx, ctx.in_dtype)
+        x_MK, (w_q,) = _saved(ctx, ctx.in_dtype)
         grad_MN = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = fp8_mm(quantize_tiles(grad_MN), ctx.w_q.transposed(), grad_out.dtype, ctx.backend)
+            grad_x = fp8_mm(quantize_tiles(grad_MN), w_q.transposed(), grad_out.dtype, ctx.backend)
             grad_x = grad_x.view(ctx.in_shape).to(x_MK.dtype)
         grad_w = defer_or_compute(ctx.store, ctx.weight, lambda: _weight_grad(grad_MN, x_MK, ctx.backend))
         return grad_x, grad_w, None, None, None, None
@@ -103,23 +109,25 @@ class _FP8GroupedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SK, w_ENK, counts, backend, store, out_dtype, pow2, cache_input):
-        w_q = [quantize_blocks(w_ENK[e].detach()) for e in range(len(counts))]
+        w_all = quantize_blocks(w_ENK.detach())  # every expert's blocks in one pass
+        w_q = [Blocks(w_all.data[e], w_all.scale[e], w_all.cols) for e in range(len(counts))]
         x_q = quantize_tiles(x_SK, pow2)  # per-row tiles: the same as quantizing each expert's rows
         rows_q = [Tiles(d, s, x_q.cols) for d, s in zip(x_q.data.split(counts), x_q.scale.split(counts))]
         outs = [fp8_mm(r, w_q[e], out_dtype, backend) for e, r in enumerate(rows_q) if r.data.shape[0]]
-        _save_input(ctx, x_SK, x_q, cache_input)
-        ctx.w_q, ctx.w, ctx.counts, ctx.backend, ctx.store = w_q, w_ENK, counts, backend, store
+        _save(ctx, x_SK, x_q, cache_input, [w_all])
+        ctx.w, ctx.counts, ctx.backend, ctx.store = w_ENK, counts, backend, store
         ctx.in_dtype = x_SK.dtype
         N = w_ENK.shape[1]
         return torch.cat(outs) if outs else x_SK.new_zeros(0, N, dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, grad_SN):
-        x_SK = _saved_input(ctx, ctx.in_dtype)
+        x_SK, (w_all,) = _saved(ctx, ctx.in_dtype)
+        w_q = [Blocks(w_all.data[e], w_all.scale[e], w_all.cols) for e in range(len(ctx.counts))]
         grads, xs = grad_SN.split(ctx.counts), x_SK.split(ctx.counts)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            parts = [fp8_mm(quantize_tiles(g), ctx.w_q[e].transposed(), grad_SN.dtype, ctx.backend)
+            parts = [fp8_mm(quantize_tiles(g), w_q[e].transposed(), grad_SN.dtype, ctx.backend)
                      for e, g in enumerate(grads) if g.shape[0]]
             grad_x = torch.cat(parts).to(x_SK.dtype) if parts else torch.zeros_like(x_SK)
 

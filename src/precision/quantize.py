@@ -91,11 +91,12 @@ def quantize_tiles(x_MK: torch.Tensor, pow2: bool = False) -> Tiles:
 
 
 def quantize_blocks(w_NK: torch.Tensor, pow2: bool = False) -> Blocks:
-    """One scale per 128x128 block."""
-    N, K = w_NK.shape
-    w = _pad_to(_pad_to(w_NK.float(), 1, TILE), 0, TILE)  # [Np, Kp]
-    Np, Kp = w.shape
-    blocks = w.view(Np // TILE, TILE, Kp // TILE, TILE)
-    scale = _scales(blocks.abs().amax(dim=(1, 3)), pow2)  # [Nb, Kt]
-    data = _cast(blocks / scale[:, None, :, None]).reshape(Np, Kp)[:N].contiguous()
+    """One scale per 128x128 block; a stack of weights [E, N, K] at once gives data [E, N, Kp] and
+    scale [E, Nb, Kt], `Blocks(data[e], scale[e], K)` being expert e's."""
+    *lead, N, K = w_NK.shape
+    w = _pad_to(_pad_to(w_NK.float(), -1, TILE), -2, TILE)  # [..., Np, Kp]
+    Np, Kp = w.shape[-2:]
+    blocks = w.view(*lead, Np // TILE, TILE, Kp // TILE, TILE)
+    scale = _scales(blocks.abs().amax(dim=(-3, -1)), pow2)  # [..., Nb, Kt]
+    data = _cast(blocks / scale[..., :, None, :, None]).reshape(*lead, Np, Kp)[..., :N, :].contiguous()
     return Blocks(data, scale, K)

@@ -229,7 +229,8 @@ class TrainingLoop:
         return {"step": step, "tokens": self.b.progress.tokens, "lr": lr, "grad_norm": grad_norm,
                 "throughput/tokens_per_s": tokens_per_s, "throughput/tflops": tflops_per_rank,
                 "throughput/mfu": tflops_per_rank / self.cfg.cluster.peak_tflops, "step_time_s": step_time,
-                "memory/peak_gib": peak_memory_gib(self.device)}
+                "memory/peak_gib": peak_memory_gib(self.device),
+                "memory/activations_gib": self.b.micro.meter.take_peak() / 2**30}
 
     def _evaluate(self) -> dict:
         self.phase = "metrics"

@@ -4,7 +4,8 @@ are set, or as `logging.wandb.mode` says), and a console progress bar; all from 
 Metric names (DESIGN.md): loss, loss/lm, loss/mtp, loss/seq_aux | loss/aux, lr, grad_norm,
 throughput/tokens_per_s, throughput/tflops, throughput/mfu, moe/maxvio_batch (+ /layer_{i}),
 moe/load/layer_{i} (tokens per expert; a histogram on W&B), moe/bias_abs_mean/layer_{i},
-memory/peak_gib, step_time_s.
+memory/peak_gib, memory/activations_gib (the peak of what the step's forwards kept for their backward,
+on the logging rank: moetron.core.saved_tensors), step_time_s.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from moetron.core.saved_tensors import SavedTensorMeter
 from moetron.models.outputs import LOSS_TERMS
 from moetron.pipeline.runtime import PipelineRunner
 from moetron.pipeline.schedule import forward_only
@@ -25,8 +26,10 @@ class _MicroBatches:
 
     idle: torch.Tensor | None = None  # pipelines: this rank's idle share of the last step, on the device
 
-    def __init__(self, device: torch.device, compute_dtype: torch.dtype) -> None:
+    def __init__(self, device: torch.device, compute_dtype: torch.dtype, params) -> None:
         self.device, self.dtype = device, compute_dtype
+        # what the forwards keep for their backward: memory/activations_gib (moetron.core.saved_tensors)
+        self.meter = SavedTensorMeter(params)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -40,15 +43,18 @@ class LocalMicroBatches(_MicroBatches):
         """`grads` (optional, the step finalizer): told that the step's last backward adds every
         parameter's last gradient (`expect_final` before it, `mark_final` after), so each bucket's
         reduction starts while that backward goes on."""
-        super().__init__(device, compute_dtype)
+        super().__init__(device, compute_dtype, model.parameters())
         self.model, self.grads = model, grads
         self._params = [p for p in model.parameters() if p.requires_grad and not p.is_meta]
 
     def run(self, micro_batches, loss_options: dict) -> torch.Tensor:
         logged = self._zeros()
         for i, (inputs, labels) in enumerate(micro_batches):
-            with self._autocast():
-                out = self.model(inputs.to(self.device), labels.to(self.device), **loss_options)
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            self.meter.ignore((inputs, labels))
+            with self._autocast(), self.meter.saving(i):
+                out = self.model(inputs, labels, **loss_options)
+            self.meter.sample()
             last = i == len(micro_batches) - 1 and self.grads is not None
             if last:
                 self.grads.expect_final(self._params)
@@ -95,7 +101,8 @@ class PipelinedMicroBatches(_MicroBatches):
         parameter's gradients are final, from `stage_params` (`stage_parameters`) and `deferred`: ids
         of the parameters whose weight gradients B actions defer. A runner is made per micro-batch count and use when first needed, on every
         pipeline rank at the same step."""
-        super().__init__(device, compute_dtype)
+        super().__init__(device, compute_dtype, [p for m in parts.stage_modules.values() for p in m.parameters()]
+                         + (list(parts.tail.parameters()) if parts.tail is not None else []))
         self.parts, self._schedule_for = parts, schedule_for
         self._runner_args = (pp_rank, parts.stage_modules, pp_lanes, p2p_shape)
         self._overlap, self._store = overlap_fb, weight_grad_store
@@ -110,7 +117,7 @@ class PipelinedMicroBatches(_MicroBatches):
             else:
                 runner = PipelineRunner(schedule, *self._runner_args, overlap=self._overlap, device=self.device,
                                         store=self._store, grads=self._grads, stage_params=self.stage_params,
-                                        deferred=self._deferred)
+                                        deferred=self._deferred, meter=self.meter)
             self._runners[(n, forward_only_)] = runner
         return self._runners[(n, forward_only_)]
 

@@ -208,3 +208,27 @@ def test_one_rank_dualpipev_runs_each_chunk_on_its_stream(overlap):
     # the side thread runs on the rank's device (a new thread's current device is GPU 0)
     assert [(name.startswith("moetron-fb"), device) for name, device in api.devices] == \
         ([(True, runner.device)] if overlap else [])
+
+
+def _in_flight(rank, world, name, n):
+    sched = build_schedule(name, world, n)
+    blocks = _blocks(len(sched.chains[0]))
+    store = WeightGradStore()
+    mine = {s: defer_weight_grads(copy.deepcopy(blocks[sched.module_of_stage[s]]), store) for s in sched.stages_on(rank)}
+    runner = PipelineRunner(sched, rank, mine, dist.group.WORLD, (ROWS, HIDDEN), store=store, overlap=False)
+    inputs, targets = _data(n)
+    runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / n)
+    return runner.meter.peak_tags, runner.meter.take_peak()
+
+
+@pytest.mark.parametrize("name", ["1f1b", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev"])
+def test_each_rank_holds_the_micro_batches_in_flight_that_the_planner_counts(name):
+    """The saved tensors alive after each forward (moetron.core.saved_tensors), counted by the
+    (micro-batch, stage) that saved them, peak on each of 4 ranks where the pipeline simulator that
+    the planner sizes activations by says (an F&B pair holds both of its micro-batches)."""
+    from moetron.plan.estimate import peak_in_flight
+
+    n = 8
+    measured = run_ranks(4, _in_flight, name, n)
+    assert [tags for tags, _ in measured] == list(peak_in_flight(name, 4, n))
+    assert all(peak_bytes > 0 for _, peak_bytes in measured)

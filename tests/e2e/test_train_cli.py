@@ -38,8 +38,10 @@ def test_the_documented_command_works_as_written(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 31))
     required = {"loss", "loss/lm", "loss/mtp", "loss/seq_aux", "lr", "grad_norm", "throughput/tokens_per_s",
                 "throughput/tflops", "throughput/mfu", "moe/maxvio_batch", "moe/maxvio_batch/layer_1",
-                "moe/load/layer_1", "moe/bias_abs_mean/layer_1", "memory/peak_gib", "step_time_s"}
+                "moe/load/layer_1", "moe/bias_abs_mean/layer_1", "memory/peak_gib", "memory/activations_gib",
+                "step_time_s"}
     assert required <= rows[-1].keys()
+    assert 0 < rows[-1]["memory/activations_gib"] < rows[-1]["memory/peak_gib"]
     assert rows[-1]["loss"] < rows[0]["loss"] - 2.0  # byte-level LM: ~8.1 at init, < 6 after 30 steps
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "step_00000030" / "COMPLETE").is_file()

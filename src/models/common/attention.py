@@ -55,9 +55,11 @@ def causal_window_mask(seq_len: int, window: int, device) -> torch.Tensor:
     return (k_1T <= q_S1) & (k_1T > q_S1 - window)
 
 
+@torch.overrides.wrap_torch_function(lambda q_BNSD, k_BNTD, v_BNTD, *rest, **kw: (q_BNSD, k_BNTD, v_BNTD))
 def attention_with_sinks(q_BNSD, k_BNTD, v_BNTD, scale: float, sinks_N: torch.Tensor,
                          window: Optional[int]) -> torch.Tensor:
-    """softmax([q k^T * scale, sink]) without the sink's column, times v (GPT-OSS's attention)."""
+    """softmax([q k^T * scale, sink]) without the sink's column, times v (GPT-OSS's attention). A
+    torch function (a TorchFunctionMode sees it, as moetron.plan.memory's fused-kernel stand-in)."""
     S = q_BNSD.shape[2]
     groups = q_BNSD.shape[1] // k_BNTD.shape[1]
     k_BNTD, v_BNTD = k_BNTD.repeat_interleave(groups, dim=1), v_BNTD.repeat_interleave(groups, dim=1)
@@ -89,15 +91,9 @@ class GroupedQueryAttention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(N)) if s.sinks else None
 
     def core_cost(self, seq_len: int, recompute: bool = False) -> CoreCost:
-        """Per token: q, k, v and the output, the q/k norms' inputs and outputs (recompute.norm
-        recomputes only the layer norms), and with sinks the written-out softmax's float32 scores
-        and probabilities of every key (2 x 2 BF16 elements each)."""
+        """Per token: 2 x the mean keys seen x heads x (q.k and p.v) head dims; nothing recomputed."""
         s = self.settings
-        q_out, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        kept = 2 * q_out + 2 * kv + (2 * (q_out + kv) if s.qk_norm else 0)
-        if s.sinks:
-            kept += 4 * s.num_heads * seq_len
-        return CoreCost(2.0 * s.mean_keys(seq_len) * s.num_heads * 2 * s.head_dim, kept)
+        return CoreCost(2.0 * s.mean_keys(seq_len) * s.num_heads * 2 * s.head_dim)
 
     def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor) -> torch.Tensor:
         s = self.settings

@@ -8,9 +8,8 @@ needs no formula of its own and the counts cannot drift from the modules.
   norms and biases are not matmuls) plus each attention's core, 2 x (mean keys seen) x heads x
   (qk dim + v dim) (causal: S / 2 keys, the convention of moetron.models.deepseek_v3.params; a
   sliding window sees fewer). Training: 3 x forward.
-- Activations kept for the backward (bytes per token, BF16; estimates of the same kind as
-  DeepSeek-V3's layer_costs): each linear's and expert GEMM's input, the attention core's q, k, v
-  and output, the norms' inputs and outputs, router scores (float32), and the float32 logits.
+- Activations kept for the backward are not estimated here: the planner measures them
+  (moetron.plan.memory) and fills `act_bytes` and the weight copies in.
 
 Shape legend: H hidden, E routed experts, K experts per token, S sequence.
 """
@@ -22,25 +21,14 @@ from torch import nn
 
 from moetron.models.common.experts import GroupedExperts
 from moetron.models.common.moe import MoE
-from moetron.models.common.norm import RMSNorm
 from moetron.models.common.router import TopKRouter
-
-BF16, FP8 = 2.0, 1.0 + 4.0 / 128  # bytes per element (FP8: a float32 scale per 1x128 tile)
-
 
 @dataclass
 class CoreCost:
     """An attention core's per-token cost (each attention module says its own: `core_cost(S)`)."""
 
     flops: float  # forward FLOPs: 2 x mean keys seen x heads x (qk dim + v dim)
-    kept_elements: float  # kept for the backward (q, k, v, the output, what the attention's own norms keep)
     recompute_flops: float = 0.0  # forward FLOPs the backward runs again (under the recompute policy)
-
-
-def attention_norms(attention: nn.Module) -> list[nn.Module]:
-    """The norms inside an attention module (its core_cost counts their activations: per head, not
-    per weight element)."""
-    return [m for m in attention.modules() if isinstance(m, RMSNorm)]
 
 
 @dataclass
@@ -52,9 +40,12 @@ class LayerCost:
     params: int  # parameters, routed experts included
     routed_params: int  # routed experts' parameters (sharded over EP)
     routed_copies: int  # copies of each token sent to experts (top-K); 0 without MoE
-    act_bytes: float  # activations kept for the backward, bytes per token
     recompute_flops: float = 0.0  # forward FLOPs the backward runs again (recompute policy)
     routed_flops: float = 0.0  # the part of fp8_flops in routed experts (load imbalance slows it)
+    # measured by moetron.plan.memory (`with_activations`):
+    act_bytes: float = 0.0  # activations kept for the backward, bytes per token
+    weight_copy_bytes: float = 0.0  # copies of (non-routed) weights kept for the backward, per micro-batch
+    routed_copy_bytes: float = 0.0  # the same of the routed experts' weights, all experts (EP shards them)
     traffic_bytes: float = 0.0  # activations the layer writes, bytes per token (recomputed or not)
 
     def forward_flops(self) -> float:
@@ -65,19 +56,13 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _decoder_layer_cost(layer: nn.Module, seq_len: int, recompute: bool, fp8_cache: bool) -> LayerCost:
+def _decoder_layer_cost(layer: nn.Module, seq_len: int, recompute: bool) -> LayerCost:
     """One decoder block of the shared parts (moetron.models.common.block.DecoderLayer)."""
-    gemm_in = FP8 if fp8_cache else BF16
     fp8_flops = bf16_flops = routed_flops = 0.0
-    acts = 0.0
     routed_params = copies = 0
-    own_norms = {id(m) for m in attention_norms(layer.self_attn)}  # core_cost counts these
     for module in layer.modules():
         if isinstance(module, nn.Linear):
             fp8_flops += 2.0 * module.weight.numel()
-            acts += gemm_in * module.in_features
-        elif isinstance(module, RMSNorm) and id(module) not in own_norms:
-            acts += BF16 * module.weight.numel() * (1 if recompute else 2)
     moe = layer.mlp if isinstance(layer.mlp, MoE) else None
     if moe is not None:
         router: TopKRouter = moe.gate
@@ -90,32 +75,20 @@ def _decoder_layer_cost(layer: nn.Module, seq_len: int, recompute: bool, fp8_cac
         fp8_flops += routed_flops
         bf16_flops += 2.0 * router.weight.numel()
         copies = K
-        H, I2 = experts.gate_up_proj.shape[2], experts.gate_up_proj.shape[1]
-        acts += 4.0 * E + K * (gemm_in * H + gemm_in * I2 + (0 if recompute else gemm_in * I2 / 2) + BF16 * H)
     core = layer.self_attn.core_cost(seq_len, recompute)
-    acts += BF16 * core.kept_elements
-    recompute_flops = core.recompute_flops
     return LayerCost("moe" if moe is not None else "dense", fp8_flops, bf16_flops, core.flops, _numel(layer),
-                     routed_params, copies, acts, recompute_flops, routed_flops)
+                     routed_params, copies, core.recompute_flops, routed_flops)
 
 
-def layer_costs(model: nn.Module, seq_len: int, recompute: bool = False, fp8_cache: bool = False) -> list[LayerCost]:
+def layer_costs(model: nn.Module, seq_len: int, recompute: bool = False) -> list[LayerCost]:
     """Per-token costs of the embedding, each decoder layer and the head of a DecoderLM (built on the
-    meta device), in order."""
-    layers = _layer_costs(model, seq_len, recompute, fp8_cache)
-    kept = layers if not recompute else _layer_costs(model, seq_len, False, fp8_cache)
-    for layer, written in zip(layers, kept):
-        layer.traffic_bytes = written.act_bytes  # recomputation writes them again
-    return layers
-
-
-def _layer_costs(model: nn.Module, seq_len: int, recompute: bool, fp8_cache: bool) -> list[LayerCost]:
+    meta device), in order; activations are the planner's measurement (moetron.plan.memory)."""
     H, V = model.embed_tokens.weight.shape[1], model.embed_tokens.weight.shape[0]
     tied = model.lm_head.weight is model.embed_tokens.weight
-    costs = [LayerCost("embedding", 0.0, 0.0, 0.0, V * H, 0, 0, 0.0)]
-    costs += [_decoder_layer_cost(layer, seq_len, recompute, fp8_cache) for layer in model.layers]
+    costs = [LayerCost("embedding", 0.0, 0.0, 0.0, V * H, 0, 0)]
+    costs += [_decoder_layer_cost(layer, seq_len, recompute) for layer in model.layers]
     head_params = _numel(model.norm) + (0 if tied else V * H)
-    costs.append(LayerCost("head", 0.0, 2.0 * V * H, 0.0, head_params, 0, 0, 4.0 * V + BF16 * H))
+    costs.append(LayerCost("head", 0.0, 2.0 * V * H, 0.0, head_params, 0, 0))
     return costs
 
 

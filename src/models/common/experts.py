@@ -21,7 +21,7 @@ HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 def _aligned(t: torch.Tensor) -> bool:
     row_bytes = t.shape[-1] * t.element_size()
-    return t.is_contiguous() and row_bytes % 16 == 0 and t.data_ptr() % 16 == 0
+    return t.is_contiguous() and row_bytes % 16 == 0 and t.storage_offset() * t.element_size() % 16 == 0
 
 
 class _GroupedMM(torch.autograd.Function):

@@ -46,18 +46,13 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(N * cfg.v_head_dim, H, bias=False)
 
     def core_cost(self, seq_len: int, recompute: bool = False) -> CoreCost:
-        """Causal: S / 2 keys per query; q and k of qk_head_dim, v and the output of v_head_dim per
-        head, and the latent norms' inputs and outputs. Under recompute (recompute.mla_up_proj and
-        .norm) q, k, v and the norms' outputs are freed and the up-projections run again."""
+        """Causal: S / 2 keys per query, q and k of qk_head_dim, v of v_head_dim per head. Under
+        recompute (recompute.mla_up_proj) the up-projections run again in the backward."""
         cfg = self.cfg
         N, q_lat = cfg.num_attention_heads, cfg.q_lora_rank or 0
-        latents = cfg.kv_lora_rank + q_lat
-        qkv = N * (2 * cfg.qk_head_dim + cfg.v_head_dim)
         up_proj = cfg.kv_lora_rank * N * (cfg.qk_nope_head_dim + cfg.v_head_dim) + q_lat * N * cfg.qk_head_dim
         flops = 2.0 * seq_len / 2 * N * (cfg.qk_head_dim + cfg.v_head_dim)
-        if recompute:
-            return CoreCost(flops, latents + N * cfg.v_head_dim, 2.0 * up_proj)
-        return CoreCost(flops, 2 * latents + qkv + N * cfg.v_head_dim)
+        return CoreCost(flops, 2.0 * up_proj if recompute else 0.0)
 
     def _up_project(self, q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, norm_regions=None):
         """Eqs. 1-8 after the down-projections: latents -> q, k, v of shape [B, N, S, D].

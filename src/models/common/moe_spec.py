@@ -65,8 +65,8 @@ class MoEDecoderSpec(ModelSpec):
     def flops_per_token(self, cfg, seq_len: int) -> float:
         return costs.training_flops_per_token(self.build(cfg, "meta"), seq_len)
 
-    def layer_costs(self, cfg, seq_len: int, recompute: bool, fp8_cache: bool) -> list:
-        return costs.layer_costs(self.build(cfg, "meta"), seq_len, recompute, fp8_cache)
+    def layer_costs(self, cfg, seq_len: int, recompute: bool) -> list:
+        return costs.layer_costs(self.build(cfg, "meta"), seq_len, recompute)
 
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
                     fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None) -> Parallelized:

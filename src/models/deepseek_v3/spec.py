@@ -52,5 +52,5 @@ class DeepSeekV3Spec(MoEDecoderSpec):
         count = count_parameters(cfg)
         return count.total, count.activated_per_token
 
-    def layer_costs(self, cfg: DeepSeekV3Config, seq_len: int, recompute: bool, fp8_cache: bool) -> list:
-        return layer_costs(cfg, seq_len, recompute, fp8_cache)
+    def layer_costs(self, cfg: DeepSeekV3Config, seq_len: int, recompute: bool) -> list:
+        return layer_costs(cfg, seq_len, recompute)

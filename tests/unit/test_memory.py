@@ -1,0 +1,97 @@
+"""The activation accounting (moetron.plan.memory): fake tensors keep exactly what real ones do, the
+attention core counts FlashAttention's saved set, weight copies are told apart from activations,
+and the planner plans from the measurement itself."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moetron.models import get_spec, load_preset
+from moetron.models.common.mlp import MLP
+from moetron.plan.cli import main as plan_main, measured_costs
+from moetron.plan.memory import COLUMNS, MemorySettings, _StandIns, measure
+
+FAMILIES = ["tiny", "qwen3_moe_tiny", "mixtral_tiny", "deepseek_v2_tiny", "gpt_oss_tiny"]
+
+
+def _settings(spec, cfg, seq, recompute, fp8, cache):
+    return MemorySettings(seq, recompute=spec.recompute_switches(cfg) if recompute else (), fp8=fp8, fp8_cache=cache)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_fake_tensors_keep_exactly_what_real_tensors_keep(preset):
+    cfg = load_preset(preset)
+    spec = get_spec(cfg.arch)
+    for _, recompute, fp8, cache in (COLUMNS[0], COLUMNS[-1]):
+        settings = _settings(spec, cfg, 64, recompute, fp8, cache)
+        fake, real = measure(spec, cfg, settings), measure(spec, cfg, settings, fake=False)
+        assert fake == real
+        assert all(p.bytes_per_token > 0 for p in fake)
+
+
+def test_the_attention_core_keeps_what_flash_attention_keeps():
+    """q, k, v, the output and a float32 log-sum-exp per query and head: no S x S matrix, so a dense
+    layer keeps the same bytes per token at any sequence length."""
+    q, k, v = (torch.randn(2, 4, 64, 16, requires_grad=True) for _ in range(3))
+    saved = []
+    with _StandIns(fake=False), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert [(tuple(t.shape), t.dtype) for t in saved] == [((2, 4, 64, 16), torch.float32)] * 4 + [((2, 4, 64), torch.float32)]
+    assert out.transpose(1, 2).is_contiguous()  # the kernel's [B, S, N, D]: o_proj reads a view
+    cfg = load_preset("tiny")
+    spec = get_spec(cfg.arch)
+    short, long = (measure(spec, cfg, MemorySettings(seq)) for seq in (128, 1024))
+    assert short[1].kind == "dense" and short[1].bytes_per_token == long[1].bytes_per_token
+    # MoE layers also keep a few [experts]-sized tensors per micro-batch (row counts), spread over its tokens
+    assert [p.bytes_per_token for p in short] == pytest.approx([p.bytes_per_token for p in long], rel=1e-3)
+
+
+def test_autocast_copies_of_float32_weights_are_counted_per_micro_batch_apart_from_activations():
+    """Under autocast every weight a layer multiplies is kept as its BF16 copy: 2 bytes per
+    parameter of the dense layer's linears, of the routed experts apart."""
+    cfg = load_preset("tiny")
+    spec = get_spec(cfg.arch)
+    model = spec.build(cfg, "meta")
+    parts = measure(spec, cfg, MemorySettings(128))
+    dense_layer, moe_layer = model.layers[0], model.layers[-1]
+    linears = sum(m.weight.numel() for m in dense_layer.modules() if isinstance(m, torch.nn.Linear))
+    assert parts[1].kind == "dense" and parts[1].weight_copy_bytes == 2 * linears and parts[1].routed_copy_bytes == 0
+    experts = moe_layer.mlp.experts
+    assert parts[-3].kind == "moe" and parts[-3].routed_copy_bytes == 2 * (experts.gate_up_proj.numel() + experts.down_proj.numel())
+    assert isinstance(dense_layer.mlp, MLP)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mini", "v3_671b"])
+def test_the_planners_activation_bytes_are_the_measurement_in_every_setting(preset):
+    cfg = load_preset(preset)
+    spec = get_spec(cfg.arch)
+    for _, recompute, fp8, cache in COLUMNS:
+        costs = measured_costs(spec, cfg, 4096, recompute, fp8, cache)
+        parts = measure(spec, cfg, _settings(spec, cfg, 4096, recompute, fp8, cache))
+        assert [c.kind for c in costs] == [p.kind for p in parts]
+        for cost, part in zip(costs, parts):
+            assert cost.act_bytes == pytest.approx(part.bytes_per_token, rel=0.05)
+            assert (cost.weight_copy_bytes, cost.routed_copy_bytes) == (part.weight_copy_bytes, part.routed_copy_bytes)
+
+
+def test_plan_json_reports_activation_bytes_per_token_by_layer_kind(capsys):
+    args = ["parallel.pp=16", "parallel.ep=64", "parallel.schedule=dualpipe", "train.micro_batch=1",
+            "plan.recompute=true", "precision=fp8", "--json"]
+    assert plan_main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_kind = out["activation_bytes_per_token"]
+    assert set(by_kind) == {"embedding", "dense", "moe", "head", "mtp", "total"}
+    cfg = load_preset("v3_671b")
+    costs = measured_costs(get_spec("deepseek_v3"), cfg, 4096, True, True, True)
+    assert by_kind["total"] == sum(c.act_bytes for c in costs)
+    assert by_kind["moe"] == next(c.act_bytes for c in costs if c.kind == "moe")
+    assert set(out["memory_parts_gib"]) >= {"activations", "weight_copies"}
+
+
+def test_the_memory_table_prints_every_kind_and_setting(capsys):
+    assert plan_main(["model=tiny", "train.seq_len=256", "--memory"]) == 0
+    out = capsys.readouterr().out
+    for word in ("embedding", "dense", "moe", "head", "mtp", "whole model", "fp8+cache+recompute", "weight copies"):
+        assert word in out
