@@ -4,8 +4,8 @@ built model without touching its code (torchtitan's `model_converter` is the exa
 A converter has a `name` (its place in `CONVERTER_ORDER`), `convert(root)`, and `problems(root)`:
 what it should have reached and could not, asked after every converter has run. `apply_converters`
 runs them in the one order that works (FP8 swaps plain linears for FP8 ones before the
-weight-gradient deferral hands its store to every layer with a slot; recomputation only sets
-switches), then raises one ValueError listing every problem, so a combination that cannot work is
+weight-gradient deferral hands its store to every layer with a slot; recomputation and the memory
+switches only set slots), then raises one ValueError listing every problem, so a combination that cannot work is
 refused when the model is built, never skipped silently.
 
 `replace_modules` is how a converter swaps a submodule for another that shares its parameters:
@@ -22,7 +22,7 @@ from typing import Callable, Protocol, Sequence
 
 from torch import nn
 
-CONVERTER_ORDER = ("fp8", "defer_weight_grads", "recompute")
+CONVERTER_ORDER = ("fp8", "defer_weight_grads", "recompute", "memory")
 
 
 class ModuleConverter(Protocol):

@@ -24,6 +24,7 @@ from torch import nn
 from moetron.models.stages import PipelineParts, pipeline_split
 from moetron.core.convert import apply_converters
 from moetron.core.weight_grads import WeightGradStore
+from moetron.parallel.memory import MemorySwitches
 from moetron.parallel.recompute import SelectiveRecompute
 from moetron.parallel.weight_grads import WeightGradDeferral
 from moetron.precision.convert import FP8Conversion, FP8Recipe
@@ -60,12 +61,13 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 def run_converters(model: nn.Module, made: Parallelized, fp8: Optional[FP8Recipe] = None,
                    defer_weights: bool = False, recompute: Optional[dict] = None, fp8_scopes=None,
-                   high_precision_inputs: tuple[str, ...] = ()) -> None:
+                   high_precision_inputs: tuple[str, ...] = (), memory: Optional[dict] = None) -> None:
     """The converters a run asks for, applied through the one seam (moetron.core.convert): FP8 in
     `fp8_scopes(model)` (default: the decoder blocks), weight-gradient deferral in the decoder
     blocks (a pipeline with W actions; the store recorded in `made`;
     the loss tail stays as it is: its deferred gradients would keep the logits' gradient, [B, S, V]
-    per head, alive until W), and the recompute switches. Refuses combinations that cannot work."""
+    per head, alive until W), the recompute switches and the memory switches
+    (moetron.parallel.memory). Refuses combinations that cannot work."""
     converters = []
     if fp8:
         converters.append(FP8Conversion(fp8, fp8_scopes or (lambda m: [decoder_of(m)]), high_precision_inputs))
@@ -74,6 +76,8 @@ def run_converters(model: nn.Module, made: Parallelized, fp8: Optional[FP8Recipe
         converters.append(WeightGradDeferral(made.weight_grad_store, decoder_of))
     if recompute and any(recompute.values()):
         converters.append(SelectiveRecompute(recompute))
+    if memory and any(memory.values()):
+        converters.append(MemorySwitches(memory))
     apply_converters(model, converters)
 
 
@@ -143,13 +147,14 @@ class ModelSpec:
 
     # -- parallelism -----------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
-                    fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None) -> Parallelized:
+                    fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None,
+                    memory: Optional[dict] = None) -> Parallelized:
         """Apply parallelism, precision and memory policies without touching model code (module
         converters, `run_converters`): FP8 in the decoder blocks (`fp8`), the weight-gradient
-        deferral a pipeline's B/W split needs, the recompute switches (`recompute`: switch -> on). A
-        dense model has no dispatch: `fp8.dispatch` is moot."""
+        deferral a pipeline's B/W split needs, the recompute switches (`recompute`: switch -> on), the
+        memory switches (`memory`: switch -> on). A dense model has no dispatch: `fp8.dispatch` is moot."""
         made = Parallelized()
-        run_converters(model, made, fp8, defer_weights, recompute)
+        run_converters(model, made, fp8, defer_weights, recompute, memory=memory)
         return made
 
     def recompute_switches(self, cfg) -> tuple[str, ...]:

@@ -96,13 +96,21 @@ def memory_warning(best: Estimate, hw: Hardware) -> str:
             "allow fits")
 
 
-def measured_costs(spec, model_cfg, seq: int, recompute: bool, fp8: bool, fp8_cache: bool) -> list:
+def measured_costs(spec, model_cfg, seq: int, recompute: bool, fp8: bool, fp8_cache: bool,
+                   memory: tuple[str, ...] = ()) -> list:
     """The spec's layer costs with the activations each layer keeps, measured (moetron.plan.memory)
-    under the report's recompute policy (every switch the model has) or none."""
+    under the report's recompute policy (every switch the model has) or none, and the memory
+    switches `memory` (moetron.parallel.memory)."""
     switches = spec.recompute_switches(model_cfg) if recompute else ()
-    kept = measure(spec, model_cfg, MemorySettings(seq, recompute=switches, fp8=fp8, fp8_cache=fp8_cache))
-    written = kept if not switches else measure(spec, model_cfg, MemorySettings(seq, fp8=fp8, fp8_cache=fp8_cache))
+    common = dict(fp8=fp8, fp8_cache=fp8_cache, memory=memory)
+    kept = measure(spec, model_cfg, MemorySettings(seq, recompute=switches, **common))
+    written = kept if not switches else measure(spec, model_cfg, MemorySettings(seq, **common))
     return with_activations(spec.layer_costs(model_cfg, seq, recompute), kept, written)
+
+
+def memory_switches(cfg) -> tuple[str, ...]:
+    """The `memory.<switch>` keys on in a composed config."""
+    return tuple(k for k, v in cfg.memory.items() if v)
 
 
 def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
@@ -118,7 +126,8 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
     def problem(recompute: bool, fp8: bool) -> Problem:
         key = (recompute, fp8)
         if key not in problems:
-            costs = measured_costs(spec, model_cfg, seq, recompute, fp8, fp8 and bool(cfg.precision.fp8_cache_activations))
+            costs = measured_costs(spec, model_cfg, seq, recompute, fp8, fp8 and bool(cfg.precision.fp8_cache_activations),
+                                   memory_switches(cfg))
             groups = spec.routing_groups(model_cfg)
             problems[key] = Problem(costs, hw, eff, seq, model_cfg.hidden_size, groups,
                                     spec.flops_per_token(model_cfg, seq), float(cfg.plan.tokens),
@@ -167,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from moetron.train.validate import model_config
 
             spec, model_cfg = model_config(cfg)
-            print(memory_table(spec, model_cfg, int(cfg.train.seq_len)))
+            print(memory_table(spec, model_cfg, int(cfg.train.seq_len), memory_switches(cfg)))
             return 0
         fixed = fixed_from(args.overrides, cfg)
         hw = Hardware.from_config(cfg.cluster)

@@ -62,6 +62,7 @@ class MemorySettings:
     fp8: bool = False
     fp8_cache: bool = False  # precision.fp8_cache_activations
     compute_dtype: str = "bfloat16"  # the GPU trainer's autocast dtype
+    memory: tuple[str, ...] = ()  # memory switches on (moetron.parallel.memory)
 
 
 # -- the attention core as the GPU kernel keeps it ------------------------------------------------
@@ -201,7 +202,7 @@ def _prepare(spec, model_cfg, settings: MemorySettings) -> tuple[nn.Module, list
     model = spec.build(model_cfg, device="meta").train()
     fp8 = FP8Recipe("emulated", False, settings.fp8_cache) if settings.fp8 else None
     spec.parallelize(model, None, "local", defer_weights=False, fp8=fp8,
-                     recompute={s: True for s in settings.recompute})
+                     recompute={s: True for s in settings.recompute}, memory={s: True for s in settings.memory})
     firsts: dict[tuple, int] = {}
     stand_in = []
     for layer in model.layers:
@@ -318,19 +319,21 @@ COLUMNS = (("plain", False, False, False), ("recompute", True, False, False), ("
            ("fp8+cache", False, True, True), ("fp8+cache+recompute", True, True, True))
 
 
-def memory_table(spec, model_cfg, seq_len: int) -> str:
+def memory_table(spec, model_cfg, seq_len: int, memory: tuple[str, ...] = ()) -> str:
     """What `moetron-plan --memory` prints: KB per token that one layer of each kind keeps for its
-    backward, and the weight copies per micro-batch, under each recompute / FP8 setting."""
+    backward, and the weight copies per micro-batch, under each recompute / FP8 setting (and the
+    memory switches `memory`)."""
     columns = []
     for name, recompute, fp8, cache in COLUMNS:
         switches = spec.recompute_switches(model_cfg) if recompute else ()
         if recompute and not switches:
             continue
-        parts = measure(spec, model_cfg, MemorySettings(seq_len, recompute=switches, fp8=fp8, fp8_cache=cache))
+        parts = measure(spec, model_cfg, MemorySettings(seq_len, recompute=switches, fp8=fp8, fp8_cache=cache,
+                                                        memory=memory))
         columns.append((name, parts))
     width = max(len(name) for name, _ in columns) + 2
     lines = [f"Saved for the backward by one forward (sequence {seq_len}, BF16 compute, the attention core as "
-             "FlashAttention keeps it)", "",
+             f"FlashAttention keeps it; memory switches on: {', '.join(memory) or 'none'})", "",
              "KB per token, one layer of each kind".ljust(40) + "".join(n.rjust(width) for n, _ in columns)]
     kinds = [k for k in KINDS if any(p.kind == k for p in columns[0][1])]
     for kind in kinds:

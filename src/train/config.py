@@ -111,6 +111,15 @@ class RecomputeConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """What the forward keeps for its backward, cut without changing results beyond rounding (issue
+    26; moetron.parallel.memory): run settings, free to change on resume."""
+    # routed experts scale their SwiGLU output by the routing weight before the down-projection, so
+    # the combine keeps no expert outputs for its backward
+    gate_before_down_proj: bool = True
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"
     lr: float = 3e-3
@@ -177,6 +186,7 @@ class RootConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -175,7 +175,8 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
         if prec.fp8 else None
     recompute = dataclasses.asdict(cfg.recompute)
     defer = dims.pp > 1 and splits_weight_grads(build_schedule(par.schedule, dims.pp, num_microbatches))
-    made = spec.parallelize(model, groups, par.dispatcher, defer_weights=defer, fp8=fp8, recompute=recompute)
+    made = spec.parallelize(model, groups, par.dispatcher, defer_weights=defer, fp8=fp8, recompute=recompute,
+                            memory=dataclasses.asdict(cfg.memory))
     if cfg.train.compile:
         spec.compile_blocks(model, cfg.train.compile_backend)  # compiled at first call, on materialized weights
     if dims.pp == 1:

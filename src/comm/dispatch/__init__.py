@@ -3,11 +3,13 @@
 Contract (DESIGN.md), for every implementation:
 
     dispatch(x_TH, topk_idx_TK, topk_weight_TK) -> (x_recv_SH, tokens_per_local_expert_E, handle)
-    combine(y_SH, handle) -> y_TH
+    combine(y_SH, handle, weighted=True) -> y_TH
 
 `x_recv_SH` holds one row per (token, chosen local expert), grouped by local expert in ascending
-order, `tokens_per_local_expert_E` the group sizes; `combine` weights each row by its gate and sums
-the rows of a token. Both are differentiable (gradients reach x and the gates).
+order, `tokens_per_local_expert_E` the group sizes, `handle.weight_S` each row's gate; `combine`
+weights each row by its gate (unless `weighted=False`: the experts applied the gates before their
+down-projection) and sums the rows of a token. Both are differentiable (gradients reach x and the
+gates).
 
 - `LocalDispatcher`: EP = 1, a permutation.
 - `AllToAllDispatcher`: one all-to-all over the EP group, each token sent once per rank.

@@ -23,6 +23,7 @@ import torch
 
 from moetron.comm.counts import count_per_expert
 from moetron.comm.dispatch.hop import IdentityCodec, return_hop, send_hop
+from moetron.comm.dispatch.rows import scale_rows, sum_rows
 from moetron.comm.lanes import GroupLike
 from moetron.comm.traffic import TrafficCounter
 
@@ -63,10 +64,11 @@ class ExpertParallelDispatcher:
         handle = EPDispatchHandle(hops, row_S, weight_MK[row_S, slot_S], x_MH.shape[0])
         return x_MH.index_select(0, row_S), tokens_per_local_expert_L, handle
 
-    def combine(self, y_SH: torch.Tensor, handle: EPDispatchHandle) -> torch.Tensor:
-        weighted_SH = (y_SH.float() * handle.weight_S.unsqueeze(-1)).to(y_SH.dtype)
-        y_MH = y_SH.new_zeros(handle.num_rows, y_SH.shape[-1]).index_add(0, handle.row_of_pair_S, weighted_SH)
-        return self._bring_back(y_MH, handle.hops)
+    def combine(self, y_SH: torch.Tensor, handle: EPDispatchHandle, weighted: bool = True) -> torch.Tensor:
+        """Rows weighted by their gates (unless `weighted` is False: the experts applied them), summed
+        per received row, then sent back the way they came."""
+        rows_SH = scale_rows(y_SH, handle.weight_S) if weighted else y_SH
+        return self._bring_back(sum_rows(rows_SH, handle.row_of_pair_S, handle.num_rows), handle.hops)
 
     def _bring_back(self, y_MH, hops):  # -> y_TH: partial sums per received row, back along the hops
         for hop in reversed(hops):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from moetron.comm.counts import count_per_expert
+from moetron.comm.dispatch.rows import scale_rows, sum_rows
 
 
 @dataclass
@@ -40,8 +41,8 @@ class LocalDispatcher:
         weight_S = topk_weight_TK.reshape(-1).index_select(0, order_S)
         return x_recv_SH, tokens_per_expert_E, LocalDispatchHandle(token_idx_S, weight_S, x_TH.shape[0])
 
-    def combine(self, y_SH: torch.Tensor, handle: LocalDispatchHandle) -> torch.Tensor:
-        # Gates are float32 (router precision); weight in float32, accumulate in the model dtype.
-        weighted_SH = (y_SH.float() * handle.weight_S.unsqueeze(-1)).to(y_SH.dtype)
-        y_TH = y_SH.new_zeros(handle.num_tokens, y_SH.shape[-1])
-        return y_TH.index_add(0, handle.token_idx_S, weighted_SH)
+    def combine(self, y_SH: torch.Tensor, handle: LocalDispatchHandle, weighted: bool = True) -> torch.Tensor:
+        """Each token's rows summed, weighted by their gates first (in float32) unless `weighted` is
+        False (the experts applied the gates already)."""
+        rows_SH = scale_rows(y_SH, handle.weight_S) if weighted else y_SH
+        return sum_rows(rows_SH, handle.token_idx_S, handle.num_tokens)

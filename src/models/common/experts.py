@@ -9,9 +9,12 @@ K_in / N_out the inner / outer dims of one grouped GEMM.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
+from moetron.comm.dispatch.rows import scale_rows
 from moetron.models.common.mlp import swiglu
 from moetron.parallel.recompute import discard_all, maybe_recompute
 from moetron.core.weight_grads import defer_or_compute
@@ -136,20 +139,59 @@ class GroupedExperts(nn.Module):
             return self.expert_gemm(x_SK, w_ENK, tokens_per_expert_E, self.weight_grad_store)
         return grouped_mm(x_SK, w_ENK, tokens_per_expert_E, self.use_grouped_mm, self.weight_grad_store)
 
-    def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                gate_S: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Each row through its expert. With `gate_S` (each row's routing weight), the SwiGLU output is
+        scaled by it before the down-projection, which is linear, so the output is the gated one
+        (eq. 13's g_{i,t} FFN_i(u_t)) and the combine keeps no expert outputs for its backward; the
+        gate's gradient then comes from the (recomputed) SwiGLU output."""
         gate_up_S2I = _add_row_bias(self._gemm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E),
                                     self.gate_up_proj_bias, tokens_per_expert_E)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
-        act_SI, region = maybe_recompute(self.recompute_swiglu, self.activation, gate_SI, up_SI)
+        if gate_S is None:
+            act_SI, region = maybe_recompute(self.recompute_swiglu, self.activation, gate_SI, up_SI)
+        else:
+            act_SI, region = maybe_recompute(self.recompute_swiglu, self._gated_activation, gate_SI, up_SI, gate_S)
         y_SH = _add_row_bias(self._gemm(act_SI, self.down_proj, tokens_per_expert_E), self.down_proj_bias,
-                             tokens_per_expert_E)
+                             tokens_per_expert_E, gate_S)
         discard_all([region], after=y_SH)
         return y_SH
 
+    def _gated_activation(self, gate_SI: torch.Tensor, up_SI: torch.Tensor, gate_S: torch.Tensor) -> torch.Tensor:
+        return scale_rows(self.activation(gate_SI, up_SI), gate_S)
 
-def _add_row_bias(y_SN: torch.Tensor, bias_EN, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """y plus each row's expert's bias (rows grouped by expert, `tokens_per_expert_E` of each)."""
+
+def _add_row_bias(y_SN: torch.Tensor, bias_EN, tokens_per_expert_E: torch.Tensor,
+                  gate_S: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y plus each row's expert's bias (rows grouped by expert, `tokens_per_expert_E` of each), scaled
+    by the row's gate where one is given (the rows were)."""
     if bias_EN is None:
         return y_SN
+    if gate_S is not None:
+        return _GatedRowBias.apply(y_SN, bias_EN, tokens_per_expert_E, gate_S)
     rows_bias_SN = bias_EN.repeat_interleave(tokens_per_expert_E, dim=0, output_size=y_SN.shape[0])
     return y_SN + rows_bias_SN.to(y_SN.dtype)
+
+
+class _GatedRowBias(torch.autograd.Function):
+    """y + gate_S[s] * bias_EN[expert of row s], keeping the counts and gates, not the [S, N] rows of
+    bias (rebuilt in the backward), computed in float32 as `scale_rows` does."""
+
+    @staticmethod
+    def forward(ctx, y_SN, bias_EN, tokens_per_expert_E, gate_S):
+        ctx.save_for_backward(bias_EN, tokens_per_expert_E, gate_S)
+        rows_SN = bias_EN.repeat_interleave(tokens_per_expert_E, dim=0, output_size=y_SN.shape[0])
+        return y_SN + (rows_SN.float() * gate_S.float().unsqueeze(-1)).to(y_SN.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_SN):
+        bias_EN, tokens_per_expert_E, gate_S = ctx.saved_tensors
+        S = grad_SN.shape[0]
+        rows_SN = bias_EN.repeat_interleave(tokens_per_expert_E, dim=0, output_size=S).float()
+        grad = grad_SN.float()
+        grad_gate_S = (grad * rows_SN).sum(-1).to(gate_S.dtype)
+        expert_S = torch.arange(len(tokens_per_expert_E), device=grad.device).repeat_interleave(
+            tokens_per_expert_E, output_size=S)
+        grad_bias_EN = torch.zeros(bias_EN.shape, dtype=torch.float32, device=grad.device).index_add_(
+            0, expert_S, grad * gate_S.float().unsqueeze(-1)).to(bias_EN.dtype)
+        return grad_SN, grad_bias_EN, None, grad_gate_S

@@ -31,6 +31,9 @@ class MoE(nn.Module):
         self.experts = experts
         self.shared_experts = shared_experts
         self.dispatcher = LocalDispatcher(experts.global_experts)
+        # a slot the memory converter sets (memory.gate_before_down_proj): the experts apply the
+        # routing weights before their down-projection, so the combine only sums
+        self.gate_before_down_proj = False
 
     def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns the layer output and the (alpha-weighted) balance loss, or None; `valid_len`: the
@@ -41,10 +44,11 @@ class MoE(nn.Module):
         with label("moe.dispatch"):  # regions in profiler traces (moetron.profiling)
             x_recv_RH, tokens_per_expert, handle = self.dispatcher.dispatch(x_TH, routing.topk_idx_TK,
                                                                             routing.topk_weight_TK)
+        gated = self.gate_before_down_proj
         with label("moe.experts"):
-            y_recv_RH = self.experts(x_recv_RH, tokens_per_expert)
+            y_recv_RH = self.experts(x_recv_RH, tokens_per_expert, handle.weight_S if gated else None)
         with label("moe.combine"):
-            y_TH = self.dispatcher.combine(y_recv_RH, handle)
+            y_TH = self.dispatcher.combine(y_recv_RH, handle, weighted=not gated)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
         return y_TH.view(B, S, H), routing.balance_loss

@@ -69,8 +69,9 @@ class MoEDecoderSpec(ModelSpec):
         return costs.layer_costs(self.build(cfg, "meta"), seq_len, recompute)
 
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
-                    fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None) -> Parallelized:
-        return parallelize(model, groups, dispatcher, defer_weights, fp8, recompute)
+                    fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None,
+                    memory: Optional[dict] = None) -> Parallelized:
+        return parallelize(model, groups, dispatcher, defer_weights, fp8, recompute, memory)
 
     def loss_metrics(self, cfg) -> dict[str, str]:
         names = super().loss_metrics(cfg)

@@ -64,16 +64,17 @@ def decoder_and_mtp_blocks(model: nn.Module) -> list[nn.Module]:
 
 def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hierarchical",
                 defer_weights: bool = False, fp8: Optional[FP8Recipe] = None,
-                recompute: Optional[dict] = None) -> Parallelized:
+                recompute: Optional[dict] = None, memory: Optional[dict] = None) -> Parallelized:
     """FP8 (`fp8`) in the decoder and MTP blocks (attention projections, dense MLPs, shared and
     routed experts; the embedding, head and routers stay as they are, report section 3.3.1; the
     attention output projection's input is never cached in FP8, section 3.3.3), expert parallelism
     over `groups` (with `fp8.dispatch` tokens travel to their experts in FP8), (`defer_weights`,
     for pipelines with W actions) deferrable weight gradients in the decoder blocks, and the
-    recompute switches (`recompute`, section 3.2.3), all through the module converters."""
+    recompute switches (`recompute`, section 3.2.3) and the memory switches (`memory`,
+    moetron.parallel.memory), all through the module converters."""
     made = Parallelized()
     run_converters(model, made, fp8, defer_weights, recompute, fp8_scopes=decoder_and_mtp_blocks,
-                   high_precision_inputs=("o_proj",))
+                   high_precision_inputs=("o_proj",), memory=memory)
     shard_moe_layers(model, groups, dispatcher, made, FP8DispatchCodec() if fp8 and fp8.dispatch else None)
     connect_global_balance(model, groups)
     return made
