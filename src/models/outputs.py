@@ -55,7 +55,7 @@ class LMOutput:
     loss_lm: torch.Tensor  # next-token cross entropy
     loss_mtp: Optional[torch.Tensor]  # (lambda / D) * sum_k L^k, None without MTP
     loss_balance: Optional[torch.Tensor]  # sum of the layers' alpha-weighted balance losses
-    logits_BSV: torch.Tensor
+    logits_BSV: Optional[torch.Tensor]  # None under memory.chunked_loss (never whole)
 
     def logged(self) -> torch.Tensor:
         return LossTerms(self.loss_lm, self.loss_mtp, self.loss_balance).logged()

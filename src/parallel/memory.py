@@ -9,6 +9,10 @@ beyond rounding (issue 26; DeepSeek-V3 report sections 3.2.3 and 3.3.3).
   it keeps no expert outputs for its backward (K rows of the hidden size per token otherwise, in
   float32), and the gate's gradient comes from the SwiGLU output, recomputed under
   `recompute.swiglu`.
+- `chunked_loss` (the model's loss tail): the output head and its cross entropy run a chunk of
+  tokens at a time (moetron.models.common.linear_cross_entropy), keeping no [tokens, vocab] float32
+  logits for the main head and every MTP head, at the cost of the head's GEMM once more in the
+  backward.
 
 A switch no module has a slot for is moot (a dense model has no routed experts), not an error.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-MEMORY_SWITCHES = ("gate_before_down_proj",)
+MEMORY_SWITCHES = ("gate_before_down_proj", "chunked_loss")
 
 
 class MemorySwitches:

@@ -117,6 +117,8 @@ class MemoryConfig:
     # routed experts scale their SwiGLU output by the routing weight before the down-projection, so
     # the combine keeps no expert outputs for its backward
     gate_before_down_proj: bool = True
+    # the output head and its cross entropy a chunk of tokens at a time: no [tokens, vocab] logits kept
+    chunked_loss: bool = True
 
 
 @dataclass

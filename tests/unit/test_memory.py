@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from moetron.models import get_spec, load_preset
 from moetron.models.common.mlp import MLP
+from moetron.parallel.memory import MEMORY_SWITCHES
 from moetron.plan.cli import main as plan_main, measured_costs
 from moetron.plan.memory import COLUMNS, MemorySettings, _StandIns, measure
 
@@ -84,7 +85,7 @@ def test_plan_json_reports_activation_bytes_per_token_by_layer_kind(capsys):
     by_kind = out["activation_bytes_per_token"]
     assert set(by_kind) == {"embedding", "dense", "moe", "head", "mtp", "total"}
     cfg = load_preset("v3_671b")
-    costs = measured_costs(get_spec("deepseek_v3"), cfg, 4096, True, True, True, ("gate_before_down_proj",))
+    costs = measured_costs(get_spec("deepseek_v3"), cfg, 4096, True, True, True, MEMORY_SWITCHES)  # all on by default
     assert by_kind["total"] == sum(c.act_bytes for c in costs)
     assert by_kind["moe"] == next(c.act_bytes for c in costs if c.kind == "moe")
     assert set(out["memory_parts_gib"]) >= {"activations", "weight_copies"}

@@ -20,7 +20,8 @@ def _loss_and_grads(model, ids):
 
 @pytest.mark.parametrize("preset", MOE_FAMILIES)
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
-def test_gates_before_the_down_projection_give_the_same_loss_and_gradients(preset, recompute):
+@pytest.mark.parametrize("switch", ["gate_before_down_proj", "chunked_loss"])
+def test_each_switch_gives_the_same_loss_and_gradients(preset, recompute, switch):
     torch.manual_seed(0)
     cfg = load_preset(preset)
     spec = get_spec(cfg.arch)
@@ -32,12 +33,12 @@ def test_gates_before_the_down_projection_give_the_same_loss_and_gradients(prese
     gated = copy.deepcopy(ref)
     switches = {s: True for s in spec.recompute_switches(cfg)} if recompute else None
     spec.parallelize(ref, None, "alltoall", False, recompute=switches)
-    spec.parallelize(gated, None, "alltoall", False, recompute=switches, memory={"gate_before_down_proj": True})
-    assert all(m.gate_before_down_proj for m in gated.modules() if hasattr(m, "gate_before_down_proj"))
+    spec.parallelize(gated, None, "alltoall", False, recompute=switches, memory={switch: True})
+    assert [m for m in gated.modules() if getattr(m, switch, False)]
     ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     (loss_a, grad_a), (loss_b, grad_b) = _loss_and_grads(ref, ids), _loss_and_grads(gated, ids)
-    # the products are reassociated ((a w) W against (a W) w): measured 0-1.5e-7 (loss) and 1.3-2.5e-7
-    # (gradients) relative over the five families; bounds at 7x and 40x
+    # products reassociated ((a w) W against (a W) w), the head's logits summed in chunks: measured
+    # 0-1.5e-7 (loss) and 1.3-2.5e-7 (gradients) relative over the five families; bounds at 7x and 40x
     assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
     assert float((grad_a - grad_b).norm() / grad_a.norm()) < 1e-5
 
@@ -54,3 +55,24 @@ def test_gates_before_the_down_projection_keep_no_expert_outputs(preset):
     K, H = cfg.num_experts_per_tok, cfg.hidden_size
     for b, a in zip(before, after):
         assert b.bytes_per_token - a.bytes_per_token == (2 * K * H if b.kind in ("moe", "mtp") else 0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt_oss_tiny"])
+def test_the_chunked_loss_keeps_no_logits(preset):
+    """The head (and every MTP head) keeps its input, labels and a log-sum-exp per token, no
+    float32 log-probabilities over the vocabulary."""
+    cfg = load_preset(preset)
+    spec = get_spec(cfg.arch)
+    before = measure(spec, cfg, MemorySettings(128))
+    after = measure(spec, cfg, MemorySettings(128, memory=("chunked_loss",)))
+    for b, a in zip(before, after):
+        if b.kind in ("head", "mtp"):
+            # the float32 log-probabilities gone (4 V bytes); the head's input kept as the norm made it
+            # (float32 here) instead of autocast's BF16 copy (2 H more), a float32 log-sum-exp (and a
+            # scalar per micro-batch)
+            assert b.bytes_per_token - a.bytes_per_token == pytest.approx(4 * cfg.vocab_size - 2 * cfg.hidden_size - 4,
+                                                                          abs=0.1)
+            if b.kind == "head":  # nor the head's BF16 weight copy (which the MTP heads share)
+                assert b.weight_copy_bytes - a.weight_copy_bytes == 2 * cfg.vocab_size * cfg.hidden_size
+        else:
+            assert a == b

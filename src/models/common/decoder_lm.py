@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.models.common.experts import GroupedExperts
+from moetron.models.common.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from moetron.models.common.norm import RMSNorm
 from moetron.models.common.rope import rotary_cos_sin
 from moetron.models.common.router import TopKRouter
 from moetron.models.outputs import LMOutput, LossTerms, add_optional
 
-IGNORE_INDEX = -100  # a label position that counts in no loss
 
 
 def cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -52,6 +52,9 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # a slot the memory converter sets (memory.chunked_loss): the head and its cross entropy run
+        # a chunk of tokens at a time, keeping no logits (moetron.models.common.linear_cross_entropy)
+        self.chunked_loss = False
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
@@ -126,10 +129,18 @@ class DecoderLM(nn.Module):
             balance = add_optional(balance, layer_balance)
         return h_BSH, balance
 
+    def head_loss(self, normed_BSH: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(cross entropy of the head's logits, the logits); under `chunked_loss` the logits are never
+        whole, and None is returned for them."""
+        if self.chunked_loss:
+            return linear_cross_entropy(normed_BSH, self.lm_head.weight, labels_BS), None
+        logits_BSV = self.lm_head(normed_BSH)
+        return cross_entropy(logits_BSV, labels_BS), logits_BSV
+
     def loss_terms(self, h_BSH: torch.Tensor, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> LossTerms:
         """After the last block: the next-token loss."""
-        logits_BSV = self.lm_head(self.norm(h_BSH))
-        return LossTerms(cross_entropy(logits_BSV, labels_BS), None, None, logits_BSV)
+        loss, logits_BSV = self.head_loss(self.norm(h_BSH), labels_BS)
+        return LossTerms(loss, None, None, logits_BSV)
 
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None, **loss_options):
         """Logits [B, S, V] without labels; with labels, an LMOutput (loss = LM + balance losses)."""

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from moetron.models.common.decoder_lm import DecoderLM, cross_entropy
+from moetron.models.common.decoder_lm import DecoderLM
 from moetron.models.deepseek_v3.block import decoder_layer
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.models.deepseek_v3.mtp import MTPModule, mtp_depths
@@ -52,7 +52,7 @@ class DeepSeekV3(DecoderLM):
         loss_mtp = balance = None
         for normed_BSH, labels_k_BS, depth_balance in mtp_depths(self.mtp, self.embed_tokens, h_BSH, input_ids_BS,
                                                                  labels_BS, cos_SR2, sin_SR2):
-            loss_k = cross_entropy(self.lm_head(normed_BSH), labels_k_BS)
+            loss_k, _ = self.head_loss(normed_BSH, labels_k_BS)
             loss_mtp = add_optional(loss_mtp, loss_k * (lam / len(self.mtp)))
             balance = add_optional(balance, depth_balance)
         return LossTerms(terms.lm, loss_mtp, balance, terms.logits_BSV)
