@@ -32,7 +32,7 @@ class _RunWithoutGraph(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, owner, *inputs):
         ctx.owner = owner
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*owner.kept)  # what the region keeps, as saved tensors (what memory accounting counts)
         with torch.no_grad():
             outputs = fn(*inputs)
         return outputs
@@ -51,20 +51,34 @@ class _RunWithoutGraph(torch.autograd.Function):
 
 
 class OutputRecompute:
-    """One recomputed region; use a fresh object per call of `run` (see the module docstring)."""
+    """One recomputed region; use a fresh object per call of `run` (see the module docstring).
 
-    def __init__(self) -> None:
+    `keep` (optional) is how the region keeps its inputs: `keep.pack(inputs) -> (tensors, meta)` in
+    the forward, `keep.unpack(tensors, meta) -> inputs` before recomputing (FP8 tiles: the report's
+    cached SwiGLU inputs, moetron.precision.fp8_swiglu.FP8Inputs); the gradients computed at the
+    unpacked inputs go to the originals. Without, the inputs are kept as they are."""
+
+    def __init__(self, keep=None) -> None:
         self.fn: Callable | None = None
-        self.ctx_inputs: tuple[torch.Tensor, ...] = ()
+        self.keep, self.meta = keep, None
+        self.kept: tuple[torch.Tensor, ...] = ()
+        self.needs_grad: tuple[bool, ...] = ()
         self.outputs: tuple[torch.Tensor, ...] = ()
         self.recomputed_outputs: tuple[torch.Tensor, ...] | None = None
         self.recomputed_inputs: tuple[torch.Tensor, ...] | None = None
 
     @torch.compiler.disable  # eager inside a compiled block: one graph break, no tracing attempt
     def run(self, fn: Callable, *inputs: torch.Tensor):
-        self.fn, self.ctx_inputs = fn, inputs
+        self.fn, self.needs_grad = fn, tuple(t.requires_grad for t in inputs)
+        if self.keep is not None:
+            with torch.no_grad():  # the kept form is data, not part of the graph
+                self.kept, self.meta = self.keep.pack(inputs)
+        else:
+            self.kept = inputs
         outputs = _RunWithoutGraph.apply(fn, self, *inputs)
         self.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        for out in self.outputs:  # its consumers keep a reference, not a copy (FP8 linears: moetron.precision)
+            out.recomputed_in_backward = True
         return outputs
 
     @torch.compiler.disable
@@ -77,7 +91,8 @@ class OutputRecompute:
         after.register_hook(self._refill)
 
     def recompute_now(self) -> None:
-        inputs = tuple(inp.detach().requires_grad_(inp.requires_grad) for inp in self.ctx_inputs)
+        kept = self.kept if self.keep is None else self.keep.unpack(self.kept, self.meta)
+        inputs = tuple(inp.detach().requires_grad_(grad) for inp, grad in zip(kept, self.needs_grad))
         with torch.enable_grad():
             outputs = self.fn(*inputs)
         self.recomputed_inputs = inputs
@@ -118,12 +133,13 @@ class SelectiveRecompute:
                 if not any(hasattr(m, f"recompute_{s}") for m in root.modules())]
 
 
-def maybe_recompute(enabled: bool, fn: Callable, *inputs: torch.Tensor):
+def maybe_recompute(enabled: bool, fn: Callable, *inputs: torch.Tensor, keep=None):
     """Run `fn(*inputs)`; when `enabled` and building a graph, return `(outputs, region)` whose
-    `region.discard(after=...)` frees the outputs. Otherwise `(outputs, None)`."""
+    `region.discard(after=...)` frees the outputs (`keep`: how the region keeps its inputs, see
+    OutputRecompute). Otherwise `(outputs, None)`."""
     if not (enabled and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         return fn(*inputs), None
-    region = OutputRecompute()
+    region = OutputRecompute(keep)
     return region.run(fn, *inputs), region
 
 

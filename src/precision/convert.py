@@ -23,7 +23,7 @@ from torch import nn
 from moetron.core.activations import swiglu
 from moetron.core.convert import replace_modules
 from moetron.precision.fp8_linear import FP8GroupedGemm, FP8Linear
-from moetron.precision.fp8_swiglu import fp8_cached_swiglu
+from moetron.precision.fp8_swiglu import FP8_INPUTS, fp8_cached_swiglu
 
 
 @dataclass(frozen=True)
@@ -78,4 +78,5 @@ def convert_to_fp8(module: nn.Module, recipe: FP8Recipe, high_precision_inputs: 
             count += 1
         if recipe.cache_activations and getattr(m, "activation", None) is swiglu:
             m.activation = fp8_cached_swiglu  # another activation (GPT-OSS's clamped one) keeps its inputs
+            m.recompute_inputs = FP8_INPUTS  # under recompute.swiglu too, the region keeps them in FP8
     return count

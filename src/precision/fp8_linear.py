@@ -46,6 +46,12 @@ def _save(ctx, x_MK: torch.Tensor, x_q: Tiles, cache_input: bool, w_q: list[Bloc
     ctx.save_for_backward(*inputs, *[t for w in w_q for t in (w.data, w.scale)])
 
 
+def _tiles_kept(x: torch.Tensor, cache_input: bool) -> bool:
+    """Whether the backward keeps x's FP8 tiles: with `cache_input`, unless a recompute region frees
+    and refills x (moetron.parallel.recompute), whose reference costs nothing more."""
+    return cache_input and not getattr(x, "recomputed_in_backward", False)
+
+
 def _saved(ctx, dtype: torch.dtype) -> tuple[torch.Tensor, list[Blocks]]:
     """(x, the weight blocks) that `_save` kept."""
     saved = ctx.saved_tensors
@@ -62,7 +68,7 @@ class _FP8LinearFn(torch.autograd.Function):
         x_MK = x.reshape(-1, x.shape[-1])
         w_q, x_q = quantize_blocks(weight.detach()), quantize_tiles(x_MK)
         y_MN = fp8_mm(x_q, w_q, out_dtype, backend)
-        _save(ctx, x_MK, x_q, cache_input, [w_q])
+        _save(ctx, x_MK, x_q, _tiles_kept(x, cache_input), [w_q])
         ctx.weight, ctx.backend, ctx.store, ctx.in_shape = weight, backend, store, x.shape
         ctx.in_dtype = x.dtype
         return y_MN.view(*x.shape[:-1], -1)
@@ -114,7 +120,7 @@ class _FP8GroupedFn(torch.autograd.Function):
         x_q = quantize_tiles(x_SK, pow2)  # per-row tiles: the same as quantizing each expert's rows
         rows_q = [Tiles(d, s, x_q.cols) for d, s in zip(x_q.data.split(counts), x_q.scale.split(counts))]
         outs = [fp8_mm(r, w_q[e], out_dtype, backend) for e, r in enumerate(rows_q) if r.data.shape[0]]
-        _save(ctx, x_SK, x_q, cache_input, [w_all])
+        _save(ctx, x_SK, x_q, _tiles_kept(x_SK, cache_input), [w_all])
         ctx.w, ctx.counts, ctx.backend, ctx.store = w_ENK, counts, backend, store
         ctx.in_dtype = x_SK.dtype
         N = w_ENK.shape[1]

@@ -40,3 +40,37 @@ class _FP8CachedSwiGLU(torch.autograd.Function):
 def fp8_cached_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up, keeping only FP8 tiles of gate and up for the backward."""
     return _FP8CachedSwiGLU.apply(gate, up)
+
+
+class FP8Inputs:
+    """How a recompute region keeps the SwiGLU inputs when activations are cached in FP8 too (report
+    sections 3.2.3 and 3.3.3 together): as 1x128 E4M3 tiles, dequantized to recompute the output in
+    the backward (moetron.parallel.recompute.OutputRecompute's `keep`). Inputs of fewer than two
+    dimensions (routing weights) are kept as they are."""
+
+    def pack(self, inputs):
+        kept, meta = [], []
+        for t in inputs:
+            if t.dim() < 2 or not t.is_floating_point():
+                kept.append(t)
+                meta.append(None)
+            else:
+                q = _quantize_rows(t)
+                kept += [q.data, q.scale]
+                meta.append((t.shape, t.dtype, q.cols))
+        return tuple(kept), meta
+
+    def unpack(self, kept, meta):
+        inputs, i = [], 0
+        for m in meta:
+            if m is None:
+                inputs.append(kept[i])
+                i += 1
+            else:
+                shape, dtype, cols = m
+                inputs.append(Tiles(kept[i], kept[i + 1], cols).dequantize().to(dtype).view(shape))
+                i += 2
+        return tuple(inputs)
+
+
+FP8_INPUTS = FP8Inputs()

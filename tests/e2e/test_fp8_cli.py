@@ -50,16 +50,17 @@ def test_fp8_layouts_agree_with_one_process(tmp_path):
     pipeline equals one process to float32 rounding. Weight gradients quantize 128 tokens per tile:
     under EP an expert's rows arrive from several ranks in another order, so its tiles group other
     tokens, and the curves agree to that rounding (5e-5 measured over 5 steps). The pipeline runs
-    with activations cached in FP8, against one process that caches them too."""
+    with activations cached in FP8 and the SwiGLU recomputed from its FP8 inputs (the report's
+    combination), against one process that does the same."""
     args = [*RUN, "train.micro_batch=2", "train.max_steps=4", "precision=fp8", "precision.compute_dtype=float32"]
-    cached = [*args, "precision.fp8_cache_activations=true"]
+    cached = [*args, "precision.fp8_cache_activations=true", "recompute.swiglu=true"]
     run_cli([*args, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     run_cli([*cached, f"hydra.run.dir={tmp_path / 'one_cached'}"], tmp_path)
     torchrun(2, [*cached, "parallel.pp=2", "parallel.schedule=zb1p", f"hydra.run.dir={tmp_path / 'pp2'}"], tmp_path)
     torchrun(2, [*args, "parallel.ep=2", f"hydra.run.dir={tmp_path / 'ep2'}"], tmp_path)
     one, one_cached, pp2, ep2 = (read_metrics(tmp_path / name) for name in ("one", "one_cached", "pp2", "ep2"))
     assert ep2[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)  # the first forward: per-token quantization
-    assert one_cached[0]["loss"] == one[0]["loss"]  # caching changes the backward only
+    assert one_cached[0]["loss"] == one[0]["loss"]  # caching and recomputing change the backward only
     for a, a_cached, b, c in zip(one, one_cached, pp2, ep2, strict=True):
         assert b["loss"] == pytest.approx(a_cached["loss"], rel=1e-5)
         assert c["loss"] == pytest.approx(a["loss"], rel=1e-3)

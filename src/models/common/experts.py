@@ -133,6 +133,7 @@ class GroupedExperts(nn.Module):
         # as expert_gemm(x_SK, w_ENK, tokens_per_expert_E, weight_grad_store); None: grouped_mm
         self.expert_gemm = None
         self.activation = activation  # a converter may hand in another (FP8: inputs cached in FP8)
+        self.recompute_inputs = None  # how a recompute region keeps the inputs (FP8: as tiles); None: as they are
 
     def _gemm(self, x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         if self.expert_gemm is not None:
@@ -148,10 +149,12 @@ class GroupedExperts(nn.Module):
         gate_up_S2I = _add_row_bias(self._gemm(x_SH.contiguous(), self.gate_up_proj, tokens_per_expert_E),
                                     self.gate_up_proj_bias, tokens_per_expert_E)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
+        keep = self.recompute_inputs
         if gate_S is None:
-            act_SI, region = maybe_recompute(self.recompute_swiglu, self.activation, gate_SI, up_SI)
+            act_SI, region = maybe_recompute(self.recompute_swiglu, self.activation, gate_SI, up_SI, keep=keep)
         else:
-            act_SI, region = maybe_recompute(self.recompute_swiglu, self._gated_activation, gate_SI, up_SI, gate_S)
+            act_SI, region = maybe_recompute(self.recompute_swiglu, self._gated_activation, gate_SI, up_SI, gate_S,
+                                             keep=keep)
         y_SH = _add_row_bias(self._gemm(act_SI, self.down_proj, tokens_per_expert_E), self.down_proj_bias,
                              tokens_per_expert_E, gate_S)
         discard_all([region], after=y_SH)

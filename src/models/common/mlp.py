@@ -23,10 +23,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.recompute_swiglu = False  # a slot the recompute converter sets
         self.activation = swiglu  # a converter may hand in another (FP8: inputs cached in FP8)
+        self.recompute_inputs = None  # how a recompute region keeps the inputs (FP8: as tiles); None: as they are
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         act_BSI, region = maybe_recompute(self.recompute_swiglu, self.activation, self.gate_proj(x_BSH),
-                                          self.up_proj(x_BSH))
+                                          self.up_proj(x_BSH), keep=self.recompute_inputs)
         out_BSH = self.down_proj(act_BSI)
         discard_all([region], after=out_BSH)
         return out_BSH
