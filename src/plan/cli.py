@@ -151,7 +151,9 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
                   "tokens": float(cfg.plan.tokens),  # the run that days and cost are for
                   "activation_bytes_per_token": bytes_by_kind(chosen),  # the best layout's, at pp=1
                   "weight_copy_bytes_per_microbatch": {"dense": sum(c.weight_copy_bytes for c in chosen),
-                                                       "routed": sum(c.routed_copy_bytes for c in chosen)}}
+                                                       "routed": sum(c.routed_copy_bytes for c in chosen)},
+                  "weight_copy_bytes_per_step": {"dense": sum(c.shared_copy_bytes for c in chosen),
+                                                 "routed": sum(c.shared_routed_copy_bytes for c in chosen)}}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -291,7 +291,7 @@ def memory_parts(problem: Problem, layout: Layout, place: Optional[_Placement] =
     """GiB per part on the pipeline rank that holds the most: float32 weights and gradients, AdamW
     moments sharded by ZeRO-1 (dense parameters over dp x ep ranks, routed experts over dp), the
     activations and weight copies (measured: moetron.plan.memory) of its peak of micro-batch-stages
-    in flight, and a reserve."""
+    in flight (the copies made once per step counted once, for every stage it holds), and a reserve."""
     place = place or _place(problem, layout)
     tokens = layout.micro_batch * problem.seq_len
     peaks = peak_in_flight(layout.schedule, layout.pp, layout.num_microbatches)
@@ -300,11 +300,13 @@ def memory_parts(problem: Problem, layout: Layout, place: Optional[_Placement] =
     for rank, ids in enumerate(place.held):
         dense, routed = _held_params(place, ids, layout.ep)
         acts, copies = max((_kept(place.stages[place.positions[s]], tokens, layout.ep) for s in ids), key=sum)
+        shared = sum(c.shared_copy_bytes + c.shared_routed_copy_bytes / layout.ep
+                     for s in ids for c in place.stages[place.positions[s]])
         weights = 4.0 * (dense + routed)
         optimizer = 2 * problem.moments_bytes * (dense / shard_dense + routed / shard_routed)
         per_rank.append({"weights": weights / GIB, "gradients": weights / GIB, "optimizer": optimizer / GIB,
-                         "activations": peaks[rank] * acts / GIB, "weight_copies": peaks[rank] * copies / GIB,
-                         "reserved": problem.eff.reserved_gib})
+                         "activations": peaks[rank] * acts / GIB,
+                         "weight_copies": (peaks[rank] * copies + shared) / GIB, "reserved": problem.eff.reserved_gib})
     return max(per_rank, key=lambda p: sum(p.values()))
 
 

@@ -7,7 +7,7 @@ How it is measured (one source of truth: the planner calls `measure`, it keeps n
   activation cache, the recompute switches), then given fake parameters (torch's FakeTensorMode:
   shapes and dtypes, nothing allocated), so DeepSeek-V3 at full width measures on a laptop. With
   `fake=False` the same run uses real tensors (a test holds the two equal).
-- One forward of the loss runs in the trainer's precision path (autocast to the compute dtype,
+- Forwards of the loss run in the trainer's precision path (autocast to the compute dtype,
   float32 weights) under `torch.autograd.graph.saved_tensors_hooks`. Each storage a saved tensor
   lives on counts once, at its size after the forward (a recompute region's freed outputs count
   0), for the part that saved it first: the embedding, each decoder layer, the head (final norm,
@@ -17,8 +17,11 @@ How it is measured (one source of truth: the planner calls `measure`, it keeps n
   that saves q, k, v, the output and the float32 log-sum-exp [B, N, S], FlashAttention's and
   memory-efficient attention's saved set (and an explicit mask where one is passed).
 - Storages computed from parameters alone (autocast's BF16 copies of float32 weights, FP8-quantized
-  weights) are weight copies: bytes per micro-batch, not per token. They are reported apart, the
-  routed experts' (which expert parallelism shards) apart from the rest.
+  weights) are weight copies: bytes per micro-batch or per step, not per token. Two forwards run in
+  one autocast region, as a pipeline step runs its micro-batches: a copy the second forward makes
+  again is kept by each micro-batch in flight; one it reads from the first (autocast's cast cache,
+  the FP8 weight blocks of moetron.precision.fp8_linear.WeightBlocks) once per step. They are
+  reported apart, the routed experts' (which expert parallelism shards) apart from the rest.
 
 Shape legend: B batch, S sequence, N heads.
 """
@@ -49,8 +52,10 @@ class PartMemory:
     """What one part of the model keeps for its backward, from one forward."""
     kind: str  # embedding | dense | moe | head | mtp
     bytes_per_token: float  # activations saved for the backward
-    weight_copy_bytes: float = 0.0  # copies of its (non-routed) weights, per micro-batch
-    routed_copy_bytes: float = 0.0  # copies of its routed experts' weights per micro-batch (sharded by EP)
+    weight_copy_bytes: float = 0.0  # copies of its (non-routed) weights each micro-batch makes and keeps
+    routed_copy_bytes: float = 0.0  # the same of its routed experts' weights (sharded by EP)
+    shared_copy_bytes: float = 0.0  # copies of its weights made once per step, read by every micro-batch
+    shared_routed_copy_bytes: float = 0.0  # the same of its routed experts' weights (sharded by EP)
 
 
 @dataclass(frozen=True)
@@ -159,12 +164,16 @@ class _Parts:
     embed their shifted tokens first)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.names: list[str] = []
-        self.current: Optional[int] = None
+        self.start()
         self.handles = [model.embed_tokens.register_forward_pre_hook(self._embedding)]
         for i, layer in enumerate(model.layers):
             self.handles.append(layer.register_forward_pre_hook(lambda *_, i=i: self._enter(f"layer{i}")))
         self.handles.append(model.layers[-1].register_forward_hook(lambda *_: self._enter("head")))
+
+    def start(self) -> None:
+        """A new forward pass begins."""
+        self.names: list[str] = []
+        self.current: Optional[int] = None
 
     def _enter(self, name: str) -> None:
         self.names.append(name)
@@ -213,7 +222,7 @@ def _prepare(spec, model_cfg, settings: MemorySettings) -> tuple[nn.Module, list
 
 
 def _run(model: nn.Module, settings: MemorySettings, fake: bool, seed: int = 0) -> dict[str, PartMemory]:
-    """One forward of the loss; what each part keeps (see the module docstring)."""
+    """Two forwards of the loss; what each part of the second keeps (see the module docstring)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with ExitStack() as stack:
@@ -227,13 +236,13 @@ def _run(model: nn.Module, settings: MemorySettings, fake: bool, seed: int = 0) 
         ids_BS = torch.randint(0, model.embed_tokens.num_embeddings, (B, S),
                                generator=None if fake else torch.Generator().manual_seed(seed))
         copies = stack.enter_context(_WeightCopies(model))
-        saved: dict[int, tuple[int, list]] = {}  # storage -> (part, weak refs of the tensors saved on it)
         parts = _Parts(model)
+        saved: list[dict[int, tuple[int, list]]] = []  # per forward: storage -> (part, weak refs saved on it)
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             key = _key(t)
             if key not in copies.params and parts.current is not None:
-                saved.setdefault(key, (parts.current, []))[1].append(weakref.ref(t))
+                saved[-1].setdefault(key, (parts.current, []))[1].append(weakref.ref(t))
             return t
 
         dtype = getattr(torch, settings.compute_dtype)
@@ -241,26 +250,36 @@ def _run(model: nn.Module, settings: MemorySettings, fake: bool, seed: int = 0) 
         stand_ins = stack.enter_context(_StandIns(fake))
         watched = stand_ins.watch(model)
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-        out = model(ids_BS, ids_BS)
+        outs = []
+        for _ in range(2):  # two micro-batches in one autocast region, as a pipeline step runs them
+            parts.start()
+            saved.append({})
+            outs.append(model(ids_BS, ids_BS))
         parts.remove()
         for handle in watched:
             handle.remove()
-        result = {name: PartMemory(_part_kind(name, model), 0.0) for name in parts.names}
-        for key, (part, refs) in saved.items():
-            alive = [t for t in (r() for r in refs) if t is not None]
-            if not alive:
-                continue  # its node is gone (a branch the loss does not use)
-            nbytes = alive[0].untyped_storage().nbytes()
-            entry = result[parts.names[part]]
-            label = copies.label.get(key)
-            if label == "routed":
-                entry.routed_copy_bytes += nbytes
-            elif label == "dense":
-                entry.weight_copy_bytes += nbytes
-            else:
+        first_names = list(parts.names)  # both forwards run the same parts in the same order
+        result = {name: PartMemory(_part_kind(name, model), 0.0) for name in first_names}
+        for key, (part, refs) in saved[1].items():
+            nbytes = _alive_bytes(refs)
+            entry, label = result[first_names[part]], copies.label.get(key)
+            if label is None:
                 entry.bytes_per_token += nbytes / (B * S)
-        del out
+            elif key in saved[0]:  # made by the first micro-batch, read by the second
+                entry.shared_copy_bytes += nbytes if label == "dense" else 0
+                entry.shared_routed_copy_bytes += nbytes if label == "routed" else 0
+            else:
+                entry.weight_copy_bytes += nbytes if label == "dense" else 0
+                entry.routed_copy_bytes += nbytes if label == "routed" else 0
+        del outs
     return result
+
+
+def _alive_bytes(refs: list) -> int:
+    """The bytes of the storage the saved tensors live on; 0 when none of them lives on (its node is
+    gone: a branch the loss does not use)."""
+    alive = [t for t in (r() for r in refs) if t is not None]
+    return alive[0].untyped_storage().nbytes() if alive else 0
 
 
 def _part_kind(name: str, model: nn.Module) -> str:
@@ -300,6 +319,7 @@ def with_activations(costs: list, kept: list[PartMemory], written: list[PartMemo
             raise ValueError(f"layer costs list a {cost.kind} layer where the model runs a {part.kind} one")
         cost.act_bytes, cost.traffic_bytes = part.bytes_per_token, plain.bytes_per_token
         cost.weight_copy_bytes, cost.routed_copy_bytes = part.weight_copy_bytes, part.routed_copy_bytes
+        cost.shared_copy_bytes, cost.shared_routed_copy_bytes = part.shared_copy_bytes, part.shared_routed_copy_bytes
     return costs
 
 
@@ -342,8 +362,11 @@ def memory_table(spec, model_cfg, seq_len: int, memory: tuple[str, ...] = ()) ->
     lines.append(f"  {'whole model':38s}" + "".join(f"{sum(p.bytes_per_token for p in parts) / 1e3:{width}.1f}"
                                                    for _, parts in columns))
     lines.append("")
-    lines.append("GiB per micro-batch, whole model".ljust(40) + "".join(n.rjust(width) for n, _ in columns))
-    for label, attr in (("weight copies (dense)", "weight_copy_bytes"), ("weight copies (routed, / ep)", "routed_copy_bytes")):
+    lines.append("GiB of weight copies, whole model".ljust(40) + "".join(n.rjust(width) for n, _ in columns))
+    for label, attr in (("per micro-batch (dense)", "weight_copy_bytes"),
+                        ("per micro-batch (routed, / ep)", "routed_copy_bytes"),
+                        ("per step (dense)", "shared_copy_bytes"),
+                        ("per step (routed, / ep)", "shared_routed_copy_bytes")):
         lines.append(f"  {label:38s}" + "".join(f"{sum(getattr(p, attr) for p in parts) / 2**30:{width}.2f}"
                                                for _, parts in columns))
     return "\n".join(lines)

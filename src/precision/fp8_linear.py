@@ -62,11 +62,31 @@ def _saved(ctx, dtype: torch.dtype) -> tuple[torch.Tensor, list[Blocks]]:
     return x, [Blocks(rest[2 * i], rest[2 * i + 1], cols) for i, cols in enumerate(ctx.w_cols)]
 
 
+class WeightBlocks:
+    """A weight's 128x128 FP8 blocks, quantized once per change of the weight and shared by every
+    micro-batch until then (TE caches its FP8 weights across micro-batches alike): a pipeline's
+    forwards in flight keep one copy, not one each. A change is a new version of the tensor (the
+    optimizer's in-place update, ZeRO-1's gather into it, a checkpoint's load all make one).
+    Inside torch.compile the blocks are quantized each time (no state in the graph)."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[torch.Tensor, int, Blocks]] = {}  # id -> (the weight, its version, blocks)
+
+    def __call__(self, w: torch.Tensor) -> Blocks:
+        if torch.compiler.is_compiling():
+            return quantize_blocks(w.detach())
+        held = self._held.get(id(w))
+        if held is None or held[0] is not w or held[1] != w._version:
+            held = (w, w._version, quantize_blocks(w.detach()))
+            self._held[id(w)] = held
+        return held[2]
+
+
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, backend, store, out_dtype, cache_input):
+    def forward(ctx, x, weight, backend, store, out_dtype, cache_input, w_q=None):
         x_MK = x.reshape(-1, x.shape[-1])
-        w_q, x_q = quantize_blocks(weight.detach()), quantize_tiles(x_MK)
+        w_q, x_q = w_q if w_q is not None else quantize_blocks(weight.detach()), quantize_tiles(x_MK)
         y_MN = fp8_mm(x_q, w_q, out_dtype, backend)
         _save(ctx, x_MK, x_q, _tiles_kept(x, cache_input), [w_q])
         ctx.weight, ctx.backend, ctx.store, ctx.in_shape = weight, backend, store, x.shape
@@ -82,7 +102,7 @@ class _FP8LinearFn(torch.autograd.Function):
             grad_x = fp8_mm(quantize_tiles(grad_MN), w_q.transposed(), grad_out.dtype, ctx.backend)
             grad_x = grad_x.view(ctx.in_shape).to(x_MK.dtype)
         grad_w = defer_or_compute(ctx.store, ctx.weight, lambda: _weight_grad(grad_MN, x_MK, ctx.backend))
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 class FP8Linear(nn.Linear):
@@ -94,6 +114,7 @@ class FP8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
         self.backend, self.cache_input = backend, cache_input
         self.weight_grad_store = None  # a pipeline's store, handed in by defer_weight_grads
+        self.weight_blocks = WeightBlocks()  # the weight's FP8 blocks, shared by the micro-batches of a step
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str, cache_input: bool = False) -> "FP8Linear":
@@ -103,7 +124,8 @@ class FP8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, self.backend, self.weight_grad_store, self.cache_input)
+        y = _FP8LinearFn.apply(x, self.weight, self.backend, self.weight_grad_store, _compute_dtype(x),
+                               self.cache_input, self.weight_blocks(self.weight))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -114,8 +136,8 @@ class _FP8GroupedFn(torch.autograd.Function):
     """y[rows of e] = x[rows of e] W[e]^T in FP8, one GEMM per expert."""
 
     @staticmethod
-    def forward(ctx, x_SK, w_ENK, counts, backend, store, out_dtype, pow2, cache_input):
-        w_all = quantize_blocks(w_ENK.detach())  # every expert's blocks in one pass
+    def forward(ctx, x_SK, w_ENK, counts, backend, store, out_dtype, pow2, cache_input, w_all):
+        # w_all: every expert's blocks, quantized in one pass
         w_q = [Blocks(w_all.data[e], w_all.scale[e], w_all.cols) for e in range(len(counts))]
         x_q = quantize_tiles(x_SK, pow2)  # per-row tiles: the same as quantizing each expert's rows
         rows_q = [Tiles(d, s, x_q.cols) for d, s in zip(x_q.data.split(counts), x_q.scale.split(counts))]
@@ -145,7 +167,7 @@ class _FP8GroupedFn(torch.autograd.Function):
                     out[e] = _weight_grad(g, x, ctx.backend)
             return out
 
-        return grad_x, defer_or_compute(ctx.store, ctx.w, weight_grad), None, None, None, None, None, None
+        return grad_x, defer_or_compute(ctx.store, ctx.w, weight_grad), None, None, None, None, None, None, None
 
 
 class FP8GroupedGemm:
@@ -156,11 +178,12 @@ class FP8GroupedGemm:
 
     def __init__(self, backend: str, pow2: bool = False, cache_input: bool = False) -> None:
         self.backend, self.pow2, self.cache_input = backend, pow2, cache_input
+        self.weight_blocks = WeightBlocks()  # each weight stack's FP8 blocks, shared by a step's micro-batches
 
     def __call__(self, x_SK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                  store=None) -> torch.Tensor:
         return _FP8GroupedFn.apply(x_SK, w_ENK, tokens_per_expert_E.tolist(), self.backend, store,
-                                   _compute_dtype(x_SK), self.pow2, self.cache_input)
+                                   _compute_dtype(x_SK), self.pow2, self.cache_input, self.weight_blocks(w_ENK))
 
     def __repr__(self) -> str:
         return f"FP8GroupedGemm(backend={self.backend}, pow2={self.pow2}, cache_input={self.cache_input})"

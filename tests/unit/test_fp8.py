@@ -206,3 +206,19 @@ def test_rows_rounded_by_fp8_dispatch_quantize_again_exactly_with_power_of_two_s
     dispatched = quantize_tiles(x, pow2=True).dequantize()
     assert torch.equal(quantize_tiles(dispatched, pow2=True).dequantize(), dispatched)
     assert not torch.equal(quantize_tiles(dispatched).dequantize(), dispatched)
+
+
+def test_fp8_weight_blocks_are_quantized_once_per_change_of_the_weight():
+    """FP8Linear's blocks are shared by the micro-batches of a step and made again after the weight
+    changes in place (an optimizer step, ZeRO-1's gather, a checkpoint load)."""
+    torch.manual_seed(0)
+    linear = FP8Linear.from_linear(torch.nn.Linear(256, 128, bias=False), "emulated")
+    x = torch.randn(4, 256)
+    first = linear.weight_blocks(linear.weight)
+    y1 = linear(x)
+    assert linear.weight_blocks(linear.weight) is first
+    with torch.no_grad():
+        linear.weight.mul_(2.0)
+    assert linear.weight_blocks(linear.weight) is not first
+    assert torch.equal(linear(x), fp8_linear(x, linear.weight))  # the fresh blocks: no stale weight
+    assert not torch.equal(linear(x), y1)

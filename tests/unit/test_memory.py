@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from moetron.models import get_spec, load_preset
-from moetron.models.common.mlp import MLP
 from moetron.parallel.memory import MEMORY_SWITCHES
 from moetron.plan.cli import main as plan_main, measured_costs
 from moetron.plan.memory import COLUMNS, MemorySettings, _StandIns, measure
@@ -49,19 +48,23 @@ def test_the_attention_core_keeps_what_flash_attention_keeps():
     assert [p.bytes_per_token for p in short] == pytest.approx([p.bytes_per_token for p in long], rel=1e-3)
 
 
-def test_autocast_copies_of_float32_weights_are_counted_per_micro_batch_apart_from_activations():
-    """Under autocast every weight a layer multiplies is kept as its BF16 copy: 2 bytes per
-    parameter of the dense layer's linears, of the routed experts apart."""
+def test_weight_copies_are_counted_apart_per_micro_batch_or_per_step():
+    """Under autocast every weight a layer multiplies is kept as its BF16 copy, 2 bytes per parameter:
+    autocast caches the cast of a dense layer's linears for the whole region (a pipeline step's
+    micro-batches share it), the grouped GEMM casts the routed experts for each micro-batch. FP8
+    weight blocks (1 byte and a float32 scale per 128 x 128) are made once per step."""
     cfg = load_preset("tiny")
     spec = get_spec(cfg.arch)
     model = spec.build(cfg, "meta")
-    parts = measure(spec, cfg, MemorySettings(128))
     dense_layer, moe_layer = model.layers[0], model.layers[-1]
     linears = sum(m.weight.numel() for m in dense_layer.modules() if isinstance(m, torch.nn.Linear))
-    assert parts[1].kind == "dense" and parts[1].weight_copy_bytes == 2 * linears and parts[1].routed_copy_bytes == 0
-    experts = moe_layer.mlp.experts
-    assert parts[-3].kind == "moe" and parts[-3].routed_copy_bytes == 2 * (experts.gate_up_proj.numel() + experts.down_proj.numel())
-    assert isinstance(dense_layer.mlp, MLP)
+    experts = moe_layer.mlp.experts.gate_up_proj.numel() + moe_layer.mlp.experts.down_proj.numel()
+    parts = measure(spec, cfg, MemorySettings(128))
+    dense, moe = parts[1], parts[-3]
+    assert (dense.kind, dense.weight_copy_bytes, dense.shared_copy_bytes) == ("dense", 0, 2 * linears)
+    assert (moe.kind, moe.routed_copy_bytes, moe.shared_routed_copy_bytes) == ("moe", 2 * experts, 0)
+    fp8 = measure(spec, cfg, MemorySettings(128, fp8=True))
+    assert fp8[-3].routed_copy_bytes == 0 and fp8[-3].shared_routed_copy_bytes >= experts
 
 
 @pytest.mark.parametrize("preset", ["tiny", "mini", "v3_671b"])

@@ -73,7 +73,7 @@ def test_the_chunked_loss_keeps_no_logits(preset):
             assert b.bytes_per_token - a.bytes_per_token == pytest.approx(4 * cfg.vocab_size - 2 * cfg.hidden_size - 4,
                                                                           abs=0.1)
             if b.kind == "head":  # nor the head's BF16 weight copy (which the MTP heads share)
-                assert b.weight_copy_bytes - a.weight_copy_bytes == 2 * cfg.vocab_size * cfg.hidden_size
+                assert b.shared_copy_bytes - a.shared_copy_bytes == 2 * cfg.vocab_size * cfg.hidden_size
         else:
             assert a == b
 

@@ -46,6 +46,8 @@ class LayerCost:
     act_bytes: float = 0.0  # activations kept for the backward, bytes per token
     weight_copy_bytes: float = 0.0  # copies of (non-routed) weights kept for the backward, per micro-batch
     routed_copy_bytes: float = 0.0  # the same of the routed experts' weights, all experts (EP shards them)
+    shared_copy_bytes: float = 0.0  # copies of (non-routed) weights made once per step for every micro-batch
+    shared_routed_copy_bytes: float = 0.0  # the same of the routed experts' weights, all experts
     traffic_bytes: float = 0.0  # activations the layer writes, bytes per token (recomputed or not)
 
     def forward_flops(self) -> float:
