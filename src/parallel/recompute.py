@@ -43,7 +43,7 @@ class _RunWithoutGraph(torch.autograd.Function):
         if owner.recomputed_outputs is None:  # discard() was never called: recompute here
             owner.recompute_now()
         outputs, inputs = owner.recomputed_outputs, owner.recomputed_inputs
-        owner.recomputed_outputs = owner.recomputed_inputs = None
+        owner.release()  # the region's outputs hold this node, which holds the region: break the cycle
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
@@ -89,6 +89,14 @@ class OutputRecompute:
         for out in self.outputs:
             out.untyped_storage().resize_(0)
         after.register_hook(self._refill)
+
+    def release(self) -> None:
+        """Drop every tensor the region holds (after its backward): the outputs' autograd node holds
+        the region, so a region that kept them would live, inputs and all, as long as the outputs'
+        storages: a leak that grew each step (seen by moetron.core.saved_tensors on a pipeline)."""
+        self.fn, self.meta = None, None
+        self.kept, self.outputs = (), ()
+        self.recomputed_outputs = self.recomputed_inputs = None
 
     def recompute_now(self) -> None:
         kept = self.kept if self.keep is None else self.keep.unpack(self.kept, self.meta)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 
 from moetron.precision.quantize import TILE, Blocks, Tiles
 
@@ -49,10 +50,27 @@ def emulated_mm(a: Tiles, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
 
 def torch_scaled_mm(a: Tiles, b: Operand, out_dtype: torch.dtype) -> torch.Tensor:
     """a b^T with torch's blockwise scaled GEMM (Hopper): a row-major, b column-major (the
-    transpose of row-major data), scales in the layouts below. Not yet run on a GPU by this
-    project: benchmarks/gpu/device_check.sh holds it against `emulated`."""
+    transpose of row-major data), scales in the layouts below, the reduction zero-padded to a
+    multiple of 4 tiles (`pad_reduction`). Not yet run on a GPU by this project:
+    benchmarks/gpu/device_check.sh holds it against `emulated`."""
+    a, b = pad_reduction(a, b)
     return torch._scaled_mm(a.data, b.data.t(), scale_a=scale_a_layout(a), scale_b=scale_b_layout(b),
                             out_dtype=out_dtype)
+
+
+def pad_reduction(a: Tiles, b: Operand, tiles: int = 4) -> tuple[Tiles, Operand]:
+    """Both operands with the reduction zero-padded to a multiple of `tiles` 128-wide tiles (scales
+    of the new tiles 1): the product is exactly the same (the new terms are zeros), and a 128x128
+    block scale's rows need no padding of their own, so the layout torch's blockwise check wants
+    (unpadded) and the one cuBLASLt reads (rows padded to 4 tiles) are one and the same. Without
+    it a reduction of 5 tiles (V3's kv_a_proj_with_mqa input gradient) is refused or read wrong."""
+    Kt = a.scale.shape[1]
+    extra = -Kt % tiles
+    if extra == 0:
+        return a, b
+    a = Tiles(F.pad(a.data, (0, extra * TILE)), F.pad(a.scale, (0, extra), value=1.0), a.cols)
+    b = type(b)(F.pad(b.data, (0, extra * TILE)), F.pad(b.scale, (0, extra), value=1.0), b.cols)
+    return a, b
 
 
 def scale_a_layout(a: Tiles) -> torch.Tensor:

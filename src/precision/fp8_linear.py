@@ -63,14 +63,19 @@ def _saved(ctx, dtype: torch.dtype) -> tuple[torch.Tensor, list[Blocks]]:
 
 
 class WeightBlocks:
-    """A weight's 128x128 FP8 blocks, quantized once per change of the weight and shared by every
-    micro-batch until then (TE caches its FP8 weights across micro-batches alike): a pipeline's
-    forwards in flight keep one copy, not one each. A change is a new version of the tensor (the
-    optimizer's in-place update, ZeRO-1's gather into it, a checkpoint's load all make one).
-    Inside torch.compile the blocks are quantized each time (no state in the graph)."""
+    """A weight's 128x128 FP8 blocks, quantized once per step and shared by its micro-batches (TE
+    caches its FP8 weights across micro-batches alike): a pipeline's forwards in flight keep one
+    copy, not one each. The trainer's micro-batch runners forget every module's blocks as a step or
+    an evaluation starts (`forget_weight_blocks`): the weights change between steps, and a fused
+    optimizer changes them without a new tensor version. Within a step, a new version of the weight
+    (an in-place change) quantizes it again. Inside torch.compile the blocks are quantized each
+    time (no state in the graph)."""
 
     def __init__(self) -> None:
         self._held: dict[int, tuple[torch.Tensor, int, Blocks]] = {}  # id -> (the weight, its version, blocks)
+
+    def clear(self) -> None:
+        self._held = {}
 
     def __call__(self, w: torch.Tensor) -> Blocks:
         if torch.compiler.is_compiling():
@@ -194,3 +199,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "emulated",
     """x W^T in FP8 (functional form of FP8Linear)."""
     return _FP8LinearFn.apply(x, weight, backend, store, _compute_dtype(x), cache_input)
 
+
+
+def forget_weight_blocks(modules) -> None:
+    """Drop the FP8 weight blocks held by `modules` and everything inside them (see WeightBlocks)."""
+    for root in modules:
+        for m in root.modules():
+            for holder in (m, getattr(m, "expert_gemm", None)):
+                blocks = getattr(holder, "weight_blocks", None)
+                if isinstance(blocks, WeightBlocks):
+                    blocks.clear()

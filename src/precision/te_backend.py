@@ -35,6 +35,19 @@ def te_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def exact_scales_recipe():
+    """TE's Float8BlockScaling with each tile's scale its amax / 448, as the other backends quantize
+    (moetron.precision.quantize), so `te` can be held against `emulated` to rounding: TE's default
+    rounds every scale up to a power of two (NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 relaxes it for
+    the whole process; this sets it on the recipe alone)."""
+    from transformer_engine.common.recipe import Float8BlockScaling, QParams
+
+    recipe = Float8BlockScaling()
+    exact = QParams(power_2_scale=False, amax_epsilon=0.0)
+    recipe.fp8_quant_fwd_inp = recipe.fp8_quant_fwd_weight = recipe.fp8_quant_bwd_grad = exact
+    return recipe
+
+
 def _fp8_autocast(recipe):
     import transformer_engine.pytorch as te
     if hasattr(te, "autocast"):  # TE 2.8+ names it autocast(recipe=...)
@@ -69,8 +82,7 @@ class TELinear(nn.Module):
         return self._te
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from transformer_engine.common.recipe import Float8BlockScaling
-        with _fp8_autocast(Float8BlockScaling()):
+        with _fp8_autocast(exact_scales_recipe()):
             y = self._inner()(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

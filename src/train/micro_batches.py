@@ -19,6 +19,7 @@ from moetron.core.saved_tensors import SavedTensorMeter
 from moetron.models.outputs import LOSS_TERMS
 from moetron.pipeline.runtime import PipelineRunner
 from moetron.pipeline.schedule import forward_only
+from moetron.precision.fp8_linear import forget_weight_blocks
 
 
 class _MicroBatches:
@@ -37,6 +38,11 @@ class _MicroBatches:
     def _zeros(self) -> torch.Tensor:
         return torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
 
+    def _new_weights(self, modules) -> None:
+        """The weights may have changed since the last pass (an optimizer step, ZeRO-1's gather, an
+        average swapped in): caches of them made for the last pass are stale."""
+        forget_weight_blocks(modules)
+
 
 class LocalMicroBatches(_MicroBatches):
     def __init__(self, model, device, compute_dtype, grads=None) -> None:
@@ -49,6 +55,7 @@ class LocalMicroBatches(_MicroBatches):
 
     def run(self, micro_batches, loss_options: dict) -> torch.Tensor:
         logged = self._zeros()
+        self._new_weights([self.model])
         for i, (inputs, labels) in enumerate(micro_batches):
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             self.meter.ignore((inputs, labels))
@@ -69,6 +76,7 @@ class LocalMicroBatches(_MicroBatches):
         """The summed loss terms of `micro_batches`, forward only, in eval mode (the routers count no
         load and add no balance loss)."""
         logged = self._zeros()
+        self._new_weights([self.model])
         self.model.eval()
         try:
             for inputs, labels in micro_batches:
@@ -123,6 +131,7 @@ class PipelinedMicroBatches(_MicroBatches):
 
     def _step(self, micro_batches, loss_options: dict, train: bool) -> torch.Tensor:
         runner = self._runner(len(micro_batches), forward_only_=not train)
+        self._new_weights(self.parts.held_modules)
         for stage in self.parts.stage_modules.values():  # balance losses scale as the step's losses do
             if hasattr(stage, "aux_scale"):
                 stage.aux_scale = 1.0 / len(micro_batches)

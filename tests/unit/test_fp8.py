@@ -7,7 +7,7 @@ from torch import nn
 from moetron.core.weight_grads import WeightGradStore
 from moetron.precision.convert import FP8Recipe, convert_to_fp8
 from moetron.precision.fp8_gemm import emulated_mm, resolve_backend
-from moetron.precision.fp8_linear import FP8GroupedGemm, FP8Linear, fp8_linear
+from moetron.precision.fp8_linear import FP8GroupedGemm, FP8Linear, fp8_linear, forget_weight_blocks
 from moetron.precision.quantize import E4M3_MAX, quantize_blocks, quantize_tiles
 
 # E4M3 keeps 3 mantissa bits: rounding moves a value by at most 2^-4 of itself, or 2^-10 (in units of
@@ -222,3 +222,72 @@ def test_fp8_weight_blocks_are_quantized_once_per_change_of_the_weight():
     assert linear.weight_blocks(linear.weight) is not first
     assert torch.equal(linear(x), fp8_linear(x, linear.weight))  # the fresh blocks: no stale weight
     assert not torch.equal(linear(x), y1)
+
+
+def test_a_step_after_a_fused_optimizer_update_reads_the_new_weights():
+    """A fused AdamW changes the weights without a new tensor version: the micro-batch runner forgets
+    the FP8 blocks as each step starts, so the second step's loss is the updated model's."""
+    import copy
+
+    from moetron.models import build_model, get_spec, load_preset
+    from moetron.train.micro_batches import LocalMicroBatches
+
+    torch.manual_seed(0)
+    cfg = load_preset("tiny")
+    model = build_model(cfg).train()
+    get_spec(cfg.arch).parallelize(model, None, "alltoall", False, fp8=FP8Recipe("emulated"))
+    ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    batch = [(ids[:, :-1], ids[:, 1:])]
+    micro = LocalMicroBatches(model, torch.device("cpu"), torch.float32)
+    micro.run(batch, {})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    optimizer.step()
+    optimizer.zero_grad()
+    fresh = copy.deepcopy(model)  # the updated weights, no blocks made from the old ones
+    forget_weight_blocks([fresh])
+    assert torch.equal(micro.run(batch, {}), LocalMicroBatches(fresh, torch.device("cpu"), torch.float32).run(batch, {}))
+
+
+@pytest.mark.parametrize("tiles", [1, 4, 5, 7])
+def test_the_reduction_is_padded_to_four_tiles_without_changing_the_product(tiles):
+    """torch's blockwise check wants the 128x128 scales unpadded, cuBLASLt reads their rows padded to
+    4 tiles: with the reduction zero-padded to a multiple of 4 tiles the two layouts coincide, and
+    the product is the same to the bit (V3's kv_a_proj_with_mqa input gradient reduces over 5)."""
+    from moetron.precision.fp8_gemm import pad_reduction, scale_a_layout, scale_b_layout
+
+    torch.manual_seed(0)
+    a, b = quantize_tiles(torch.randn(64, 128 * tiles)), quantize_blocks(torch.randn(256, 128 * tiles))
+    pa, pb = pad_reduction(a, b)
+    assert pa.scale.shape[1] % 4 == 0 and pb.scale.shape[1] == pa.scale.shape[1]
+    assert torch.equal(emulated_mm(pa, pb, torch.float32), emulated_mm(a, b, torch.float32))
+    layout = scale_b_layout(pb)
+    assert layout.shape == (pb.scale.shape[1], 2) and layout.stride() == (1, pb.scale.shape[1])  # no padding left
+    assert scale_a_layout(pa).shape == (64, pa.scale.shape[1])
+
+
+def test_the_te_recipe_scales_tiles_by_their_amax_as_the_other_backends(monkeypatch):
+    """TE's Float8BlockScaling rounds scales up to powers of two by default; the `te` backend sets
+    exact amax / 448 scales for inputs, weights and gradients (TE's recipe classes stood in for)."""
+    import dataclasses
+    import sys
+    import types
+
+    from moetron.precision.te_backend import exact_scales_recipe
+
+    @dataclasses.dataclass(frozen=True)
+    class QParams:
+        power_2_scale: bool = False
+        amax_epsilon: float = 0.0
+
+    class Float8BlockScaling:  # TE's defaults: power-of-two scales
+        fp8_quant_fwd_inp = fp8_quant_fwd_weight = fp8_quant_bwd_grad = QParams(power_2_scale=True)
+
+    recipe_module = types.ModuleType("transformer_engine.common.recipe")
+    recipe_module.Float8BlockScaling, recipe_module.QParams = Float8BlockScaling, QParams
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.common", types.ModuleType("transformer_engine.common"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.common.recipe", recipe_module)
+    recipe = exact_scales_recipe()
+    for q in (recipe.fp8_quant_fwd_inp, recipe.fp8_quant_fwd_weight, recipe.fp8_quant_bwd_grad):
+        assert q == QParams(power_2_scale=False, amax_epsilon=0.0)
+    assert Float8BlockScaling.fp8_quant_fwd_inp.power_2_scale  # the class's defaults untouched

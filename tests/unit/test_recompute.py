@@ -68,3 +68,27 @@ def test_a_switch_no_layer_has_and_the_old_model_keys_are_refused_naming_the_new
         apply_converters(torch.nn.Sequential(torch.nn.Linear(2, 2)), [SelectiveRecompute({"swiglu": True})])
     with pytest.raises(ValueError, match=r"model.recompute_swiglu is now recompute.swiglu .* set recompute.swiglu=true"):
         get_spec("deepseek_v3").config({"arch": "deepseek_v3", "recompute_swiglu": True})
+
+
+def test_recompute_regions_keep_nothing_once_their_backward_ran():
+    """A region's outputs hold their autograd node, which holds the region: unless the backward lets
+    go of what the region kept, each step leaves its inputs alive (seen growing step after step on a
+    pipeline by the saved-tensor meter). After each backward, nothing saved may live on."""
+    from moetron.core.saved_tensors import SavedTensorMeter
+    from moetron.models import get_spec
+    from moetron.models.deepseek_v3 import DeepSeekV3, load_preset
+
+    torch.manual_seed(0)
+    cfg = load_preset("tiny")
+    model = DeepSeekV3(cfg).train()
+    get_spec("deepseek_v3").parallelize(model, None, "alltoall", False,
+                                        recompute={"norm": True, "mla_up_proj": True, "swiglu": True})
+    meter = SavedTensorMeter(model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        with meter.saving(0):
+            out = model(ids[:, :-1], ids[:, 1:])
+        assert meter.sample()[0] > 0
+        out.loss.backward()
+        del out
+        assert meter.sample() == (0, 0)
