@@ -4,10 +4,13 @@
 every tensor autograd saves is noted (a weak reference: the meter keeps nothing alive) under `tag`,
 for a pipeline the (micro-batch, stage) the forward belongs to. `sample()`, called after each
 forward, adds up the storages still alive (each once, at its size now: a recompute region's freed
-outputs count 0; parameters and the step's input batches never) and the tags that still hold any, keeping the peaks of both until
+outputs count 0; parameters, buffers and the step's input batches never) and the tags that still hold any, keeping the peaks of both until
 `take_peak()`. A tensor kept past its backward (a weight gradient deferred to a pipeline's W action
 holds its input) counts until it is freed, as the pipeline simulator counts a micro-batch-stage
-from its F to its W.
+from its F to its W. Liveness is the saved tensor object's: a storage that outlives every tensor
+saved on it under another object is not seen. A forward metered but never back-propagated (a step
+that failed) keeps what it saved alive: the hooks hand autograd the tensors themselves, and a saved
+output holds its own node.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from contextlib import contextmanager
 from typing import Hashable, Iterable
 
 import torch
+from torch import nn
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -23,8 +27,14 @@ def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def module_state(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """The parameters and buffers of `modules`: the model's state, not what a forward keeps."""
+    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
 class SavedTensorMeter:
     def __init__(self, params: Iterable[torch.Tensor] = ()) -> None:
+        """`params`: tensors that are the model's state (`module_state`), never counted."""
         self._params = {storage_key(p) for p in params if not p.is_meta}
         self._ignored: set[int] = set()
         self._saved: dict[int, tuple[Hashable, list]] = {}  # storage -> (tag, weak refs of the tensors saved on it)

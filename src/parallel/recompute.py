@@ -13,7 +13,9 @@ function alone saves nothing. `OutputRecompute` therefore works like Megatron-Co
 3. the backward of `run` back-propagates through the recomputed graph.
 
 Forward values and every gradient are bitwise those of running `fn` directly: the same kernels run
-on the same inputs, and the same summed output gradient enters the same backward.
+on the same inputs, and the same summed output gradient enters the same backward. A region that
+keeps its inputs in another form (`keep`: FP8 tiles, with FP8-cached activations) recomputes from
+what it kept, so its backward is that of the kept inputs, as FP8 caching's own is.
 
 Which parts recompute is a run setting (`recompute.norm|mla_up_proj|swiglu`), applied by the
 `SelectiveRecompute` converter to the `recompute_<switch>` slots that layers declare. Inside a
@@ -43,7 +45,7 @@ class _RunWithoutGraph(torch.autograd.Function):
         if owner.recomputed_outputs is None:  # discard() was never called: recompute here
             owner.recompute_now()
         outputs, inputs = owner.recomputed_outputs, owner.recomputed_inputs
-        owner.release()  # the region's outputs hold this node, which holds the region: break the cycle
+        owner.release()  # what it kept is not needed again
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
@@ -63,7 +65,9 @@ class OutputRecompute:
         self.keep, self.meta = keep, None
         self.kept: tuple[torch.Tensor, ...] = ()
         self.needs_grad: tuple[bool, ...] = ()
-        self.outputs: tuple[torch.Tensor, ...] = ()
+        # the outputs' storages, not the outputs: an output holds its autograd node, which holds this
+        # region, a cycle that would keep a graph dropped without a backward alive
+        self.storages: tuple[torch.UntypedStorage, ...] = ()
         self.recomputed_outputs: tuple[torch.Tensor, ...] | None = None
         self.recomputed_inputs: tuple[torch.Tensor, ...] | None = None
 
@@ -76,8 +80,9 @@ class OutputRecompute:
         else:
             self.kept = inputs
         outputs = _RunWithoutGraph.apply(fn, self, *inputs)
-        self.outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        for out in self.outputs:  # its consumers keep a reference, not a copy (FP8 linears: moetron.precision)
+        outs = outputs if isinstance(outputs, tuple) else (outputs,)
+        self.storages = tuple(out.untyped_storage() for out in outs)
+        for out in outs:  # its consumers keep a reference, not a copy (FP8 linears: moetron.precision)
             out.recomputed_in_backward = True
         return outputs
 
@@ -86,16 +91,16 @@ class OutputRecompute:
         """Free the outputs now; recompute them when the gradient of `after` is computed."""
         if not after.requires_grad:
             return
-        for out in self.outputs:
-            out.untyped_storage().resize_(0)
+        for storage in self.storages:
+            storage.resize_(0)
         after.register_hook(self._refill)
 
     def release(self) -> None:
-        """Drop every tensor the region holds (after its backward): the outputs' autograd node holds
-        the region, so a region that kept them would live, inputs and all, as long as the outputs'
-        storages: a leak that grew each step (seen by moetron.core.saved_tensors on a pipeline)."""
+        """Drop every tensor the region holds, after its backward (the outputs' autograd node holds the
+        region until the graph goes: a region that kept its inputs leaked them each step, seen by
+        moetron.core.saved_tensors on a pipeline)."""
         self.fn, self.meta = None, None
-        self.kept, self.outputs = (), ()
+        self.kept, self.storages = (), ()
         self.recomputed_outputs = self.recomputed_inputs = None
 
     def recompute_now(self) -> None:
@@ -108,10 +113,10 @@ class OutputRecompute:
 
     def _refill(self, grad: torch.Tensor) -> None:
         self.recompute_now()
-        for freed, fresh in zip(self.outputs, self.recomputed_outputs):
+        for freed, fresh in zip(self.storages, self.recomputed_outputs):
             storage = fresh.untyped_storage()
-            freed.untyped_storage().resize_(storage.size())
-            freed.untyped_storage().copy_(storage)
+            freed.resize_(storage.size())
+            freed.copy_(storage)
 
 
 RECOMPUTE_SWITCHES = ("norm", "mla_up_proj", "swiglu")

@@ -55,7 +55,7 @@ from moetron.pipeline.grads_final import final_gradient_actions
 from moetron.pipeline.schedule import Action, ActionKind, Schedule
 from moetron.pipeline.transfers import peer_stage, with_transfers
 from moetron.profiling import label
-from moetron.core.saved_tensors import SavedTensorMeter
+from moetron.core.saved_tensors import SavedTensorMeter, module_state
 from moetron.core.weight_grads import WeightGradStore
 
 K = ActionKind
@@ -99,7 +99,7 @@ class PipelineRunner:
         self.overlap = overlap
         self._pool: Optional[ThreadPoolExecutor] = None
         self._grads = grads
-        self.meter = meter if meter is not None else SavedTensorMeter(p for m in stage_modules.values() for p in m.parameters())
+        self.meter = meter if meter is not None else SavedTensorMeter(module_state(stage_modules.values()))
         self._final_at = final_gradient_actions(self.actions, stage_params or {}, deferred) if grads is not None else {}
 
     # -- transfers -------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ Shape legend: M tokens, K in features, N out features, E experts, S rows grouped
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from moetron.precision.fp8_gemm import fp8_mm
 from moetron.precision.quantize import Blocks, Tiles, quantize_blocks, quantize_tiles
@@ -65,14 +67,16 @@ def _saved(ctx, dtype: torch.dtype) -> tuple[torch.Tensor, list[Blocks]]:
 class WeightBlocks:
     """A weight's 128x128 FP8 blocks, quantized once per step and shared by its micro-batches (TE
     caches its FP8 weights across micro-batches alike): a pipeline's forwards in flight keep one
-    copy, not one each. The trainer's micro-batch runners forget every module's blocks as a step or
-    an evaluation starts (`forget_weight_blocks`): the weights change between steps, and a fused
-    optimizer changes them without a new tensor version. Within a step, a new version of the weight
-    (an in-place change) quantizes it again. Inside torch.compile the blocks are quantized each
-    time (no state in the graph)."""
+    copy, not one each. Every optimizer step (any torch optimizer: a step pre-hook) forgets them
+    before it changes the weights, which also frees them for the step's own peak: a fused optimizer
+    changes weights without a new tensor version. The trainer's micro-batch runners also forget a
+    model's blocks as a step or an evaluation starts (`forget_weight_blocks`: an average swapped
+    in). Within a step, a new version of the weight (an in-place change) quantizes it again. Inside
+    torch.compile the blocks are quantized each time (no state in the graph)."""
 
     def __init__(self) -> None:
         self._held: dict[int, tuple[torch.Tensor, int, Blocks]] = {}  # id -> (the weight, its version, blocks)
+        _LIVE_BLOCKS.add(self)
 
     def clear(self) -> None:
         self._held = {}
@@ -85,6 +89,17 @@ class WeightBlocks:
             held = (w, w._version, quantize_blocks(w.detach()))
             self._held[id(w)] = held
         return held[2]
+
+
+_LIVE_BLOCKS: "weakref.WeakSet[WeightBlocks]" = weakref.WeakSet()
+
+
+def _forget_all_blocks(optimizer, args, kwargs) -> None:
+    for blocks in list(_LIVE_BLOCKS):
+        blocks.clear()
+
+
+register_optimizer_step_pre_hook(_forget_all_blocks)
 
 
 class _FP8LinearFn(torch.autograd.Function):

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from moetron.core.saved_tensors import SavedTensorMeter
+from moetron.core.saved_tensors import SavedTensorMeter, module_state
 from moetron.models.outputs import LOSS_TERMS
 from moetron.pipeline.runtime import PipelineRunner
 from moetron.pipeline.schedule import forward_only
@@ -49,7 +49,7 @@ class LocalMicroBatches(_MicroBatches):
         """`grads` (optional, the step finalizer): told that the step's last backward adds every
         parameter's last gradient (`expect_final` before it, `mark_final` after), so each bucket's
         reduction starts while that backward goes on."""
-        super().__init__(device, compute_dtype, model.parameters())
+        super().__init__(device, compute_dtype, module_state([model]))
         self.model, self.grads = model, grads
         self._params = [p for p in model.parameters() if p.requires_grad and not p.is_meta]
 
@@ -109,8 +109,7 @@ class PipelinedMicroBatches(_MicroBatches):
         parameter's gradients are final, from `stage_params` (`stage_parameters`) and `deferred`: ids
         of the parameters whose weight gradients B actions defer. A runner is made per micro-batch count and use when first needed, on every
         pipeline rank at the same step."""
-        super().__init__(device, compute_dtype, [p for m in parts.stage_modules.values() for p in m.parameters()]
-                         + (list(parts.tail.parameters()) if parts.tail is not None else []))
+        super().__init__(device, compute_dtype, module_state(parts.held_modules))
         self.parts, self._schedule_for = parts, schedule_for
         self._runner_args = (pp_rank, parts.stage_modules, pp_lanes, p2p_shape)
         self._overlap, self._store = overlap_fb, weight_grad_store

@@ -116,3 +116,17 @@ def test_fp8_cached_and_recomputed_swiglu_keeps_only_fp8_inputs():
     assert torch.equal(x.grad, x_ref.grad)
     w, w_ref = mlp.down_proj.weight.grad, ref.down_proj.weight.grad
     assert float((w - w_ref).norm() / w_ref.norm()) < 0.1
+
+
+def test_the_chunked_loss_runs_the_heads_forward_hooks():
+    """ZeRO-1's overlapped gather lands a parameter in its module's forward pre-hook: the chunked
+    loss must call the head as a module (the main head and each MTP head), or the head would train
+    on the last step's weights."""
+    cfg = load_preset("tiny")
+    model = build_model(cfg).train()
+    get_spec(cfg.arch).parallelize(model, None, "alltoall", False, memory={"chunked_loss": True})
+    calls = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: calls.append(len(args)))
+    ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    out = model(ids[:, :-1], ids[:, 1:])
+    assert out.logits_BSV is None and calls == [2] * (1 + cfg.num_nextn_predict_layers)

@@ -3,6 +3,7 @@
 Memory is measured as the bytes of distinct activation storages that autograd holds for backward
 once the forward has finished (saved-tensor hooks see every saved tensor; parameters excluded).
 """
+import gc
 import pytest
 import torch
 
@@ -73,8 +74,9 @@ def test_a_switch_no_layer_has_and_the_old_model_keys_are_refused_naming_the_new
 def test_recompute_regions_keep_nothing_once_their_backward_ran():
     """A region's outputs hold their autograd node, which holds the region: unless the backward lets
     go of what the region kept, each step leaves its inputs alive (seen growing step after step on a
-    pipeline by the saved-tensor meter). After each backward, nothing saved may live on."""
-    from moetron.core.saved_tensors import SavedTensorMeter
+    pipeline by the saved-tensor meter). After each backward, nothing saved may live on, nor after
+    a graph is dropped."""
+    from moetron.core.saved_tensors import SavedTensorMeter, module_state
     from moetron.models import get_spec
     from moetron.models.deepseek_v3 import DeepSeekV3, load_preset
 
@@ -83,7 +85,7 @@ def test_recompute_regions_keep_nothing_once_their_backward_ran():
     model = DeepSeekV3(cfg).train()
     get_spec("deepseek_v3").parallelize(model, None, "alltoall", False,
                                         recompute={"norm": True, "mla_up_proj": True, "swiglu": True})
-    meter = SavedTensorMeter(model.parameters())
+    meter = SavedTensorMeter(module_state([model]))
     ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         with meter.saving(0):
@@ -92,3 +94,13 @@ def test_recompute_regions_keep_nothing_once_their_backward_ran():
         out.loss.backward()
         del out
         assert meter.sample() == (0, 0)
+    out = model(ids[:, :-1], ids[:, 1:])  # a forward whose graph is dropped without a backward (a step that failed)
+    assert _live_regions() > 0
+    del out
+    assert _live_regions() == 0  # freed as the graph goes, no garbage collection needed: no cycle
+
+
+def _live_regions() -> int:
+    from moetron.parallel.recompute import OutputRecompute
+
+    return sum(isinstance(o, OutputRecompute) for o in gc.get_objects())

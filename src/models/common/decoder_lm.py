@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.models.common.experts import GroupedExperts
-from moetron.models.common.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from moetron.models.common.linear_cross_entropy import IGNORE_INDEX, OutputHead
 from moetron.models.common.norm import RMSNorm
 from moetron.models.common.rope import rotary_cos_sin
 from moetron.models.common.router import TopKRouter
@@ -49,7 +49,7 @@ class DecoderLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # a slot the memory converter sets (memory.chunked_loss): the head and its cross entropy run
@@ -132,8 +132,8 @@ class DecoderLM(nn.Module):
     def head_loss(self, normed_BSH: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(cross entropy of the head's logits, the logits); under `chunked_loss` the logits are never
         whole, and None is returned for them."""
-        if self.chunked_loss:
-            return linear_cross_entropy(normed_BSH, self.lm_head.weight, labels_BS), None
+        if self.chunked_loss:  # through the module: its hooks run (ZeRO-1 lands the head's weight there)
+            return self.lm_head(normed_BSH, labels_BS), None
         logits_BSV = self.lm_head(normed_BSH)
         return cross_entropy(logits_BSV, labels_BS), logits_BSV
 

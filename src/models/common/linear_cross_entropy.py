@@ -14,6 +14,7 @@ Shape legend: T tokens, H hidden, V vocabulary, C tokens of a chunk.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 1024  # a chunk's float32 logits: 1024 x 129,280 x 4 B = 0.5 GiB at DeepSeek-V3's vocabulary
@@ -69,3 +70,14 @@ def linear_cross_entropy(h_BSH: torch.Tensor, weight_VH: torch.Tensor, labels_BS
     """Mean cross entropy of the logits h W^T against `labels_BS` (IGNORE_INDEX positions do not
     count), without keeping the logits (see the module docstring)."""
     return _LinearCrossEntropy.apply(h_BSH.flatten(0, 1), weight_VH, labels_BS.flatten(), chunk)
+
+
+class OutputHead(nn.Linear):
+    """The output head: logits as nn.Linear gives them, or with `labels` the chunked cross entropy
+    of them (`linear_cross_entropy`). The loss is computed by calling the module, so that its
+    forward hooks run as for the logits (ZeRO-1's overlapped gather lands the head's weight in one)."""
+
+    def forward(self, h_BSH: torch.Tensor, labels_BS: torch.Tensor | None = None) -> torch.Tensor:
+        if labels_BS is None:
+            return super().forward(h_BSH)
+        return linear_cross_entropy(h_BSH, self.weight, labels_BS)
