@@ -94,10 +94,12 @@ def test_recompute_regions_keep_nothing_once_their_backward_ran():
         out.loss.backward()
         del out
         assert meter.sample() == (0, 0)
+    gc.collect()  # what earlier tests left for the collector
+    before = _live_regions()
     out = model(ids[:, :-1], ids[:, 1:])  # a forward whose graph is dropped without a backward (a step that failed)
-    assert _live_regions() > 0
+    assert _live_regions() > before
     del out
-    assert _live_regions() == 0  # freed as the graph goes, no garbage collection needed: no cycle
+    assert _live_regions() == before  # freed as the graph goes, no garbage collection needed: no cycle
 
 
 def _live_regions() -> int:
