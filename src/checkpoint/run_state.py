@@ -43,7 +43,7 @@ def training_state(model, optimizer, finalizer, ema=None) -> dict:
     """This rank's part of the model and optimizer state (and the parameter average, `ema/<name>`),
     under layout-independent names; an optimizer that counts steps per parameter group (NVIDIA apex's
     FusedAdam) gets its counts as `optim/param_group<i>/step` (the groups are the same in every layout)."""
-    state = {**model_state(model), **optimizer_state(model, optimizer, finalizer.sharded)}
+    state = {**model_state(model, finalizer.sharded), **optimizer_state(model, optimizer, finalizer.sharded)}
     if ema is not None:
         state.update(ema.state())
     for i, group in enumerate(optimizer.param_groups):
@@ -104,7 +104,7 @@ def resume(run_dir: Path, config: dict, spec, model_cfg, model, optimizer, final
             ema.reset_to_parameters()
             print(f"{path} holds no parameter average: train.ema_decay starts it from this step's parameters",
                   flush=True)
-        finalizer.load_shards_from_params()
+        finalizer.params_from_masters()
         set_rng_state(trainer["rng"])
         return Progress(step, trainer["tokens"], trainer.get("skipped_steps", 0))
     if unreadable:  # starting over would overwrite the run's metrics, and pruning would drop the new checkpoints

@@ -27,9 +27,14 @@ class WeightGradStore:
 
     @torch.no_grad()
     def accumulate(self, param: torch.Tensor, grad: torch.Tensor) -> None:
-        """param.grad += grad, in place (param.grad may be a view of a gradient buffer)."""
+        """param.grad += grad, in place (param.grad may be a view of a gradient buffer; where the
+        buffer keeps a higher precision than param, its `main_grad`). The gradient is rounded to
+        param's dtype first, as autograd rounds the gradients it accumulates."""
         grad = grad.to(param.dtype)
-        if param.grad is None:
+        main = getattr(param, "main_grad", None)
+        if main is not None:
+            main.add_(grad)
+        elif param.grad is None:
             param.grad = grad
         else:
             param.grad.add_(grad)

@@ -17,6 +17,12 @@ parameters: replicated parameters are sharded over the dp x ep group, expert par
 expert-data-parallel group; the buffers reduce-scatter instead of all-reducing, the norm is summed
 from the shards, and the updated shards are all-gathered back into the parameters.
 
+Working weights in a lower precision (`param_dtype` BF16, as DeepSeek-V3 computes with BF16 weights
+and keeps float32 master weights, weight gradients and optimizer states: report section 3.3): the
+master weights are taken from the float32 parameters before these are cast, and kept as ZeRO-1's
+shards (without ZeRO-1: whole, on every rank); the gradients accumulate and reduce in float32
+(`p.main_grad`), and each step's updated masters are copied (gathered) back into the parameters.
+
 With `overlap_grad_reduce`, the micro-batch runner says when gradients become final
 (`expect_final` before the action that adds a parameter's last gradient, `mark_final` after it),
 and each bucket's collective starts while the backward goes on; `finish_gradients()` then waits.
@@ -30,9 +36,9 @@ import torch.distributed as dist
 from torch import nn
 
 from moetron.parallel.dims import ParallelGroups, pipeline_subgroups
-from moetron.parallel.grad_buffer import BUCKET_NUMEL, GradBuffer
+from moetron.parallel.grad_buffer import BUCKET_NUMEL, GradBuffer, accumulated_grad
 from moetron.parallel.grad_reduce import clip_by_global_norm, squared_norm, sum_shared_gradients
-from moetron.parallel.materialize import held_parameters
+from moetron.parallel.materialize import cast_parameters, held_parameters
 from moetron.parallel.zero1 import ShardedParams
 
 
@@ -40,7 +46,8 @@ class StepFinalizer:
     def __init__(self, model: nn.Module, expert_params: list, groups: ParallelGroups, grad_clip: float,
                  pp_holders: Optional[dict] = None, pp_shared: Optional[dict] = None, zero1: bool = False,
                  overlap_param_gather: bool = False, overlap_grad_reduce: bool = False,
-                 grad_order: Optional[list] = None, bucket_numel: int = BUCKET_NUMEL) -> None:
+                 grad_order: Optional[list] = None, bucket_numel: int = BUCKET_NUMEL,
+                 param_dtype: torch.dtype = torch.float32) -> None:
         """`expert_params`: the EP-sharded parameters (from `parallelize`); `pp_holders`: id(param) ->
         the pipeline ranks holding it, and `pp_shared`: pipeline-rank set -> this rank's parameters
         they share (both from the pipeline split; None without pipelining). Every rank must build
@@ -49,7 +56,8 @@ class StepFinalizer:
         waiting for its own parameters; call `finish_gather()` before reading them elsewhere.
         `overlap_grad_reduce`: buckets start as their gradients become final (`expect_final`,
         `mark_final`). `grad_order`: the parameters in the order their gradients become final (the
-        buckets follow it; None: reversed model order, as one backward finishes them)."""
+        buckets follow it; None: reversed model order, as one backward finishes them). `param_dtype`:
+        the working weights' dtype; the parameters (float32 when this is built) are cast to it."""
         expert_ids = {id(p) for p in expert_params}
         held = [p for p in held_parameters(model) if p.requires_grad]
         position = {id(p): i for i, p in enumerate(grad_order if grad_order is not None else reversed(held))}
@@ -65,24 +73,27 @@ class StepFinalizer:
                                if shared_sets else {})
         _, dp_idx, _ = groups.dims.coords(groups.rank)
         self.overlap_reduce = overlap_grad_reduce
-        self.buffers = [GradBuffer([p for p in final_order if id(p) not in expert_ids], groups.dp_ep_group,
-                                   self.data_ranks, groups.dp_ep_rank, zero1, bucket_numel, overlap_grad_reduce),
-                        GradBuffer([p for p in final_order if id(p) in expert_ids], groups.edp_group, groups.dims.dp,
-                                   dp_idx, zero1, bucket_numel, overlap_grad_reduce)]
+        # (parameters, the group holding copies of them, its size, this rank's place in it)
+        parts = [(self.replicated, groups.dp_ep_group, self.data_ranks, groups.dp_ep_rank),
+                 (self.experts, groups.edp_group, groups.dims.dp, dp_idx)]
+        self.sharded: list[ShardedParams] = []  # the master weights, in model order (checkpoints list them so)
+        if zero1 or param_dtype != torch.float32:
+            self.sharded = [ShardedParams(params, group, size, rank) if zero1 else ShardedParams(params, None, 1, 0)
+                            for params, group, size, rank in parts]
+        cast_parameters(held, param_dtype)
+        self.buffers = [GradBuffer([p for p in final_order if (id(p) in expert_ids) == (params is self.experts)],
+                                   group, size, rank, zero1, bucket_numel, overlap_grad_reduce, grad_dtype=torch.float32)
+                        for params, group, size, rank in parts]
         for buffer in self.buffers:
             buffer.attach()
-        self.sharded: list[ShardedParams] = []
-        if zero1:  # master shards in model order (checkpoints list them so); their gradients from the buffers
-            self.sharded = [ShardedParams([p for p in held if buffer.holds(p)], buffer.group, buffer.size, buffer.rank)
-                            for buffer in self.buffers]
         self._shard_of = {id(p): shard for sp in self.sharded for p, shard in zip(sp.params, sp.shards)}
-        # what the optimizer steps on, and the gradient it reads: the parameter, or its master shard
-        self._reduced = {}  # id(param) -> its reduced gradient (p.grad, or its shard's)
+        # what the optimizer steps on, and the gradient it reads: the parameter, or its master (shard)
+        self._reduced = {}  # id(param) -> its reduced gradient (the accumulated one, or its shard's)
         for buffer in self.buffers:
             for i, p in enumerate(buffer.params):
-                if zero1:
-                    self._shard_of[id(p)].grad = buffer.shard_grads[i]
-                self._reduced[id(p)] = buffer.shard_grads[i] if zero1 else p.grad
+                self._reduced[id(p)] = buffer.shard_grads[i] if zero1 else accumulated_grad(p)
+                if self.sharded:
+                    self._shard_of[id(p)].grad = self._reduced[id(p)]
         self.overlap_gather = zero1 and overlap_param_gather
         for sharded in self.sharded if self.overlap_gather else []:
             sharded.wait_before_forward(model)
@@ -148,7 +159,8 @@ class StepFinalizer:
         for sharded in self.sharded:
             sharded.finish_gather()
 
-    def load_shards_from_params(self) -> None:
-        """After a checkpoint loaded into the parameters: the master shards follow."""
+    def params_from_masters(self) -> None:
+        """After a checkpoint loaded into the master weights (`moetron.parallel.row_shards.model_state`
+        saves and loads them in place of their parameters): the parameters follow."""
         for sharded in self.sharded:
-            sharded.load_shards_from_params()
+            sharded.all_gather_params()

@@ -2,9 +2,14 @@
 `param_and_grad_buffer`), used by plain data parallelism and ZeRO-1 alike.
 
 Every parameter's `.grad` is a view of one flat tensor, set once: autograd and the pipeline's
-deferred weight gradients accumulate into it in place, and a step only zeroes it. The flat tensor
-is cut into buckets of consecutive parameters, in the order their gradients become final (the
-backward finishes the last layers first); each bucket is one collective over the group:
+deferred weight gradients accumulate into it in place, and a step only zeroes it. Parameters kept in
+a lower precision than the buffer (BF16 working weights, float32 gradients: DeepSeek-V3 report
+section 3.3) get the view as `p.main_grad` instead (autograd wants `.grad` in the parameter's
+dtype): each gradient autograd leaves in `.grad` is added to it and dropped (Megatron-Core's
+`main_grad`); `accumulated_grad(p)` is the view either way.
+
+The flat tensor is cut into buckets of consecutive parameters, in the order their gradients become
+final (the backward finishes the last layers first); each bucket is one collective over the group:
 
 - all-reduce (plain data parallelism): the bucket's slice of the buffer, in place;
 - reduce-scatter (ZeRO-1): a parameter's dim 0 is padded to N x R rows (R = ceil(D0 / N)), and
@@ -47,13 +52,16 @@ class GradBuffer:
     order their gradients become final. `sharded` (ZeRO-1): reduce-scattered into row shards."""
 
     def __init__(self, params: list[nn.Parameter], group: Optional[dist.ProcessGroup], size: int, rank: int,
-                 sharded: bool = False, bucket_numel: int = BUCKET_NUMEL, overlap: bool = False) -> None:
+                 sharded: bool = False, bucket_numel: int = BUCKET_NUMEL, overlap: bool = False,
+                 grad_dtype: Optional[torch.dtype] = None) -> None:
+        """`grad_dtype`: what the gradients accumulate and reduce in (None: the parameters' dtype)."""
         self.params, self.group, self.size, self.rank = params, group, size, rank
         self.sharded, self.overlap = sharded, overlap
         dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
             raise ValueError(f"one gradient buffer holds one dtype; these parameters have {sorted(map(str, dtypes))}")
-        dtype = dtypes.pop() if dtypes else torch.float32
+        dtype = grad_dtype or (dtypes.pop() if dtypes else torch.float32)
+        self.main_grads = any(p.dtype != dtype for p in params)  # `.grad` moves into `p.main_grad`
         device = params[0].device if params else torch.device("cpu")
         self.rows = [math.ceil(p.shape[0] / size) if sharded else 0 for p in params]  # R per parameter
         spans = [r * size * _row_numel(p) if sharded else p.numel() for p, r in zip(params, self.rows)]
@@ -74,14 +82,29 @@ class GradBuffer:
         self._final: set[int] = set()
         self._final_count = [0] * len(self.buckets)
         self._next = 0  # the next bucket to start
-        if overlap:
+        if overlap or self.main_grads:
             for p in params:
-                p.register_post_accumulate_grad_hook(self.grad_accumulated)
+                p.register_post_accumulate_grad_hook(self._after_accumulate)
 
     def attach(self) -> None:
-        """Every parameter's `.grad` a view of the buffer (call once the parameters are allocated)."""
+        """Every parameter's `.grad` (or `.main_grad`) a view of the buffer (call once the parameters
+        are allocated)."""
         for p, start in zip(self.params, self.offsets):
-            p.grad = self.data[start:start + p.numel()].view_as(p)
+            view = self.data[start:start + p.numel()].view(p.shape)
+            if self.main_grads:
+                p.main_grad = view
+            else:
+                p.grad = view
+
+    @torch.no_grad()
+    def _after_accumulate(self, p: torch.Tensor) -> None:
+        """Autograd left a gradient in p.grad: into the main gradient (in its precision), then counted.
+        (Autograd also calls this when a backward gave p no gradient: a weight gradient deferred to a
+        W action; p.grad is None then.)"""
+        if self.main_grads and p.grad is not None:
+            p.main_grad.add_(p.grad)
+            p.grad = None
+        self.grad_accumulated(p)
 
     def holds(self, p: torch.Tensor) -> bool:
         return id(p) in self._bucket_of
@@ -188,6 +211,13 @@ class GradBuffer:
     def zero_(self) -> None:
         """No gradients for the next step (the views stay)."""
         self.data.zero_()
+
+
+def accumulated_grad(p: torch.Tensor) -> Optional[torch.Tensor]:
+    """What p's gradients accumulate in: `p.main_grad` where a gradient buffer keeps them in a higher
+    precision than p, else `p.grad`."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
 
 
 def split_buckets(sizes: list[int], bucket_numel: int) -> list[list[int]]:

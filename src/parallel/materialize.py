@@ -32,6 +32,15 @@ def materialize(model: nn.Module, held: Iterable[nn.Module], device: torch.devic
     return model
 
 
+@torch.no_grad()
+def cast_parameters(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
+    """Each parameter's data in `dtype`, in place (the parameter objects stay: hooks and the records
+    of `parallelize` and the pipeline split still hold)."""
+    for p in params:
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def held_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters this rank holds (not on the meta device), in model order."""
     return [p for p in model.parameters() if not p.is_meta]

@@ -38,15 +38,35 @@ class RowShard:
         return torch.Size((self.global_rows, *self.local.shape[1:]))
 
 
-def model_state(model: nn.Module) -> dict:
-    """What this rank holds of the model (`model/<name>`): whole tensors, and its rows of the expert stacks."""
-    rows = expert_rows(model)
+def model_state(model: nn.Module, sharded: list = ()) -> dict:
+    """What this rank holds of the model (`model/<name>`): whole tensors, and its rows of the expert
+    stacks. A parameter with float32 master weights (`sharded`: the finalizer's ShardedParams) is
+    saved from its master, this rank's rows of it under ZeRO-1: checkpoints keep float32 weights
+    whatever the working weights' dtype (loading writes into the masters)."""
+    rows, masters = expert_rows(model), master_rows(sharded)
+    params = dict(model.named_parameters(remove_duplicate=False))
     state = {}
     for name, tensor in held_state_dict(model).items():
         first, global_rows = rows.get(name, (0, _rows(tensor)))
+        if name in params and id(params[name]) in masters:
+            master, start, count = masters[id(params[name])]
+            if not count:
+                continue  # this rank's master rows are padding only
+            tensor, first = master.detach()[:count], first + start
         whole = _rows(tensor) == global_rows
         state[MODEL_PREFIX + name] = tensor if whole else RowShard(tensor, first, global_rows)
     return state
+
+
+def master_rows(sharded: list) -> dict[int, tuple[torch.Tensor, int, int]]:
+    """id(parameter) -> (its master weights (shard), the first of the parameter's rows they hold, how
+    many of them; the rest of the shard is padding), for the finalizer's ShardedParams."""
+    out = {}
+    for group in sharded:
+        for p, shard, r in zip(group.params, group.shards, group.rows):
+            first = group.rank * r
+            out[id(p)] = (shard, first, max(0, min(r, _rows(p) - first)))
+    return out
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: list) -> dict:
@@ -58,11 +78,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded:
     rows = expert_rows(model)
     # optimizer parameter -> (name, the model's parameter, first row and rows of it that it steps on)
     targets = {id(p): (name, p, 0, _rows(p)) for name, p in model.named_parameters() if not p.is_meta}
-    for group in sharded:
-        for p, shard, r in zip(group.params, group.shards, group.rows):
-            name = targets[id(p)][0]
-            first = group.rank * r
-            targets[id(shard)] = (name, p, first, max(0, min(r, _rows(p) - first)))  # the rest is padding
+    for pid, (master, first, count) in master_rows(sharded).items():
+        name, p, _, _ = targets[pid]
+        targets[id(master)] = (name, p, first, count)
     state = {}
     for param in (p for group in optimizer.param_groups for p in group["params"]):
         name, held, first, count = targets[id(param)]

@@ -15,6 +15,11 @@ steps. One step:
    and the forward of earlier layers): each module's forward pre-hook waits for its own parameters'
    bucket only (`wait_before_forward`), as Megatron-Core's `overlap_param_gather` does.
 
+The same class keeps the float32 master weights of BF16 working weights without ZeRO-1 (one
+shard of the whole parameter: size 1, no group): the optimizer steps on them, and the gather is a
+copy into the parameters, rounded to their dtype. Under ZeRO-1 the gathers travel in the
+parameters' dtype (BF16 working weights: half the bytes of float32).
+
 Shape legend: D0 a parameter's dim 0, R rows per shard (ceil(D0 / size)), N group size.
 """
 from __future__ import annotations
@@ -47,12 +52,6 @@ class ShardedParams:
         self._pending: dict[int, tuple] = {}  # bucket -> (its gather's work or None, the gathered [N, C])
         self._landing = threading.Lock()  # DualPipe's F&B pairs run a forward on a second thread
 
-    @torch.no_grad()
-    def load_shards_from_params(self) -> None:
-        """Master shards from the full parameters (after a checkpoint loaded into them)."""
-        for p, r, shard in zip(self.params, self.rows, self.shards):
-            shard.copy_(self._padded(p.detach(), r)[self.rank * r:(self.rank + 1) * r])
-
     def _padded(self, t: torch.Tensor, rows: int) -> torch.Tensor:
         """t with dim 0 zero-padded to rows x size: [R N, ...]."""
         extra = rows * self.size - t.shape[0]
@@ -67,7 +66,7 @@ class ShardedParams:
         `finish_gather()` asks for it (the next forward's pre-hooks do: `wait_before_forward`)."""
         self.finish_gather()
         for b, bucket in enumerate(self.buckets):
-            mine_C = torch.cat([self.shards[i].detach().reshape(-1) for i in bucket])
+            mine_C = torch.cat([self.shards[i].detach().reshape(-1) for i in bucket]).to(self.params[bucket[0]].dtype)
             if self.group is None:
                 self._pending[b] = (None, mine_C.view(1, -1))
                 continue
@@ -88,7 +87,7 @@ class ShardedParams:
         for i in self.buckets[b]:
             p, r, n = self.params[i], self.rows[i], self.shards[i].numel()
             full = all_NC[:, offset:offset + n].reshape(r * self.size, *p.shape[1:])[:p.shape[0]]
-            p.copy_(full.to(p.dtype))
+            p.copy_(full)
             offset += n
         del self._pending[b]
 

@@ -19,6 +19,7 @@ import json
 import sys
 from typing import Optional
 
+import torch
 from hydra.errors import HydraException
 from omegaconf import open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -30,6 +31,7 @@ from moetron.plan.hardware import Efficiency, Hardware
 from moetron.plan.launch import launch_lines, planned_run
 from moetron.plan.memory import MemorySettings, bytes_by_kind, measure, memory_table, with_activations
 from moetron.plan.search import Fixed, layouts
+from moetron.precision.dtypes import param_dtype
 
 
 def _compose(overrides: list[str]):
@@ -97,15 +99,20 @@ def memory_warning(best: Estimate, hw: Hardware) -> str:
 
 
 def measured_costs(spec, model_cfg, seq: int, recompute: bool, fp8: bool, fp8_cache: bool,
-                   memory: tuple[str, ...] = ()) -> list:
+                   memory: tuple[str, ...] = (), param_dtype: str = "bfloat16") -> list:
     """The spec's layer costs with the activations each layer keeps, measured (moetron.plan.memory)
-    under the report's recompute policy (every switch the model has) or none, and the memory
-    switches `memory` (moetron.parallel.memory)."""
+    under the report's recompute policy (every switch the model has) or none, the memory switches
+    `memory` (moetron.parallel.memory) and working weights in `param_dtype`."""
     switches = spec.recompute_switches(model_cfg) if recompute else ()
-    common = dict(fp8=fp8, fp8_cache=fp8_cache, memory=memory)
+    common = dict(fp8=fp8, fp8_cache=fp8_cache, memory=memory, param_dtype=param_dtype)
     kept = measure(spec, model_cfg, MemorySettings(seq, recompute=switches, **common))
     written = kept if not switches else measure(spec, model_cfg, MemorySettings(seq, **common))
     return with_activations(spec.layer_costs(model_cfg, seq, recompute), kept, written)
+
+
+def planned_param_dtype(cfg) -> str:
+    """The working weights' dtype on the cluster's GPUs (precision.param_dtype; auto: bfloat16 there)."""
+    return str(param_dtype(cfg.precision, torch.device("cuda"))).removeprefix("torch.")
 
 
 def memory_switches(cfg) -> tuple[str, ...]:
@@ -126,12 +133,14 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
     def problem(recompute: bool, fp8: bool) -> Problem:
         key = (recompute, fp8)
         if key not in problems:
+            weights = planned_param_dtype(cfg)
             costs = measured_costs(spec, model_cfg, seq, recompute, fp8, fp8 and bool(cfg.precision.fp8_cache_activations),
-                                   memory_switches(cfg))
+                                   memory_switches(cfg), weights)
             groups = spec.routing_groups(model_cfg)
             problems[key] = Problem(costs, hw, eff, seq, model_cfg.hidden_size, groups,
                                     spec.flops_per_token(model_cfg, seq), float(cfg.plan.tokens),
-                                    2.0 if cfg.optim.moments_dtype == "bfloat16" else 4.0)
+                                    2.0 if cfg.optim.moments_dtype == "bfloat16" else 4.0,
+                                    2.0 if weights == "bfloat16" else 4.0)
         return problems[key]
 
     decoders = sum(1 for c in problem(False, False).costs if c.kind in ("dense", "moe"))
@@ -178,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from moetron.train.validate import model_config
 
             spec, model_cfg = model_config(cfg)
-            print(memory_table(spec, model_cfg, int(cfg.train.seq_len), memory_switches(cfg)))
+            print(memory_table(spec, model_cfg, int(cfg.train.seq_len), memory_switches(cfg), planned_param_dtype(cfg)))
             return 0
         fixed = fixed_from(args.overrides, cfg)
         hw = Hardware.from_config(cfg.cluster)

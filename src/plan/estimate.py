@@ -261,6 +261,7 @@ class Problem:
     flops_per_token: float
     tokens_planned: float  # for days and cost
     moments_bytes: float = 4.0  # AdamW moments: 4 (float32) or 2 (bfloat16)
+    param_bytes: float = 2.0  # working weights: 2 (bfloat16, with float32 masters) or 4 (float32)
 
 
 @dataclass
@@ -294,10 +295,12 @@ def _kept(stage: list, tokens: int, ep: int) -> tuple[float, float]:
 
 
 def memory_parts(problem: Problem, layout: Layout, place: Optional[_Placement] = None) -> dict:
-    """GiB per part on the pipeline rank that holds the most: float32 weights and gradients, AdamW
-    moments sharded by ZeRO-1 (dense parameters over dp x ep ranks, routed experts over dp), the
-    activations and weight copies (measured: moetron.plan.memory) of its peak of micro-batch-stages
-    in flight (the copies made once per step counted once, for every stage it holds), and a reserve."""
+    """GiB per part on the pipeline rank that holds the most: the working weights (BF16 or float32),
+    float32 gradients, float32 master weights (with BF16 working weights or ZeRO-1) and AdamW
+    moments, both sharded by ZeRO-1 (dense parameters over dp x ep ranks, routed experts over dp),
+    the activations and weight copies (measured: moetron.plan.memory) of its peak of
+    micro-batch-stages in flight (the copies made once per step counted once, for every stage it
+    holds), and a reserve."""
     place = place or _place(problem, layout)
     tokens = layout.micro_batch * problem.seq_len
     peaks = peak_in_flight(layout.schedule, layout.pp, layout.num_microbatches)
@@ -308,9 +311,11 @@ def memory_parts(problem: Problem, layout: Layout, place: Optional[_Placement] =
         acts, copies = max((_kept(place.stages[place.positions[s]], tokens, layout.ep) for s in ids), key=sum)
         shared = sum(c.shared_copy_bytes + c.shared_routed_copy_bytes / layout.ep
                      for s in ids for c in place.stages[place.positions[s]])
-        weights = 4.0 * (dense + routed)
-        optimizer = 2 * problem.moments_bytes * (dense / shard_dense + routed / shard_routed)
-        per_rank.append({"weights": weights / GIB, "gradients": weights / GIB, "optimizer": optimizer / GIB,
+        sharded = dense / shard_dense + routed / shard_routed  # parameters this rank steps on
+        masters = 4.0 * sharded if layout.zero1 or problem.param_bytes < 4 else 0.0
+        per_rank.append({"weights": problem.param_bytes * (dense + routed) / GIB,
+                         "gradients": 4.0 * (dense + routed) / GIB, "master_weights": masters / GIB,
+                         "optimizer": 2 * problem.moments_bytes * sharded / GIB,
                          "activations": peaks[rank] * acts / GIB,
                          "weight_copies": (peaks[rank] * copies + shared) / GIB, "reserved": problem.eff.reserved_gib})
     return max(per_rank, key=lambda p: sum(p.values()))

@@ -7,8 +7,8 @@ How it is measured (one source of truth: the planner calls `measure`, it keeps n
   activation cache, the recompute switches), then given fake parameters (torch's FakeTensorMode:
   shapes and dtypes, nothing allocated), so DeepSeek-V3 at full width measures on a laptop. With
   `fake=False` the same run uses real tensors (a test holds the two equal).
-- Forwards of the loss run in the trainer's precision path (autocast to the compute dtype,
-  float32 weights) under `torch.autograd.graph.saved_tensors_hooks`. Each storage a saved tensor
+- Forwards of the loss run in the trainer's precision path (autocast to the compute dtype, the
+  working weights in their dtype: BF16 as on GPUs, or float32) under `torch.autograd.graph.saved_tensors_hooks`. Each storage a saved tensor
   lives on counts once, at its size after the forward (a recompute region's freed outputs count
   0), for the part that saved it first: the embedding, each decoder layer, the head (final norm,
   output head, loss), each MTP depth.
@@ -17,7 +17,7 @@ How it is measured (one source of truth: the planner calls `measure`, it keeps n
   that saves q, k, v, the output and the float32 log-sum-exp [B, N, S], FlashAttention's and
   memory-efficient attention's saved set (and an explicit mask where one is passed).
 - Storages computed from parameters alone (autocast's BF16 copies of float32 weights, FP8-quantized
-  weights) are weight copies: bytes per micro-batch or per step, not per token. Two forwards run in
+  weights, a transposed BF16 weight) are weight copies: bytes per micro-batch or per step, not per token. Two forwards run in
   one autocast region, as a pipeline step runs its micro-batches: a copy the second forward makes
   again is kept by each micro-batch in flight; one it reads from the first (autocast's cast cache,
   the FP8 weight blocks of moetron.precision.fp8_linear.WeightBlocks) once per step. They are
@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 
 from moetron.models.common.attention import attention_with_sinks
 from moetron.models.common.experts import GroupedExperts
+from moetron.parallel.materialize import cast_parameters
 from moetron.precision.fp8_gemm import fp8_mm
 
 KINDS = ("embedding", "dense", "moe", "head", "mtp")
@@ -67,6 +68,7 @@ class MemorySettings:
     fp8: bool = False
     fp8_cache: bool = False  # precision.fp8_cache_activations
     compute_dtype: str = "bfloat16"  # the GPU trainer's autocast dtype
+    param_dtype: str = "bfloat16"  # the working weights' (precision.param_dtype; float32 masters apart)
     memory: tuple[str, ...] = ()  # memory switches on (moetron.parallel.memory)
 
 
@@ -232,6 +234,7 @@ def _run(model: nn.Module, settings: MemorySettings, fake: bool, seed: int = 0) 
         else:
             model.to_empty(device="cpu")
             model.init_weights(seed)
+        cast_parameters(model.parameters(), getattr(torch, settings.param_dtype))
         B, S = settings.micro_batch, settings.seq_len
         ids_BS = torch.randint(0, model.embed_tokens.num_embeddings, (B, S),
                                generator=None if fake else torch.Generator().manual_seed(seed))
@@ -339,21 +342,21 @@ COLUMNS = (("plain", False, False, False), ("recompute", True, False, False), ("
            ("fp8+cache", False, True, True), ("fp8+cache+recompute", True, True, True))
 
 
-def memory_table(spec, model_cfg, seq_len: int, memory: tuple[str, ...] = ()) -> str:
+def memory_table(spec, model_cfg, seq_len: int, memory: tuple[str, ...] = (), param_dtype: str = "bfloat16") -> str:
     """What `moetron-plan --memory` prints: KB per token that one layer of each kind keeps for its
     backward, and the weight copies per micro-batch, under each recompute / FP8 setting (and the
-    memory switches `memory`)."""
+    memory switches `memory`, with working weights in `param_dtype`)."""
     columns = []
     for name, recompute, fp8, cache in COLUMNS:
         switches = spec.recompute_switches(model_cfg) if recompute else ()
         if recompute and not switches:
             continue
         parts = measure(spec, model_cfg, MemorySettings(seq_len, recompute=switches, fp8=fp8, fp8_cache=cache,
-                                                        memory=memory))
+                                                        memory=memory, param_dtype=param_dtype))
         columns.append((name, parts))
     width = max(len(name) for name, _ in columns) + 2
-    lines = [f"Saved for the backward by one forward (sequence {seq_len}, BF16 compute, the attention core as "
-             f"FlashAttention keeps it; memory switches on: {', '.join(memory) or 'none'})", "",
+    lines = [f"Saved for the backward by one forward (sequence {seq_len}, BF16 compute, {param_dtype} weights, the "
+             f"attention core as FlashAttention keeps it; memory switches on: {', '.join(memory) or 'none'})", "",
              "KB per token, one layer of each kind".ljust(40) + "".join(n.rjust(width) for n, _ in columns)]
     kinds = [k for k in KINDS if any(p.kind == k for p in columns[0][1])]
     for kind in kinds:

@@ -93,6 +93,10 @@ class ClusterConfig:
 class PrecisionConfig:
     name: str = "auto"
     compute_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32 | bfloat16
+    # the working weights the forward and backward read; bfloat16: float32 master weights (sharded by
+    # ZeRO-1), gradients and optimizer states (report section 3.3). auto: bfloat16 on CUDA when the
+    # compute dtype is, else float32 (a CPU keeps float32 weights unless this is set)
+    param_dtype: str = "auto"
     # FP8 GEMMs with 1x128 / 128x128 scales in the decoder's linears and experts (moetron.precision)
     fp8: bool = False
     backend: str = "auto"  # auto | emulated | torch | te: who runs the FP8 GEMMs (auto: torch on Hopper)

@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from moetron.parallel.grad_buffer import accumulated_grad
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -94,6 +96,7 @@ def first_nonfinite_gradient(model: nn.Module) -> Optional[str]:
     """The name of the first parameter (model order) whose gradient holds a NaN or inf on this rank.
     Called only once a step is known to be non-finite, so its host syncs cost nothing otherwise."""
     for name, p in model.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+        grad = accumulated_grad(p)
+        if grad is not None and not bool(torch.isfinite(grad).all()):
             return name
     return None

@@ -101,17 +101,19 @@ def stage_parameters(schedule, parts) -> dict[int, list]:
 class PipelinedMicroBatches(_MicroBatches):
     def __init__(self, schedule_for, parts, pp_rank: int, pp_lanes, p2p_shape: tuple[int, ...], device,
                  compute_dtype, overlap_fb: bool = True, weight_grad_store=None, grads=None,
-                 stage_params: Optional[dict] = None, deferred: frozenset = frozenset()) -> None:
+                 stage_params: Optional[dict] = None, deferred: frozenset = frozenset(),
+                 p2p_dtype: torch.dtype = torch.float32) -> None:
         """`schedule_for(n)`: the schedule of a step of n micro-batches (a batch-size ramp changes n;
         the stages a rank holds do not change); `parts`: this rank's stage modules and loss tail
         (`moetron.models.stages.pipeline_split`); `pp_lanes`: the pipeline group with its lanes
         (`ParallelGroups.lanes("pp")`); `grads` (optional, the step finalizer): told when each
         parameter's gradients are final, from `stage_params` (`stage_parameters`) and `deferred`: ids
-        of the parameters whose weight gradients B actions defer. A runner is made per micro-batch count and use when first needed, on every
-        pipeline rank at the same step."""
+        of the parameters whose weight gradients B actions defer; `p2p_dtype`: what activations
+        travel between stages in (the residual stream's dtype: the working weights'). A runner is
+        made per micro-batch count and use when first needed, on every pipeline rank at the same step."""
         super().__init__(device, compute_dtype, module_state(parts.held_modules))
         self.parts, self._schedule_for = parts, schedule_for
-        self._runner_args = (pp_rank, parts.stage_modules, pp_lanes, p2p_shape)
+        self._runner_args = (pp_rank, parts.stage_modules, pp_lanes, p2p_shape, p2p_dtype)
         self._overlap, self._store = overlap_fb, weight_grad_store
         self._grads, self.stage_params, self._deferred = grads, stage_params, deferred
         self._runners: dict[tuple[int, bool], PipelineRunner] = {}

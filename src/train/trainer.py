@@ -37,6 +37,7 @@ from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.pipeline.grads_final import gradient_order
 from moetron.pipeline.schedule import splits_weight_grads
 from moetron.precision.convert import FP8Recipe
+from moetron.precision.dtypes import compute_dtype, param_dtype
 from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
 from moetron.train.ema import ParameterEMA
@@ -44,13 +45,6 @@ from moetron.train.loop import Built, TrainingLoop
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches, stage_parameters
 from moetron.train.optim import build_optimizer, param_groups
 from moetron.train.validate import model_config, typed_settings, validate
-
-
-def _compute_dtype(cfg, device: torch.device) -> torch.dtype:
-    name = cfg.precision.compute_dtype
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    return getattr(torch, name)
 
 
 @dataclasses.dataclass
@@ -184,8 +178,8 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
         _init_from(spec, model_cfg, model)
         finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, zero1=_zero1(cfg, dims),
                                   overlap_param_gather=_on_gpus(par.overlap_param_gather, device),
-                                  overlap_grad_reduce=overlap_reduce)
-        micro = LocalMicroBatches(model, device, _compute_dtype(cfg, device), finalizer if overlap_reduce else None)
+                                  overlap_grad_reduce=overlap_reduce, param_dtype=param_dtype(prec, device))
+        micro = LocalMicroBatches(model, device, compute_dtype(cfg.precision, device), finalizer if overlap_reduce else None)
         return model, made, micro, finalizer
     schedule = build_schedule(par.schedule, dims.pp, num_microbatches)
     layout = [list(ids) for ids in par.layout] if par.layout else None
@@ -199,12 +193,14 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, parts.holders, parts.shared,
                               zero1=_zero1(cfg, dims), overlap_param_gather=_on_gpus(par.overlap_param_gather, device),
                               overlap_grad_reduce=overlap_reduce,
-                              grad_order=gradient_order(schedule.actions[groups.pp_rank], stage_params, deferred))
+                              grad_order=gradient_order(schedule.actions[groups.pp_rank], stage_params, deferred),
+                              param_dtype=param_dtype(prec, device))
     if overlap_reduce and made.weight_grad_store is not None:  # W actions add gradients outside autograd
         made.weight_grad_store.on_accumulated = finalizer.grad_accumulated
     micro = PipelinedMicroBatches(schedule_for, parts, groups.pp_rank, groups.lanes("pp"), p2p_shape, device,
-                                  _compute_dtype(cfg, device), par.overlap_fb, made.weight_grad_store,
-                                  finalizer if overlap_reduce else None, stage_params, deferred)
+                                  compute_dtype(cfg.precision, device), par.overlap_fb, made.weight_grad_store,
+                                  finalizer if overlap_reduce else None, stage_params, deferred,
+                                  p2p_dtype=param_dtype(prec, device))
     return model, made, micro, finalizer
 
 

@@ -21,6 +21,7 @@ from moetron.parallel.dims import ParallelDims, Topology
 from moetron.parallel.expert_parallel import DISPATCHERS
 from moetron.pipeline.builders import BUILDERS, MinimumMicrobatches, build_schedule
 from moetron.pipeline.schedule import splits_weight_grads
+from moetron.precision.dtypes import dtype_problems
 from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train.batch_ramp import ramp_batches, ramp_problems
 from moetron.train.config import RootConfig
@@ -128,11 +129,14 @@ def validate(cfg, world_size: int) -> ParallelDims:
         problems += deepep_problems(min(dims.ep, topology.gpus_per_node), dims.ep_nodes(topology))
     problems += _batch_problems(cfg, dims)
     for key, v in (("precision.compute_dtype", cfg.precision.compute_dtype),
+                   ("precision.param_dtype", cfg.precision.param_dtype),
                    ("optim.moments_dtype", cfg.optim.moments_dtype)):
         if v not in DTYPES:
             problems.append(f"{key}={v!r}: choose one of {DTYPES[1:] if key.startswith('optim') else DTYPES}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what pick_device will choose
+    if cfg.precision.compute_dtype in DTYPES and cfg.precision.param_dtype in DTYPES:
+        problems += dtype_problems(cfg.precision, device)
     if cfg.precision.fp8:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what pick_device will choose
         try:
             resolve_backend(cfg.precision.backend, device)
         except ValueError as err:

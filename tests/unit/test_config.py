@@ -59,3 +59,23 @@ def test_a_cluster_without_a_node_count_takes_it_from_the_job():
     assert layout(cluster(None, None), 16, {"LOCAL_WORLD_SIZE": "8"}) == (2, 8)  # torchrun only
     assert layout(cluster(None, None), 4, {}) == (1, 4)  # one process or a plain launch
     assert layout(cluster(2, None), 4, slurm) == (2, 2)  # set in the config: kept (virtual nodes on a CPU)
+
+
+def test_working_weights_default_to_bf16_on_gpus_only_and_need_bf16_compute():
+    from types import SimpleNamespace
+
+    import torch
+
+    from moetron.precision.dtypes import dtype_problems, param_dtype
+
+    def prec(compute, params):
+        return SimpleNamespace(compute_dtype=compute, param_dtype=params)
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert param_dtype(prec("auto", "auto"), cuda) == torch.bfloat16  # DeepSeek-V3's: BF16 weights, float32 masters
+    assert param_dtype(prec("bfloat16", "auto"), cpu) == torch.float32  # a CPU keeps float32 unless told
+    assert param_dtype(prec("float32", "auto"), cuda) == torch.float32
+    assert param_dtype(prec("bfloat16", "bfloat16"), cpu) == torch.bfloat16
+    assert dtype_problems(prec("bfloat16", "bfloat16"), cpu) == []
+    [problem] = dtype_problems(prec("auto", "bfloat16"), cpu)
+    assert "precision.param_dtype=bfloat16" in problem and "set precision.compute_dtype=bfloat16" in problem

@@ -1,6 +1,7 @@
 """The activation accounting (moetron.plan.memory): fake tensors keep exactly what real ones do, the
 attention core counts FlashAttention's saved set, weight copies are told apart from activations,
 and the planner plans from the measurement itself."""
+import dataclasses
 import json
 
 import pytest
@@ -49,20 +50,25 @@ def test_the_attention_core_keeps_what_flash_attention_keeps():
 
 
 def test_weight_copies_are_counted_apart_per_micro_batch_or_per_step():
-    """Under autocast every weight a layer multiplies is kept as its BF16 copy, 2 bytes per parameter:
-    autocast caches the cast of a dense layer's linears for the whole region (a pipeline step's
-    micro-batches share it), the grouped GEMM casts the routed experts for each micro-batch. FP8
-    weight blocks (1 byte and a float32 scale per 128 x 128) are made once per step."""
+    """With float32 working weights under autocast every weight a layer multiplies is kept as its
+    BF16 copy, 2 bytes per parameter: autocast caches the cast of a dense layer's linears for the
+    whole region (a pipeline step's micro-batches share it), the grouped GEMM casts the routed
+    experts for each micro-batch. With BF16 working weights there is no copy at all (the float32
+    gate reads its weight as it is). FP8 weight blocks (1 byte and a float32 scale per 128 x 128)
+    are made once per step."""
     cfg = load_preset("tiny")
     spec = get_spec(cfg.arch)
     model = spec.build(cfg, "meta")
     dense_layer, moe_layer = model.layers[0], model.layers[-1]
     linears = sum(m.weight.numel() for m in dense_layer.modules() if isinstance(m, torch.nn.Linear))
     experts = moe_layer.mlp.experts.gate_up_proj.numel() + moe_layer.mlp.experts.down_proj.numel()
-    parts = measure(spec, cfg, MemorySettings(128))
+    parts = measure(spec, cfg, MemorySettings(128, param_dtype="float32"))
     dense, moe = parts[1], parts[-3]
     assert (dense.kind, dense.weight_copy_bytes, dense.shared_copy_bytes) == ("dense", 0, 2 * linears)
     assert (moe.kind, moe.routed_copy_bytes, moe.shared_routed_copy_bytes) == ("moe", 2 * experts, 0)
+    bf16 = measure(spec, cfg, MemorySettings(128))
+    assert all(sum(dataclasses.astuple(p)[2:]) == 0 for p in bf16)
+    assert bf16[1].bytes_per_token < dense.bytes_per_token and bf16[-3].bytes_per_token < moe.bytes_per_token
     fp8 = measure(spec, cfg, MemorySettings(128, fp8=True))
     assert fp8[-3].routed_copy_bytes == 0 and fp8[-3].shared_routed_copy_bytes >= experts
 
@@ -91,7 +97,7 @@ def test_plan_json_reports_activation_bytes_per_token_by_layer_kind(capsys):
     costs = measured_costs(get_spec("deepseek_v3"), cfg, 4096, True, True, True, MEMORY_SWITCHES)  # all on by default
     assert by_kind["total"] == sum(c.act_bytes for c in costs)
     assert by_kind["moe"] == next(c.act_bytes for c in costs if c.kind == "moe")
-    assert set(out["memory_parts_gib"]) >= {"activations", "weight_copies"}
+    assert set(out["memory_parts_gib"]) >= {"activations", "weight_copies", "master_weights"}
 
 
 def test_the_memory_table_prints_every_kind_and_setting(capsys):

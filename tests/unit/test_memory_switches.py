@@ -63,19 +63,22 @@ def test_the_chunked_loss_keeps_no_logits(preset):
     float32 log-probabilities over the vocabulary."""
     cfg = load_preset(preset)
     spec = get_spec(cfg.arch)
-    before = measure(spec, cfg, MemorySettings(128))
-    after = measure(spec, cfg, MemorySettings(128, memory=("chunked_loss",)))
-    for b, a in zip(before, after):
-        if b.kind in ("head", "mtp"):
-            # the float32 log-probabilities gone (4 V bytes); the head's input kept as the norm made it
-            # (float32 here) instead of autocast's BF16 copy (2 H more), a float32 log-sum-exp (and a
-            # scalar per micro-batch)
-            assert b.bytes_per_token - a.bytes_per_token == pytest.approx(4 * cfg.vocab_size - 2 * cfg.hidden_size - 4,
-                                                                          abs=0.1)
-            if b.kind == "head":  # nor the head's BF16 weight copy (which the MTP heads share)
-                assert b.shared_copy_bytes - a.shared_copy_bytes == 2 * cfg.vocab_size * cfg.hidden_size
-        else:
-            assert a == b
+    for weights in ("float32", "bfloat16"):
+        before = measure(spec, cfg, MemorySettings(128, param_dtype=weights))
+        after = measure(spec, cfg, MemorySettings(128, memory=("chunked_loss",), param_dtype=weights))
+        # float32 weights: the head's input kept as the norm made it (float32) instead of autocast's
+        # BF16 copy, 2 H bytes more; BF16 weights: the norm's BF16 output both ways
+        extra_input = 2 * cfg.hidden_size if weights == "float32" else 0
+        for b, a in zip(before, after):
+            if b.kind in ("head", "mtp"):
+                # the float32 log-probabilities gone (4 V bytes), a float32 log-sum-exp kept (and a
+                # scalar per micro-batch)
+                assert b.bytes_per_token - a.bytes_per_token == pytest.approx(4 * cfg.vocab_size - extra_input - 4,
+                                                                              abs=0.1)
+                if b.kind == "head" and weights == "float32":  # nor the head's BF16 weight copy (MTP heads share it)
+                    assert b.shared_copy_bytes - a.shared_copy_bytes == 2 * cfg.vocab_size * cfg.hidden_size
+            else:
+                assert a == b
 
 
 def test_fp8_cached_and_recomputed_swiglu_keeps_only_fp8_inputs():

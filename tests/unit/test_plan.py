@@ -69,6 +69,16 @@ def test_deepseek_v3_on_its_own_layout_costs_the_reports_gpu_hours_within_15_per
     assert out["params_active"] == count_parameters(load_preset("v3_671b")).activated_per_token
     assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and out["memory_per_gpu_gib"] > 0
     assert 0 < out["bubble_ratio"] < 0.2
+    # and it fits an H800, as DeepSeek trained it: BF16 working weights (2 bytes a parameter) with
+    # float32 gradients (4) and float32 master weights sharded by ZeRO-1 like the moments
+    assert out["fits"] and out["memory_per_gpu_gib"] <= 79.0
+    parts = out["memory_parts_gib"]
+    assert parts["gradients"] == pytest.approx(2 * parts["weights"])
+    assert 0 < parts["master_weights"] < parts["weights"] / 2
+    float32 = _json(capsys, [*V3_LAYOUT, "precision.param_dtype=float32"])
+    assert float32["memory_parts_gib"]["weights"] == pytest.approx(parts["gradients"])
+    assert float32["memory_parts_gib"]["activations"] > parts["activations"]  # a float32 residual stream
+    assert not float32["fits"]
 
 
 def test_fp8_and_dualpipe_beat_bf16_and_1f1b_on_deepseeks_cluster(capsys):

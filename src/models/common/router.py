@@ -15,7 +15,9 @@ Scoring (`RouterSettings.scores`), each family's as transformers computes it:
   logits is exactly that), times `scaling_factor`.
 - `softmax_topk` (GPT-OSS): logits u^T e_i + bias; top-K on the logits; gates softmax over the K.
 
-Gating runs in float32 whatever the compute dtype, autocast included (DeepSeek-V3 report 3.3).
+Gating runs in float32 whatever the compute dtype, autocast included (DeepSeek-V3 report 3.3); the
+gating GEMM keeps its inputs for the backward as they came, not their float32 copies
+(`float32_linear`).
 
 Balance terms (`balance_mode`, each alpha-weighted; `moetron.models.common.balance`): `seq_aux` the
 sequence-wise loss (DeepSeek-V3 eqs. 17-20), `aux_loss` the micro-batch's (Switch), `global_aux_loss`
@@ -47,6 +49,37 @@ from moetron.models.outputs import add_optional
 SCORES = ("sigmoid", "softmax", "softmax_topk")
 GROUP_SCORES = ("top2_sum", "max")
 BALANCE_MODES = ("loss_free", "seq_aux", "aux_loss", "global_aux_loss", "none")
+
+
+class _Float32Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return _linear_in_float32(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        needed = [t is not None and need for t, need in zip(inputs, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needed)]
+            out = _linear_in_float32(*leaves)
+            grads = iter(torch.autograd.grad(out, [t for t, need in zip(leaves, needed) if need], grad))
+        return tuple(next(grads) if need else None for need in needed)
+
+
+def _linear_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear in float32 whatever the inputs' dtypes (autocast off). The backward keeps x, weight
+    and bias as they came, not their float32 copies (with BF16 activations, a copy of the hidden
+    state per token per layer: 28 KB at DeepSeek-V3's width; with BF16 weights, one of the gate's
+    weight per micro-batch), and differentiates the same float32 linear again: the gradients are
+    autograd's own, bitwise."""
+    return _Float32Linear.apply(x, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -142,9 +175,7 @@ class TopKRouter(nn.Module):
         B, S, H = x_BSH.shape
         V = S if valid_len is None else valid_len
         E, K = cfg.num_experts, cfg.top_k
-        with torch.autocast(x_BSH.device.type, enabled=False):
-            bias = None if self.bias is None else self.bias.float()
-            logits_TE = F.linear(x_BSH.reshape(B * S, H).float(), self.weight.float(), bias)
+        logits_TE = float32_linear(x_BSH.reshape(B * S, H), self.weight, self.bias)
         if cfg.scores == "softmax_topk":
             top_logits_TK, topk_idx_TK = logits_TE.topk(K, dim=-1)
             gate_TK = top_logits_TK.softmax(dim=-1)
