@@ -217,7 +217,7 @@ def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware
             dispatch = _a2a_seconds(c.routed_copies, tokens, H, dispatch_bytes, layout.ep, hw, eff, groups)
             combine = _a2a_seconds(c.routed_copies, tokens, H, 2.0, layout.ep, hw, eff, groups)
             a2a_f += dispatch + combine
-            a2a_b += 2 * combine
+            a2a_b += dispatch + combine  # the combine's backward sends gradients as dispatch sends rows
     memory_bound = eff.memory_bound_passes * traffic * tokens / (hw.hbm_tbps * 1e12)
     return _StageTimes(f=tokens * (gemm + attn) + memory_bound / 2,
                        b=tokens * (gemm + ATTENTION_BACKWARD * attn + again) + memory_bound / 2, w=tokens * gemm,

@@ -100,7 +100,9 @@ class PrecisionConfig:
     # FP8 GEMMs with 1x128 / 128x128 scales in the decoder's linears and experts (moetron.precision)
     fp8: bool = False
     backend: str = "auto"  # auto | emulated | torch | te: who runs the FP8 GEMMs (auto: torch on Hopper)
-    fp8_dispatch: bool = True  # with fp8: tokens travel to their experts as E4M3 tiles (combine stays)
+    # with fp8: tokens travel to their experts as E4M3 tiles, and the combine's backward sends the
+    # gradients of the experts' outputs alike (the combine's outputs and the tokens' gradients stay)
+    fp8_dispatch: bool = True
     # with fp8: activations kept for the backward in FP8 (linear inputs, SwiGLU inputs; report 3.3.3)
     fp8_cache_activations: bool = False
 

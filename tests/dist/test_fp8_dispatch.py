@@ -1,5 +1,6 @@
 """FP8 dispatch under expert parallelism: the experts receive each token row as E4M3 tiles with
-power-of-two scales, dequantized, over one hop or two; gradients go back unquantized."""
+power-of-two scales, dequantized, over one hop or two, and so the gradient of their outputs in the
+combine's backward; the outputs and the dispatched rows' gradients go back unquantized."""
 import copy
 
 import pytest
@@ -75,3 +76,29 @@ def test_fp8_dispatch_in_a_gloo_group_sends_bytes_not_float8():
     (x0, out0), (x1, out1) = run_ranks(2, exchange)
     expected = quantize_tiles(torch.cat([x0[3:], x1[3:]]), pow2=True).dequantize()  # rank 1 gets the second halves
     assert torch.equal(out1, expected)
+
+
+def test_the_combines_gradient_reaches_the_experts_as_fp8_tiles():
+    """The activation gradient before the experts' down-projection crosses back as E4M3 tiles with
+    power-of-two scales (report section 3.3.3), over the combine's exchange (gloo, bytes) or, at
+    EP = 1, rounded alike; the combined outputs themselves travel as they are."""
+    def send_back(rank, world):
+        codec = FP8DispatchCodec()
+        y = (torch.randn(6, 200) * (rank + 1)).requires_grad_()
+        out = codec.send_back(y, [3, 3], [3, 3], dist.group.WORLD)
+        g = torch.randn(6, 200) * 10 ** rank
+        out.backward(g)
+        return y.detach(), out.detach(), g, y.grad
+
+    (y0, out0, g0, grad0), (y1, out1, g1, grad1) = run_ranks(2, send_back)
+    assert torch.equal(out1, torch.cat([y0[3:], y1[3:]]))  # outputs: as they are
+    # rank 0 sent its rows 3..5 to rank 1, whose gradient of them comes back quantized
+    assert torch.equal(grad0[3:], quantize_tiles(g1[:3], pow2=True).dequantize())
+    assert not torch.equal(grad0[3:], g1[:3])
+    local = LocalDispatcher(4, FP8DispatchCodec())
+    x = torch.randn(5, 200)
+    rows_SH, _, handle = local.dispatch(x, torch.tensor([[0, 1]] * 5), torch.ones(5, 2))
+    rows_SH = rows_SH.detach().requires_grad_()
+    g_TH = torch.randn(5, 200)
+    local.combine(rows_SH, handle, weighted=False).backward(g_TH)
+    assert torch.equal(rows_SH.grad, quantize_tiles(g_TH, pow2=True).dequantize()[handle.token_idx_S])

@@ -72,7 +72,7 @@ class ExpertParallelDispatcher:
 
     def _bring_back(self, y_MH, hops):  # -> y_TH: partial sums per received row, back along the hops
         for hop in reversed(hops):
-            y_MH = return_hop(y_MH, hop, self.traffic)
+            y_MH = return_hop(y_MH, hop, self.codec, self.traffic)
         return y_MH
 
 

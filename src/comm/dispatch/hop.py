@@ -22,17 +22,25 @@ from moetron.comm.traffic import TrafficCounter
 
 
 class IdentityCodec:
-    """The payload codec hook: how token rows travel in the dispatch direction (the combine sends
-    outputs as they are). `exchange` sends rows x[sum(send[:p]) : ...] to peer p and returns the rows
-    received, differentiable in x; `bytes_per_row` is what one row costs on the wire. Identity sends
-    the rows as they are; FP8 dispatch (moetron.precision.fp8_dispatch) sends E4M3 tiles and scales."""
+    """The payload codec hook: how token rows travel in the dispatch direction, and gradients in the
+    combine's backward (the combine's outputs travel as they are). `exchange` sends rows
+    x[sum(send[:p]) : ...] to peer p and returns the rows received, differentiable in x; `send_back`
+    is the combine's exchange; `bytes_per_row` is what one row costs on the wire. Identity sends the
+    rows as they are; FP8 dispatch (moetron.precision.fp8_dispatch) sends E4M3 tiles and scales."""
 
     def exchange(self, x_NH: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
         return all_to_all(x_NH, send, recv, group)
 
+    def send_back(self, y_MH: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        return all_to_all(y_MH, send, recv, group)
+
     def round_trip(self, x_NH: torch.Tensor) -> torch.Tensor:
         """The rows as a peer would receive them (the local dispatcher's view, so that EP = 1 agrees)."""
         return x_NH
+
+    def round_trip_grad(self, y_NH: torch.Tensor) -> torch.Tensor:
+        """The combined rows, whose gradient reaches the experts as `send_back` would deliver it."""
+        return y_NH
 
     def bytes_per_row(self, x_NH: torch.Tensor) -> int:
         return x_NH.shape[-1] * x_NH.element_size()
@@ -98,8 +106,9 @@ def send_hop(x_RH, expert_RK, weight_RK, dest_RK, num_dest: int, group, links: S
     return x_MH, expert_MK, weight_MK, hop
 
 
-def return_hop(y_MH: torch.Tensor, hop: Hop, traffic: TrafficCounter) -> torch.Tensor:
-    """Send partial outputs back along `hop` and sum them per source row -> y_RH."""
-    y_NH = all_to_all(y_MH, hop.recv_splits, hop.send_splits, hop.group)
+def return_hop(y_MH: torch.Tensor, hop: Hop, codec: IdentityCodec, traffic: TrafficCounter) -> torch.Tensor:
+    """Send partial outputs back along `hop` (their gradients come back as `codec` sends them) and
+    sum them per source row -> y_RH."""
+    y_NH = codec.send_back(y_MH, hop.recv_splits, hop.send_splits, hop.group)
     traffic.add(hop.recv_splits, y_MH.shape[-1] * y_MH.element_size(), hop.links)
     return y_NH.new_zeros(hop.num_rows, y_NH.shape[-1]).index_add(0, hop.row_idx_N, y_NH)

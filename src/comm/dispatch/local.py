@@ -24,8 +24,9 @@ class LocalDispatcher:
     """EP = 1: all experts are local, so dispatch is a permutation of token copies."""
 
     def __init__(self, num_experts: int, codec=None) -> None:
-        """`codec`: rows reach the experts as that codec delivers them (`codec.round_trip`), as they
-        would under expert parallelism (FP8 dispatch rounds them); None: as they are."""
+        """`codec`: rows reach the experts, and gradients the experts' outputs, as that codec
+        delivers them (`codec.round_trip`, `codec.round_trip_grad`), as they would under expert
+        parallelism (FP8 dispatch rounds both); None: as they are."""
         self.num_experts = num_experts
         self.codec = codec
 
@@ -45,4 +46,5 @@ class LocalDispatcher:
         """Each token's rows summed, weighted by their gates first (in float32) unless `weighted` is
         False (the experts applied the gates already)."""
         rows_SH = scale_rows(y_SH, handle.weight_S) if weighted else y_SH
-        return sum_rows(rows_SH, handle.token_idx_S, handle.num_tokens)
+        y_TH = sum_rows(rows_SH, handle.token_idx_S, handle.num_tokens)
+        return self.codec.round_trip_grad(y_TH) if self.codec is not None else y_TH
