@@ -100,11 +100,11 @@ def resume(run_dir: Path, config: dict, spec, model_cfg, model, optimizer, final
             continue
         for i, group_step in group_steps.items():
             optimizer.param_groups[i]["step"] = int(group_step)
+        finalizer.params_from_masters()  # the checkpoint loaded into the master weights, where there are any
         if ema is not None and not ema_saved:  # the average starts here, from the resumed parameters
             ema.reset_to_parameters()
             print(f"{path} holds no parameter average: train.ema_decay starts it from this step's parameters",
                   flush=True)
-        finalizer.params_from_masters()
         set_rng_state(trainer["rng"])
         return Progress(step, trainer["tokens"], trainer.get("skipped_steps", 0))
     if unreadable:  # starting over would overwrite the run's metrics, and pruning would drop the new checkpoints

@@ -2,7 +2,7 @@
 
 Any layer whose backward computes a weight gradient defers it the one way, `defer_or_compute(store,
 param, compute)`: with the store enabled (a B action) the gradient is queued and a W action adds it
-to `param.grad` in place; otherwise it is returned to autograd. The pipeline runtime enables the
+to `param.grad` in place (or to its float32 `main_grad`, moetron.parallel.grad_buffer); otherwise it is returned to autograd. The pipeline runtime enables the
 store; `moetron.parallel.weight_grads` hands it to the layers. It lives below every package that
 defines layers (precision, parallel, models), so each of them uses it.
 """
@@ -59,9 +59,9 @@ class WeightGradStore:
 def defer_or_compute(store: Optional[WeightGradStore], param: Optional[torch.Tensor],
                      compute: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
     """The one way a layer defers a weight gradient: with `store` enabled (a pipeline B action),
-    queue `compute` for the W action, which adds its result to `param.grad`, and return None (no
-    gradient flows back now); otherwise return `compute()` for autograd to accumulate. `param`: the
-    parameter the gradient belongs to (None: not a parameter, computed now)."""
+    queue `compute` for the W action, which adds its result to `param.grad` (or `main_grad`), and
+    return None (no gradient flows back now); otherwise return `compute()` for autograd to
+    accumulate. `param`: the parameter the gradient belongs to (None: not a parameter, computed now)."""
     if store is None or not store.enabled or param is None:
         return compute()
 

@@ -143,7 +143,7 @@ class StepFinalizer:
             if self.zero1 and group is not None:  # each rank holds its rows: the norm sums them
                 dist.all_reduce(square, group=group)
             squares.append(square)
-        return clip_by_global_norm(*squares, [buffer.reduced for buffer in self.buffers], self.grad_clip,
+        return clip_by_global_norm(*squares, [g for buffer in self.buffers for g in buffer.reduced], self.grad_clip,
                                    g.ep_group, g.pp_group)
 
     def after_optimizer_step(self, gather: bool = True) -> None:

@@ -6,7 +6,10 @@ deferred weight gradients accumulate into it in place, and a step only zeroes it
 a lower precision than the buffer (BF16 working weights, float32 gradients: DeepSeek-V3 report
 section 3.3) get the view as `p.main_grad` instead (autograd wants `.grad` in the parameter's
 dtype): each gradient autograd leaves in `.grad` is added to it and dropped (Megatron-Core's
-`main_grad`); `accumulated_grad(p)` is the view either way.
+`main_grad`); `accumulated_grad(p)` is the view either way. Micro-batches and ranks sum in float32;
+one micro-batch's gradient arrives rounded to the parameter's dtype, as autograd (and a W action,
+alike) delivers it (Megatron-Core's gradient-accumulation fusion writes the weight-gradient GEMM's
+float32 output into `main_grad` instead: not done here).
 
 The flat tensor is cut into buckets of consecutive parameters, in the order their gradients become
 final (the backward finishes the last layers first); each bucket is one collective over the group:
@@ -14,10 +17,12 @@ final (the backward finishes the last layers first); each bucket is one collecti
 - all-reduce (plain data parallelism): the bucket's slice of the buffer, in place;
 - reduce-scatter (ZeRO-1): a parameter's dim 0 is padded to N x R rows (R = ceil(D0 / N)), and
   rank n receives the sum of rows [n R, (n + 1) R) of every parameter of the bucket in
-  `shard_grads[i]` (views of a second flat tensor, the master shards' gradients). The collective
-  wants each rank's rows together, so the bucket is packed rank-major once before it is sent: the
-  one copy Megatron-Core avoids by sharding the flat buffer itself; we keep per-parameter row
-  shards because checkpoints address optimizer state by a parameter's rows.
+  `shard_grads[i]`, the master shards' gradients: views of those rows of the buffer itself (after
+  `finish` they hold the reduced rows, the other rows this rank's own sums). The collective wants
+  each rank's rows together, so the bucket is packed rank-major before it is sent: the copy
+  Megatron-Core avoids by sharding the flat buffer itself (we keep per-parameter row shards because
+  checkpoints address optimizer state by a parameter's rows); at most MAX_PACKED_IN_FLIGHT packed
+  buckets live at once.
 
 Overlap (Megatron-Core's overlap_grad_reduce): `expect_final(params)` says that the next
 accumulation of each of these parameters is its last of the step (the runner says so before the
@@ -45,6 +50,10 @@ from torch import nn
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 BUCKET_NUMEL = 1 << 24  # elements of one collective's buffer (64 MiB of float32), all ranks' rows
+# ZeRO-1: reduce-scatters in flight at once, each holding its bucket packed rank-major; a start beyond
+# this waits for the oldest (without a bound, the packed copies of a whole model's gradients lived
+# until the step's end)
+MAX_PACKED_IN_FLIGHT = 2
 
 
 class GradBuffer:
@@ -69,15 +78,12 @@ class GradBuffer:
         self.data = torch.zeros(sum(spans), dtype=dtype, device=device)
         self.buckets = split_buckets(spans, bucket_numel)  # parameter indices per collective
         self._bucket_of = {id(params[i]): b for b, bucket in enumerate(self.buckets) for i in bucket}
-        self.shard_grads: list[torch.Tensor] = []  # sharded: this rank's rows of each gradient, [R, ...]
-        if sharded:  # in one flat float32 tensor: the master shards' gradients
-            shard_spans = [r * _row_numel(p) for p, r in zip(params, self.rows)]
-            self.shard_offsets = _starts(shard_spans)
-            self.shard_data = torch.zeros(sum(shard_spans), dtype=torch.float32, device=device)
-            self.shard_grads = [self.shard_data[start:start + n].view(-1, *p.shape[1:])
-                                for p, start, n in zip(params, self.shard_offsets, shard_spans)]
+        # sharded: this rank's rows of each gradient, [R, ...]: views of the buffer itself, where the
+        # reduce-scatter lands them (no second buffer: the master shards' gradients cost nothing more)
+        self.shard_grads = [self.data[o + rank * r * _row_numel(p):o + (rank + 1) * r * _row_numel(p)].view(r, *p.shape[1:])
+                            for p, o, r in zip(params, self.offsets, self.rows)] if sharded else []
         self._lock = threading.Lock()  # DualPipe's F&B pairs run a backward on a second thread
-        self._works: dict[int, tuple] = {}  # bucket -> (its collective's work or None, what to unpack after)
+        self._works: dict[int, tuple] = {}  # bucket -> (its collective's work or None, what it lands), oldest first
         self._expected: set[int] = set()  # ids of parameters whose next accumulation is final
         self._final: set[int] = set()
         self._final_count = [0] * len(self.buckets)
@@ -169,17 +175,24 @@ class GradBuffer:
             return
         # rank-major: chunk n holds rows [n R, (n + 1) R) of every parameter of the bucket
         columns = [self.data[self.offsets[i]:self.offsets[i] + self.spans[i]].view(self.size, -1) for i in self.buckets[b]]
-        send_NC = torch.cat(columns, dim=1).float()
-        mine_C = self._shard_slice(b)
+        send_NC = torch.cat(columns, dim=1)
         if self.group is None:
-            mine_C.copy_(send_NC[0])
-            self._works[b] = (None, None)
+            self._works[b] = (None, send_NC[0])
         else:
-            self._works[b] = (_reduce_scatter(mine_C, send_NC.reshape(-1), group=self.group, async_op=True), send_NC)
+            mine_C = send_NC.new_empty(send_NC.shape[1])
+            self._works[b] = (_reduce_scatter(mine_C, send_NC.reshape(-1), group=self.group, async_op=True), mine_C)
+        while len(self._works) > MAX_PACKED_IN_FLIGHT:  # each holds a packed copy of its bucket until done
+            self._land(next(iter(self._works)))
 
-    def _shard_slice(self, b: int) -> torch.Tensor:
-        first, last = self.buckets[b][0], self.buckets[b][-1]
-        return self.shard_data[self.shard_offsets[first]:self.shard_offsets[last] + self.shard_grads[last].numel()]
+    def _land(self, b: int) -> None:
+        """Wait for bucket b's collective; under ZeRO-1 copy this rank's reduced rows into place."""
+        work, mine_C = self._works.pop(b)
+        if work is not None:
+            work.wait()
+        if mine_C is not None:
+            bucket = self.buckets[b]
+            pieces = mine_C.split([self.shard_grads[i].numel() for i in bucket])
+            torch._foreach_copy_([self.shard_grads[i].view(-1) for i in bucket], list(pieces))
 
     @torch.no_grad()
     def finish(self, scale: float) -> None:
@@ -188,11 +201,13 @@ class GradBuffer:
         scale x the sum over the group."""
         with self._lock:
             self._start_ready_all()
-            for b in range(len(self.buckets)):
-                work, _send = self._works.pop(b)
-                if work is not None:
-                    work.wait()
-            (self.shard_data if self.sharded else self.data).mul_(scale)
+            for b in list(self._works):
+                self._land(b)
+            if self.sharded:
+                if self.shard_grads:
+                    torch._foreach_mul_(self.shard_grads, scale)
+            else:
+                self.data.mul_(scale)
             self._expected.clear()
             self._final.clear()
             self._final_count = [0] * len(self.buckets)
@@ -204,9 +219,10 @@ class GradBuffer:
             self._next += 1
 
     @property
-    def reduced(self) -> torch.Tensor:
-        """The flat tensor the optimizer's gradients are views of, after `finish`."""
-        return self.shard_data if self.sharded else self.data
+    def reduced(self) -> list[torch.Tensor]:
+        """The reduced gradients the optimizer reads, after `finish`: this rank's shard rows (ZeRO-1)
+        or the whole flat buffer."""
+        return self.shard_grads if self.sharded else [self.data]
 
     def zero_(self) -> None:
         """No gradients for the next step (the views stay)."""

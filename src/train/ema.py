@@ -6,7 +6,9 @@ rate decay early, without another copy on the GPU).
 parameters this rank holds are copied to host memory (on a GPU: into pinned buffers on the current
 stream, so the next optimizer step cannot overtake the copy) and a worker thread blends them in
 while training goes on. The average is saved in checkpoints as `ema/<name>` (the layout-independent
-names of moetron.parallel.row_shards), and `train.eval_ema=true` evaluates on it.
+names of moetron.parallel.row_shards), and `train.eval_ema=true` evaluates on it. With BF16 working
+weights it averages those (the float32 masters live sharded over the ZeRO-1 ranks): an update below
+BF16's resolution moves the average only through the rounding of the weights it blends.
 """
 from __future__ import annotations
 

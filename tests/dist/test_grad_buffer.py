@@ -92,3 +92,28 @@ def _late(rank, world):
 def test_a_gradient_after_its_bucket_started_is_refused():
     for message in run_ranks(2, _late):
         assert message is not None and "after its bucket's reduction started" in message
+
+
+def _bounded(rank, world):
+    from moetron.parallel.grad_buffer import MAX_PACKED_IN_FLIGHT
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    buffer = GradBuffer(list(model.parameters())[::-1], dist.group.WORLD, world, rank, True, bucket_numel=16,
+                        overlap=True)
+    buffer.attach()
+    in_flight = []
+    real_start = buffer._start
+    buffer._start = lambda b: (real_start(b), in_flight.append(len(buffer._works)))
+    buffer.expect_final(model.parameters())
+    model(torch.randn(3, 4) * (rank + 1)).sum().backward()
+    buffer.finish(0.5)
+    return len(buffer.buckets), in_flight, MAX_PACKED_IN_FLIGHT
+
+
+def test_zero1_keeps_a_bounded_number_of_packed_buckets_in_flight():
+    """Each reduce-scatter holds its bucket packed rank-major until it is done: a start beyond the
+    bound lands the oldest first, so the packed copies of a whole model's gradients never live at once."""
+    for buckets, in_flight, bound in run_ranks(2, _bounded):
+        assert buckets == 12 and len(in_flight) == 12  # a bucket per weight and per bias, all started in the backward
+        assert max(in_flight) == bound

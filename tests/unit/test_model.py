@@ -148,3 +148,25 @@ def test_bf16_autocast_keeps_gating_in_float32():
     out.loss.backward()
     assert seen == {"gate": torch.float32, "experts": torch.bfloat16}
     assert model.layers[1].mlp.experts.gate_up_proj.grad.dtype == torch.float32  # FP32 master weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_float32_gate_gemm_keeps_its_inputs_and_gives_autograds_gradients(dtype):
+    """`float32_linear` (the router's gate): the float32 linear's output and gradients, bitwise,
+    with a backward run inside autocast too, while keeping x and the weight as they came (no float32
+    copy of a BF16 hidden state saved per token)."""
+    from moetron.models.common.router import float32_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(50, 32, dtype=dtype, requires_grad=True)
+    w, b = torch.randn(8, 32, dtype=dtype, requires_grad=True), torch.randn(8, dtype=dtype, requires_grad=True)
+    g = torch.randn(50, 8)
+    out = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    expected = torch.autograd.grad(out, [x, w, b], g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got_out = float32_linear(x, w, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.autograd.grad(got_out, [x, w, b], g)
+    assert torch.equal(got_out, out) and all(torch.equal(a, e) for a, e in zip(got, expected, strict=True))
+    assert {t.dtype for t in saved} == {dtype} and {t.data_ptr() for t in saved} == {x.data_ptr(), w.data_ptr(), b.data_ptr()}

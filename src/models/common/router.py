@@ -33,6 +33,7 @@ G groups, V positions that count in the loads (valid_len).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,30 +56,30 @@ class _Float32Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight, bias)
-        return _linear_in_float32(x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
     @staticmethod
-    def backward(ctx, grad):
-        inputs = ctx.saved_tensors
-        needed = [t is not None and need for t, need in zip(inputs, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needed)]
-            out = _linear_in_float32(*leaves)
-            grads = iter(torch.autograd.grad(out, [t for t, need in zip(leaves, needed) if need], grad))
-        return tuple(next(grads) if need else None for need in needed)
-
-
-def _linear_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    def backward(ctx, grad_TE):
+        x_TH, weight_EH, bias_E = ctx.saved_tensors
+        device = grad_TE.device.type
+        # float32 GEMMs whatever autocast says (a backward may run under it: DualPipe's second thread
+        # does). Only then is a context entered: leaving one at autocast nesting 0 clears the cast
+        # cache the threads share (with float32 working weights, their BF16 copies are made again)
+        off = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+        with off:  # as autograd differentiates F.linear of the float32 copies, cast back to each input's dtype
+            grad_x = grad_TE.mm(weight_EH.float()).to(x_TH.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = grad_TE.t().mm(x_TH.float()).to(weight_EH.dtype) if ctx.needs_input_grad[1] else None
+            grad_b = grad_TE.sum(0).to(bias_E.dtype) if bias_E is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
 
 
 def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear in float32 whatever the inputs' dtypes (autocast off). The backward keeps x, weight
     and bias as they came, not their float32 copies (with BF16 activations, a copy of the hidden
     state per token per layer: 28 KB at DeepSeek-V3's width; with BF16 weights, one of the gate's
-    weight per micro-batch), and differentiates the same float32 linear again: the gradients are
-    autograd's own, bitwise."""
+    weight per micro-batch); the backward recasts them and computes autograd's gradients of the
+    float32 linear, bitwise (tests/unit/test_model.py). Shapes: x [T, H], weight [E, H]."""
     return _Float32Linear.apply(x, weight, bias)
 
 
