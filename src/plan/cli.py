@@ -140,7 +140,7 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
             problems[key] = Problem(costs, hw, eff, seq, model_cfg.hidden_size, groups,
                                     spec.flops_per_token(model_cfg, seq), float(cfg.plan.tokens),
                                     2.0 if cfg.optim.moments_dtype == "bfloat16" else 4.0,
-                                    2.0 if weights == "bfloat16" else 4.0)
+                                    2.0 if weights == "bfloat16" else 4.0, bool(cfg.precision.fp8_dispatch))
         return problems[key]
 
     decoders = sum(1 for c in problem(False, False).costs if c.kind in ("dense", "moe"))

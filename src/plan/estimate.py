@@ -213,7 +213,7 @@ def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware
         traffic += c.traffic_bytes
         if c.routed_copies:
             H, groups = problem.hidden_size, problem.route_groups
-            dispatch_bytes = 1.0 + 4.0 / 128 if layout.fp8 else 2.0
+            dispatch_bytes = 1.0 + 4.0 / 128 if layout.fp8 and problem.fp8_dispatch else 2.0
             dispatch = _a2a_seconds(c.routed_copies, tokens, H, dispatch_bytes, layout.ep, hw, eff, groups)
             combine = _a2a_seconds(c.routed_copies, tokens, H, 2.0, layout.ep, hw, eff, groups)
             a2a_f += dispatch + combine
@@ -262,6 +262,7 @@ class Problem:
     tokens_planned: float  # for days and cost
     moments_bytes: float = 4.0  # AdamW moments: 4 (float32) or 2 (bfloat16)
     param_bytes: float = 2.0  # working weights: 2 (bfloat16, with float32 masters) or 4 (float32)
+    fp8_dispatch: bool = True  # with FP8: tokens to the experts and the combine's gradients as E4M3 tiles
 
 
 @dataclass

@@ -234,7 +234,8 @@ def _run(model: nn.Module, settings: MemorySettings, fake: bool, seed: int = 0) 
         else:
             model.to_empty(device="cpu")
             model.init_weights(seed)
-        cast_parameters(model.parameters(), getattr(torch, settings.param_dtype))
+        # what the trainer casts (moetron.parallel.finalize): the parameters that train
+        cast_parameters([p for p in model.parameters() if p.requires_grad], getattr(torch, settings.param_dtype))
         B, S = settings.micro_batch, settings.seq_len
         ids_BS = torch.randint(0, model.embed_tokens.num_embeddings, (B, S),
                                generator=None if fake else torch.Generator().manual_seed(seed))

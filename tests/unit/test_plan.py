@@ -79,6 +79,9 @@ def test_deepseek_v3_on_its_own_layout_costs_under_the_reports_gpu_hours_by_less
     parts = out["memory_parts_gib"]
     assert parts["gradients"] == pytest.approx(2 * parts["weights"])
     assert 0 < parts["master_weights"] < parts["weights"] / 2
+    # tokens and the combine's gradients in BF16 instead of E4M3 tiles: more all-to-all, exposed
+    bf16_dispatch = _json(capsys, [*V3_LAYOUT, "precision.fp8_dispatch=false"])
+    assert bf16_dispatch["exposed_comm_s"] > out["exposed_comm_s"]
     float32 = _json(capsys, [*V3_LAYOUT, "precision.param_dtype=float32"])
     assert float32["memory_parts_gib"]["weights"] == pytest.approx(parts["gradients"])
     assert float32["memory_parts_gib"]["activations"] > parts["activations"]  # a float32 residual stream
