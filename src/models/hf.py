@@ -6,20 +6,23 @@
 
 The family is found from `hf_model.config.model_type` (from_hf) or `model.cfg.arch` (to_hf); its spec's
 adapter (`spec.hf`, a moetron.models.common.hf_adapter.HFAdapter) says how configs, keys and tensor
-layouts map. `save_hf_folder` / `load_hf_folder` are what `moetron-export --hf` and
-`model.init_from` use.
+layouts map. `save_hf_folder` is what `moetron-export --hf` writes and `read_hf_folder`
+what `model.init_from` reads (only the tensors a rank holds).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from dataclasses import fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from moetron.models.common.hf_adapter import HFAdapter, import_transformers
+from moetron.models.common.hf_files import SafetensorsFiles
 from moetron.models.registry import get_spec, registered_specs
+from moetron.parallel.materialize import expert_rows, held_state_dict
 
 
 def adapter_of_model_type(model_type: str) -> HFAdapter:
@@ -93,26 +96,99 @@ def save_hf_folder(model: nn.Module, out_dir) -> None:
 
 
 def load_hf_folder(cfg, folder) -> dict:
-    """The whole model's state dict (moetron names) from a Hugging Face folder of `cfg`'s family. The
-    folder's config must describe `cfg`'s model, up to the positions it covers (a context-extension
-    stage starts from a model with fewer: RoPE and YaRN settings have no weights); settings
-    transformers does not hold (balance, MTP) are `cfg`'s."""
+    """The whole model's state dict (moetron names) from a Hugging Face folder of `cfg`'s family
+    (checked as `read_hf_folder` checks it); tensors the folder has no place for keep their
+    initialisation."""
+    model = get_spec(cfg.arch).build_module(cfg)
+    read_hf_folder(model, cfg, folder)
+    return model.state_dict()
+
+
+def read_hf_folder(model: nn.Module, cfg, folder) -> tuple[int, int]:
+    """Fill what this rank holds of `model` (its pipeline stages; of an expert stack, its experts'
+    rows) from a Hugging Face folder of `cfg`'s family, reading only those tensors' bytes. Returns
+    (bytes read, bytes of the folder's files).
+
+    The folder's config must describe `cfg`'s model, up to the positions it covers (a
+    context-extension stage starts from a model with fewer: RoPE and YaRN settings have no
+    weights); settings transformers does not hold (balance, MTP) are `cfg`'s. Tensors transformers
+    has no place for come from the adapter's `extra_file` when the folder has one, else keep their
+    initialisation."""
+    adapter, folder = _checked_adapter(cfg, folder), Path(folder)
+    rows = expert_rows(model)
+    whole = model.state_dict()
+    with contextlib.ExitStack() as stack:
+        files = stack.enter_context(SafetensorsFiles(folder))
+        has_extra = adapter.extra_file is not None and (folder / adapter.extra_file).is_file()
+        extra = stack.enter_context(SafetensorsFiles(folder, [adapter.extra_file])) if has_extra else None
+        _refuse_unknown_tensors(adapter, cfg, files, folder,
+                                {k: _experts(k, t, rows, whole=True) for k, t in whole.items()})
+        filled, fresh, missing = set(), [], []
+        for key, dst in held_state_dict(model).items():
+            experts = _experts(key, dst, rows)
+            src = adapter.read_ours(key, cfg, files, experts)
+            if src is None and extra is not None and key in extra:
+                src = extra.read(key, experts)
+            if src is None:
+                if dst.data_ptr() in filled:  # tied to a tensor already read (the output head to the embedding)
+                    continue
+                (fresh if adapter.ours_only(key) else missing).append(key)
+                continue
+            if src.shape != dst.shape:
+                raise ValueError(f"model.init_from={folder}: {key} is {tuple(src.shape)} there and "
+                                 f"{tuple(dst.shape)} here")
+            with torch.no_grad():
+                dst.copy_(src)
+            filled.add(dst.data_ptr())
+        if missing:
+            raise ValueError(f"model.init_from={folder}: no tensor there for {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        if fresh and adapter.extra_file is not None and extra is None:
+            warnings.warn(f"{folder} has no {adapter.extra_file}: {len(fresh)} tensor(s) transformers has no "
+                          f"place for (e.g. {fresh[0]}) keep their fresh initialisation")
+        return (files.bytes_read + (extra.bytes_read if extra else 0),
+                files.file_bytes() + (extra.file_bytes() if extra else 0))
+
+
+def _experts(key: str, tensor: torch.Tensor, rows: dict, whole: bool = False) -> Optional[range]:
+    """The global expert indices of `tensor`'s rows, for an expert stack (all of them with `whole`);
+    None for any other tensor."""
+    if key not in rows:
+        return None
+    first, total = rows[key]
+    return range(0, total) if whole else range(first, first + tensor.shape[0])
+
+
+def _checked_adapter(cfg, folder) -> HFAdapter:
+    """`cfg`'s adapter, once the folder's config is found to describe `cfg`'s model."""
     adapter = adapter_of(cfg)
-    folder = Path(folder)
-    hf_model = getattr(import_transformers(), adapter.causal_lm).from_pretrained(folder, torch_dtype=torch.float32)
-    if hf_model.config.model_type != adapter.model_type:
-        raise ValueError(f"model.init_from={folder}: a {hf_model.config.model_type} model, not "
+    hf_config = import_transformers().AutoConfig.from_pretrained(Path(folder))
+    if hf_config.model_type != adapter.model_type:
+        raise ValueError(f"model.init_from={folder}: a {hf_config.model_type} model, not "
                          f"{adapter.model_type} (model.arch={cfg.arch})")
-    theirs = adapter.config_from_hf(hf_model.config)
+    theirs = adapter.config_from_hf(hf_config)
     ours = adapter.config_from_hf(adapter.hf_config(cfg))  # as transformers would read it (defaults filled)
     compared = adapter.compared_fields(get_spec(cfg.arch).run_settings)
     differ = [f for f in compared if getattr(theirs, f) != getattr(ours, f)]
     if differ:
         raise ValueError(f"model.init_from={folder}: its config differs from the model's in "
                          f"{', '.join('model.' + f for f in differ)}; set them as the folder's config.json has them")
-    kept = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in compared and f.name != "arch"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # what transformers lacks comes from the adapter's files
-        state = from_hf(hf_model, **kept).state_dict()
-    adapter.load_extra(cfg, folder, state)
-    return state
+    return adapter
+
+
+QUANTIZED_SUFFIXES = ("weight_scale_inv", "_blocks", "_scales")  # FP8 block scales (DeepSeek-V3), MXFP4 (GPT-OSS)
+
+
+def _refuse_unknown_tensors(adapter: HFAdapter, cfg, files, folder, experts_of: dict) -> None:
+    """A folder tensor that no tensor of the model maps to (a quantized checkpoint, another
+    family's layout) is refused, naming it, before anything is read."""
+    known = {name for key, experts in experts_of.items() for name in adapter.file_keys(key, cfg, experts)}
+    unknown = sorted(set(files.keys()) - known)
+    if not unknown:
+        return
+    if any(name.endswith(QUANTIZED_SUFFIXES) for name in unknown):
+        raise ValueError(f"model.init_from={folder}: a quantized checkpoint ({unknown[0]}); moetron starts from "
+                         "BF16 or float32 weights: dequantize it first (for DeepSeek-V3's FP8 release, "
+                         "DeepSeek's inference/fp8_cast_bf16.py)")
+    raise ValueError(f"model.init_from={folder}: {len(unknown)} tensor(s) there have no place in "
+                     f"moetron's {adapter.model_type} model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")

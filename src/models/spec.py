@@ -209,6 +209,15 @@ class ModelSpec:
 
         return load_hf_folder(cfg, folder)
 
+    def read_hf(self, cfg, folder, model: nn.Module) -> tuple[int, int]:
+        """model.init_from: fill what this rank holds of `model` from a Hugging Face folder, reading
+        only that (through `hf`); returns (bytes read, bytes of the folder's files)."""
+        if self.hf is None:
+            raise NotImplementedError(f"{self.arch} cannot start from a Hugging Face folder (model.init_from)")
+        from moetron.models.hf import read_hf_folder
+
+        return read_hf_folder(model, cfg, folder)
+
     def flops_per_token(self, cfg, seq_len: int) -> float:
         """Model FLOPs of one training token, from the config (the same in every layout)."""
         raise NotImplementedError(f"{type(self).__name__}.flops_per_token")

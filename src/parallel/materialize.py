@@ -74,22 +74,6 @@ def expert_rows(model: nn.Module) -> dict[str, tuple[int, int]]:
     return rows
 
 
-@torch.no_grad()
-def load_whole_state_dict(model: nn.Module, whole: dict) -> None:
-    """Load a whole model's state (every layer, every expert) into the parts this rank holds: its
-    pipeline stages, and of an EP-sharded stack only its experts' rows."""
-    rows = expert_rows(model)
-    for name, tensor in held_state_dict(model).items():
-        if name not in whole:
-            raise KeyError(f"{name} is missing from the state being loaded")
-        src = whole[name]
-        if src.shape != tensor.shape and name in rows:
-            src = src[rows[name][0]:rows[name][0] + tensor.shape[0]]
-        if src.shape != tensor.shape:
-            raise ValueError(f"{name}: shape {tuple(src.shape)} does not fit {tuple(tensor.shape)}")
-        tensor.copy_(src)
-
-
 def merge_shards(shards: list[tuple[dict, int]], whole_shapes: dict) -> dict:
     """A whole model's state from per-rank held state dicts, each with the EP index that wrote it:
     an entry whose dim 0 is smaller than the whole tensor's is rows [ep x rows, (ep + 1) x rows)."""

@@ -31,7 +31,7 @@ from moetron.data.tokenizers import get_tokenizer
 from moetron.data.windows import build_data
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
-from moetron.parallel.materialize import load_whole_state_dict, materialize
+from moetron.parallel.materialize import materialize
 from moetron.parallel.weight_grads import deferred_parameters
 from moetron.pipeline.builders import build_schedule, comm_lanes
 from moetron.pipeline.grads_final import gradient_order
@@ -175,7 +175,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
         spec.compile_blocks(model, cfg.train.compile_backend)  # compiled at first call, on materialized weights
     if dims.pp == 1:
         materialize(model, [model], device, cfg.train.seed)
-        _init_from(spec, model_cfg, model)
+        _init_from(spec, model_cfg, model, groups)
         finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, zero1=_zero1(cfg, dims),
                                   overlap_param_gather=_on_gpus(par.overlap_param_gather, device),
                                   overlap_grad_reduce=overlap_reduce, param_dtype=param_dtype(prec, device))
@@ -185,7 +185,7 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     layout = [list(ids) for ids in par.layout] if par.layout else None
     parts = spec.pipeline_split(model, schedule, groups.pp_rank, layout, num_microbatches)
     materialize(model, parts.held_modules, device, cfg.train.seed)
-    _init_from(spec, model_cfg, model)
+    _init_from(spec, model_cfg, model, groups)
     p2p_shape = spec.activation_shape(model_cfg, cfg.train.micro_batch, cfg.train.seq_len)
     schedule_for = functools.partial(build_schedule, par.schedule, dims.pp)  # a batch-size ramp changes the count
     stage_params = stage_parameters(schedule, parts)
@@ -204,11 +204,15 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
     return model, made, micro, finalizer
 
 
-def _init_from(spec, model_cfg, model) -> None:
-    """model.init_from: the weights of a Hugging Face folder, into what this rank holds."""
+def _init_from(spec, model_cfg, model, groups) -> None:
+    """model.init_from: the weights of a Hugging Face folder, into what this rank holds (reading
+    only those tensors: its pipeline stages, its experts' rows)."""
     folder = getattr(model_cfg, "init_from", None)
     if folder:
-        load_whole_state_dict(model, spec.load_hf(model_cfg, folder))
+        read, total = spec.read_hf(model_cfg, folder, model)
+        if groups.rank == 0:
+            print(f"model.init_from: rank 0 read {read / 2**20:.1f} MiB of {folder}'s {total / 2**20:.1f} MiB",
+                  flush=True)
 
 
 def _on_gpus(setting, device: torch.device) -> bool:

@@ -111,6 +111,49 @@ def test_a_trained_model_exports_to_transformers_and_starts_a_run_from_its_folde
 
 
 @pytest.mark.parametrize("preset", list(VARIANTS))
+def test_an_expert_shard_reads_only_its_experts_from_a_transformers_folder(preset, tmp_path):
+    """model.init_from on EP rank 1 of 2, from the files transformers writes (per-expert entries,
+    Mixtral's original names, GPT-OSS's interleaved stacks): its half of each expert stack equals the
+    whole model's, and it reads those rows and the tensors every rank holds, nothing more."""
+    from moetron.models.hf import read_hf_folder
+    from moetron.parallel.expert_parallel import shard_experts
+
+    variant = next(iter(VARIANTS[preset]))
+    _hf_model(preset, variant, seed=9).save_pretrained(tmp_path / "hf")
+    cfg = load_preset(preset, **VARIANTS[preset][variant])
+    whole = get_spec(cfg.arch).load_hf(cfg, tmp_path / "hf")
+    model = build_model(cfg)
+    stacks = [m for m in model.modules() if hasattr(m, "first_expert")]
+    assert stacks
+    for experts in stacks:
+        shard_experts(experts, ep_rank=1, ep_size=2)
+    read, total = read_hf_folder(model, cfg, tmp_path / "hf")
+    mine = model.state_dict()
+    for key, tensor in mine.items():
+        rows = whole[key].shape[0] // 2
+        expected = whole[key][rows:] if tensor.shape != whole[key].shape else whole[key]
+        assert torch.equal(tensor, expected), key
+    held = sum(t.numel() * t.element_size() for k, t in mine.items() if not get_spec(cfg.arch).hf.ours_only(k))
+    assert read == held < total
+
+
+def test_a_folder_with_tied_embeddings_starts_the_tied_model(tmp_path):
+    """transformers writes no lm_head.weight when it is the embedding: the head comes with the table."""
+    hf_model = _hf_model("qwen3_moe_tiny", "dense_first", seed=4)
+    hf_model.config.tie_word_embeddings = True
+    hf_model.tie_weights()
+    hf_model.save_pretrained(tmp_path / "hf")
+    from safetensors import safe_open
+
+    assert "lm_head.weight" not in safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt").keys()
+    cfg = load_preset("qwen3_moe_tiny", tie_word_embeddings=True)
+    model = build_model(cfg)
+    model.load_state_dict(get_spec(cfg.arch).load_hf(cfg, tmp_path / "hf"))
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    assert _rel_err(_logits(model.eval(), ids), _logits(hf_model, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("preset", list(VARIANTS))
 def test_init_from_a_folder_of_another_shape_names_the_keys(preset, tmp_path):
     cfg = load_preset(preset)
     spec = get_spec(cfg.arch)

@@ -104,7 +104,65 @@ class HFAdapter:
         if unknown:
             raise ValueError(f"Hugging Face tensors with no moetron counterpart: {unknown[:5]}"
                              f"{' ...' if len(unknown) > 5 else ''}")
-        return {ours: hf_state[theirs] for theirs, ours in theirs_to_ours.items() if theirs in hf_state}
+        return {ours: self.from_hf_tensor(ours, hf_state[theirs])
+                for theirs, ours in theirs_to_ours.items() if theirs in hf_state}
+
+    def from_hf_tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """moetron's layout of transformers' tensor for our `key` (whole, or some experts' rows of a stack)."""
+        return tensor
+
+    # -- Hugging Face files ------------------------------------------------------------------------
+    # transformers' files may name and lay tensors out otherwise than its models hold them: routed
+    # experts one entry per expert (`experts.7.up_proj.weight`), which its loader stacks into
+    # `experts.gate_up_proj` [E, 2I, H] (each expert's gate rows, then its up rows) and
+    # `experts.down_proj` [E, H, I]
+    disk_renames: tuple[tuple[str, str], ...] = ()  # (in memory, in files) parts of transformers' keys
+    expert_entries: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert entry names
+    extra_file: Optional[str] = None  # what `save_extra` writes beside the Hugging Face files (moetron names)
+
+    def disk_key(self, theirs: str) -> str:
+        for memory, disk in self.disk_renames:
+            theirs = theirs.replace(memory, disk)
+        return theirs
+
+    def file_key(self, key: str, cfg) -> Optional[str]:
+        """The files' name of our `key` as transformers' model holds it (None: not in its files)."""
+        return self.hf_key(key)
+
+    def per_expert_keys(self, theirs: str, experts: range) -> Optional[list[list[str]]]:
+        """For an expert stack (transformers' in-memory key), the file entries of each expert in
+        `experts` (gate and up, or down); None for any other tensor."""
+        stem, _, leaf = theirs.rpartition(".experts.")
+        gate, up, down = self.expert_entries
+        entries = {"gate_up_proj": (gate, up), "down_proj": (down,)}.get(leaf)
+        if not stem or entries is None:
+            return None
+        base = self.disk_key(f"{stem}.experts.")
+        return [[f"{base}{e}.{entry}.weight" for entry in entries] for e in experts]
+
+    def file_keys(self, key: str, cfg, experts: Optional[range]) -> list[str]:
+        """Every file entry that may hold our `key` (its stacked name or its experts' entries)."""
+        theirs = self.file_key(key, cfg)
+        if theirs is None:
+            return []
+        per_expert = self.per_expert_keys(theirs, experts) if experts is not None else None
+        return [theirs, self.disk_key(theirs), *(k for keys in per_expert or [] for k in keys)]
+
+    def read_ours(self, key: str, cfg, files, experts: Optional[range] = None) -> Optional[torch.Tensor]:
+        """Our tensor `key` of model `cfg` from a folder's `files`
+        (moetron.models.common.hf_files.SafetensorsFiles), only the rows of `experts` for an expert
+        stack; None where the files do not have it."""
+        theirs = self.file_key(key, cfg)
+        if theirs is None:
+            return None
+        for name in (theirs, self.disk_key(theirs)):
+            if name in files:
+                return self.from_hf_tensor(key, files.read(name, experts))
+        per_expert = self.per_expert_keys(theirs, experts) if experts is not None else None
+        if not per_expert or any(k not in files for keys in per_expert for k in keys):
+            return None
+        stacked = torch.stack([torch.cat([files.read(k) for k in keys]) for keys in per_expert])
+        return self.from_hf_tensor(key, stacked)
 
     # -- hooks -------------------------------------------------------------------------------------
     def prepare_hf_model(self, hf_model) -> None:
@@ -119,10 +177,8 @@ class HFAdapter:
         return []
 
     def save_extra(self, model, out_dir) -> None:
-        """Tensors transformers has no place for, written beside the Hugging Face files."""
+        """Tensors transformers has no place for, written beside the Hugging Face files (`extra_file`)."""
 
-    def load_extra(self, cfg, folder, state: dict) -> None:
-        """Add what `save_extra` wrote to `state` (moetron names)."""
 
 
 def routing_bias_notes(model) -> list[str]:

@@ -4,11 +4,11 @@ moetron names its modules as transformers does (minus the `model.` prefix): the 
 `expert_bias` here and `e_score_correction_bias` there. MTP modules have no counterpart in
 transformers' DeepseekV3ForCausalLM (its loader ignores layer 61 of DeepSeek's checkpoint): an
 export leaves them out of the model and writes them to MTP_FILE beside it; an import from a
-transformers model keeps ours freshly initialised. Both warn.
+transformers model keeps ours freshly initialised (both warn). A folder holding them as DeepSeek's
+checkpoints do (layer num_hidden_layers + d) starts ours from them (`model.init_from`).
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ class DeepSeekV3HF(SameNamesHF):
         "norm_topk_prob", "rms_norm_eps", "initializer_range", "tie_word_embeddings",
     )
     renames = ((".gate.expert_bias", ".gate.e_score_correction_bias"),)
+    extra_file = MTP_FILE
 
     def config_from_hf(self, hf_config, **overrides) -> DeepSeekV3Config:
         if hf_config.num_key_value_heads != hf_config.num_attention_heads:
@@ -45,6 +46,22 @@ class DeepSeekV3HF(SameNamesHF):
 
     def ours_only(self, key: str) -> bool:
         return key.startswith("mtp.")
+
+    def file_key(self, key: str, cfg: DeepSeekV3Config):
+        """DeepSeek's own checkpoints hold MTP depth d as decoder layer num_hidden_layers + d, its
+        final norm as `shared_head.norm` (transformers' loader skips those layers)."""
+        if not key.startswith("mtp."):
+            return super().file_key(key, cfg)
+        depth, _, rest = key.removeprefix("mtp.").partition(".")
+        rest = "shared_head.norm.weight" if rest == "norm.weight" else rest.removeprefix("block.")
+        return super().file_key(f"layers.{cfg.num_hidden_layers + int(depth)}.{rest}", cfg)
+
+    def file_keys(self, key: str, cfg: DeepSeekV3Config, experts) -> list[str]:
+        # each MTP layer of DeepSeek's checkpoints repeats the embedding and output head it shares
+        copies = {"embed_tokens.weight": "embed_tokens.weight", "lm_head.weight": "shared_head.head.weight"}
+        layers = range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+        shared = [f"model.layers.{n}.{copies[key]}" for n in layers] if key in copies else []
+        return [*super().file_keys(key, cfg, experts), *shared]
 
     def prepare_hf_model(self, hf_model) -> None:
         for module in hf_model.modules():  # routing biases in float32 there too (TopKRouter._apply says why)
@@ -66,14 +83,6 @@ class DeepSeekV3HF(SameNamesHF):
         mtp = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith("mtp.")}
         if mtp:
             save_file(mtp, str(Path(out_dir) / MTP_FILE))
-
-    def load_extra(self, cfg: DeepSeekV3Config, folder, state: dict) -> None:
-        from safetensors.torch import load_file
-
-        if (Path(folder) / MTP_FILE).is_file():
-            state.update(load_file(str(Path(folder) / MTP_FILE)))
-        elif cfg.num_nextn_predict_layers:
-            warnings.warn(f"{folder} has no {MTP_FILE}: the MTP depths start from a fresh initialisation")
 
 
 ADAPTER = DeepSeekV3HF()

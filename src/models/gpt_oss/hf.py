@@ -56,13 +56,11 @@ class GptOssHF(SameNamesHF):
             out[key] = tensor.contiguous()
         return out
 
-    def from_hf_state(self, hf_state: dict[str, torch.Tensor], our_keys) -> dict[str, torch.Tensor]:
-        state = super().from_hf_state(hf_state, our_keys)
-        for key, tensor in state.items():
-            if key.endswith("experts.gate_up_proj"):
-                state[key] = _deinterleave(tensor).transpose(1, 2).contiguous()
-            elif key.endswith("experts.gate_up_proj_bias"):
-                state[key] = _deinterleave(tensor).contiguous()
-            elif key.endswith("experts.down_proj"):
-                state[key] = tensor.transpose(1, 2).contiguous()
-        return state
+    def from_hf_tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if key.endswith("experts.gate_up_proj"):  # any rows of the stack: the layout is within each expert
+            return _deinterleave(tensor).transpose(1, 2).contiguous()
+        if key.endswith("experts.gate_up_proj_bias"):
+            return _deinterleave(tensor).contiguous()
+        if key.endswith("experts.down_proj"):
+            return tensor.transpose(1, 2).contiguous()
+        return tensor

@@ -1,4 +1,5 @@
-"""Mixtral against transformers' `MixtralForCausalLM`: the same names and stacked expert layout.
+"""Mixtral against transformers' `MixtralForCausalLM`: the same names and stacked expert layout in
+memory (its files keep Mixtral's original names).
 Router jitter (transformers' `router_jitter_noise`, a training-time multiplicative noise) is refused
 on import rather than silently dropped."""
 from __future__ import annotations
@@ -16,6 +17,10 @@ class MixtralHF(SameNamesHF):
         "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "num_local_experts",
         "num_experts_per_tok", "rms_norm_eps", "initializer_range", "tie_word_embeddings", "router_aux_loss_coef",
     )
+    # transformers' Mixtral files keep the original names: `block_sparse_moe`, each expert's w1 (gate),
+    # w3 (up) and w2 (down)
+    disk_renames = ((".mlp.", ".block_sparse_moe."),)
+    expert_entries = ("w1", "w3", "w2")
 
     def config_from_hf(self, hf_config, **overrides) -> MixtralConfig:
         if getattr(hf_config, "router_jitter_noise", 0.0):
