@@ -12,6 +12,7 @@ what `model.init_from` reads (only the tensors a rank holds).
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -123,29 +124,31 @@ def read_hf_folder(model: nn.Module, cfg, folder) -> tuple[int, int]:
         extra = stack.enter_context(SafetensorsFiles(folder, [adapter.extra_file])) if has_extra else None
         _refuse_unknown_tensors(adapter, cfg, files, folder,
                                 {k: _experts(k, t, rows, whole=True) for k, t in whole.items()})
-        filled, fresh, missing = set(), [], []
+        filled, unread = set(), []
         for key, dst in held_state_dict(model).items():
             experts = _experts(key, dst, rows)
             src = adapter.read_ours(key, cfg, files, experts)
             if src is None and extra is not None and key in extra:
                 src = extra.read(key, experts)
             if src is None:
-                if dst.data_ptr() in filled:  # tied to a tensor already read (the output head to the embedding)
-                    continue
-                (fresh if adapter.ours_only(key) else missing).append(key)
+                unread.append((key, dst))
                 continue
             if src.shape != dst.shape:
                 raise ValueError(f"model.init_from={folder}: {key} is {tuple(src.shape)} there and "
                                  f"{tuple(dst.shape)} here")
             with torch.no_grad():
                 dst.copy_(src)
-            filled.add(dst.data_ptr())
+            filled.add(dst.untyped_storage().data_ptr())
+        unread = [key for key, dst in unread if dst.untyped_storage().data_ptr() not in filled]  # tied: read
+        missing = [key for key in unread if not adapter.ours_only(key)]
         if missing:
             raise ValueError(f"model.init_from={folder}: no tensor there for {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
-        if fresh and adapter.extra_file is not None and extra is None:
-            warnings.warn(f"{folder} has no {adapter.extra_file}: {len(fresh)} tensor(s) transformers has no "
-                          f"place for (e.g. {fresh[0]}) keep their fresh initialisation")
+        fresh = [key for key in unread if adapter.ours_only(key) and adapter.extra_file is not None]
+        if fresh:
+            where = f"its files or its {adapter.extra_file}" if extra else f"its files, and it has no {adapter.extra_file}"
+            warnings.warn(f"{folder}: {len(fresh)} tensor(s) transformers has no place for (e.g. {fresh[0]}) are not "
+                          f"in {where}: they keep their fresh initialisation")
         return (files.bytes_read + (extra.bytes_read if extra else 0),
                 files.file_bytes() + (extra.file_bytes() if extra else 0))
 
@@ -190,5 +193,11 @@ def _refuse_unknown_tensors(adapter: HFAdapter, cfg, files, folder, experts_of: 
         raise ValueError(f"model.init_from={folder}: a quantized checkpoint ({unknown[0]}); moetron starts from "
                          "BF16 or float32 weights: dequantize it first (for DeepSeek-V3's FP8 release, "
                          "DeepSeek's inference/fp8_cast_bf16.py)")
+    beyond = sorted({int(m.group(1)) for name in unknown if (m := re.match(r"model\.layers\.(\d+)\.", name))
+                     and int(m.group(1)) >= cfg.num_hidden_layers})
+    if beyond:
+        raise ValueError(f"model.init_from={folder}: it holds layers {beyond} beyond model.num_hidden_layers="
+                         f"{cfg.num_hidden_layers}; DeepSeek's checkpoints keep their MTP depths there: set "
+                         f"model.num_nextn_predict_layers={max(beyond) + 1 - cfg.num_hidden_layers} if they are (or the model's own layer count)")
     raise ValueError(f"model.init_from={folder}: {len(unknown)} tensor(s) there have no place in "
                      f"moetron's {adapter.model_type} model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")

@@ -51,7 +51,9 @@ def _deepseek_mtp_entries(model) -> dict:
                 out[f"{prefix}mlp.experts.{e}.down_proj.weight"] = tensor[e].contiguous()
         else:
             out[prefix + rest] = tensor.contiguous()
-        if rest == "eh_proj.weight":
+        if rest == "eh_proj.weight":  # DeepSeek's columns are [emb; h], the paper's (moetron's) [h; emb]
+            h, emb = tensor.chunk(2, dim=1)
+            out[prefix + rest] = torch.cat([emb, h], dim=1).contiguous()
             out[prefix + "embed_tokens.weight"] = state["embed_tokens.weight"].clone()
             out[prefix + "shared_head.head.weight"] = state["lm_head.weight"].clone()
     return out
@@ -85,7 +87,7 @@ def test_without_its_mtp_tensors_a_folder_starts_them_fresh_and_says_so(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         to_hf(model).save_pretrained(tmp_path, safe_serialization=True)
-    with pytest.warns(UserWarning, match="no mtp.safetensors: .* keep their fresh initialisation"):
+    with pytest.warns(UserWarning, match="are not in its files, and it has no mtp.safetensors: they keep their fresh initialisation"):
         state = load_hf_folder(cfg, tmp_path)
     assert torch.equal(state["layers.1.mlp.experts.down_proj"], model.state_dict()["layers.1.mlp.experts.down_proj"])
     fresh = get_spec(cfg.arch).build_module(cfg).state_dict()
@@ -101,8 +103,25 @@ def test_a_quantized_checkpoint_is_named(tmp_path):
         load_hf_folder(cfg, tmp_path)
 
 
+def test_mtp_layers_the_model_has_no_depths_for_name_the_setting(tmp_path):
+    cfg, model = _model()
+    _save_with_extra_file(tmp_path, model, _deepseek_mtp_entries(model))
+    fewer = load_preset("tiny", num_hidden_layers=2, num_nextn_predict_layers=1)
+    with pytest.raises(ValueError, match=r"layers \[3\] beyond model.num_hidden_layers=2.*num_nextn_predict_layers=2"):
+        load_hf_folder(fewer, tmp_path)
+
+
+def test_a_folder_missing_one_experts_entry_names_it(tmp_path):
+    cfg, model = _model()
+    entries = _deepseek_mtp_entries(model)
+    del entries["model.layers.2.mlp.experts.3.up_proj.weight"]
+    _save_with_extra_file(tmp_path, model, entries)
+    with pytest.raises(ValueError, match="not model.layers.2.mlp.experts.3.up_proj.weight"):
+        load_hf_folder(cfg, tmp_path)
+
+
 def test_a_tensor_with_no_place_in_the_model_is_named(tmp_path):
     cfg, model = _model()
-    _save_with_extra_file(tmp_path, model, {"model.layers.7.self_attn.o_proj.weight": torch.ones(2, 2)})
-    with pytest.raises(ValueError, match=r"1 tensor\(s\) there have no place .*model.layers.7.self_attn.o_proj"):
+    _save_with_extra_file(tmp_path, model, {"model.layers.0.self_attn.rel_proj.weight": torch.ones(2, 2)})
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) there have no place .*model.layers.0.self_attn.rel_proj"):
         load_hf_folder(cfg, tmp_path)

@@ -4,7 +4,7 @@ A family's spec holds an `HFAdapter` (`spec.hf`); `moetron.models.hf` does the r
 (`from_hf`, `to_hf`, Hugging Face folders for `moetron-export` and `model.init_from`). moetron names
 its modules as transformers does without the `model.` prefix, so most adapters are a list of shared
 config fields and a few renames; a family whose tensors are laid out otherwise (per-expert weights,
-transposed stacks) overrides `to_hf_state` / `from_hf_state`.
+transposed stacks) overrides `to_hf_state` / `from_hf_tensor`.
 """
 from __future__ import annotations
 
@@ -159,8 +159,12 @@ class HFAdapter:
             if name in files:
                 return self.from_hf_tensor(key, files.read(name, experts))
         per_expert = self.per_expert_keys(theirs, experts) if experts is not None else None
-        if not per_expert or any(k not in files for keys in per_expert for k in keys):
+        present = [k in files for keys in per_expert or [] for k in keys]
+        if not any(present):
             return None
+        if not all(present):
+            absent = next(k for keys in per_expert for k in keys if k not in files)
+            raise ValueError(f"the folder has some experts' entries of {theirs} and not {absent}")
         stacked = torch.stack([torch.cat([files.read(k) for k in keys]) for keys in per_expert])
         return self.from_hf_tensor(key, stacked)
 
@@ -178,7 +182,6 @@ class HFAdapter:
 
     def save_extra(self, model, out_dir) -> None:
         """Tensors transformers has no place for, written beside the Hugging Face files (`extra_file`)."""
-
 
 
 def routing_bias_notes(model) -> list[str]:

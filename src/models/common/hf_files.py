@@ -42,6 +42,8 @@ class SafetensorsFiles:
         self.close()
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
         self._handles.clear()
 
     def __contains__(self, key: str) -> bool:

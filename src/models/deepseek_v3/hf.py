@@ -9,6 +9,7 @@ checkpoints do (layer num_hidden_layers + d) starts ours from them (`model.init_
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -49,12 +50,19 @@ class DeepSeekV3HF(SameNamesHF):
 
     def file_key(self, key: str, cfg: DeepSeekV3Config):
         """DeepSeek's own checkpoints hold MTP depth d as decoder layer num_hidden_layers + d, its
-        final norm as `shared_head.norm` (transformers' loader skips those layers)."""
+        final norm as `shared_head.norm`, `eh_proj` for [emb; h] (transformers' loader skips those
+        layers)."""
         if not key.startswith("mtp."):
             return super().file_key(key, cfg)
         depth, _, rest = key.removeprefix("mtp.").partition(".")
         rest = "shared_head.norm.weight" if rest == "norm.weight" else rest.removeprefix("block.")
         return super().file_key(f"layers.{cfg.num_hidden_layers + int(depth)}.{rest}", cfg)
+
+    def from_hf_tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if re.fullmatch(r"mtp\.\d+\.eh_proj\.weight", key):  # DeepSeek's [emb; h] columns -> the paper's [h; emb]
+            emb, h = tensor.chunk(2, dim=1)
+            return torch.cat([h, emb], dim=1)
+        return tensor
 
     def file_keys(self, key: str, cfg: DeepSeekV3Config, experts) -> list[str]:
         # each MTP layer of DeepSeek's checkpoints repeats the embedding and output head it shares

@@ -56,6 +56,9 @@ class GptOssHF(SameNamesHF):
             out[key] = tensor.contiguous()
         return out
 
+    def per_expert_keys(self, theirs, experts):
+        return None  # its files stack the experts as its models do
+
     def from_hf_tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         if key.endswith("experts.gate_up_proj"):  # any rows of the stack: the layout is within each expert
             return _deinterleave(tensor).transpose(1, 2).contiguous()
