@@ -18,6 +18,7 @@ setup(
     package_data={
         "moetron.conf": ["*.yaml", "*/*.yaml"],  # config groups are folders of yaml
         "moetron.data.corpus": ["*.jsonl", "*.txt"],
+        "moetron.data.chat_sample": ["*.jsonl", "*.jinja"],
     },
     install_requires=[
         # torch is not pinned here: install the build for your machine first (see README).

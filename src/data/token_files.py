@@ -19,6 +19,7 @@ temp files renamed into place at the end; bad input stops it with an error namin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -83,23 +84,35 @@ def _prefix(path: str) -> Path:
     return p.with_suffix("") if p.suffix in (".bin", ".idx", ".json") else p
 
 
-def _with(prefix: Path, suffix: str) -> Path:
+def with_suffix(prefix: Path, suffix: str) -> Path:
     return prefix.with_name(prefix.name + suffix)
 
 
-def open_token_file(path: str) -> TokenSource:
-    """The token stream of a moetron token file or a Megatron-LM indexed dataset, by prefix."""
+def read_header(path) -> dict:
+    """The PREFIX.json header of a moetron token file ({} where there is none)."""
+    meta_path = with_suffix(_prefix(str(path)), ".json")
+    try:
+        return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def open_token_file(path: str, allow_chat: bool = False) -> TokenSource:
+    """The token stream of a moetron token file or a Megatron-LM indexed dataset, by prefix; a chat
+    file (`moetron-data --chat`) only with `allow_chat` (moetron.data.chat_files reads those)."""
     prefix = _prefix(path)
-    if _with(prefix, ".idx").is_file():
+    if with_suffix(prefix, ".idx").is_file():
         return _open_megatron(prefix)
-    if _with(prefix, ".json").is_file() or _with(prefix, ".bin").is_file():
+    if not allow_chat and read_header(prefix).get("kind") == "chat":
+        raise ValueError(f"data.path={path} is chat data (moetron-data --chat): fine-tune on it with stage=sft")
+    if with_suffix(prefix, ".json").is_file() or with_suffix(prefix, ".bin").is_file():
         return _open_moetron(prefix)
-    raise FileNotFoundError(f"data file not found: {_with(prefix, '.json')} or {_with(prefix, '.idx')} "
+    raise FileNotFoundError(f"data file not found: {with_suffix(prefix, '.json')} or {with_suffix(prefix, '.idx')} "
                             f"(data.path={path}); build it with `moetron-data YOUR_TEXT.jsonl --output {prefix}`")
 
 
 def _open_moetron(prefix: Path) -> TokenSource:
-    meta_path, bin_path = _with(prefix, ".json"), _with(prefix, ".bin")
+    meta_path, bin_path = with_suffix(prefix, ".json"), with_suffix(prefix, ".bin")
     for path in (meta_path, bin_path):
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}; rebuild {prefix} with moetron-data")
@@ -122,7 +135,7 @@ def _open_moetron(prefix: Path) -> TokenSource:
 
 
 def _open_megatron(prefix: Path) -> TokenSource:
-    idx_path, bin_path = _with(prefix, ".idx"), _with(prefix, ".bin")
+    idx_path, bin_path = with_suffix(prefix, ".idx"), with_suffix(prefix, ".bin")
     if not bin_path.is_file():
         raise FileNotFoundError(f"data file not found: {bin_path} (beside {idx_path})")
     with idx_path.open("rb") as f:
@@ -185,15 +198,37 @@ def _tokenize(docs: list[str]) -> list[np.ndarray]:
     return [_worker_tokenizer.encode(doc) for doc in docs]
 
 
-def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+def in_batches(items: Iterator, size: int) -> Iterator[list]:
+    """`items` in lists of `size` (the last one shorter)."""
     batch = []
-    for doc in docs:
-        batch.append(doc)
+    for item in items:
+        batch.append(item)
         if len(batch) == size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+def token_dtype(tokenizer) -> np.dtype:
+    """uint16 tokens, or uint32 when the tokenizer has more than 65,536."""
+    return np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+@contextlib.contextmanager
+def write_atomically(path: Path, text: bool = False):
+    """A file object writing to a temp file beside `path`, synced and renamed onto `path` when the
+    block ends without an error; removed otherwise (`path` is then as it was)."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        with tmp.open("w" if text else "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_token_file(inputs: list[Path], prefix: Path, tokenizer, jsonl_key: str = "text", workers: int = 1,
@@ -203,10 +238,8 @@ def write_token_file(inputs: list[Path], prefix: Path, tokenizer, jsonl_key: str
     `progress`: a progress bar (None: on a terminal)."""
     from tqdm import tqdm
 
-    dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
+    dtype = token_dtype(tokenizer)
     eos = np.array([tokenizer.eos_id], dtype=dtype)
-    bin_final, meta_final = _with(prefix, ".bin"), _with(prefix, ".json")
-    bin_tmp = bin_final.with_name(bin_final.name + f".tmp-{os.getpid()}")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     docs = (d for p in inputs for d in read_documents(Path(p), jsonl_key))
     stats = {"num_tokens": 0, "num_documents": 0, "text_tokens": 0, "max_token_id": int(tokenizer.eos_id)}
@@ -214,8 +247,8 @@ def write_token_file(inputs: list[Path], prefix: Path, tokenizer, jsonl_key: str
                desc="tokenizing", disable=None if progress is None else not progress)
     pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer.name,)) if workers > 1 else None
     try:
-        with bin_tmp.open("wb") as out:
-            batches = _batches(docs, DOCS_PER_TASK)
+        with write_atomically(with_suffix(prefix, ".bin")) as out:
+            batches = in_batches(docs, DOCS_PER_TASK)
             if pool is None:
                 encoded_batches = ([tokenizer.encode(d) for d in batch] for batch in batches)
             else:
@@ -230,29 +263,20 @@ def write_token_file(inputs: list[Path], prefix: Path, tokenizer, jsonl_key: str
                     stats["text_tokens"] += ids.size
                     stats["num_documents"] += 1
                     bar.update(ids.size * 4)  # about 4 bytes of text per token
-            out.flush()
-            os.fsync(out.fileno())
-        if stats["text_tokens"] == 0:
-            raise ValueError(f"{', '.join(str(p) for p in inputs)} yielded no tokens ({stats['num_documents']} "
-                             "documents, all empty); nothing was written")
+            if stats["text_tokens"] == 0:
+                raise ValueError(f"{', '.join(str(p) for p in inputs)} yielded no tokens ({stats['num_documents']} "
+                                 "documents, all empty); nothing was written")
         meta = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "num_tokens": stats["num_tokens"],
                 "num_documents": stats["num_documents"], "tokenizer": tokenizer.name,
                 "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "max_token_id": stats["max_token_id"],
                 "sources": [str(p) for p in inputs]}
-        meta_tmp = meta_final.with_name(meta_final.name + f".tmp-{os.getpid()}")
-        with meta_tmp.open("w") as f:
+        with write_atomically(with_suffix(prefix, ".json"), text=True) as f:
             f.write(json.dumps(meta, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(bin_tmp, bin_final)
-        os.replace(meta_tmp, meta_final)
         return meta
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
-        if bin_tmp.exists():
-            bin_tmp.unlink()
 
 
 def tokenize_in_memory(docs, tokenizer) -> np.ndarray:

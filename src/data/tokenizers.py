@@ -19,15 +19,35 @@ _EOS_NAMES = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<|end_of_
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, EOS = 256: needs no download and covers any text."""
+    """UTF-8 bytes as tokens 0..255, EOS = 256: needs no download and covers any text. In chat data
+    the text `eos_token` is EOS (its own chat template ends assistant turns with it)."""
 
     name = "bytes"
     eos_id = 256
     bos_id: Optional[int] = None
     vocab_size = 257
+    bos_token, eos_token = "", "<|eos|>"
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint32)
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, the character index where each token starts), `eos_token` as EOS."""
+        ids, starts, offset = [], [], 0
+        for i, piece in enumerate(text.split(self.eos_token)):
+            if i:  # the EOS text before this piece
+                ids.append(np.array([self.eos_id], dtype=np.uint32))
+                starts.append(np.array([offset]))
+                offset += len(self.eos_token)
+            ids.append(self.encode(piece))
+            starts.append(offset + np.repeat(np.arange(len(piece)), [len(c.encode("utf-8")) for c in piece]))
+            offset += len(piece)
+        return np.concatenate(ids), np.concatenate(starts).astype(np.int64)
+
+    def chat_template(self) -> tuple[Optional[str], str]:
+        from moetron.data.chat_sample import BYTES_TEMPLATE
+
+        return BYTES_TEMPLATE.read_text(encoding="utf-8"), str(BYTES_TEMPLATE)
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
@@ -80,6 +100,30 @@ class HFTokenizer:
                              f"{folder / 'tokenizer_config.json'}")
         bos = _token_name(config.get("bos_token"))
         self.bos_id = token_to_id(bos) if bos and config.get("add_bos_token") else None
+        self.bos_token = bos or ""
+        self.eos_token = next(n for n in eos_names if n and token_to_id(n) == self.eos_id)
+        self._config, self._folder = config, folder
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, the character index where each token starts); no BOS added (a chat template writes
+        its own)."""
+        if not hasattr(self, "_tok"):
+            raise ValueError(f"{self.name}: chat data needs the tokenizer's tokenizer.json (a fast tokenizer), "
+                             "which gives each token's place in the text")
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        starts = np.array([start for start, _ in encoding.offsets], dtype=np.int64)
+        return np.asarray(encoding.ids, dtype=np.uint32), starts
+
+    def chat_template(self) -> tuple[Optional[str], str]:
+        """(its chat template, where it is): tokenizer_config.json's `chat_template` (its "default"
+        entry when it lists several) or chat_template.jinja in the folder; (None, ...) without one."""
+        template = self._config.get("chat_template")
+        if isinstance(template, list):
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template:
+            return template, str(self._folder / "tokenizer_config.json")
+        file = self._folder / "chat_template.jinja"
+        return (file.read_text(encoding="utf-8"), str(file)) if file.is_file() else (None, str(self._folder))
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._encode(text)
