@@ -22,6 +22,7 @@ from torch import nn
 
 from moetron.models.common.costs import CoreCost
 from moetron.models.common.norm import RMSNorm
+from moetron.models.common.packed import PackedSamples, packed_attention
 from moetron.models.common.rope import apply_rotary
 
 
@@ -57,15 +58,17 @@ def causal_window_mask(seq_len: int, window: int, device) -> torch.Tensor:
 
 @torch.overrides.wrap_torch_function(lambda q_BNSD, k_BNTD, v_BNTD, *rest, **kw: (q_BNSD, k_BNTD, v_BNTD))
 def attention_with_sinks(q_BNSD, k_BNTD, v_BNTD, scale: float, sinks_N: torch.Tensor,
-                         window: Optional[int]) -> torch.Tensor:
-    """softmax([q k^T * scale, sink]) without the sink's column, times v (GPT-OSS's attention). A
-    torch function (a TorchFunctionMode sees it, as moetron.plan.memory's fused-kernel stand-in)."""
+                         window: Optional[int], visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax([q k^T * scale, sink]) without the sink's column, times v (GPT-OSS's attention);
+    `visible` ([S, T] or [B, 1, S, T]; default causal within `window`) says which keys a query sees.
+    A torch function (a TorchFunctionMode sees it, as moetron.plan.memory's fused-kernel stand-in)."""
     S = q_BNSD.shape[2]
     groups = q_BNSD.shape[1] // k_BNTD.shape[1]
     k_BNTD, v_BNTD = k_BNTD.repeat_interleave(groups, dim=1), v_BNTD.repeat_interleave(groups, dim=1)
     scores_BNST = (q_BNSD @ k_BNTD.transpose(-2, -1)) * scale
-    visible_ST = causal_window_mask(S, window if window is not None else S, q_BNSD.device)
-    scores_BNST = scores_BNST.masked_fill(~visible_ST, float("-inf"))
+    if visible is None:
+        visible = causal_window_mask(S, window if window is not None else S, q_BNSD.device)
+    scores_BNST = scores_BNST.masked_fill(~visible, float("-inf"))
     sink_BNS1 = sinks_N.to(scores_BNST.dtype).view(1, -1, 1, 1).expand(*scores_BNST.shape[:3], 1)
     logits_BNS_T1 = torch.cat([scores_BNST, sink_BNS1], dim=-1)
     logits_BNS_T1 = logits_BNS_T1 - logits_BNS_T1.max(dim=-1, keepdim=True).values
@@ -95,7 +98,9 @@ class GroupedQueryAttention(nn.Module):
         s = self.settings
         return CoreCost(2.0 * s.mean_keys(seq_len) * s.num_heads * 2 * s.head_dim)
 
-    def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor,
+                samples: Optional[PackedSamples] = None) -> torch.Tensor:
+        """`samples`: packed samples, each attending only to itself (else one causal sequence per row)."""
         s = self.settings
         B, S, _ = x_BSH.shape
         q_BSND = self.q_proj(x_BSH).view(B, S, s.num_heads, s.head_dim)
@@ -107,7 +112,10 @@ class GroupedQueryAttention(nn.Module):
         k_BKSD = apply_rotary(k_BSKD.transpose(1, 2), cos_SR2, sin_SR2, interleave=False)
         scale = s.head_dim ** -0.5
         if self.sinks is not None:
-            out_BNSD = attention_with_sinks(q_BNSD, k_BKSD, v_BKSD, scale, self.sinks, s.sliding_window)
+            visible = samples.visible(s.sliding_window) if samples is not None else None
+            out_BNSD = attention_with_sinks(q_BNSD, k_BKSD, v_BKSD, scale, self.sinks, s.sliding_window, visible)
+        elif samples is not None:
+            out_BNSD = packed_attention(q_BNSD, k_BKSD, v_BKSD, scale, samples, s.sliding_window)
         elif s.sliding_window is not None and s.sliding_window < S:
             mask_ST = causal_window_mask(S, s.sliding_window, x_BSH.device)
             out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BKSD, v_BKSD, attn_mask=mask_ST, scale=scale,

@@ -16,7 +16,7 @@ from moetron.parallel.recompute import discard_all, maybe_recompute
 
 class DecoderLayer(nn.Module):
     """Names follow transformers' decoder layers (DeepseekV3DecoderLayer, Qwen3MoeDecoderLayer...):
-    `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`. `self_attn(x, cos, sin)`
+    `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`. `self_attn(x, cos, sin, samples)`
     takes the rotary tables; an attention of its own positions (a sliding window, sinks) holds them.
 
     With `recompute_norm` (a slot the recompute converter sets), each norm's output is freed once its
@@ -34,12 +34,13 @@ class DecoderLayer(nn.Module):
         self.recompute_norm = False
 
     def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor,
-                valid_len: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                valid_len: Optional[int] = None, samples=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns the block output and the MoE balance loss (None for dense blocks / no loss);
-        `valid_len`: the positions that count in the router's loads and balance loss."""
+        `valid_len`: the positions that count in the router's loads and balance loss; `samples`:
+        packed samples (moetron.models.common.packed), each attending only to itself."""
         recompute = self.recompute_norm
         normed_BSH, region = maybe_recompute(recompute, self.input_layernorm, x_BSH)
-        attn_BSH = self.self_attn(normed_BSH, cos_SR2, sin_SR2)
+        attn_BSH = self.self_attn(normed_BSH, cos_SR2, sin_SR2, samples)
         discard_all([region], after=attn_BSH)
         x_BSH = x_BSH + attn_BSH
 

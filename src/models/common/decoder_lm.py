@@ -21,6 +21,7 @@ from torch import nn
 from moetron.models.common.experts import GroupedExperts
 from moetron.models.common.linear_cross_entropy import IGNORE_INDEX, OutputHead
 from moetron.models.common.norm import RMSNorm
+from moetron.models.common.packed import PackedSamples
 from moetron.models.common.rope import rotary_cos_sin
 from moetron.models.common.router import TopKRouter
 from moetron.models.outputs import LMOutput, LossTerms, add_optional
@@ -114,18 +115,21 @@ class DecoderLM(nn.Module):
     def embed(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids_BS)
 
-    def rotary(self, h_BSH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [S, R2] of the positions of `h_BSH` (RoPE, or YaRN where rope_scaling says)."""
+    def rotary(self, h_BSH: torch.Tensor, samples: Optional[PackedSamples] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [S, R2] of the positions of `h_BSH` (RoPE, or YaRN where rope_scaling says); of
+        packed samples' positions, [B, 1, S, R2]."""
         cfg = self.cfg
         return rotary_cos_sin(h_BSH.shape[1], self.rotary_dim, cfg.rope_theta, h_BSH.device, h_BSH.dtype,
-                              cfg.rope_scaling)
+                              cfg.rope_scaling, samples.position_ids_BS if samples is not None else None)
 
-    def run_layers(self, h_BSH: torch.Tensor, layers: Iterable[nn.Module]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Decoder blocks in order; returns the hidden state and the sum of their balance losses."""
-        cos_SR2, sin_SR2 = self.rotary(h_BSH)
+    def run_layers(self, h_BSH: torch.Tensor, layers: Iterable[nn.Module], samples: Optional[PackedSamples] = None
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Decoder blocks in order; returns the hidden state and the sum of their balance losses.
+        `samples`: the rows hold packed samples, each attending only to itself."""
+        cos_SR2, sin_SR2 = self.rotary(h_BSH, samples)
         balance = None
         for layer in layers:
-            h_BSH, layer_balance = layer(h_BSH, cos_SR2, sin_SR2)
+            h_BSH, layer_balance = layer(h_BSH, cos_SR2, sin_SR2, samples=samples)
             balance = add_optional(balance, layer_balance)
         return h_BSH, balance
 
@@ -137,16 +141,22 @@ class DecoderLM(nn.Module):
         logits_BSV = self.lm_head(normed_BSH)
         return cross_entropy(logits_BSV, labels_BS), logits_BSV
 
-    def loss_terms(self, h_BSH: torch.Tensor, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor) -> LossTerms:
-        """After the last block: the next-token loss."""
+    def loss_terms(self, h_BSH: torch.Tensor, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor,
+                   samples: Optional[PackedSamples] = None) -> LossTerms:
+        """After the last block: the next-token loss (`labels_BS` ignores each packed sample's last
+        position already)."""
         loss, logits_BSV = self.head_loss(self.norm(h_BSH), labels_BS)
         return LossTerms(loss, None, None, logits_BSV)
 
-    def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None, **loss_options):
-        """Logits [B, S, V] without labels; with labels, an LMOutput (loss = LM + balance losses)."""
-        h_BSH, balance = self.run_layers(self.embed(input_ids_BS), self.layers)
+    def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None,
+                samples: Optional[PackedSamples] = None, **loss_options):
+        """Logits [B, S, V] without labels; with labels, an LMOutput (loss = LM + balance losses).
+        `samples`: rows of packed samples (moetron.models.common.packed), each isolated."""
+        h_BSH, balance = self.run_layers(self.embed(input_ids_BS), self.layers, samples)
         if labels_BS is None:
             return self.lm_head(self.norm(h_BSH))
+        if samples is not None:
+            loss_options["samples"] = samples
         terms = self.loss_terms(h_BSH, input_ids_BS, labels_BS, **loss_options)
         balance = add_optional(balance, terms.balance)
         loss = add_optional(add_optional(terms.lm, terms.mtp), balance)

@@ -10,12 +10,15 @@ R qk_rope_head_dim, P qk_nope_head_dim, V v_head_dim.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moetron.models.common.costs import CoreCost
 from moetron.models.common.norm import RMSNorm
+from moetron.models.common.packed import PackedSamples, packed_attention
 from moetron.models.common.rope import apply_rotary, softmax_scale_factor
 from moetron.parallel.recompute import discard_all, maybe_recompute
 
@@ -89,7 +92,9 @@ class MLA(nn.Module):
         k_BNSD = torch.cat([k_nope_BNSP, k_rope_B1SR.expand(B, N, S, R)], dim=-1)
         return q_BNSD, k_BNSD, v_BNSV.contiguous()
 
-    def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor,
+                samples: Optional[PackedSamples] = None) -> torch.Tensor:
+        """`samples`: packed samples, each attending only to itself (else one causal sequence per row)."""
         cfg = self.cfg
         B, S, _ = x_BSH.shape
         q_lat = self.q_proj(x_BSH) if cfg.q_lora_rank is None else self.q_a_proj(x_BSH)
@@ -105,7 +110,10 @@ class MLA(nn.Module):
 
         # 1/sqrt(qk_nope + qk_rope), as eq. 10; under YaRN times mscale^2 (moetron.models.common.rope)
         scale = q_BNSD.shape[-1] ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
-        attn_BNSV = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSV, is_causal=True, scale=scale)
+        if samples is not None:
+            attn_BNSV = packed_attention(q_BNSD, k_BNSD, v_BNSV, scale, samples)
+        else:
+            attn_BNSV = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSV, is_causal=True, scale=scale)
         out_BSH = self.o_proj(attn_BNSV.transpose(1, 2).reshape(B, S, -1))
         discard_all(regions, after=out_BSH)
         return out_BSH

@@ -79,13 +79,18 @@ def softmax_scale_factor(scaling: Optional[dict[str, Any]]) -> float:
 
 
 def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float, device, dtype,
-                   scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   scaling: Optional[dict] = None, position_ids_BS: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape [S, R/2] for positions 0..S-1 (RoPE, Su et al. 2021; with `scaling`,
-    YaRN: `inv_freq` above)."""
+    YaRN: `inv_freq` above); with `position_ids_BS` (packed samples), of shape [B, 1, S, R/2] for
+    those positions (a sample at positions 0..L-1 gets the same values as alone)."""
     inv_freq_R2, attention = inv_freq(rope_dim, theta, scaling, device)
-    positions_S = torch.arange(seq_len, dtype=torch.float32, device=device)
-    angles_SR2 = positions_S[:, None] * inv_freq_R2[None, :]
-    return (angles_SR2.cos() * attention).to(dtype), (angles_SR2.sin() * attention).to(dtype)
+    if position_ids_BS is None:
+        positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+    else:
+        positions = position_ids_BS.to(device=device, dtype=torch.float32).unsqueeze(1)  # [B, 1, S]
+    angles = positions[..., None] * inv_freq_R2
+    return (angles.cos() * attention).to(dtype), (angles.sin() * attention).to(dtype)
 
 
 def apply_rotary(x_R: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor, interleave: bool) -> torch.Tensor:

@@ -48,19 +48,24 @@ class MTPModule(nn.Module):
         self.block = decoder_layer(cfg, layer_idx, moe=cfg.n_routed_experts > 0)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
 
-    def forward(self, h_prev_BSH, emb_next_BSH, cos_SR2, sin_SR2, valid_len=None):
+    def forward(self, h_prev_BSH, emb_next_BSH, cos_SR2, sin_SR2, valid_len=None, samples=None):
         """Returns h^k (input of the next depth), its normed form for the head, and the balance loss
         (over the first `valid_len` positions: depth k's last k hold wrapped-around tokens)."""
         merged_BSH = self.eh_proj(torch.cat([self.hnorm(h_prev_BSH), self.enorm(emb_next_BSH)], dim=-1))
-        h_BSH, balance_loss = self.block(merged_BSH, cos_SR2, sin_SR2, valid_len)
+        h_BSH, balance_loss = self.block(merged_BSH, cos_SR2, sin_SR2, valid_len, samples)
         return h_BSH, self.norm(h_BSH), balance_loss
 
 
 def mtp_depths(depths, embed_tokens: nn.Module, h_BSH: torch.Tensor, input_ids_BS: torch.Tensor,
-               labels_BS: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor):
+               labels_BS: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor, samples=None):
     """Run the MTP depths in order; per depth k yield (normed h^k for the shared head, its targets
-    t_{i+k+1} with the last k positions ignored, the block's balance loss or None)."""
+    t_{i+k+1} with the last k positions ignored, the block's balance loss or None). With packed
+    `samples`, a target whose token t_{i+k} lies in another sample is ignored too."""
     for k, depth in enumerate(depths, start=1):
         emb_next_BSH = embed_tokens(shift_left(input_ids_BS, k))  # Emb(t_{i+k})
-        h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2, input_ids_BS.shape[1] - k)
-        yield normed_BSH, shift_left(labels_BS, k, fill=IGNORE_INDEX), balance
+        h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2, input_ids_BS.shape[1] - k,
+                                           samples)
+        labels_k_BS = shift_left(labels_BS, k, fill=IGNORE_INDEX)
+        if samples is not None:
+            labels_k_BS = labels_k_BS.masked_fill(~samples.same_sample_ahead(k), IGNORE_INDEX)
+        yield normed_BSH, labels_k_BS, balance
