@@ -35,6 +35,11 @@ class ChatSource:
     path: str
     max_token_id: Optional[int] = None
 
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.max_token_id is not None and self.max_token_id >= vocab_size:
+            raise ValueError(f"{self.path} holds token id {self.max_token_id}, not below model.vocab_size={vocab_size}: "
+                             "it was made with a larger tokenizer; raise model.vocab_size or rebuild the file")
+
     @property
     def num_samples(self) -> int:
         return len(self.offsets) - 1

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from moetron.data.token_files import TokenSource, open_token_file, read_documents, tokenize_in_memory
+from moetron.data.token_files import TokenSource, open_token_file, read_documents, read_header, tokenize_in_memory
 
 
 def load_source(path: str, tokenizer) -> TokenSource:
@@ -61,6 +61,11 @@ class PackedWindows:
             raise ValueError(f"{source.path}: {total} windows of train.seq_len={seq_len} leave none to train on after "
                              f"holding out data.valid_fraction={valid_fraction}; lower it or give data.valid_path")
         return cls(source, seq_len, seed, 0, total - held), cls(source, seq_len, seed, total - held, held, False)
+
+    @staticmethod
+    def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, S + 1] windows -> (inputs [n, S], next-token labels [n, S])."""
+        return rows[:, :-1], rows[:, 1:]
 
     def window(self, k: int) -> torch.Tensor:
         """Tokens [S + 1] of this source's sample k."""
@@ -136,12 +141,23 @@ class BatchSampler:
 
     def micro_batches(self, first_sample: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int):
         """This rank's micro-batches of the step whose `global_batch` sequences start at the run's
-        sample `first_sample` (the tokens before it / seq_len): (inputs [B, S], labels [B, S])."""
+        sample `first_sample` (the tokens before it / seq_len): (inputs [B, S], labels [B, S]), and
+        for packed chat rows their positions [B, S] (moetron.data.packing)."""
         per_rank = global_batch // dp
         first = first_sample + dp_rank * per_rank
         for m in range(per_rank // micro_batch):
             rows = self.blend.windows(first + m * micro_batch, micro_batch)
-            yield rows[:, :-1], rows[:, 1:]
+            yield self.blend.parts[0].split_rows(rows)
+
+    @property
+    def packed(self) -> bool:
+        """Rows of packed samples with loss masks (chat data): the loss is normalised over the
+        global batch's counted targets (`counted_targets`)."""
+        return hasattr(self.blend.parts[0], "counted")
+
+    def counted_targets(self, first_sample: int, global_batch: int) -> int:
+        """Targets that count in the whole step's rows (every data rank's), read from the packing."""
+        return sum(self.blend.parts[i].counted(k) for i, k in self.blend.sources_of(first_sample, global_batch))
 
 
     @classmethod
@@ -159,6 +175,12 @@ def build_data(data_cfg, seq_len: int, seed: int, tokenizer, vocab_size: int):
     sequences)."""
     validation = bool(data_cfg.valid_path) or data_cfg.valid_fraction > 0
     blend = data_cfg.blend or [[1.0, data_cfg.path]]
+    chat = [is_chat_file(str(path)) for _, path in blend]
+    if any(chat):
+        if not all(chat):
+            raise ValueError(f"data.blend mixes chat files (moetron-data --chat) with plain token files: "
+                             f"{[str(p) for (_, p), c in zip(blend, chat) if not c]}; fine-tune on chat data only")
+        return _chat_data(data_cfg, blend, seq_len, seed, vocab_size)
     train, valid, names = [], [], []
     for weight, path in blend:
         source = load_source(str(path), tokenizer)
@@ -176,4 +198,40 @@ def build_data(data_cfg, seq_len: int, seed: int, tokenizer, vocab_size: int):
         source = load_source(data_cfg.valid_path, tokenizer)
         source.check_vocab(vocab_size)
         valid_blend = Blend([PackedWindows(source, seq_len, seed, shuffle=False)], [1.0], [data_cfg.valid_path])
+    return BatchSampler(Blend(train, weights, names)), valid_blend
+
+
+def is_chat_file(path: str) -> bool:
+    return path != "builtin" and read_header(path).get("kind") == "chat"
+
+
+def _chat_data(data_cfg, blend, seq_len: int, seed: int, vocab_size: int):
+    """Samplers of chat files: conversations packed into rows (moetron.data.packing), the held-out
+    `data.valid_fraction` of each file's conversations (its last ones) packed in order for validation."""
+    from moetron.data.chat_files import open_chat_file
+    from moetron.data.packing import PackedChatRows
+
+    train, valid, names = [], [], []
+    for _, path in blend:
+        source = open_chat_file(str(path))
+        source.check_vocab(vocab_size)
+        held = math.floor(source.num_samples * data_cfg.valid_fraction) if not data_cfg.valid_path else 0
+        if data_cfg.valid_fraction > 0 and not data_cfg.valid_path:
+            held = max(held, 1)
+            if held >= source.num_samples:
+                raise ValueError(f"{path}: {source.num_samples} conversations leave none to train on after holding "
+                                 f"out data.valid_fraction={data_cfg.valid_fraction}; lower it or give data.valid_path")
+        rows = dict(packing=data_cfg.packing, overlong=data_cfg.overlong)
+        train.append(PackedChatRows(source, seq_len, seed, count=source.num_samples - held, **rows))
+        if held:
+            valid.append(PackedChatRows(source, seq_len, seed, first=source.num_samples - held, count=held,
+                                        shuffle=False, **rows))
+        names.append(str(path))
+    weights = [float(w) for w, _ in blend]
+    valid_blend = Blend(valid, weights, names) if valid else None
+    if data_cfg.valid_path:
+        source = open_chat_file(data_cfg.valid_path)
+        source.check_vocab(vocab_size)
+        valid_blend = Blend([PackedChatRows(source, seq_len, seed, shuffle=False, packing=data_cfg.packing,
+                                            overlong=data_cfg.overlong)], [1.0], [data_cfg.valid_path])
     return BatchSampler(Blend(train, weights, names)), valid_blend

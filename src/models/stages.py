@@ -68,9 +68,10 @@ class Stage(nn.Module):
         # the model's own pieces (bound methods, not submodules: the stage holds only its layers)
         self._embed, self._run_layers = model.embed, model.run_layers
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, samples=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`samples`: the micro-batch's packed samples (moetron.models.common.packed), if any."""
         h_BSH = self._embed(x) if self.first else x
-        h_BSH, balance = self._run_layers(h_BSH, self.layers)
+        h_BSH, balance = self._run_layers(h_BSH, self.layers, samples)
         metrics = None if balance is None else LossTerms(None, None, balance).logged()
         return attach_aux_loss(h_BSH, balance, self.aux_scale), metrics
 
@@ -83,9 +84,12 @@ class StageTail(nn.Module):
         self.held = nn.ModuleList(model.head_modules())
         self._loss_terms = model.loss_terms
 
-    def forward(self, h_BSH: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor], **options):
-        """`options` go to the model's loss (DeepSeek-V3: `mtp_weight`, the MTP loss's lambda)."""
-        input_ids_BS, labels_BS = target
+    def forward(self, h_BSH: torch.Tensor, target: tuple, **options):
+        """`target`: (input ids, labels) or (input ids, labels, packed samples); `options` go to the
+        model's loss (DeepSeek-V3: `mtp_weight`, the MTP loss's lambda)."""
+        input_ids_BS, labels_BS, *samples = target
+        if samples:
+            options = {**options, "samples": samples[0]}
         terms = self._loss_terms(h_BSH, input_ids_BS, labels_BS, **options)
         return terms.total, terms.logged()
 

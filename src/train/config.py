@@ -20,6 +20,8 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class TrainSettings:
     max_steps: int = 200
+    # passes over the data (chat data): set, it replaces max_steps with the steps of that many epochs
+    epochs: Optional[float] = None
     seed: int = 0
     global_batch: int = 16  # sequences per optimizer step, over all ranks (as Megatron)
     # [start, increment, tokens]: the batch grows from start by increment to global_batch over the
@@ -133,7 +135,8 @@ class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
-    decay_steps: int = 200  # the cosine reaches lr * min_lr_ratio here and stays (not train.max_steps)
+    # the cosine reaches lr * min_lr_ratio here and stays (not train.max_steps); None: at train.max_steps
+    decay_steps: Optional[int] = 200
     # phases in tokens, DeepSeek-V3's way (moetron.train.lr_schedule); set, it replaces the four above
     schedule: Optional[list[Any]] = None
     weight_decay: float = 0.1
@@ -154,6 +157,9 @@ class DataConfig:
     blend: Optional[list[Any]] = None  # [[weight, path], ...]: several sources instead of data.path
     valid_path: Optional[str] = None  # validation data; None: the held-out share below, of every source
     valid_fraction: float = 0.01  # without data.valid_path: the last 1% of every source's windows, held out
+    # chat data (moetron-data --chat): conversations packed into rows, each attending only to itself
+    packing: str = "first_fit"  # first_fit | best_fit (moetron.data.packing)
+    overlong: str = "refuse"  # a conversation longer than train.seq_len: refuse | truncate (counted, reported)
 
 
 @dataclass

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import nullcontext
@@ -131,7 +132,9 @@ class TrainingLoop:
         micro_batches = list(self.sampler.micro_batches(first, batch, tcfg.micro_batch, self.groups.dp_ep_rank,
                                                         self.data_ranks))
         inputs = StepInput(step, lr, batch, first, micro_batches, started)
-        inputs.loss_sums = self.b.micro.run(micro_batches, self.spec.loss_options(self.cfg.model, tcfg, progress.tokens))
+        options = loss_options(self.spec, self.cfg.model, tcfg, progress.tokens, self.sampler, first, batch,
+                               len(micro_batches) * self.data_ranks)
+        inputs.loss_sums = self.b.micro.run(micro_batches, options)
         return inputs
 
     def apply_gradients(self, step: int) -> tuple[float, bool]:
@@ -237,8 +240,8 @@ class TrainingLoop:
         tcfg, ema = self.cfg.train, self.b.ema
         with ema.swapped_in() if tcfg.eval_ema else nullcontext():
             return evaluate(self.b.micro, self.world.size, self.valid,
-                            self.spec.loss_options(self.cfg.model, tcfg, self.b.progress.tokens), self.loss_names,
-                            tcfg, self.groups.dp_ep_rank, self.data_ranks)
+                            functools.partial(loss_options, self.spec, self.cfg.model, tcfg, self.b.progress.tokens),
+                            self.loss_names, tcfg, self.groups.dp_ep_rank, self.data_ranks)
 
     def _note(self, line: str, main_only: bool = False) -> None:
         if main_only and not self.world.is_main:
@@ -271,6 +274,18 @@ class TrainingLoop:
             self.console.close(summary)
             self.jsonl.close()
             self.wandb.close()
+
+
+def loss_options(spec, model_cfg, tcfg, tokens: int, sampler, first: int, batch: int, loss_count: int) -> dict:
+    """The model's loss options for a step (the spec's: MTP weight); for packed chat data also the
+    denominator that normalises the loss over the counted targets of the whole global batch: each
+    micro-batch's summed cross entropy / (counted targets / micro-batches x data ranks), so that the
+    trainer's mean over micro-batches and ranks is the global batch's sum / its counted targets, the
+    same in every layout and micro-batch split."""
+    options = spec.loss_options(model_cfg, tcfg, tokens)
+    if sampler.packed:
+        options["loss_denominator"] = max(sampler.counted_targets(first, batch), 1) / loss_count
+    return options
 
 
 def _reduced_metrics(summed: dict, loss_names: dict, loss_count: int, world_size: int) -> dict:

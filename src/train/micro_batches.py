@@ -3,6 +3,9 @@
 - `LocalMicroBatches` (pp = 1): the whole model runs each micro-batch, losses scaled by 1/n.
 - `PipelinedMicroBatches` (pp > 1): this rank runs its stages' actions of the pipeline schedule.
 
+A micro-batch is (input ids, labels), or (input ids, labels, position ids) for rows of packed
+samples (chat data): each sample then attends only to itself (moetron.models.common.packed).
+
 Both return the sum, over the micro-batches this rank saw, of the model's loss terms
 (`moetron.models.outputs.LossTerms.logged()`: total, lm, mtp, balance) as a float64 tensor on the
 device; a pipeline rank's sum holds its stages' part, and the trainer's one metrics reduction adds
@@ -16,6 +19,7 @@ from typing import Optional
 import torch
 
 from moetron.core.saved_tensors import SavedTensorMeter, module_state
+from moetron.models.common.packed import PackedSamples
 from moetron.models.outputs import LOSS_TERMS
 from moetron.pipeline.runtime import PipelineRunner
 from moetron.pipeline.schedule import forward_only
@@ -38,6 +42,11 @@ class _MicroBatches:
     def _zeros(self) -> torch.Tensor:
         return torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
 
+    def _on_device(self, micro_batch) -> tuple[torch.Tensor, torch.Tensor, Optional[PackedSamples]]:
+        """(input ids, labels, packed samples or None) of a micro-batch, on the device."""
+        inputs, labels, *positions = (t.to(self.device) for t in micro_batch)
+        return inputs, labels, PackedSamples(positions[0]) if positions else None
+
     def _new_weights(self, modules) -> None:
         """The weights may have changed since the last pass (an optimizer step, ZeRO-1's gather, an
         average swapped in): caches of them made for the last pass are stale."""
@@ -56,11 +65,11 @@ class LocalMicroBatches(_MicroBatches):
     def run(self, micro_batches, loss_options: dict) -> torch.Tensor:
         logged = self._zeros()
         self._new_weights([self.model])
-        for i, (inputs, labels) in enumerate(micro_batches):
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
+        for i, micro_batch in enumerate(micro_batches):
+            inputs, labels, samples = self._on_device(micro_batch)
             self.meter.ignore((inputs, labels))
             with self._autocast(), self.meter.saving(i):
-                out = self.model(inputs, labels, **loss_options)
+                out = self.model(inputs, labels, samples=samples, **loss_options)
             self.meter.sample()
             last = i == len(micro_batches) - 1 and self.grads is not None
             if last:
@@ -79,9 +88,10 @@ class LocalMicroBatches(_MicroBatches):
         self._new_weights([self.model])
         self.model.eval()
         try:
-            for inputs, labels in micro_batches:
+            for micro_batch in micro_batches:
+                inputs, labels, samples = self._on_device(micro_batch)
                 with self._autocast():
-                    logged += self.model(inputs.to(self.device), labels.to(self.device), **loss_options).logged()
+                    logged += self.model(inputs, labels, samples=samples, **loss_options).logged()
         finally:
             self.model.train()
         return logged
@@ -136,12 +146,17 @@ class PipelinedMicroBatches(_MicroBatches):
         for stage in self.parts.stage_modules.values():  # balance losses scale as the step's losses do
             if hasattr(stage, "aux_scale"):
                 stage.aux_scale = 1.0 / len(micro_batches)
-        inputs = {i: x.to(self.device) for i, (x, _) in enumerate(micro_batches)}
-        targets = {i: (x.to(self.device), y.to(self.device)) for i, (x, y) in enumerate(micro_batches)}
+        inputs, targets, side = {}, {}, {}
+        for i, micro_batch in enumerate(micro_batches):
+            x, y, samples = self._on_device(micro_batch)
+            inputs[i], targets[i] = x, (x, y) if samples is None else (x, y, samples)
+            if samples is not None:
+                side[i] = {"samples": samples}
         tail = self.parts.tail
         loss_fn = functools.partial(tail, **loss_options) if tail is not None else None
         with self._autocast():
-            result = runner.step(inputs, targets, loss_fn, loss_scale=1.0 / len(micro_batches) if train else 1.0)
+            result = runner.step(inputs, targets, loss_fn, loss_scale=1.0 / len(micro_batches) if train else 1.0,
+                                 side=side)
         if train:
             self.last_runner = runner  # its action_spans are the step's timeline
             busy = runner.busy_s / max(runner.step_s, 1e-12)

@@ -75,12 +75,31 @@ def check(cfg, run_dir: Optional[Path], world_size: int) -> Checked:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
                              f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
         sampler, valid = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, tokenizer, model_cfg.vocab_size)
+        _steps_from_data(cfg, sampler)
         if not cfg.train.resume and held:
             raise ValueError(f"train.resume=false, but {run_dir} holds checkpoints of an earlier run: starting over "
                              "there would mix the two runs' metrics and checkpoints; use a new hydra.run.dir")
     except (ValueError, FileNotFoundError) as err:
         raise UserInputError(str(err)) from err
     return Checked(dims, topology, spec, model_cfg, sampler, valid)
+
+
+def _steps_from_data(cfg, sampler) -> None:
+    """train.epochs: train.max_steps becomes the steps of that many passes over the (packed) data;
+    optim.decay_steps unset: the cosine ends at train.max_steps."""
+    tcfg = cfg.train
+    if tcfg.get("epochs"):
+        part = sampler.blend.parts[0]
+        if len(sampler.blend.parts) > 1 or not hasattr(part, "rows_in_epochs"):
+            raise ValueError("train.epochs counts passes over one chat file (moetron-data --chat); give "
+                             "train.max_steps for token files and blends")
+        rows = part.rows_in_epochs(tcfg.epochs)
+        if rows < tcfg.global_batch:
+            raise ValueError(f"train.epochs={tcfg.epochs}: {part.source.path} packs into {rows} rows of "
+                             f"train.seq_len={tcfg.seq_len}, fewer than one train.global_batch={tcfg.global_batch}")
+        tcfg.max_steps = rows // tcfg.global_batch
+    if cfg.optim.get("decay_steps") is None:
+        cfg.optim.decay_steps = tcfg.max_steps
 
 
 def train(cfg, run_dir: Path) -> dict:
@@ -215,6 +234,19 @@ def _init_from(spec, model_cfg, model, groups) -> None:
                   flush=True)
 
 
+def _packing_note(sampler, cfg) -> str:
+    """What the chat data became: conversations, rows per epoch, what was cut."""
+    parts = sampler.blend.parts
+    samples, rows = sum(len(p.sample_ids) for p in parts), sum(p.num_windows for p in parts)
+    cut = sum(p.overlong_count for p in parts)
+    line = (f"chat data: {samples:,} conversations packed ({cfg.data.packing}) into {rows:,} rows of "
+            f"train.seq_len={cfg.train.seq_len} per epoch, each attending only to itself; "
+            f"{cfg.train.max_steps} steps")
+    if cut:
+        line += f"; {cut} conversation(s) longer than train.seq_len cut to it (data.overlong=truncate)"
+    return line
+
+
 def _on_gpus(setting, device: torch.device) -> bool:
     """An overlap setting, or (unset) on with GPUs and off on CPUs, where gloo's threads take cores
     from compute (on 2 cores, ZeRO-1's overlapped communication was 3% slower: BENCHMARKS.md)."""
@@ -242,6 +274,8 @@ def _train_loop(cfg, config_dict: dict, run_dir, world, groups, device, spec, sa
     progress = resume(run_dir, config_dict, spec, cfg.model, model, optimizer, finalizer, ema)  # step, tokens, skips
     if world.is_main and progress.step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {progress.step}", flush=True)
+    if world.is_main and sampler.packed:
+        print(_packing_note(sampler, cfg), flush=True)
     if progress.step >= tcfg.max_steps:
         if world.is_main:
             print(f"nothing to do: {run_dir} already reached train.max_steps={tcfg.max_steps} "

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moetron.comm.dispatch.deepep import deepep_problems
+from moetron.data.packing import OVERLONG, PACKINGS
 from moetron.models.registry import get_spec
 from moetron.parallel.dims import ParallelDims, Topology
 from moetron.parallel.expert_parallel import DISPATCHERS
@@ -149,6 +150,15 @@ def validate(cfg, world_size: int) -> ParallelDims:
             problems.append("precision.fp8_dispatch=true: parallel.dispatcher=deepep sends BF16 only here; set "
                             "precision.fp8_dispatch=false or parallel.dispatcher=hierarchical")
     problems += _data_problems(cfg.data)
+    if cfg.data.packing not in PACKINGS:
+        problems.append(f"data.packing={cfg.data.packing!r}: choose one of {PACKINGS}")
+    if cfg.data.overlong not in OVERLONG:
+        problems.append(f"data.overlong={cfg.data.overlong!r}: choose one of {OVERLONG}")
+    if train.epochs is not None and not (isinstance(train.epochs, (int, float)) and train.epochs > 0):
+        problems.append(f"train.epochs={train.epochs} must be positive (or null: train.max_steps)")
+    if train.epochs is not None and train.batch_ramp:
+        problems.append("train.epochs with train.batch_ramp: the steps of an epoch depend on the batch; set "
+                        "train.batch_ramp=null or give train.max_steps")
     if train.eval_every > 0 and not cfg.data.valid_path and cfg.data.valid_fraction <= 0:
         problems.append("train.eval_every needs validation data: data.valid_path, or data.valid_fraction > 0")
     if train.eval_ema and not (train.ema_decay > 0 and train.eval_every > 0):

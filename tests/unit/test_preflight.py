@@ -35,6 +35,7 @@ SAMPLES = {
     "parallel.overlap_grad_reduce": "true",
     "parallel.overlap_param_gather": "true",
     "train.batch_ramp": "[4,4,1000]",
+    "train.epochs": "2",
     "train.mtp_weight_schedule": "[[0,0.3],[1000,0.1]]",
     "train.bias_update_schedule": "[[0,0.001],[1000,0.0]]",
     "train.deterministic": "true",

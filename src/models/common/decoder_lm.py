@@ -28,9 +28,14 @@ from moetron.models.outputs import LMOutput, LossTerms, add_optional
 
 
 
-def cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over positions whose label is not IGNORE_INDEX (in float32)."""
-    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), ignore_index=IGNORE_INDEX)
+def cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, denominator: Optional[float] = None
+                  ) -> torch.Tensor:
+    """Mean next-token cross entropy over positions whose label is not IGNORE_INDEX (in float32);
+    with `denominator`, their sum divided by it (a loss normalised over a whole global batch)."""
+    if denominator is None:
+        return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum") / denominator
 
 
 def seeded_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -133,19 +138,21 @@ class DecoderLM(nn.Module):
             balance = add_optional(balance, layer_balance)
         return h_BSH, balance
 
-    def head_loss(self, normed_BSH: torch.Tensor, labels_BS: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def head_loss(self, normed_BSH: torch.Tensor, labels_BS: torch.Tensor, denominator: Optional[float] = None
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(cross entropy of the head's logits, the logits); under `chunked_loss` the logits are never
-        whole, and None is returned for them."""
+        whole, and None is returned for them. `denominator`: see `cross_entropy`."""
         if self.chunked_loss:  # through the module: its hooks run (ZeRO-1 lands the head's weight there)
-            return self.lm_head(normed_BSH, labels_BS), None
+            return self.lm_head(normed_BSH, labels_BS, denominator=denominator), None
         logits_BSV = self.lm_head(normed_BSH)
-        return cross_entropy(logits_BSV, labels_BS), logits_BSV
+        return cross_entropy(logits_BSV, labels_BS, denominator), logits_BSV
 
     def loss_terms(self, h_BSH: torch.Tensor, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor,
-                   samples: Optional[PackedSamples] = None) -> LossTerms:
+                   samples: Optional[PackedSamples] = None, loss_denominator: Optional[float] = None) -> LossTerms:
         """After the last block: the next-token loss (`labels_BS` ignores each packed sample's last
-        position already)."""
-        loss, logits_BSV = self.head_loss(self.norm(h_BSH), labels_BS)
+        position already); `loss_denominator`: the counted targets' sum divided by it, not their mean
+        (the trainer's normalisation over the global batch's counted tokens)."""
+        loss, logits_BSV = self.head_loss(self.norm(h_BSH), labels_BS, loss_denominator)
         return LossTerms(loss, None, None, logits_BSV)
 
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None,

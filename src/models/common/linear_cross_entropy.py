@@ -13,6 +13,8 @@ Shape legend: T tokens, H hidden, V vocabulary, C tokens of a chunk.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -27,7 +29,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_TH, w_VH, labels_T, chunk: int):
+    def forward(ctx, h_TH, w_VH, labels_T, chunk: int, denominator: Optional[float]):
         dtype = _compute_dtype(h_TH)
         w_cast = w_VH.to(dtype)  # once per call, not kept
         counted_T = labels_T != IGNORE_INDEX
@@ -39,7 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse_T[rows] = torch.logsumexp(logits_CV, dim=-1)
             target_C = logits_CV.gather(1, labels_T[rows].clamp(min=0).unsqueeze(1)).squeeze(1)
             total += torch.where(counted_T[rows], lse_T[rows] - target_C, 0.0).sum()
-        count = counted_T.sum()
+        count = counted_T.sum() if denominator is None else torch.tensor(float(denominator), device=h_TH.device)
         ctx.save_for_backward(h_TH, w_VH, labels_T, lse_T, count)
         ctx.chunk, ctx.dtype = chunk, dtype
         return total / count  # NaN when nothing counts, as F.cross_entropy's mean
@@ -62,14 +64,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_h_TH[rows] = (dlogits_CV @ w_cast).to(h_TH.dtype)
             if grad_w_VH is not None:
                 grad_w_VH += (dlogits_CV.t() @ h_CH).float()
-        return grad_h_TH, None if grad_w_VH is None else grad_w_VH.to(w_VH.dtype), None, None
+        return grad_h_TH, None if grad_w_VH is None else grad_w_VH.to(w_VH.dtype), None, None, None
 
 
 def linear_cross_entropy(h_BSH: torch.Tensor, weight_VH: torch.Tensor, labels_BS: torch.Tensor,
-                         chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+                         chunk: int = CHUNK_TOKENS, denominator: Optional[float] = None) -> torch.Tensor:
     """Mean cross entropy of the logits h W^T against `labels_BS` (IGNORE_INDEX positions do not
-    count), without keeping the logits (see the module docstring)."""
-    return _LinearCrossEntropy.apply(h_BSH.flatten(0, 1), weight_VH, labels_BS.flatten(), chunk)
+    count), without keeping the logits (see the module docstring); with `denominator`, their sum
+    divided by it instead of by their count."""
+    return _LinearCrossEntropy.apply(h_BSH.flatten(0, 1), weight_VH, labels_BS.flatten(), chunk, denominator)
 
 
 class OutputHead(nn.Linear):
@@ -77,7 +80,8 @@ class OutputHead(nn.Linear):
     of them (`linear_cross_entropy`). The loss is computed by calling the module, so that its
     forward hooks run as for the logits (ZeRO-1's overlapped gather lands the head's weight in one)."""
 
-    def forward(self, h_BSH: torch.Tensor, labels_BS: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h_BSH: torch.Tensor, labels_BS: torch.Tensor | None = None,
+                denominator: Optional[float] = None) -> torch.Tensor:
         if labels_BS is None:
             return super().forward(h_BSH)
-        return linear_cross_entropy(h_BSH, self.weight, labels_BS)
+        return linear_cross_entropy(h_BSH, self.weight, labels_BS, denominator=denominator)

@@ -44,17 +44,19 @@ class DeepSeekV3(DecoderLM):
         return [self.norm, self.lm_head, self.embed_tokens, self.mtp]
 
     def loss_terms(self, h_BSH: torch.Tensor, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor,
-                   mtp_weight: Optional[float] = None, samples: Optional[PackedSamples] = None) -> LossTerms:
+                   mtp_weight: Optional[float] = None, samples: Optional[PackedSamples] = None,
+                   loss_denominator: Optional[float] = None) -> LossTerms:
         """After the last block: next-token loss, (lambda / D) sum_k L^k over the MTP depths (eqs.
         21-25), and the MTP blocks' balance losses. `samples`: packed samples (a depth counts no
-        target in another sample)."""
+        target in another sample); `loss_denominator`: every depth's summed cross entropy is divided
+        by it, the main loss's (eq. 24 divides L^k by the sequence's T, not by its own count)."""
         lam = self.cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
-        terms = super().loss_terms(h_BSH, input_ids_BS, labels_BS)
+        terms = super().loss_terms(h_BSH, input_ids_BS, labels_BS, loss_denominator=loss_denominator)
         cos_SR2, sin_SR2 = self.rotary(h_BSH, samples)
         loss_mtp = balance = None
         for normed_BSH, labels_k_BS, depth_balance in mtp_depths(self.mtp, self.embed_tokens, h_BSH, input_ids_BS,
                                                                  labels_BS, cos_SR2, sin_SR2, samples):
-            loss_k, _ = self.head_loss(normed_BSH, labels_k_BS)
+            loss_k, _ = self.head_loss(normed_BSH, labels_k_BS, loss_denominator)
             loss_mtp = add_optional(loss_mtp, loss_k * (lam / len(self.mtp)))
             balance = add_optional(balance, depth_balance)
         return LossTerms(terms.lm, loss_mtp, balance, terms.logits_BSV)
