@@ -62,10 +62,15 @@ class PackedWindows:
                              f"holding out data.valid_fraction={valid_fraction}; lower it or give data.valid_path")
         return cls(source, seq_len, seed, 0, total - held), cls(source, seq_len, seed, total - held, held, False)
 
-    @staticmethod
-    def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[n, S + 1] windows -> (inputs [n, S], next-token labels [n, S])."""
-        return rows[:, :-1], rows[:, 1:]
+    masking_eos: Optional[int] = None  # data.sample_masking: the EOS id that ends each document
+
+    def split_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[n, S + 1] windows -> (inputs [n, S], next-token labels [n, S]), and under
+        data.sample_masking the positions [n, S] of each document (restarting after each EOS)."""
+        inputs, labels = rows[:, :-1], rows[:, 1:]
+        if self.masking_eos is None:
+            return inputs, labels
+        return inputs, labels, document_positions(inputs, self.masking_eos)
 
     def window(self, k: int) -> torch.Tensor:
         """Tokens [S + 1] of this source's sample k."""
@@ -167,6 +172,17 @@ class BatchSampler:
         return cls(Blend([PackedWindows(source, seq_len, seed)], [1.0], ["data"]))
 
 
+def document_positions(inputs_BS: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, S] positions within each document of the rows, restarting at the token after each EOS
+    (where the token file's documents start) and at each row's start."""
+    starts_BS = torch.zeros_like(inputs_BS, dtype=torch.bool)
+    starts_BS[:, 0] = True
+    starts_BS[:, 1:] = inputs_BS[:, :-1] == eos_id
+    index_BS = torch.arange(inputs_BS.shape[1]).expand_as(inputs_BS)
+    last_start_BS = torch.where(starts_BS, index_BS, 0).cummax(dim=1).values
+    return index_BS - last_start_BS
+
+
 def build_data(data_cfg, seq_len: int, seed: int, tokenizer, vocab_size: int):
     """(the training BatchSampler, the validation Blend or None) of the `data` settings: `data.path` or
     `data.blend`, every file checked against the tokenizer's and the model's vocabulary; validation
@@ -193,11 +209,16 @@ def build_data(data_cfg, seq_len: int, seed: int, tokenizer, vocab_size: int):
         else:
             train.append(PackedWindows(source, seq_len, seed))
     weights = [float(w) for w, _ in blend]
-    valid_blend = Blend(valid, weights, names) if valid else None
     if validation and data_cfg.valid_path:
         source = load_source(data_cfg.valid_path, tokenizer)
         source.check_vocab(vocab_size)
-        valid_blend = Blend([PackedWindows(source, seq_len, seed, shuffle=False)], [1.0], [data_cfg.valid_path])
+        valid, weights_valid, names_valid = [PackedWindows(source, seq_len, seed, shuffle=False)], [1.0], \
+            [data_cfg.valid_path]
+    else:
+        weights_valid, names_valid = weights, names
+    for part in train + valid:  # pre-training packs documents without masks, unless asked (report 5.1)
+        part.masking_eos = tokenizer.eos_id if data_cfg.sample_masking else None
+    valid_blend = Blend(valid, weights_valid, names_valid) if valid else None
     return BatchSampler(Blend(train, weights, names)), valid_blend
 
 

@@ -157,6 +157,9 @@ class DataConfig:
     blend: Optional[list[Any]] = None  # [[weight, path], ...]: several sources instead of data.path
     valid_path: Optional[str] = None  # validation data; None: the held-out share below, of every source
     valid_fraction: float = 0.01  # without data.valid_path: the last 1% of every source's windows, held out
+    # pre-training: documents in a sequence attend only to themselves (positions restart after each
+    # EOS); false packs them without masks, as DeepSeek-V3 pre-trains. Chat data is always masked.
+    sample_masking: bool = False
     # chat data (moetron-data --chat): conversations packed into rows, each attending only to itself
     packing: str = "first_fit"  # first_fit | best_fit (moetron.data.packing)
     overlong: str = "refuse"  # a conversation longer than train.seq_len: refuse | truncate (counted, reported)

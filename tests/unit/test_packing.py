@@ -3,6 +3,7 @@ once within the row length; a row's labels are each sample's next counted token 
 sample's end), its positions restart per sample; overlong samples are refused or cut, and counted."""
 import numpy as np
 import pytest
+import torch
 
 from moetron.data.chat_files import ChatSource
 from moetron.data.packing import PackedChatRows, pack_best_fit, pack_first_fit
@@ -68,3 +69,15 @@ def test_epochs_reshuffle_and_cover_every_sample():
     for epoch in (first, second):  # each sample's first token (its id) appears in exactly one row
         seen = sorted(t for row in epoch for t, prev in zip(row, [None] + row[:-1]) if t != prev and t != 0)
         assert seen == list(range(1, 40))
+
+
+def test_pretraining_sample_masking_restarts_positions_after_each_eos():
+    from moetron.data.windows import BatchSampler, document_positions
+
+    inputs = torch.tensor([[5, 6, 9, 7, 9, 8], [9, 1, 2, 3, 4, 5]])
+    assert document_positions(inputs, eos_id=9).tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]]
+    sampler = BatchSampler.of_tokens(np.array([1, 2, 9, 3, 4, 5, 9, 6, 7] * 4), 8, 0)
+    assert len(next(sampler.micro_batches(0, 2, 2, 0, 1))) == 2  # unmasked: (inputs, labels)
+    sampler.blend.parts[0].masking_eos = 9
+    inputs, labels, positions = next(sampler.micro_batches(0, 2, 2, 0, 1))
+    assert torch.equal(positions, document_positions(inputs, 9)) and torch.equal(inputs[:, 1:], labels[:, :-1])
