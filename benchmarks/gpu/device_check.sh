@@ -10,7 +10,8 @@
 # grouped GEMMs against BF16 at DeepSeek-V3's shapes, and the torch backend against emulated,
 # benchmarks/gpu/fp8_linear.py), fp8_test.log (the CUDA-only FP8 tests; te's when it is installed) and mini_fp8_metrics.jsonl
 # (the same training with precision=fp8: its loss against BF16's and its throughput), and
-# train_throughput.json (moetron eager, compiled and FP8 against transformers on mini, issue 18). On a CPU, the same plumbing in small:
+# train_throughput.json (moetron eager, compiled and FP8 against transformers on mini, issue 18),
+# packed_attention.json (FlexAttention's sample masks against causal FlashAttention, issue 27). On a CPU, the same plumbing in small:
 #   DEVICE=cpu MODEL=tiny STEPS=3 SEQ=64 FB_ARGS="--hidden 64 --rows 64 --steps 3" bash benchmarks/gpu/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,6 +36,12 @@ if [ "$DEVICE" = cuda ]; then
     timeout 200 python3 benchmarks/gpu/fp8_linear.py --backend torch --json > "$OUT/fp8_linear.json" 2> "$OUT/fp8_linear.err"
     echo "rc=$?"; head -c 3000 "$OUT/fp8_linear.json"; tail -5 "$OUT/fp8_linear.err"
     timeout 120 python3 -m pytest -q tests/unit/test_fp8.py tests/unit/test_fp8_cache.py > "$OUT/fp8_test.log" 2>&1; echo "rc=$?"; tail -3 "$OUT/fp8_test.log"
+fi
+
+echo "== packed attention: sample masking against causal (benchmarks/gpu/packed_attention.py, issue 27)"
+if [ "$DEVICE" = cuda ]; then
+    timeout 150 python3 benchmarks/gpu/packed_attention.py --json > "$OUT/packed_attention.json" 2> "$OUT/packed_attention.err"
+    echo "rc=$?"; cat "$OUT/packed_attention.json"; tail -5 "$OUT/packed_attention.err"
 fi
 
 echo "== single-GPU throughput against transformers (benchmarks/gpu/train_throughput.py)"
