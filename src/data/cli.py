@@ -77,7 +77,7 @@ def _decode(tokenizer, ids) -> str:
     pieces, start = [], 0
     for i, token in enumerate(list(ids) + [None]):
         if token is None or int(token) == tokenizer.eos_id:
-            pieces.append(tokenizer.decode(ids[start:i]))
+            pieces.append(tokenizer.decode(ids[start:i], keep_special=True))
             if token is not None:
                 pieces.append(tokenizer.eos_token)
             start = i + 1

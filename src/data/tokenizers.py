@@ -49,7 +49,7 @@ class ByteTokenizer:
 
         return BYTES_TEMPLATE.read_text(encoding="utf-8"), str(BYTES_TEMPLATE)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, keep_special: bool = False) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
@@ -131,8 +131,9 @@ class HFTokenizer:
             ids = [self.bos_id, *ids]
         return np.asarray(ids, dtype=np.uint32)
 
-    def decode(self, ids) -> str:
-        return self._decode([int(i) for i in ids])
+    def decode(self, ids, keep_special: bool = False) -> str:
+        """The text of `ids`; special tokens (chat markers, EOS) written out with `keep_special`."""
+        return self._decode([int(i) for i in ids], skip_special_tokens=not keep_special)
 
 
 def get_tokenizer(name: str):

@@ -154,3 +154,14 @@ def test_offsets_of_the_byte_tokenizer_follow_characters():
     ids, starts = ByteTokenizer().encode_with_offsets("é<|eos|>a")
     assert ids.tolist() == [0xC3, 0xA9, 256, ord("a")] and starts.tolist() == [0, 0, 1, 8]
     assert np.array_equal(ByteTokenizer().encode_with_offsets("plain")[0], ByteTokenizer().encode("plain"))
+
+
+def test_show_writes_the_special_tokens_of_an_hf_tokenizer(tmp_path):
+    from moetron.data.cli import show_sample
+
+    tokenizer = _hf_tokenizer(tmp_path / "tok", QWEN_STYLE, "<|im_end|>")
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": TURNS[1:3]}) + "\n")
+    write_chat_file([path], tmp_path / "c", tokenizer, ChatTemplate.of_tokenizer(tokenizer))
+    shown = show_sample(open_chat_file(str(tmp_path / "c")), tokenizer)
+    assert shown == "[<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n]4<|im_end|>\n"
