@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moetron.data.chat import ChatTemplate
 from moetron.data.chat_files import open_chat_file, write_chat_file
-from moetron.data.token_files import write_token_file
+from moetron.data.token_files import read_header, write_token_file
 from moetron.data.tokenizers import get_tokenizer
 
 
@@ -37,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="print a chat file's first conversation, the tokens that do not count in [brackets]")
     args = parser.parse_args(argv)
     try:
-        if args.show:
-            print(show_sample(open_chat_file(str(args.show)), get_tokenizer(args.tokenizer)))
+        if args.show:  # the file's own tokenizer, unless --tokenizer names another
+            made_with = read_header(args.show).get("tokenizer", "bytes")
+            tokenizer = get_tokenizer(args.tokenizer if args.tokenizer != "bytes" else made_with)
+            print(show_sample(open_chat_file(str(args.show)), tokenizer))
             return 0
         if not args.inputs or args.output is None:
             parser.error("give the input files and --output (or --show PREFIX)")

@@ -4,8 +4,8 @@ several samples per sequence, isolated by sample masking).
 Each epoch shuffles the samples with a seeded generator and packs them in that order, first-fit
 (each sample into the first row with room, rows kept in the order they were opened) or best-fit
 (into the row it fills most tightly). A row is its samples back to back, then padding: positions
-restart at 0 at each sample (and at the padding, which is a sample of its own that nothing reads
-and no loss counts); the label of a position is the sample's next token when that token counts (an
+restart at 0 at each sample (and at the padding, which is a sample of its own that no other token
+reads, no loss counts and no router counts in its loads); the label of a position is the sample's next token when that token counts (an
 assistant token), IGNORE_INDEX otherwise and at each sample's last position.
 
 A sample longer than the row is refused, or with `overlong="truncate"` cut to the row's length
@@ -76,19 +76,19 @@ def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 class PackedChatRows:
-    """Rows [first, first + count) of each epoch's packing of a chat file's samples (`first`/`count`
-    select samples: a held-out share for validation); row k of the run comes from the epoch it falls
-    in. `window(k)` gives the row as [3, S]: input ids, labels, positions."""
+    """Rows of each epoch's packing of a chat file's samples (`sample_ids`: which ones, default all;
+    a held-out share for validation); row k of the run comes from the epoch it falls in. `window(k)`
+    gives the row as [4, S]: input ids, labels, positions, and 1 on real tokens (0 on padding)."""
 
     def __init__(self, source: ChatSource, seq_len: int, seed: int, packing: str = "first_fit",
-                 overlong: str = "refuse", first: int = 0, count: Optional[int] = None, shuffle: bool = True) -> None:
+                 overlong: str = "refuse", sample_ids: Optional[np.ndarray] = None, shuffle: bool = True) -> None:
         if packing not in PACKINGS:
             raise ValueError(f"data.packing={packing!r}: choose one of {PACKINGS}")
         if overlong not in OVERLONG:
             raise ValueError(f"data.overlong={overlong!r}: choose one of {OVERLONG}")
         self.source, self.seq_len, self.seed, self.packing, self.shuffle = source, seq_len, seed, packing, shuffle
-        count = source.num_samples - first if count is None else count
-        self.sample_ids = np.arange(first, first + count)
+        self.sample_ids = np.arange(source.num_samples) if sample_ids is None else np.asarray(sample_ids)
+        count = len(self.sample_ids)
         lengths = np.diff(np.asarray(source.offsets))[self.sample_ids]
         too_long = lengths > seq_len
         self.overlong_count, self.longest = int(too_long.sum()), int(lengths.max()) if len(lengths) else 0
@@ -118,8 +118,10 @@ class PackedChatRows:
     def rows_in_epochs(self, epochs: float) -> int:
         """Rows of the run's first `epochs` epochs (a fraction takes that share of the last one)."""
         whole = int(epochs)
-        self._epoch(whole)
-        return self._starts[whole] + int(round((epochs - whole) * len(self._epochs[whole])))
+        self._epoch(whole - 1 if whole else 0)
+        if epochs == whole:
+            return self._starts[whole]
+        return self._starts[whole] + int(round((epochs - whole) * len(self._epoch(whole))))
 
     @property
     def num_windows(self) -> int:
@@ -135,10 +137,10 @@ class PackedChatRows:
             e += 1
 
     def window(self, k: int) -> torch.Tensor:
-        """Row k of the run: [3, S] int64 (input ids, labels, positions)."""
+        """Row k of the run: [4, S] int64 (input ids, labels, positions, 1 on real tokens)."""
         e, r = self._locate(k)
         S = self.seq_len
-        out = np.zeros((3, S), dtype=np.int64)
+        out = np.zeros((4, S), dtype=np.int64)
         out[1] = IGNORE_INDEX
         at = 0
         for index in self._epochs[e][r]:
@@ -150,7 +152,8 @@ class PackedChatRows:
             out[1, at:at + n - 1] = labels
             out[2, at:at + n] = np.arange(n)
             at += n
-        out[2, at:] = np.arange(S - at)  # the padding: a sample of its own
+        out[2, at:] = np.arange(S - at)  # the padding: a sample of its own, that no router counts
+        out[3, :at] = 1
         return torch.from_numpy(out)
 
     def counted(self, k: int) -> int:
@@ -173,5 +176,5 @@ class PackedChatRows:
 
     @staticmethod
     def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """[n, 3, S] rows -> (input ids, labels, positions), each [n, S]."""
-        return rows[:, 0], rows[:, 1], rows[:, 2]
+        """[n, 4, S] rows -> (input ids, labels, positions, real tokens as bool), each [n, S]."""
+        return rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3].bool()

@@ -228,7 +228,8 @@ def is_chat_file(path: str) -> bool:
 
 def _chat_data(data_cfg, blend, seq_len: int, seed: int, vocab_size: int):
     """Samplers of chat files: conversations packed into rows (moetron.data.packing), the held-out
-    `data.valid_fraction` of each file's conversations (its last ones) packed in order for validation."""
+    `data.valid_fraction` of each file's conversations (drawn by the seed, so that a file sorted by
+    topic still validates on all of them) packed in order for validation."""
     from moetron.data.chat_files import open_chat_file
     from moetron.data.packing import PackedChatRows
 
@@ -243,10 +244,11 @@ def _chat_data(data_cfg, blend, seq_len: int, seed: int, vocab_size: int):
                 raise ValueError(f"{path}: {source.num_samples} conversations leave none to train on after holding "
                                  f"out data.valid_fraction={data_cfg.valid_fraction}; lower it or give data.valid_path")
         rows = dict(packing=data_cfg.packing, overlong=data_cfg.overlong)
-        train.append(PackedChatRows(source, seq_len, seed, count=source.num_samples - held, **rows))
+        order = np.random.default_rng([seed, 7919]).permutation(source.num_samples)  # held out: a seeded draw
+        train.append(PackedChatRows(source, seq_len, seed, sample_ids=np.sort(order[held:]), **rows))
         if held:
-            valid.append(PackedChatRows(source, seq_len, seed, first=source.num_samples - held, count=held,
-                                        shuffle=False, **rows))
+            valid.append(PackedChatRows(source, seq_len, seed, sample_ids=np.sort(order[:held]), shuffle=False,
+                                        **rows))
         names.append(str(path))
     weights = [float(w) for w, _ in blend]
     valid_blend = Blend(valid, weights, names) if valid else None

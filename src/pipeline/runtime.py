@@ -165,7 +165,7 @@ class PipelineRunner:
         self._use_on(x, stage)
         saving = self.meter.saving((mb, stage)) if self._backward_follows else nullcontext()
         with self._device_module.stream(stream), saving:
-            out = self._keep_metrics(self.modules[stage](x, **self._side.get(mb, {})))
+            out = self._keep_metrics(self.modules[stage](x, **self._stage_kwargs.get(mb, {})))
             if self.sched.next_stage(mb, stage) is None:
                 loss = self._keep_metrics(self._loss_fn(out, self._targets[mb]))
                 self._losses[mb] = loss.detach()
@@ -320,12 +320,13 @@ class PipelineRunner:
             self._forward_backward(a)
 
     def step(self, inputs: dict[int, torch.Tensor], targets: dict[int, torch.Tensor],
-             loss_fn: Callable, loss_scale: float = 1.0, side: Optional[dict[int, dict]] = None) -> StepResult:
+             loss_fn: Callable, loss_scale: float = 1.0, stage_kwargs: Optional[dict[int, dict]] = None
+             ) -> StepResult:
         """Run this rank's actions for one optimizer step: the losses of its last stages' micro-batches
-        and the sum of the metrics its modules and the loss returned. `side`: keyword arguments of
-        every stage's forward, per micro-batch (its packed samples)."""
+        and the sum of the metrics its modules and the loss returned. `stage_kwargs`: keyword
+        arguments of every stage's forward, per micro-batch (its packed samples)."""
         self._inputs, self._targets, self._loss_fn, self._loss_scale = inputs, targets, loss_fn, loss_scale
-        self._side = side or {}
+        self._stage_kwargs = stage_kwargs or {}
         self.meter.ignore(tree_leaves((inputs, targets)))  # held by the caller all step
         self._saved, self._local_acts, self._local_grads, self._losses = {}, {}, {}, {}
         self._metrics: list[torch.Tensor] = []

@@ -44,8 +44,8 @@ class _MicroBatches:
 
     def _on_device(self, micro_batch) -> tuple[torch.Tensor, torch.Tensor, Optional[PackedSamples]]:
         """(input ids, labels, packed samples or None) of a micro-batch, on the device."""
-        inputs, labels, *positions = (t.to(self.device) for t in micro_batch)
-        return inputs, labels, PackedSamples(positions[0]) if positions else None
+        inputs, labels, *packing = (t.to(self.device) for t in micro_batch)  # positions, real tokens
+        return inputs, labels, PackedSamples(*packing) if packing else None
 
     def _new_weights(self, modules) -> None:
         """The weights may have changed since the last pass (an optimizer step, ZeRO-1's gather, an
@@ -146,17 +146,17 @@ class PipelinedMicroBatches(_MicroBatches):
         for stage in self.parts.stage_modules.values():  # balance losses scale as the step's losses do
             if hasattr(stage, "aux_scale"):
                 stage.aux_scale = 1.0 / len(micro_batches)
-        inputs, targets, side = {}, {}, {}
+        inputs, targets, stage_kwargs = {}, {}, {}
         for i, micro_batch in enumerate(micro_batches):
             x, y, samples = self._on_device(micro_batch)
             inputs[i], targets[i] = x, (x, y) if samples is None else (x, y, samples)
             if samples is not None:
-                side[i] = {"samples": samples}
+                stage_kwargs[i] = {"samples": samples}
         tail = self.parts.tail
         loss_fn = functools.partial(tail, **loss_options) if tail is not None else None
         with self._autocast():
             result = runner.step(inputs, targets, loss_fn, loss_scale=1.0 / len(micro_batches) if train else 1.0,
-                                 side=side)
+                                 stage_kwargs=stage_kwargs)
         if train:
             self.last_runner = runner  # its action_spans are the step's timeline
             busy = runner.busy_s / max(runner.step_s, 1e-12)

@@ -242,6 +242,8 @@ def _packing_note(sampler, cfg) -> str:
     line = (f"chat data: {samples:,} conversations packed ({cfg.data.packing}) into {rows:,} rows of "
             f"train.seq_len={cfg.train.seq_len} per epoch, each attending only to itself; "
             f"{cfg.train.max_steps} steps")
+    if cfg.train.epochs:
+        line += f" (train.epochs={cfg.train.epochs:g} sets them; train.epochs=null leaves train.max_steps to you)"
     if cut:
         line += f"; {cut} conversation(s) longer than train.seq_len cut to it (data.overlong=truncate)"
     return line

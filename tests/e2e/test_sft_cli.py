@@ -67,13 +67,13 @@ def test_the_first_loss_counts_assistant_tokens_over_the_global_batch(tmp_path, 
     rows = _run(tmp_path, "run", chat, "train.micro_batch=4", f"model.init_from={tmp_path / 'init'}")
     data_cfg = DataConfig(path=str(chat), valid_fraction=0.05)
     sampler, _ = build_data(data_cfg, SEQ, 0, ByteTokenizer(), cfg.vocab_size)
-    inputs, labels, positions = (torch.cat(t) for t in zip(*sampler.micro_batches(0, BATCH, BATCH, 0, 1)))
+    inputs, labels, positions, real = (torch.cat(t) for t in zip(*sampler.micro_batches(0, BATCH, BATCH, 0, 1)))
     counted = labels != IGNORE_INDEX
     assert 0 < int(counted.sum()) < counted.numel() // 2  # the prompts and the padding do not count
     assert int(counted.sum()) == sampler.counted_targets(0, BATCH)
     model.train()
     with torch.no_grad():
-        out = model(inputs, labels, samples=PackedSamples(positions), mtp_weight=0.1)
+        out = model(inputs, labels, samples=PackedSamples(positions, real), mtp_weight=0.1)
     assert rows[0]["loss/lm"] == pytest.approx(float(out.loss_lm), rel=1e-5)
 
 

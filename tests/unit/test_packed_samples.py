@@ -104,3 +104,67 @@ def test_flex_attentions_block_mask_equals_the_dense_mask():
             warnings.simplefilter("ignore")  # eager flex_attention warns that it is not compiled
             flex = flex_attention(q, k, v, block_mask=samples.block_mask(window), scale=0.2)
         assert torch.allclose(flex, dense, atol=1e-5), window
+
+
+def test_routers_count_no_padding_and_mtp_no_token_beyond_its_sample():
+    """A row's padding (real_BS False) joins neither the expert loads nor the balance loss: they
+    equal those of the real tokens alone; MTP depth k's blocks count a position only when t_{i+k}
+    is in its sample."""
+    from moetron.models.common.balance import sequence_balance_loss
+
+    model = _model("tiny").train()
+    parts = _samples(model.cfg.vocab_size)
+    real = torch.cat(parts, dim=1)
+    padded = torch.cat([real, torch.zeros(1, 8, dtype=torch.long)], dim=1)
+    lengths = [LENGTHS + [8]]
+    is_real = torch.tensor([[True] * sum(LENGTHS) + [False] * 8])
+    routers = [m.mlp.gate for m in model.layers if hasattr(m.mlp, "gate")]
+    mtp_routers = [d.block.mlp.gate for d in model.mtp]
+
+    def loads(ids, samples):
+        for r in routers + mtp_routers:
+            r.tokens_per_expert.zero_()
+        model(ids, torch.full_like(ids, IGNORE_INDEX), samples=samples)
+        return [r.tokens_per_expert.clone() for r in routers], [r.tokens_per_expert.clone() for r in mtp_routers]
+
+    main_pad, mtp_pad = loads(padded, PackedSamples(PackedSamples.of_lengths(lengths).position_ids_BS, is_real))
+    main_real, _ = loads(real, PackedSamples.of_lengths([LENGTHS]))
+    assert all(torch.equal(a, b) for a, b in zip(main_pad, main_real))  # the 8 padding tokens: not counted
+    assert sum(int(t.sum()) for t in main_pad) == len(routers) * sum(LENGTHS) * model.cfg.num_experts_per_tok
+    # MTP depth 1 counts each sample's positions but its last: 12 + 5 + 12
+    assert all(int(t.sum()) == (sum(LENGTHS) - len(LENGTHS)) * model.cfg.num_experts_per_tok for t in mtp_pad)
+    # the masked sequence-wise loss of a padded row is the plain loss of its real tokens
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(1, 10, 8, generator=gen)
+    top = scores.topk(2, dim=-1).indices
+    counted = torch.tensor([[True] * 7 + [False] * 3])
+    masked = sequence_balance_loss(scores, top, counted)
+    assert torch.allclose(masked, sequence_balance_loss(scores[:, :7], top[:, :7]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("lengths,window", [([[40, 30, 58], [128]], None), ([[300, 5, 211], [90] * 5 + [66]], None),
+                                            ([[300, 5, 211], [90] * 5 + [66]], 100)])
+def test_the_gpu_block_mask_marks_exactly_the_blocks_with_visible_pairs(lengths, window):
+    """FlexAttention skips the blocks a block mask leaves out and drops the mask inside its full
+    blocks: each block with a visible pair must be kept, and a block marked full must be all
+    visible. Checked against the dense mask, block by block (16-token blocks: many of them)."""
+    from moetron.models.common.packed import block_structure
+
+    samples = PackedSamples.of_lengths(lengths)
+    block = 16
+    partial, full = block_structure(samples.sample_ids_BS, window, block)
+    visible = samples.visible(window)[:, 0]
+    B, S, _ = visible.shape
+    n = -(-S // block)
+    padded = torch.zeros(B, n * block, n * block, dtype=torch.bool)
+    padded[:, :S, :S] = visible
+    blocks = padded.view(B, n, block, n, block)
+    any_visible = blocks.any(dim=4).any(dim=2)
+    exists = torch.zeros(B, n * block, n * block, dtype=torch.bool)
+    exists[:, :S, :S] = True
+    all_visible = (blocks | ~exists.view(B, n, block, n, block)).all(dim=4).all(dim=2) & any_visible
+    assert not (partial & full).any()
+    assert torch.equal(full, all_visible) or (window is not None and not (full & ~all_visible).any())
+    assert not (any_visible & ~(partial | full)).any()  # no visible pair is skipped
+    if window is None:
+        assert torch.equal(partial | full, any_visible)  # and no block without one is computed

@@ -37,12 +37,13 @@ def test_a_row_holds_labels_and_positions_of_its_samples_only():
                ([20, 21, 22], [0, 1, 1])]
     rows = PackedChatRows(_source(samples), seq_len=9, seed=0, shuffle=False)
     assert rows.num_windows == 1
-    inputs, labels, positions = rows.window(0).tolist()
+    inputs, labels, positions, real = rows.window(0).tolist()
     assert inputs == [10, 11, 12, 13, 20, 21, 22, 0, 0]
     # a label is the next token when it counts; each sample's last position and the padding: ignored
     ign = IGNORE_INDEX
     assert labels == [ign, 12, 13, ign, 21, 22, ign, ign, ign]
     assert positions == [0, 1, 2, 3, 0, 1, 2, 0, 1]  # the padding is a sample of its own
+    assert real == [1] * 7 + [0, 0]
     assert rows.counted(0) == 4
 
 
@@ -53,7 +54,7 @@ def test_overlong_samples_are_refused_or_cut_and_counted():
         PackedChatRows(_source(samples), seq_len=8, seed=0)
     rows = PackedChatRows(_source(samples), seq_len=8, seed=0, overlong="truncate", shuffle=False)
     assert rows.overlong_count == 1
-    inputs, labels, _ = rows.window(0).tolist()
+    inputs, labels, _, _ = rows.window(0).tolist()
     assert inputs == [1] * 8 and labels == [IGNORE_INDEX] * 5 + [1, 1, IGNORE_INDEX]
     assert rows.counted(0) == 2  # the cut sample's targets within its first 8 tokens
 

@@ -16,19 +16,33 @@ Shape legend: B batch, S sequence, T tokens, E routed experts, K experts per tok
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-def sequence_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor) -> torch.Tensor:
-    """sum_i f_i P_i per sequence, averaged over the B sequences (eqs. 17-20, without alpha)."""
+def sequence_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor,
+                          counted_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum_i f_i P_i per sequence, averaged over the B sequences (eqs. 17-20, without alpha); with
+    `counted_BS`, each sequence's T is its counted tokens (a packed row's padding left out), and a
+    sequence without any is left out of the average."""
     B, S, E = scores_BSE.shape
     K = topk_idx_BSK.shape[-1]
     probs_BSE = scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)
-    mean_prob_BE = probs_BSE.mean(dim=1)
+    ones_BSK = torch.ones_like(topk_idx_BSK, dtype=scores_BSE.dtype)
+    if counted_BS is not None:
+        weight_BS1 = counted_BS.unsqueeze(-1).to(scores_BSE.dtype)
+        ones_BSK = ones_BSK * weight_BS1
     chosen_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
-    chosen_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), torch.ones_like(topk_idx_BSK, dtype=scores_BSE.dtype).reshape(B, S * K))
-    frac_BE = chosen_BE * (E / (K * S))
-    return (frac_BE * mean_prob_BE).sum(dim=-1).mean()
+    chosen_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), ones_BSK.reshape(B, S * K))
+    if counted_BS is None:
+        frac_BE = chosen_BE * (E / (K * S))
+        return (frac_BE * probs_BSE.mean(dim=1)).sum(dim=-1).mean()
+    tokens_B1 = weight_BS1.sum(dim=1)
+    mean_prob_BE = (probs_BSE * weight_BS1).sum(dim=1) / tokens_B1.clamp(min=1)
+    frac_BE = chosen_BE * (E / K) / tokens_B1.clamp(min=1)
+    rows_B = (tokens_B1.squeeze(-1) > 0).to(scores_BSE.dtype)
+    return ((frac_BE * mean_prob_BE).sum(dim=-1) * rows_B).sum() / rows_B.sum().clamp(min=1)
 
 
 def batch_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ class DecoderLayer(nn.Module):
 
         normed_BSH, region = maybe_recompute(recompute, self.post_attention_layernorm, x_BSH)
         if isinstance(self.mlp, MoE):
-            ffn_BSH, balance_loss = self.mlp(normed_BSH, valid_len)
+            ffn_BSH, balance_loss = self.mlp(normed_BSH, valid_len, samples.real_BS if samples is not None else None)
         else:
             ffn_BSH, balance_loss = self.mlp(normed_BSH), None
         discard_all([region], after=ffn_BSH)

@@ -35,11 +35,12 @@ class MoE(nn.Module):
         # routing weights before their down-projection, so the combine only sums
         self.gate_before_down_proj = False
 
-    def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns the layer output and the (alpha-weighted) balance loss, or None; `valid_len`: the
-        positions that count in the router's loads and balance loss (TopKRouter.forward)."""
+    def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None, counted_BS: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns the layer output and the (alpha-weighted) balance loss, or None; `valid_len` and
+        `counted_BS`: the positions that count in the router's loads and balance loss (TopKRouter.forward)."""
         B, S, H = x_BSH.shape
-        routing = self.gate(x_BSH, valid_len)
+        routing = self.gate(x_BSH, valid_len, counted_BS)
         x_TH = x_BSH.reshape(B * S, H)
         with label("moe.dispatch"):  # regions in profiler traces (moetron.profiling)
             x_recv_RH, tokens_per_expert, handle = self.dispatcher.dispatch(x_TH, routing.topk_idx_TK,

@@ -26,13 +26,24 @@ import torch.nn.functional as F
 class PackedSamples:
     """The sample structure of a micro-batch, from its positions [B, S] (0 where a sample starts)."""
 
-    def __init__(self, position_ids_BS: torch.Tensor) -> None:
+    def __init__(self, position_ids_BS: torch.Tensor, real_BS: Optional[torch.Tensor] = None) -> None:
+        """`real_BS`: True on the tokens of samples, False on a row's padding (None: no padding); the
+        routers count only real tokens in their loads and balance losses."""
         if position_ids_BS.dim() != 2:
             raise ValueError(f"position_ids must be [batch, sequence], got {tuple(position_ids_BS.shape)}")
-        self.position_ids_BS = position_ids_BS
+        self.position_ids_BS, self.real_BS = position_ids_BS, real_BS
         self.sample_ids_BS = (position_ids_BS == 0).cumsum(dim=-1)  # the k-th sample of its row
         self._visible: dict = {}
         self._block_masks: dict = {}
+
+    def ahead(self, k: int) -> "PackedSamples":
+        """The same rows for MTP depth k: a position counts in the routers only if it is real and
+        its token k ahead lies in its own sample (the masks are shared, not rebuilt)."""
+        view = PackedSamples.__new__(PackedSamples)
+        view.__dict__.update(self.__dict__)
+        counted_BS = self.same_sample_ahead(k)
+        view.real_BS = counted_BS if self.real_BS is None else counted_BS & self.real_BS
+        return view
 
     @classmethod
     def of_lengths(cls, lengths: list[list[int]], device=None) -> "PackedSamples":
@@ -52,10 +63,11 @@ class PackedSamples:
             self._visible[window] = ((ids_BS[:, :, None] == ids_BS[:, None, :]) & causal_ST).unsqueeze(1)
         return self._visible[window]
 
-    def block_mask(self, window: Optional[int]):
-        """FlexAttention's block mask of `visible(window)` (built once per window)."""
+    def block_mask(self, window: Optional[int], block: int = 128):
+        """FlexAttention's block mask of `visible(window)`, built from each block's span of sample
+        ids (never an S x S tensor: long rows cost (S / block)^2 bools), once per window."""
         if window not in self._block_masks:
-            from torch.nn.attention.flex_attention import create_block_mask
+            from torch.nn.attention.flex_attention import BlockMask
 
             ids_BS = self.sample_ids_BS
 
@@ -63,8 +75,10 @@ class PackedSamples:
                 seen = (ids_BS[b, q] == ids_BS[b, k]) & (k <= q)
                 return seen if window is None else seen & (q - k < window)
 
-            B, S = ids_BS.shape
-            self._block_masks[window] = create_block_mask(mask_mod, B, None, S, S, device=ids_BS.device)
+            partial_BQK, full_BQK = block_structure(ids_BS, window, block)
+            S = ids_BS.shape[1]
+            self._block_masks[window] = BlockMask.from_kv_blocks(
+                *_kv_blocks(partial_BQK), *_kv_blocks(full_BQK), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(S, S))
         return self._block_masks[window]
 
     def same_sample_ahead(self, k: int) -> torch.Tensor:
@@ -73,6 +87,36 @@ class PackedSamples:
         ahead_BS = torch.full_like(ids_BS, -1)
         ahead_BS[:, :-k] = ids_BS[:, k:]
         return ahead_BS == ids_BS
+
+
+def block_structure(ids_BS: torch.Tensor, window: Optional[int], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, Q, K] blocks some of whose pairs are visible but not all, [B, Q, K] blocks all of whose
+    pairs are): query block q, key block k, from each block's first and last index and sample id
+    (sample ids never decrease along a row, so a block holds every id between its first and last)."""
+    B, S = ids_BS.shape
+    n = -(-S // block)
+    padded_BN = F.pad(ids_BS, (0, n * block - S))
+    padded_BN[:, S:] = ids_BS[:, -1:]  # the last block's tail: the last sample, never read
+    blocks_BNC = padded_BN.view(B, n, block)
+    lo_BN, hi_BN = blocks_BNC[..., 0], blocks_BNC[..., -1]  # the first and last sample id of each block
+    start_N = torch.arange(n, device=ids_BS.device) * block
+    end_N = torch.clamp(start_N + block - 1, max=S - 1)
+    q_start, q_end, k_start, k_end = start_N[:, None], end_N[:, None], start_N[None, :], end_N[None, :]
+    shared_BQK = (lo_BN[:, None, :] <= hi_BN[:, :, None]) & (hi_BN[:, None, :] >= lo_BN[:, :, None])
+    one_sample_BQK = (lo_BN == hi_BN)[:, :, None] & (lo_BN == hi_BN)[:, None, :] & \
+        (lo_BN[:, :, None] == lo_BN[:, None, :])
+    some_QK, all_QK = k_start <= q_end, k_end <= q_start
+    if window is not None:
+        some_QK = some_QK & (q_start - k_end < window)
+        all_QK = all_QK & (q_end - k_start < window)
+    full_BQK = one_sample_BQK & all_QK
+    return shared_BQK & some_QK & ~full_BQK, full_BQK
+
+
+def _kv_blocks(blocks_BQK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_num_blocks [B, 1, Q], kv_indices [B, 1, Q, K]) of a block mask, as BlockMask takes them."""
+    order_BQK = torch.argsort((~blocks_BQK).to(torch.int8), dim=-1, stable=True)
+    return blocks_BQK.sum(dim=-1, dtype=torch.int32).unsqueeze(1), order_BQK.to(torch.int32).unsqueeze(1)
 
 
 @functools.lru_cache(maxsize=1)

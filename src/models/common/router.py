@@ -169,9 +169,11 @@ class TopKRouter(nn.Module):
             self.expert_bias = bias.to(self.expert_bias.device)
         return module
 
-    def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None) -> Routing:
+    def forward(self, x_BSH: torch.Tensor, valid_len: Optional[int] = None,
+                counted_BS: Optional[torch.Tensor] = None) -> Routing:
         """`valid_len`: only the first positions of each sequence count in the loads and the balance
-        loss (an MTP depth k's last k positions hold wrapped-around tokens)."""
+        loss (an MTP depth k's last k positions hold wrapped-around tokens); `counted_BS`: only the
+        True positions among them (packed samples: not a row's padding)."""
         cfg = self.settings
         B, S, H = x_BSH.shape
         V = S if valid_len is None else valid_len
@@ -197,15 +199,18 @@ class TopKRouter(nn.Module):
 
         scores_BVE = scores_TE.view(B, S, E)[:, :V]
         chosen_BVK = topk_idx_TK.view(B, S, K)[:, :V]
+        counted_BV = counted_BS[:, :V] if counted_BS is not None else None
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += count_per_expert(chosen_BVK, E)
-        balance = self._balance_loss(scores_BVE, chosen_BVK)
+                self.tokens_per_expert += count_per_expert(chosen_BVK if counted_BV is None else chosen_BVK[counted_BV], E)
+        balance = self._balance_loss(scores_BVE, chosen_BVK, counted_BV)
         if cfg.z_loss_alpha > 0 and self.training and torch.is_grad_enabled():
-            balance = add_optional(balance, cfg.z_loss_alpha * router_z_loss(logits_TE.view(B, S, E)[:, :V]))
+            logits_BVE = logits_TE.view(B, S, E)[:, :V]
+            balance = add_optional(balance, cfg.z_loss_alpha * router_z_loss(
+                logits_BVE if counted_BV is None else logits_BVE[counted_BV]))
         return Routing(topk_idx_TK, gate_TK, balance)
 
-    def _balance_loss(self, scores_BVE, chosen_BVK) -> Optional[torch.Tensor]:
+    def _balance_loss(self, scores_BVE, chosen_BVK, counted_BV=None) -> Optional[torch.Tensor]:
         cfg = self.settings
         if not (self.training and torch.is_grad_enabled()):
             return None
@@ -213,12 +218,15 @@ class TopKRouter(nn.Module):
         if cfg.balance_mode in ("loss_free", "seq_aux") and cfg.seq_aux_alpha > 0:
             # f_i counts the top-K of the raw affinities, not the biased choice (eq. 18)
             raw_topk_BVK = scores_BVE.detach().topk(cfg.top_k, dim=-1, sorted=False).indices
-            return cfg.seq_aux_alpha * sequence_balance_loss(scores_BVE, raw_topk_BVK)
+            return cfg.seq_aux_alpha * sequence_balance_loss(scores_BVE, raw_topk_BVK, counted_BV)
+        scores_TE, chosen_TK = scores_BVE.reshape(-1, E), chosen_BVK.reshape(-1, K)
+        if counted_BV is not None:
+            scores_TE, chosen_TK = scores_TE[counted_BV.reshape(-1)], chosen_TK[counted_BV.reshape(-1)]
         if cfg.balance_mode == "aux_loss" and cfg.aux_loss_alpha > 0:
-            return cfg.aux_loss_alpha * batch_balance_loss(scores_BVE.reshape(-1, E), chosen_BVK.reshape(-1, K))
+            return cfg.aux_loss_alpha * batch_balance_loss(scores_TE, chosen_TK)
         if cfg.balance_mode == "global_aux_loss" and cfg.aux_loss_alpha > 0:
-            counts_E, tokens = global_counts(chosen_BVK, E, self.balance_group)
-            return cfg.aux_loss_alpha * global_balance_loss(scores_BVE.reshape(-1, E), counts_E, tokens, K)
+            counts_E, tokens = global_counts(chosen_TK, E, self.balance_group)
+            return cfg.aux_loss_alpha * global_balance_loss(scores_TE, counts_E, tokens, K)
         return None
 
 

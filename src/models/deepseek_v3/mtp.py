@@ -64,7 +64,7 @@ def mtp_depths(depths, embed_tokens: nn.Module, h_BSH: torch.Tensor, input_ids_B
     for k, depth in enumerate(depths, start=1):
         emb_next_BSH = embed_tokens(shift_left(input_ids_BS, k))  # Emb(t_{i+k})
         h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2, input_ids_BS.shape[1] - k,
-                                           samples)
+                                           samples.ahead(k) if samples is not None else None)
         labels_k_BS = shift_left(labels_BS, k, fill=IGNORE_INDEX)
         if samples is not None:
             labels_k_BS = labels_k_BS.masked_fill(~samples.same_sample_ahead(k), IGNORE_INDEX)
