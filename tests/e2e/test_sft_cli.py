@@ -19,7 +19,8 @@ from tests.e2e.test_train_cli import read_metrics, run_cli
 
 SEQ, BATCH, STEPS = 256, 8, 3
 SFT = ["model=tiny", "stage=sft", "train.epochs=null", f"train.max_steps={STEPS}", f"train.seq_len={SEQ}",
-       f"train.global_batch={BATCH}", "optim.lr=1e-3", "logging.progress=false", "data.valid_fraction=0.05"]
+       f"train.global_batch={BATCH}", "optim.lr=1e-3", "logging.progress=false", "data.valid_fraction=0.05",
+       f"train.eval_every={STEPS}"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,8 @@ def test_every_layout_gives_the_same_sft_losses(tmp_path, chat):
             # float32; micro-batches, ranks and expert shards sum in other orders: 1e-5 relative
             for key in ("loss/lm", "loss/mtp", "loss"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (name, a["step"], key)
+        # the held-out conversations' assistant tokens, normalised the same way
+        assert rows[-1]["eval/loss/lm"] == pytest.approx(reference[-1]["eval/loss/lm"], rel=1e-5), name
     assert reference[-1]["loss/lm"] < reference[0]["loss/lm"]
 
 

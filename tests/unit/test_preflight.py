@@ -163,3 +163,17 @@ def test_the_lock_dies_with_its_holder(tmp_path):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert holder_of(tmp_path) is None
+
+
+@pytest.mark.parametrize("stage", ["long_context_32k", "long_context_128k", "sft"])
+def test_later_stages_carry_on_with_the_values_pretraining_ended_with(stage):
+    """A stage starts a new run (tokens from 0): its MTP weight and bias-update speed are those of the
+    end of pre-training (0.1 and 0), not the schedules' starting 0.3 and 0.001."""
+    from moetron.train.validate import model_config
+
+    cfg = compose_config(["model=tiny", f"stage={stage}"])
+    spec, model_cfg = model_config(cfg)
+    assert spec.loss_options(model_cfg, cfg.train, 0)["mtp_weight"] == pytest.approx(0.1)
+    assert [list(p) for p in spec.bias_update_schedule(model_cfg, cfg.train)] == [[0, 0.0]]
+    fresh = compose_config(["model=tiny"])
+    assert spec.loss_options(model_cfg, fresh.train, 0)["mtp_weight"] == pytest.approx(0.3)
