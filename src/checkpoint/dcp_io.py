@@ -11,6 +11,7 @@ tensors only (no pickled objects; the trainer's plain data lives in `trainer.pt`
 """
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 import warnings
@@ -43,10 +44,20 @@ _SAFE_METADATA_GLOBALS = {
 }
 
 
+def _enum_member(cls, name: str):
+    """What `getattr(cls, name)` gives, for members of the allowed enums only: some Python 3.11
+    releases (3.11.2 here; not 3.11.7) pickle an enum member as getattr(its class, its name)."""
+    if isinstance(cls, enum.EnumMeta) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not allowed in a checkpoint's {METADATA_FILE}")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if name in _SAFE_METADATA_GLOBALS.get(module, ()):
             return super().find_class(module, name)
+        if module == "builtins" and name == "getattr":  # only ever applied to classes allowed above
+            return _enum_member
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's {METADATA_FILE}")

@@ -1,5 +1,6 @@
 """Layout-independent checkpoint state: row shards saved by some ranks load into any other split of
 the rows, on any number of ranks; a checkpoint's metadata never runs code."""
+import io
 import pickle
 
 import pytest
@@ -67,3 +68,24 @@ def test_metadata_that_would_run_code_is_refused_without_running(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="io.open is not allowed"):
         dcp_io.load_whole(tmp_path / "ckpt", "")
     assert not marker.exists()
+
+
+class _ByGetattr:
+    """Pickles as getattr(target, name), as Python 3.11.2 pickles an enum member."""
+
+    def __init__(self, target, name: str) -> None:
+        self.target, self.name = target, name
+
+    def __reduce__(self):
+        return (getattr, (self.target, self.name))
+
+
+def test_enum_members_pickled_by_getattr_load_and_nothing_else_does(tmp_path):
+    from torch.distributed.checkpoint.metadata import TensorProperties, _MEM_FORMAT_ENCODING
+
+    member = _ByGetattr(_MEM_FORMAT_ENCODING, "TORCH_CONTIGUOUS_FORMAT")
+    loaded = dcp_io._MetadataUnpickler(io.BytesIO(pickle.dumps(member))).load()
+    assert loaded is _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    for target, name in ((TensorProperties, "__init__"), (_MEM_FORMAT_ENCODING, "__class__")):
+        with pytest.raises(pickle.UnpicklingError, match="is not allowed"):
+            dcp_io._MetadataUnpickler(io.BytesIO(pickle.dumps(_ByGetattr(target, name)))).load()
