@@ -92,6 +92,7 @@ class GroupedQueryAttention(nn.Module):
             self.q_norm = RMSNorm(D, s.rms_norm_eps)
             self.k_norm = RMSNorm(D, s.rms_norm_eps)
         self.sinks = nn.Parameter(torch.empty(N)) if s.sinks else None
+        self.kv_cache = None  # a slot generation sets (moetron.models.common.kv_cache)
 
     def core_cost(self, seq_len: int, recompute: bool = False) -> CoreCost:
         """Per token: 2 x the mean keys seen x heads x (q.k and p.v) head dims; nothing recomputed."""
@@ -111,7 +112,15 @@ class GroupedQueryAttention(nn.Module):
         q_BNSD = apply_rotary(q_BSND.transpose(1, 2), cos_SR2, sin_SR2, interleave=False)
         k_BKSD = apply_rotary(k_BSKD.transpose(1, 2), cos_SR2, sin_SR2, interleave=False)
         scale = s.head_dim ** -0.5
-        if self.sinks is not None:
+        if self.kv_cache is not None:  # generation: the new queries over every cached key
+            k_BKSD, v_BKSD = self.kv_cache.extend(k_BKSD, v_BKSD)
+            visible = self.kv_cache.state.visible(s.sliding_window)
+            if self.sinks is not None:
+                out_BNSD = attention_with_sinks(q_BNSD, k_BKSD, v_BKSD, scale, self.sinks, s.sliding_window, visible)
+            else:
+                out_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BKSD, v_BKSD, attn_mask=visible, scale=scale,
+                                                          enable_gqa=True)
+        elif self.sinks is not None:
             visible = samples.visible(s.sliding_window) if samples is not None else None
             out_BNSD = attention_with_sinks(q_BNSD, k_BKSD, v_BKSD, scale, self.sinks, s.sliding_window, visible)
         elif samples is not None:

@@ -47,6 +47,7 @@ class MLA(nn.Module):
         self.recompute_norm = False
         self.recompute_mla_up_proj = False
         self.o_proj = nn.Linear(N * cfg.v_head_dim, H, bias=False)
+        self.kv_cache = None  # a slot generation sets (moetron.models.common.kv_cache)
 
     def core_cost(self, seq_len: int, recompute: bool = False) -> CoreCost:
         """Causal: S / 2 keys per query, q and k of qk_head_dim, v of v_head_dim per head. Under
@@ -92,6 +93,27 @@ class MLA(nn.Module):
         k_BNSD = torch.cat([k_nope_BNSP, k_rope_B1SR.expand(B, N, S, R)], dim=-1)
         return q_BNSD, k_BNSD, v_BNSV.contiguous()
 
+    def _decode(self, q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2) -> torch.Tensor:
+        """Generation: eqs. 1-11 for the new tokens over every cached one. The cache holds the
+        normalised latent c^KV [B, T, C] and the rotated k^R [B, 1, T, R] per token (DeepSeek's
+        inference cache); keys and values are up-projected from them at each step."""
+        cfg = self.cfg
+        B, S, _ = kv_lat_BSC.shape
+        N, P, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q_BSND = q_lat if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_lat))
+        q_nope_BNSP, q_rope_BNSR = q_BSND.view(B, S, N, P + R).transpose(1, 2).split([P, R], dim=-1)
+        q_rope_BNSR = apply_rotary(q_rope_BNSR, cos_SR2, sin_SR2, cfg.rope_interleave)
+        k_rope_B1SR = apply_rotary(k_rope_BSR.unsqueeze(1), cos_SR2, sin_SR2, cfg.rope_interleave)
+        latent_BTC, k_rope_B1TR = self.kv_cache.extend(self.kv_a_layernorm(kv_lat_BSC), k_rope_B1SR)
+        T = latent_BTC.shape[1]
+        k_nope_BNTP, v_BNTV = self.kv_b_proj(latent_BTC).view(B, T, N, P + V).transpose(1, 2).split([P, V], dim=-1)
+        q_BNSD = torch.cat([q_nope_BNSP, q_rope_BNSR], dim=-1)
+        k_BNTD = torch.cat([k_nope_BNTP, k_rope_B1TR.expand(B, N, T, R)], dim=-1)
+        scale = q_BNSD.shape[-1] ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
+        attn_BNSV = F.scaled_dot_product_attention(q_BNSD, k_BNTD, v_BNTV, attn_mask=self.kv_cache.state.visible(),
+                                                   scale=scale)
+        return self.o_proj(attn_BNSV.transpose(1, 2).reshape(B, S, -1))
+
     def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor,
                 samples: Optional[PackedSamples] = None) -> torch.Tensor:
         """`samples`: packed samples, each attending only to itself (else one causal sequence per row)."""
@@ -99,6 +121,8 @@ class MLA(nn.Module):
         B, S, _ = x_BSH.shape
         q_lat = self.q_proj(x_BSH) if cfg.q_lora_rank is None else self.q_a_proj(x_BSH)
         kv_lat_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSH).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        if self.kv_cache is not None:
+            return self._decode(q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2)
 
         regions = []
         if self.recompute_mla_up_proj:

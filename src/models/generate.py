@@ -1,0 +1,74 @@
+"""Sampling from a moetron model with a key/value cache (moetron.models.common.kv_cache).
+
+    completions = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=32)              # greedy
+    completions = generate(model, prompts, 32, temperature=0.7, top_p=0.95, stop_ids=[eos],
+                           generator=torch.Generator().manual_seed(0))
+
+Prompts of different lengths are left-padded; each token's position counts from its prompt's first
+token, and padding is a key no query sees, so a prompt's completion is the one it gets alone. The
+prompt runs in one forward, then one token per step. A completion ends after its first stop token
+(kept) or at `max_new_tokens`; the batch stops when every completion has ended. One process for
+now (no expert or pipeline parallelism).
+
+Shape legend: B prompts, S tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from moetron.models.common.kv_cache import DecodeState, kv_caches
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """[B] next tokens: the argmax at temperature 0, else a draw from the softmax of logits /
+    temperature, restricted to the smallest set of tokens whose probability reaches `top_p`."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+        before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # mass of the tokens ranked above each
+        sorted_BV = sorted_BV.masked_fill(before_BV >= top_p, 0.0)
+        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop_ids: Iterable[int] = (), generator: Optional[torch.Generator] = None,
+             pad_id: int = 0) -> list[list[int]]:
+    """The completion of each prompt (its new tokens only), in eval mode, with a KV cache."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, each of one token or more")
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids_BS = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+    valid_BS = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for b, prompt in enumerate(prompts):
+        ids_BS[b, L - len(prompt):] = torch.tensor(prompt, device=device)
+        valid_BS[b, L - len(prompt):] = True
+    positions_BS = (valid_BS.long().cumsum(dim=1) - 1).clamp(min=0)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    try:
+        with kv_caches(model, DecodeState()) as state:
+            for _ in range(max_new_tokens):
+                logits_BSV = model(ids_BS, samples=state.step(positions_BS, valid_BS))
+                next_B = sample_next(logits_BSV[:, -1], temperature, top_p, generator)
+                for b in torch.nonzero(~done_B).flatten().tolist():
+                    out[b].append(int(next_B[b]))
+                done_B |= torch.isin(next_B, stops)
+                if bool(done_B.all()):
+                    break
+                ids_BS, valid_BS = next_B[:, None], torch.ones(B, 1, dtype=torch.bool, device=device)
+                positions_BS = positions_BS[:, -1:] + 1
+    finally:
+        model.train(was_training)
+    return out
