@@ -37,6 +37,7 @@ setup(
             "moetron-train=moetron.train.cli:main",
             "moetron-data=moetron.data.cli:main",
             "moetron-export=moetron.train.export_cli:main",
+            "moetron-generate=moetron.train.generate_cli:main",
             "moetron-plan=moetron.plan.cli:main",
             "moetron-report=moetron.report.cli:main",
         ],

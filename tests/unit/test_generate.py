@@ -75,3 +75,23 @@ def test_stop_tokens_end_a_completion_and_sampling_follows_its_seed():
     logits = torch.tensor([[0.0, 5.0, 4.9, -9.0]])
     picks = {int(sample_next(logits, 1.0, 0.5, torch.Generator().manual_seed(s))) for s in range(50)}
     assert picks == {1}  # top-p 0.5 keeps only the most likely token here
+
+
+def test_moetron_generate_prints_the_completions_of_a_folder(tmp_path, capsys):
+    import json
+
+    from moetron.data.tokenizers import ByteTokenizer
+    from moetron.models import get_spec
+    from moetron.train.generate_cli import main
+
+    ours, _ = _models("tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_spec("deepseek_v3").save_hf(ours, tmp_path / "hf")
+    tok = ByteTokenizer()
+    expected = generate(ours, [tok.encode("def f(").tolist(), tok.encode("x").tolist()], 6, stop_ids=[tok.eos_id])
+    capsys.readouterr()
+    assert main([str(tmp_path / "hf"), "--prompt", "def f(", "--prompt", "x", "--max-new-tokens", "6"]) == 0
+    lines = [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()]
+    assert lines == [tok.decode([t for t in c if t != tok.eos_id]) for c in expected]
+    assert main([str(tmp_path / "nothing"), "--prompt", "x"]) == 2
