@@ -40,8 +40,10 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_ids: Iterable[int] = (), generator: Optional[torch.Generator] = None,
-             pad_id: int = 0) -> list[list[int]]:
-    """The completion of each prompt (its new tokens only), in eval mode, with a KV cache."""
+             pad_id: int = 0, return_logprobs: bool = False):
+    """The completion of each prompt (its new tokens only), in eval mode, with a KV cache; with
+    `return_logprobs`, also each completion token's log-probability under the model (its softmax
+    at temperature 1: what a policy-gradient ratio compares against)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of one token or more")
     was_training = model.training
@@ -57,13 +59,16 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, te
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(B)]
+    logprobs: list[list[float]] = [[] for _ in range(B)]
     try:
         with kv_caches(model, DecodeState()) as state:
             for _ in range(max_new_tokens):
                 logits_BSV = model(ids_BS, samples=state.step(positions_BS, valid_BS))
                 next_B = sample_next(logits_BSV[:, -1], temperature, top_p, generator)
+                chosen_B = torch.log_softmax(logits_BSV[:, -1].float(), dim=-1).gather(1, next_B[:, None])[:, 0]
                 for b in torch.nonzero(~done_B).flatten().tolist():
                     out[b].append(int(next_B[b]))
+                    logprobs[b].append(float(chosen_B[b]))
                 done_B |= torch.isin(next_B, stops)
                 if bool(done_B.all()):
                     break
@@ -71,4 +76,4 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, te
                 positions_BS = positions_BS[:, -1:] + 1
     finally:
         model.train(was_training)
-    return out
+    return (out, logprobs) if return_logprobs else out

@@ -158,6 +158,10 @@ class TopKRouter(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(E))
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.balance_group = None  # the data-parallel ranks of global_aux_loss (None: this process alone)
+        # routing replay (moetron.rl.replay): a list the chosen experts [B, S, K] of each forward are
+        # appended to, and experts [B, S, K] the next forward uses instead of choosing
+        self.recorded: Optional[list] = None
+        self.replayed: Optional[torch.Tensor] = None
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.cuda()`, `.half()`...: the routing bias stays float32 whatever the model's dtype
@@ -179,10 +183,20 @@ class TopKRouter(nn.Module):
         V = S if valid_len is None else valid_len
         E, K = cfg.num_experts, cfg.top_k
         logits_TE = float32_linear(x_BSH.reshape(B * S, H), self.weight, self.bias)
+        replayed_TK = None if self.replayed is None else self.replayed.reshape(B * S, K).to(logits_TE.device)
         if cfg.scores == "softmax_topk":
-            top_logits_TK, topk_idx_TK = logits_TE.topk(K, dim=-1)
+            if replayed_TK is None:
+                top_logits_TK, topk_idx_TK = logits_TE.topk(K, dim=-1)
+            else:
+                topk_idx_TK, top_logits_TK = replayed_TK, logits_TE.gather(1, replayed_TK)
             gate_TK = top_logits_TK.softmax(dim=-1)
             scores_TE = logits_TE.softmax(dim=-1)  # for the balance loss only
+        elif replayed_TK is not None:  # the recorded experts; their gates from this forward's scores
+            scores_TE = logits_TE.sigmoid() if cfg.scores == "sigmoid" else logits_TE.softmax(dim=-1)
+            topk_idx_TK = replayed_TK
+            gate_TK = scores_TE.gather(1, topk_idx_TK)
+            if cfg.norm_topk_prob:
+                gate_TK = gate_TK / (gate_TK.sum(dim=-1, keepdim=True) + 1e-20)
         else:
             scores_TE = logits_TE.sigmoid() if cfg.scores == "sigmoid" else logits_TE.softmax(dim=-1)
             choice_TE = scores_TE.detach()
@@ -196,6 +210,8 @@ class TopKRouter(nn.Module):
                 gate_TK = gate_TK / (gate_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.scaling_factor != 1.0:
             gate_TK = gate_TK * cfg.scaling_factor
+        if self.recorded is not None:
+            self.recorded.append(topk_idx_TK.view(B, S, K).detach())
 
         scores_BVE = scores_TE.view(B, S, E)[:, :V]
         chosen_BVK = topk_idx_TK.view(B, S, K)[:, :V]

@@ -1,0 +1,1 @@
+"""Reinforcement learning on moetron's models: GRPO (DeepSeek-R1; DeepSeekMath section 4.1)."""
