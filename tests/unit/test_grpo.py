@@ -94,3 +94,49 @@ def test_replayed_routes_give_the_sampled_log_probabilities():
         completions, logp_old = generate(model, prompts, 5, return_logprobs=True)
     ratios = _ratios(model, prompts, completions, logp_old, routes)
     assert float((ratios - 1).abs().max()) < 1e-6  # float32: the cache and the full forward sum alike to 1e-6
+
+
+def test_a_rollout_scores_groups_and_replays_to_the_sampled_policy():
+    from moetron.data.tokenizers import ByteTokenizer
+    from moetron.rl.grpo import grpo_loss
+    from moetron.rl.rollout import RolloutSettings, policy_logprobs, rollout
+    from moetron.rl.task import exact_answer, sums
+
+    torch.manual_seed(2)
+    model = build_model(load_preset("tiny"))
+    examples = sums(3, seed=1)
+    settings = RolloutSettings(group_size=4, max_new_tokens=7)
+    batch = rollout(model, ByteTokenizer(), examples, settings, exact_answer, "exact_answer",
+                    torch.Generator().manual_seed(0))
+    assert batch.inputs_BS.shape[0] == 12 and len(batch.completions) == 12
+    counted = batch.targets_BS.sum(1)
+    assert int(counted.min()) >= 1 and int(counted.max()) == 7  # each completion's tokens, up to max_new_tokens
+    assert torch.equal(counted, (batch.logp_old_BS != 0).sum(1))  # a sampled log-probability on each
+    assert torch.equal(batch.rewards_B, torch.zeros(12))  # an untrained model: no sum right
+    assert torch.equal(batch.advantages_B, torch.zeros(12))
+    logp = policy_logprobs(model, batch)
+    ratio = torch.exp(logp - batch.logp_old_BS)[batch.targets_BS]
+    assert float((ratio - 1).abs().max()) < 1e-5
+    model.train()
+    fake_adv = torch.linspace(-1, 1, 12)  # some signal, to see gradients reach the router's gates
+    terms = grpo_loss(policy_logprobs(model, batch), batch.logp_old_BS, fake_adv, batch.targets_BS, 0.2,
+                      float(batch.targets_BS.sum()))
+    terms.loss.backward()
+    router = model.layers[1].mlp.gate
+    assert router.weight.grad is not None and float(router.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("fn,says", [
+    (lambda p, c, **f: 1 / 0, "raised ZeroDivisionError"),
+    (lambda p, c, **f: [1.0], "returned 1 rewards for 2 completions"),
+    (lambda p, c, **f: [1.0, float("nan")], "reward nan for completion 1"),
+    (lambda p, c, **f: None, "returned NoneType that is not a list of numbers"),
+])
+def test_a_reward_function_that_fails_is_named(fn, says):
+    from moetron.rl.rewards import RewardError, load_reward, score
+
+    with pytest.raises(RewardError, match=f"rl.reward=mine: {says}"):
+        score(fn, "mine", ["a", "b"], ["x", "y"], {})
+    assert load_reward("moetron.rl.task:exact_answer")(["q"], ["1 + 2 = 3."], answer=["3"]) == [1.0]
+    with pytest.raises(RewardError, match="has no function 'nope'"):
+        load_reward("moetron.rl.task:nope")
