@@ -42,10 +42,12 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, te
              top_p: float = 1.0, stop_ids: Iterable[int] = (), generator: Optional[torch.Generator] = None,
              pad_id: int = 0, return_logprobs: bool = False):
     """The completion of each prompt (its new tokens only), in eval mode, with a KV cache; with
-    `return_logprobs`, also each completion token's log-probability under the model (its softmax
-    at temperature 1: what a policy-gradient ratio compares against)."""
+    `return_logprobs`, also each completion token's log-probability under the distribution it was
+    drawn from (the softmax of logits / temperature; of the logits when greedy), before top-p."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of one token or more")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters() if not p.is_meta)
@@ -65,10 +67,12 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, te
             for _ in range(max_new_tokens):
                 logits_BSV = model(ids_BS, samples=state.step(positions_BS, valid_BS))
                 next_B = sample_next(logits_BSV[:, -1], temperature, top_p, generator)
-                chosen_B = torch.log_softmax(logits_BSV[:, -1].float(), dim=-1).gather(1, next_B[:, None])[:, 0]
+                scaled_BV = logits_BSV[:, -1].float() / (temperature or 1.0)  # the distribution sampled
+                chosen_B = torch.log_softmax(scaled_BV, dim=-1).gather(1, next_B[:, None])[:, 0]
+                tokens, chosen = next_B.tolist(), chosen_B.tolist()  # one copy to the host per step
                 for b in torch.nonzero(~done_B).flatten().tolist():
-                    out[b].append(int(next_B[b]))
-                    logprobs[b].append(float(chosen_B[b]))
+                    out[b].append(tokens[b])
+                    logprobs[b].append(chosen[b])
                 done_B |= torch.isin(next_B, stops)
                 if bool(done_B.all()):
                     break

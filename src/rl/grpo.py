@@ -10,7 +10,11 @@ minus beta times an unbiased estimate of KL(pi || pi_ref),
     min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) - beta (pi_ref / pi - log(pi_ref / pi) - 1),
     rho_t = pi(o_t) / pi_old(o_t)   (pi_old: the policy that sampled)
 
-summed over the tokens of the global batch and divided by their number (`denominator`).
+summed over the tokens of the global batch and divided by their number (`denominator`): every
+token weighs the same, as the issue asks and DAPO argues, where DeepSeekMath's eq. 3 averages each
+completion over its own tokens first (long completions then weigh less per token). The group's
+standard deviation is the population one (over G, not G - 1). Log-probabilities are those of the
+distribution sampled from: the softmax of logits / temperature.
 
 Shape legend: P prompts, G completions per prompt, B = P x G completions, T completion tokens.
 """
@@ -30,9 +34,11 @@ def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
     return (rewards_PG - mean_P1) / (std_P1 + eps)
 
 
-def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
-    """[B, T] log-probability of each token under the logits that predict it (in float32)."""
-    return torch.log_softmax(logits_BTV.float(), dim=-1).gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[B, T] log-probability of each token under the softmax of the logits that predict it over
+    `temperature` (in float32; 0 means greedy and is taken as 1)."""
+    scaled_BTV = logits_BTV.float() / (temperature or 1.0)
+    return torch.log_softmax(scaled_BTV, dim=-1).gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass
@@ -50,16 +56,16 @@ def grpo_loss(logp_BT: torch.Tensor, logp_old_BT: torch.Tensor, advantages_B: to
     """The negated GRPO objective of the module docstring over the tokens of `mask_BT`, divided by
     `denominator` (the global batch's completion tokens, over micro-batches x data ranks as the
     trainer's mean expects)."""
-    mask_BT = mask_BT.to(logp_BT.dtype)
-    ratio_BT = torch.exp(logp_BT - logp_old_BT)
-    adv_B1 = advantages_B.to(logp_BT.dtype).unsqueeze(1)
+    mask_BT = mask_BT.to(logp_BT)  # the rollout's tensors may still be on the host
+    ratio_BT = torch.exp(logp_BT - logp_old_BT.to(logp_BT))
+    adv_B1 = advantages_B.to(logp_BT).unsqueeze(1)
     unclipped_BT, clipped_BT = ratio_BT * adv_B1, ratio_BT.clamp(1 - clip_eps, 1 + clip_eps) * adv_B1
     objective_BT = torch.minimum(unclipped_BT, clipped_BT)
     kl_BT = torch.zeros_like(logp_BT)
     if beta > 0:
         if logp_ref_BT is None:
             raise ValueError("GRPO with beta > 0 needs the reference model's log-probabilities")
-        log_ref_ratio_BT = logp_ref_BT - logp_BT
+        log_ref_ratio_BT = logp_ref_BT.to(logp_BT) - logp_BT
         kl_BT = torch.exp(log_ref_ratio_BT) - log_ref_ratio_BT - 1  # >= 0, unbiased (Schulman's k3)
     loss = ((-objective_BT + beta * kl_BT) * mask_BT).sum() / denominator
     with torch.no_grad():

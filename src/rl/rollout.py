@@ -37,6 +37,7 @@ class RolloutSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     router_replay: bool = True  # record the experts each token took, for the training forward
+    # (top_p stays 1: the ratio's old log-probabilities are those of the softmax / temperature)
     chat_template: Optional[ChatTemplate] = None  # render each prompt as a user turn (else raw text)
 
 
@@ -50,6 +51,7 @@ class Rollout:
     logp_old_BS: torch.Tensor  # the sampling policy's log-probability of each label (0 off targets)
     rewards_B: torch.Tensor
     advantages_B: torch.Tensor
+    temperature: float  # what the sampler divided the logits by (the training forward does too)
     routes: Optional[dict]  # router name -> experts [B, S, K] (None without routing replay)
     completions: list[str]
 
@@ -64,6 +66,9 @@ def _prompt_ids(tokenizer, text: str, template: Optional[ChatTemplate]) -> list[
 def rollout(model: nn.Module, tokenizer, examples: list[dict], settings: RolloutSettings, reward_fn: Callable,
             reward_name: str, generator: Optional[torch.Generator] = None) -> Rollout:
     """Sample, score and lay out one batch (`examples`: {"prompt": ..., other fields the reward reads})."""
+    if settings.top_p != 1.0:
+        raise ValueError(f"GRPO rollouts sample the whole distribution (top_p={settings.top_p}): the importance "
+                         "ratio would compare against a distribution the tokens were not drawn from; set top_p=1")
     G = settings.group_size
     prompts = [ex["prompt"] for ex in examples for _ in range(G)]
     prompt_ids = [_prompt_ids(tokenizer, p, settings.chat_template) for p in prompts]
@@ -92,7 +97,7 @@ def rollout(model: nn.Module, tokenizer, examples: list[dict], settings: Rollout
     if routes is not None:
         routes = {name: chosen.to(device) for name, chosen in routes.items()}
     return Rollout(sequences_BN[:, :-1], positions_BN[:, :-1], valid_BN[:, :-1], sequences_BN[:, 1:],
-                   targets_BN[:, 1:], logp_BN[:, 1:], rewards_B, advantages_B, routes, texts)
+                   targets_BN[:, 1:], logp_BN[:, 1:], rewards_B, advantages_B, settings.temperature, routes, texts)
 
 
 def policy_logprobs(model: nn.Module, batch: Rollout, rows: Optional[slice] = None) -> torch.Tensor:
@@ -105,5 +110,5 @@ def policy_logprobs(model: nn.Module, batch: Rollout, rows: Optional[slice] = No
     routes = None if batch.routes is None else {name: chosen[rows] for name, chosen in batch.routes.items()}
     with replaying(model, routes) if routes is not None else nullcontext():
         logits_BSV = model(inputs_BS, samples=samples)
-    logp_BS = token_logprobs(logits_BSV, batch.labels_BS[rows].to(device))
+    logp_BS = token_logprobs(logits_BSV, batch.labels_BS[rows].to(device), batch.temperature)
     return logp_BS * batch.targets_BS[rows].to(device)

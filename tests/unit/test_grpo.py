@@ -1,6 +1,8 @@
 """GRPO's pieces (moetron.rl): group advantages, the clipped objective and the KL estimate, and
 routing replay, which makes an MoE policy's first importance ratio exactly 1 where a router that
 chooses again (here: a changed routing bias, as after a bias update) does not."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -46,7 +48,7 @@ def test_the_kl_term_and_its_gradient_vanish_when_the_policy_is_the_reference():
     assert float(apart.kl) > 0
 
 
-def _ratios(model, prompts, completions, logp_old, routes=None):
+def _ratios(model, prompts, completions, logp_old, routes=None, temperature=1.0):
     """pi / pi_old of each completion token, from a training-style forward over prompt + completion."""
     L = max(len(p) for p in prompts)
     rows = [[0] * (L - len(p)) + p + c for p, c in zip(prompts, completions)]
@@ -54,10 +56,10 @@ def _ratios(model, prompts, completions, logp_old, routes=None):
     valid = torch.tensor([[False] * (L - len(p)) + [True] * (len(p) + len(c)) for p, c in zip(prompts, completions)])
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     inputs = full[:, :-1]
-    with torch.no_grad(), (replaying(model, routes) if routes is not None else torch.enable_grad()):
+    with torch.no_grad(), (replaying(model, routes) if routes is not None else nullcontext()):
         logits = model(inputs, samples=PackedSamples(positions[:, :-1], valid[:, :-1]))
     T = len(completions[0])
-    logp = token_logprobs(logits[:, L - 1:], full[:, L:])
+    logp = token_logprobs(logits[:, L - 1:], full[:, L:], temperature)
     assert logp.shape == (len(prompts), T)
     return torch.exp(logp - torch.tensor(logp_old))
 
@@ -86,14 +88,18 @@ def test_with_routing_replay_the_first_ratio_is_one(preset):
     assert float((chosen_again - 1).abs().max()) > float((replayed - 1).abs().max())
 
 
-def test_replayed_routes_give_the_sampled_log_probabilities():
+def test_the_cached_sampler_and_the_replayed_training_forward_give_the_same_log_probabilities():
+    """At a temperature other than 1, both sides are the softmax of logits / temperature."""
     torch.manual_seed(1)
     model = build_model(load_preset("tiny")).eval()
     prompts = [[11, 12, 13], [40, 41, 42, 43, 44]]
     with recording(model) as routes:
-        completions, logp_old = generate(model, prompts, 5, return_logprobs=True)
-    ratios = _ratios(model, prompts, completions, logp_old, routes)
+        completions, logp_old = generate(model, prompts, 5, temperature=0.7, return_logprobs=True,
+                                         generator=torch.Generator().manual_seed(3))
+    ratios = _ratios(model, prompts, completions, logp_old, routes, temperature=0.7)
     assert float((ratios - 1).abs().max()) < 1e-6  # float32: the cache and the full forward sum alike to 1e-6
+    at_one = _ratios(model, prompts, completions, logp_old, routes, temperature=1.0)
+    assert float((at_one - 1).abs().max()) > 1e-3  # another distribution than the one sampled
 
 
 def test_a_rollout_scores_groups_and_replays_to_the_sampled_policy():
@@ -108,6 +114,12 @@ def test_a_rollout_scores_groups_and_replays_to_the_sampled_policy():
     settings = RolloutSettings(group_size=4, max_new_tokens=7)
     batch = rollout(model, ByteTokenizer(), examples, settings, exact_answer, "exact_answer",
                     torch.Generator().manual_seed(0))
+    by_length = rollout(model, ByteTokenizer(), examples, settings,  # a reward that varies within groups
+                        lambda prompts, completions, **f: [float(len(c)) for c in completions], "length",
+                        torch.Generator().manual_seed(0))
+    rewards = by_length.rewards_B.view(3, 4)
+    expected = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, unbiased=False, keepdim=True) + 1e-6)
+    assert torch.allclose(by_length.advantages_B, expected.flatten()) and by_length.advantages_B.abs().sum() > 0
     assert batch.inputs_BS.shape[0] == 12 and len(batch.completions) == 12
     counted = batch.targets_BS.sum(1)
     assert int(counted.min()) >= 1 and int(counted.max()) == 7  # each completion's tokens, up to max_new_tokens

@@ -183,7 +183,12 @@ class TopKRouter(nn.Module):
         V = S if valid_len is None else valid_len
         E, K = cfg.num_experts, cfg.top_k
         logits_TE = float32_linear(x_BSH.reshape(B * S, H), self.weight, self.bias)
-        replayed_TK = None if self.replayed is None else self.replayed.reshape(B * S, K).to(logits_TE.device)
+        replayed_TK = None
+        if self.replayed is not None:
+            if tuple(self.replayed.shape) != (B, S, K):
+                raise ValueError(f"routing replay: recorded experts of shape {tuple(self.replayed.shape)} for a "
+                                 f"forward of {(B, S, K)} (batch, tokens, experts per token)")
+            replayed_TK = self.replayed.reshape(B * S, K).to(logits_TE.device, torch.long)
         if cfg.scores == "softmax_topk":
             if replayed_TK is None:
                 top_logits_TK, topk_idx_TK = logits_TE.topk(K, dim=-1)
