@@ -7,8 +7,8 @@
 Prompts of different lengths are left-padded; each token's position counts from its prompt's first
 token, and padding is a key no query sees, so a prompt's completion is the one it gets alone. The
 prompt runs in one forward, then one token per step. A completion ends after its first stop token
-(kept) or at `max_new_tokens`; the batch stops when every completion has ended. One process for
-now (no expert or pipeline parallelism).
+(kept) or at `max_new_tokens`; the batch stops when every completion has ended (unless
+`run_all_steps`, which expert-parallel ranks need to stay in step). Not under pipeline parallelism.
 
 Shape legend: B prompts, S tokens, V vocabulary.
 """
@@ -40,10 +40,12 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_ids: Iterable[int] = (), generator: Optional[torch.Generator] = None,
-             pad_id: int = 0, return_logprobs: bool = False):
+             pad_id: int = 0, return_logprobs: bool = False, run_all_steps: bool = False):
     """The completion of each prompt (its new tokens only), in eval mode, with a KV cache; with
     `return_logprobs`, also each completion token's log-probability under the distribution it was
-    drawn from (the softmax of logits / temperature; of the logits when greedy), before top-p."""
+    drawn from (the softmax of logits / temperature; of the logits when greedy), before top-p.
+    `run_all_steps`: run `max_new_tokens` forwards even once every completion has ended (ranks
+    whose forwards exchange tokens, under expert parallelism, must run as many as each other)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of one token or more")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -74,7 +76,7 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, te
                     out[b].append(tokens[b])
                     logprobs[b].append(chosen[b])
                 done_B |= torch.isin(next_B, stops)
-                if bool(done_B.all()):
+                if not run_all_steps and bool(done_B.all()):
                     break
                 ids_BS, valid_BS = next_B[:, None], torch.ones(B, 1, dtype=torch.bool, device=device)
                 positions_BS = positions_BS[:, -1:] + 1

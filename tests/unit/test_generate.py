@@ -69,6 +69,7 @@ def test_stop_tokens_end_a_completion_and_sampling_follows_its_seed():
     greedy = generate(ours, PROMPTS[:1], NEW)[0]
     stop = greedy[2]
     assert generate(ours, PROMPTS[:1], NEW, stop_ids=[stop])[0] == greedy[:greedy.index(stop) + 1]
+    assert generate(ours, PROMPTS[:1], NEW, stop_ids=[stop], run_all_steps=True)[0] == greedy[:greedy.index(stop) + 1]
     draw = lambda seed: generate(ours, PROMPTS, NEW, temperature=1.0, top_p=0.9,  # noqa: E731
                                  generator=torch.Generator().manual_seed(seed))
     assert draw(0) == draw(0) and draw(0) != draw(1)
