@@ -22,7 +22,9 @@ from moetron.data.tokenizers import get_tokenizer
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moetron-data", description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="*", type=Path, help=".jsonl (one JSON object per line) or text files")
+    parser.add_argument("inputs", nargs="*", type=Path,
+                        help=".jsonl (one JSON object per line) or text files; with --chat, `builtin` is the chat "
+                             "sample that ships with moetron")
     parser.add_argument("--output", "-o", type=Path, help="output prefix (PREFIX.bin, PREFIX.json)")
     parser.add_argument("--jsonl-key", default="text", help="key of the text in each JSONL object (default: text)")
     parser.add_argument("--tokenizer", default="bytes",
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give the input files and --output (or --show PREFIX)")
         tokenizer = get_tokenizer(args.tokenizer)
         if args.chat:
+            from moetron.data.chat_sample import CONVERSATIONS
+
+            args.inputs = [CONVERSATIONS if str(p) == "builtin" else p for p in args.inputs]
             template = ChatTemplate.of_tokenizer(tokenizer, args.chat_template)
             meta = write_chat_file(args.inputs, args.output, tokenizer, template, max(args.workers, 1))
             print(f"wrote {args.output}.bin: {meta['num_tokens']:,} tokens ({meta['dtype']}) in "

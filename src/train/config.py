@@ -19,8 +19,8 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class TrainSettings:
-    max_steps: int = 200
-    # passes over the data (chat data): set, it replaces max_steps with the steps of that many epochs
+    max_steps: Optional[int] = 200  # None: as many as train.epochs give
+    # passes over the data (chat data): the steps of that many epochs (train.max_steps, when set, stops sooner)
     epochs: Optional[float] = None
     seed: int = 0
     global_batch: int = 16  # sequences per optimizer step, over all ranks (as Megatron)

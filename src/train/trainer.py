@@ -85,8 +85,9 @@ def check(cfg, run_dir: Optional[Path], world_size: int) -> Checked:
 
 
 def _steps_from_data(cfg, sampler) -> None:
-    """train.epochs: train.max_steps becomes the steps of that many passes over the (packed) data;
-    optim.decay_steps unset: the cosine ends at train.max_steps."""
+    """train.epochs: train.max_steps becomes the steps of that many passes over the (packed) data,
+    or stays where it was set lower (it stops the run sooner); optim.decay_steps unset: the cosine
+    ends at train.max_steps."""
     tcfg = cfg.train
     if tcfg.get("epochs"):
         part = sampler.blend.parts[0]
@@ -97,7 +98,8 @@ def _steps_from_data(cfg, sampler) -> None:
         if rows < tcfg.global_batch:
             raise ValueError(f"train.epochs={tcfg.epochs}: {part.source.path} packs into {rows} rows of "
                              f"train.seq_len={tcfg.seq_len}, fewer than one train.global_batch={tcfg.global_batch}")
-        tcfg.max_steps = rows // tcfg.global_batch
+        epoch_steps = rows // tcfg.global_batch
+        tcfg.max_steps = epoch_steps if tcfg.max_steps is None else min(tcfg.max_steps, epoch_steps)
     if cfg.optim.get("decay_steps") is None:
         cfg.optim.decay_steps = tcfg.max_steps
 
@@ -243,7 +245,7 @@ def _packing_note(sampler, cfg) -> str:
             f"train.seq_len={cfg.train.seq_len} per epoch, each attending only to itself; "
             f"{cfg.train.max_steps} steps")
     if cfg.train.epochs:
-        line += f" (train.epochs={cfg.train.epochs:g} sets them; train.epochs=null leaves train.max_steps to you)"
+        line += f" (train.epochs={cfg.train.epochs:g}, or train.max_steps where that is fewer)"
     if cut:
         line += f"; {cut} conversation(s) longer than train.seq_len cut to it (data.overlong=truncate)"
     return line

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -156,6 +157,8 @@ def validate(cfg, world_size: int) -> ParallelDims:
         problems.append(f"data.overlong={cfg.data.overlong!r}: choose one of {OVERLONG}")
     if train.epochs is not None and not (isinstance(train.epochs, (int, float)) and train.epochs > 0):
         problems.append(f"train.epochs={train.epochs} must be positive (or null: train.max_steps)")
+    if train.max_steps is None and train.epochs is None:
+        problems.append("train.max_steps=null needs train.epochs (the steps then follow from the data): set one")
     if train.epochs is not None and train.batch_ramp:
         problems.append("train.epochs with train.batch_ramp: the steps of an epoch depend on the batch; set "
                         "train.batch_ramp=null or give train.max_steps")
@@ -246,14 +249,14 @@ def _one_batch_problems(cfg, dims: ParallelDims, global_batch: int, what: str) -
     return []
 
 
-def _profile_problems(profile, max_steps: int, world_size: int) -> list[str]:
+def _profile_problems(profile, max_steps: Optional[int], world_size: int) -> list[str]:
     if not profile.enabled:
         return []
     problems = []
     if profile.start_step < 1 or profile.num_steps < 1:
         problems.append(f"logging.profile.start_step={profile.start_step} and logging.profile.num_steps="
                         f"{profile.num_steps} must be >= 1")
-    elif profile.start_step + profile.num_steps - 1 > max_steps:
+    elif max_steps is not None and profile.start_step + profile.num_steps - 1 > max_steps:
         problems.append(f"logging.profile: steps {profile.start_step}-{profile.start_step + profile.num_steps - 1} "
                         f"run past train.max_steps={max_steps}; lower logging.profile.start_step or num_steps")
     outside = [r for r in profile.ranks if not 0 <= r < world_size]

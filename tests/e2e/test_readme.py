@@ -70,7 +70,8 @@ def _as_run_here(i: int, command: str, tmp: Path) -> str:
 
 
 CONSOLE_SCRIPTS = {"moetron-train": "moetron.train", "moetron-data": "moetron.data.cli",
-                   "moetron-export": "moetron.train.export_cli", "moetron-plan": "moetron.plan.cli",
+                   "moetron-export": "moetron.train.export_cli", "moetron-generate": "moetron.train.generate_cli",
+                   "moetron-plan": "moetron.plan.cli",
                    "moetron-report": "moetron.report.cli"}
 
 

@@ -18,7 +18,7 @@ from tests.e2e.test_expert_parallel_cli import torchrun
 from tests.e2e.test_train_cli import read_metrics, run_cli
 
 SEQ, BATCH, STEPS = 256, 8, 3
-SFT = ["model=tiny", "stage=sft", "train.epochs=null", f"train.max_steps={STEPS}", f"train.seq_len={SEQ}",
+SFT = ["model=tiny", "stage=sft", f"train.max_steps={STEPS}", f"train.seq_len={SEQ}",
        f"train.global_batch={BATCH}", "optim.lr=1e-3", "logging.progress=false", "data.valid_fraction=0.05",
        f"train.eval_every={STEPS}"]
 
