@@ -105,6 +105,16 @@ def load_hf_folder(cfg, folder) -> dict:
     return model.state_dict()
 
 
+def model_from_folder(folder) -> nn.Module:
+    """The moetron model of a Hugging Face folder: its family and config from config.json, every
+    tensor read (`read_hf_folder`)."""
+    hf_config = import_transformers().AutoConfig.from_pretrained(Path(folder))
+    cfg = adapter_of_model_type(hf_config.model_type).config_from_hf(hf_config)
+    model = get_spec(cfg.arch).build_module(cfg)
+    read_hf_folder(model, cfg, folder)
+    return model
+
+
 def read_hf_folder(model: nn.Module, cfg, folder) -> tuple[int, int]:
     """Fill what this rank holds of `model` (its pipeline stages; of an expert stack, its experts'
     rows) from a Hugging Face folder of `cfg`'s family, reading only those tensors' bytes. Returns

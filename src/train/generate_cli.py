@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from moetron.checkpoint import dcp_io, folders
 from moetron.data.chat import ChatTemplate
 from moetron.data.tokenizers import get_tokenizer
+from moetron.models import from_hf_folder
 from moetron.models.generate import generate
 from moetron.parallel.row_shards import MODEL_PREFIX
 from moetron.train.export_cli import newest_complete
@@ -39,14 +40,7 @@ def load_source(source: Path, device: torch.device):
         model.load_state_dict(dcp_io.load_whole(step_dir, MODEL_PREFIX))
         return model.to(device).eval(), cfg.data.tokenizer
     if (source / "config.json").is_file():
-        from moetron.models.common.hf_adapter import import_transformers
-        from moetron.models.hf import adapter_of_model_type, read_hf_folder
-        from moetron.models.registry import get_spec
-
-        hf_config = import_transformers().AutoConfig.from_pretrained(source)
-        cfg = adapter_of_model_type(hf_config.model_type).config_from_hf(hf_config)
-        model = get_spec(cfg.arch).build_module(cfg)
-        read_hf_folder(model, cfg, source)
+        model = from_hf_folder(source)
         return model.to(device).eval(), str(source) if (source / "tokenizer.json").is_file() else "bytes"
     raise FileNotFoundError(f"{source}: neither a run directory (checkpoints/) nor a Hugging Face folder (config.json)")
 

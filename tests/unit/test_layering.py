@@ -2,7 +2,7 @@
 module level and inside functions alike. The order is the architecture (docs/DESIGN.md):
 
     core, profiling, plotting -> comm -> parallel -> precision -> models -> pipeline -> data ->
-    checkpoint -> report -> train -> plan
+    checkpoint -> rl -> report -> train -> plan
 """
 import ast
 from pathlib import Path
@@ -10,7 +10,7 @@ from pathlib import Path
 import moetron
 
 ORDER = ["core", "profiling", "plotting", "comm", "parallel", "precision", "models", "pipeline", "data",
-         "checkpoint", "report", "train", "plan"]
+         "checkpoint", "rl", "report", "train", "plan"]
 LEVEL = {name: i for i, name in enumerate(ORDER)}
 LEVEL.update({"profiling": 0, "plotting": 0})  # headless helpers beside core: they import no moetron package
 SRC = Path(moetron.__file__).parent
@@ -50,7 +50,8 @@ def test_imports_go_one_way():
 
 # -- architectures live in moetron.models: the machinery around them names none ---------------------
 
-MACHINERY = ["core", "comm", "parallel", "precision", "pipeline", "data", "checkpoint", "report", "train", "plan"]
+MACHINERY = ["core", "comm", "parallel", "precision", "pipeline", "data", "checkpoint", "rl", "report", "train",
+             "plan"]
 # keys every decoder's config has (or a spec reads through ModelSpec): the machinery may name these
 GENERIC_KEYS = {"arch", "vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "init_from",
                 "num_attention_heads", "intermediate_size", "rope_theta", "rms_norm_eps", "initializer_range",
