@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetron.parallel.row_shards import EMA_PREFIX, model_state, optimizer_state
+from moetron.parallel.row_shards import model_state, optimizer_state
 from moetron.checkpoint import dcp_io, folders
 from moetron.core.errors import UserInputError
 
@@ -39,13 +39,14 @@ def set_rng_state(state: dict) -> None:
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
 
 
-def training_state(model, optimizer, finalizer, ema=None) -> dict:
-    """This rank's part of the model and optimizer state (and the parameter average, `ema/<name>`),
+def training_state(model, optimizer, finalizer, copies=()) -> dict:
+    """This rank's part of the model and optimizer state (and the parameter copies: the average,
+    `ema/<name>`, GRPO's reference, `ref/<name>`; moetron.train.ema),
     under layout-independent names; an optimizer that counts steps per parameter group (NVIDIA apex's
     FusedAdam) gets its counts as `optim/param_group<i>/step` (the groups are the same in every layout)."""
     state = {**model_state(model, finalizer.sharded), **optimizer_state(model, optimizer, finalizer.sharded)}
-    if ema is not None:
-        state.update(ema.state())
+    for copy in copies:
+        state.update(copy.state())
     for i, group in enumerate(optimizer.param_groups):
         if "step" in group:
             state[f"optim/param_group{i}/step"] = torch.tensor(float(group["step"]))
@@ -60,9 +61,10 @@ class Progress:
     skipped_steps: int = 0
 
 
-def resume(run_dir: Path, config: dict, spec, model_cfg, model, optimizer, finalizer, ema=None) -> Progress:
-    """Restore the newest loadable checkpoint under run_dir into model, optimizer and RNG, whatever
-    layout wrote it. A corrupt one is skipped with a warning; one that cannot be loaded into this
+def resume(run_dir: Path, config: dict, spec, model_cfg, model, optimizer, finalizer, copies=()) -> Progress:
+    """Restore the newest loadable checkpoint under run_dir into model, optimizer, RNG and the
+    parameter copies (moetron.train.ema: each has its `prefix`), whatever layout wrote it. A copy the
+    checkpoint lacks starts from the resumed parameters. A corrupt one is skipped with a warning; one that cannot be loaded into this
     run stops it with the reason (every rank sees the same files and the same outcome)."""
     if not config["train"]["resume"]:
         return Progress()
@@ -87,8 +89,8 @@ def resume(run_dir: Path, config: dict, spec, model_cfg, model, optimizer, final
                 "(model.init_from=OUT_DIR), or finish this run with the version that wrote it")
         try:
             saved = dcp_io.saved_shapes(path)
-            ema_saved = ema is not None and any(k.startswith(EMA_PREFIX) for k in saved)
-            state = training_state(model, optimizer, finalizer, ema if ema_saved else None)
+            held = [c for c in copies if any(k.startswith(c.prefix) for k in saved)]
+            state = training_state(model, optimizer, finalizer, held)
             group_steps = _group_steps(saved, optimizer, state)
             dcp_io.load_state(path, state)
         except (KeyError, ValueError) as err:
@@ -101,10 +103,10 @@ def resume(run_dir: Path, config: dict, spec, model_cfg, model, optimizer, final
         for i, group_step in group_steps.items():
             optimizer.param_groups[i]["step"] = int(group_step)
         finalizer.params_from_masters()  # the checkpoint loaded into the master weights, where there are any
-        if ema is not None and not ema_saved:  # the average starts here, from the resumed parameters
-            ema.reset_to_parameters()
-            print(f"{path} holds no parameter average: train.ema_decay starts it from this step's parameters",
-                  flush=True)
+        for copy in copies:
+            if copy not in held:  # it starts here, from the resumed parameters
+                copy.reset_to_parameters()
+                print(f"{path} holds no {copy.description}: it starts from this step's parameters", flush=True)
         set_rng_state(trainer["rng"])
         return Progress(step, trainer["tokens"], trainer.get("skipped_steps", 0))
     if unreadable:  # starting over would overwrite the run's metrics, and pruning would drop the new checkpoints
@@ -187,7 +189,7 @@ def layout_of(groups, zero1: bool) -> dict:
 
 
 def save(run_dir: Path, step: int, progress: Progress, model, optimizer, finalizer, config_dict: dict, keep: int,
-         world, groups, ema=None) -> None:
+         world, groups, copies=()) -> None:
     """Rank 0 stages the folder; every rank writes what it holds (a tensor several ranks hold is
     written once); rank 0 adds trainer.pt and commits. `progress`: its tokens and skipped steps."""
     root = run_dir / "checkpoints"
@@ -195,7 +197,7 @@ def save(run_dir: Path, step: int, progress: Progress, model, optimizer, finaliz
         folders.begin(root, step)
     barrier(world)
     staging = folders.staging_dir(root, step)
-    dcp_io.save_state(staging, training_state(model, optimizer, finalizer, ema))  # collective: all written after it
+    dcp_io.save_state(staging, training_state(model, optimizer, finalizer, copies))  # collective: all written after it
     if world.is_main:
         trainer = {"step": step, "tokens": progress.tokens, "skipped_steps": progress.skipped_steps,
                    "data_position": step, "rng": rng_state(), "config": config_dict,

@@ -14,7 +14,7 @@ Shape legend: B prompts, S tokens, V vocabulary.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Sequence, Union
 
 import torch
 from torch import nn
@@ -23,9 +23,11 @@ from moetron.models.common.kv_cache import DecodeState, kv_caches
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
+                generator: Union[None, torch.Generator, Sequence[torch.Generator]]) -> torch.Tensor:
     """[B] next tokens: the argmax at temperature 0, else a draw from the softmax of logits /
-    temperature, restricted to the smallest set of tokens whose probability reaches `top_p`."""
+    temperature, restricted to the smallest set of tokens whose probability reaches `top_p`.
+    `generator`: one for the batch, or one per row (each row's draw then depends on its own
+    generator and probabilities only, not on the rows beside it)."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
     probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
@@ -34,12 +36,15 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
         before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # mass of the tokens ranked above each
         sorted_BV = sorted_BV.masked_fill(before_BV >= top_p, 0.0)
         probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+    if isinstance(generator, Sequence):
+        return torch.cat([torch.multinomial(probs_BV[b], 1, generator=g) for b, g in enumerate(generator)])
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, stop_ids: Iterable[int] = (), generator: Optional[torch.Generator] = None,
+             top_p: float = 1.0, stop_ids: Iterable[int] = (),
+             generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
              pad_id: int = 0, return_logprobs: bool = False, run_all_steps: bool = False):
     """The completion of each prompt (its new tokens only), in eval mode, with a KV cache; with
     `return_logprobs`, also each completion token's log-probability under the distribution it was
@@ -48,6 +53,8 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, te
     whose forwards exchange tokens, under expert parallelism, must run as many as each other)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of one token or more")
+    if isinstance(generator, Sequence) and len(generator) != len(prompts):
+        raise ValueError(f"generate: {len(generator)} generators for {len(prompts)} prompts (give one per prompt)")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     was_training = model.training

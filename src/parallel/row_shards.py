@@ -23,6 +23,7 @@ from moetron.parallel.materialize import expert_rows, held_state_dict
 OPTIM_PREFIX = "optim/"
 MODEL_PREFIX = "model/"
 EMA_PREFIX = "ema/"  # the parameter average (moetron.train.ema)
+REF_PREFIX = "ref/"  # GRPO's frozen reference model (moetron.train.ema.FrozenReference)
 
 
 @dataclass

@@ -65,6 +65,9 @@ def build_report(run_dir: Path, out: Optional[Path] = None, steps: Optional[list
     shown: list[tuple[str, Path]] = []
     figures.losses(records, out / "losses.png")
     shown.append(("losses", out / "losses.png"))
+    if any("rl/reward_mean" in r for r in records):
+        figures.rewards(records, out / "rewards.png")
+        shown.append(("GRPO rewards and policy", out / "rewards.png"))
     figures.throughput(records, out / "throughput.png")
     shown.append(("throughput and MFU", out / "throughput.png"))
     if figures.layer_keys(records, "moe/load/"):
@@ -78,6 +81,11 @@ def build_report(run_dir: Path, out: Optional[Path] = None, steps: Optional[list
         layers, matrix = figures.load_matrix(records)
         shown.append(("tokens per expert over the run",
                       figures.heatmap(layers, matrix, out / "experts_run.png", "tokens per expert, whole run")))
+        if figures.layer_keys(records, "moe/rollout_load/"):  # GRPO: the same, while sampling
+            layers, matrix = figures.load_matrix(records, prefix="moe/rollout_load/")
+            shown.append(("tokens per expert while sampling (GRPO rollouts), over the run",
+                          figures.heatmap(layers, matrix, out / "experts_rollouts.png",
+                                          "tokens per expert while sampling, whole run")))
     if figures.layer_keys(records, "moe/bias/"):
         figures.bias(records, out / "bias.png")
         shown.append(("routing bias per expert", out / "bias.png"))

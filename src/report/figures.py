@@ -86,9 +86,11 @@ def maxvio(records: list[dict], path) -> dict:
     return drawn
 
 
-def load_matrix(records: list[dict], step: Optional[int] = None) -> tuple[list[int], list[list[float]]]:
-    """(layers, tokens per expert of each layer): at `step`, or summed over every logged step."""
-    rows = layer_keys(records, "moe/load/")
+def load_matrix(records: list[dict], step: Optional[int] = None, prefix: str = "moe/load/"
+                ) -> tuple[list[int], list[list[float]]]:
+    """(layers, tokens per expert of each layer): at `step`, or summed over every logged step
+    (`prefix`: moe/rollout_load/ for GRPO's loads while sampling)."""
+    rows = layer_keys(records, prefix)
     chosen = [r for r in records if step is None or r["step"] == step]
     if not chosen:
         raise ValueError(f"step {step} was not logged")
@@ -97,6 +99,42 @@ def load_matrix(records: list[dict], step: Optional[int] = None) -> tuple[list[i
         loads = [r[key] for r in chosen if key in r]
         matrix.append([float(sum(col)) for col in zip(*loads)] if loads else [])
     return [layer for layer, _ in rows], matrix
+
+
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the `window` - 1 before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def rewards(records: list[dict], path) -> dict:
+    """GRPO: the mean reward (its moving mean over 20 logged steps, and each reward function's
+    mean); the KL to the reference, the clip fraction, the entropy and the distance between the
+    experts' loads while sampling and in training."""
+    plt = use_agg()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps, mean = series(records, "rl/reward_mean")
+    drawn = {"rl/reward_mean": mean, "moving_mean": moving_mean(mean, 20)}
+    left.plot(steps, mean, color="tab:blue", alpha=0.35, linewidth=0.8, label="reward (mean of the step)")
+    left.plot(steps, drawn["moving_mean"], color="tab:blue", linewidth=2, label="moving mean, 20 steps")
+    for key in sorted({k for r in records for k in r if k.startswith("rl/reward/")}):
+        part_steps, values = series(records, key)
+        left.plot(part_steps, moving_mean(values, 20), linewidth=1, label=key.removeprefix("rl/reward/"))
+        drawn[key] = values
+    left.set(xlabel="step", ylabel="reward", title="rewards")
+    left.legend(fontsize=7)
+    for key in ("rl/kl", "rl/clip_fraction", "rl/entropy", "moe/rollout_vs_train"):
+        key_steps, values = series(records, key)
+        if key_steps:
+            right.plot(key_steps, values, linewidth=1, label=key)
+            drawn[key] = values
+    right.set(xlabel="step", title="policy: KL to the reference, clipping, entropy, routes")
+    right.legend(fontsize=7)
+    save_figure(fig, path)
+    return drawn
 
 
 def heatmap(layers: list[int], matrix: list[list[float]], path, title: str) -> Path:

@@ -58,3 +58,16 @@ def replaying(model: nn.Module, routes: dict[str, torch.Tensor], length: int | N
     finally:
         for router in routers.values():
             router.replayed = None
+
+
+def rollout_loads(model: nn.Module, routes: dict[str, torch.Tensor], counted_BS: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Router name -> [E] tokens it sent to each expert over the `counted_BS` positions of the
+    recorded routes (int64): the experts' loads while sampling."""
+    routers = _routers(model)
+    S = counted_BS.shape[1]
+    out = {}
+    for name, chosen_BSK in routes.items():
+        E = routers[name].expert_bias.shape[0]
+        chosen_TK = chosen_BSK[:, :S][counted_BS.to(chosen_BSK.device)]
+        out[name] = torch.bincount(chosen_TK.flatten().long(), minlength=E).cpu()
+    return out

@@ -2,7 +2,7 @@
 (the sampling policy's log-probabilities, the group advantages, the routes the experts took).
 
     batch = rollout(model, tokenizer, examples, RolloutSettings(group_size=8, max_new_tokens=32),
-                    reward_fn, "moetron.rl.task:exact_answer", generator)
+                    {"moetron.rl.task:exact_answer": exact_answer}, generator)
     logp_BS = policy_logprobs(model, batch)          # the training forward, routes replayed
     terms = grpo_loss(logp_BS, batch.logp_old_BS, batch.advantages_B, batch.targets_BS, ...)
 
@@ -26,7 +26,7 @@ from moetron.data.chat import ChatTemplate
 from moetron.models.common.packed import PackedSamples
 from moetron.models.generate import generate
 from moetron.rl.grpo import group_advantages, token_logprobs
-from moetron.rl.replay import recording, replaying
+from moetron.rl.replay import recording, replaying, rollout_loads
 from moetron.rl.rewards import score
 
 
@@ -39,6 +39,7 @@ class RolloutSettings:
     router_replay: bool = True  # record the experts each token took, for the training forward
     # (top_p stays 1: the ratio's old log-probabilities are those of the softmax / temperature)
     chat_template: Optional[ChatTemplate] = None  # render each prompt as a user turn (else raw text)
+    run_all_steps: bool = False  # every rank runs max_new_tokens forwards (expert parallelism needs it)
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Rollout:
     temperature: float  # what the sampler divided the logits by (the training forward does too)
     routes: Optional[dict]  # router name -> experts [B, S, K] (None without routing replay)
     completions: list[str]
+    reward_parts: dict  # reward function name -> its rewards [B] (their sum is rewards_B)
+    loads: dict  # router name -> [E] tokens of the inputs each expert took while sampling
+    logp_ref_BS: Optional[torch.Tensor] = None  # the reference model's (GRPO's KL term), when it has one
 
 
 def _prompt_ids(tokenizer, text: str, template: Optional[ChatTemplate]) -> list[int]:
@@ -63,22 +67,27 @@ def _prompt_ids(tokenizer, text: str, template: Optional[ChatTemplate]) -> list[
     return tokenizer.encode_with_offsets(rendered)[0].tolist()
 
 
-def rollout(model: nn.Module, tokenizer, examples: list[dict], settings: RolloutSettings, reward_fn: Callable,
-            reward_name: str, generator: Optional[torch.Generator] = None) -> Rollout:
-    """Sample, score and lay out one batch (`examples`: {"prompt": ..., other fields the reward reads})."""
+def rollout(model: nn.Module, tokenizer, examples: list[dict], settings: RolloutSettings,
+            rewards: dict[str, Callable], generator=None) -> Rollout:
+    """Sample, score and lay out one batch (`examples`: {"prompt": ..., other fields the reward reads});
+    `rewards`: name -> function, the reward being their sum; `generator`: one for the batch, or one per
+    completion (prompt-major: G per example), which makes each completion independent of the batch
+    it is drawn in."""
     if settings.top_p != 1.0:
         raise ValueError(f"GRPO rollouts sample the whole distribution (top_p={settings.top_p}): the importance "
                          "ratio would compare against a distribution the tokens were not drawn from; set top_p=1")
     G = settings.group_size
     prompts = [ex["prompt"] for ex in examples for _ in range(G)]
     prompt_ids = [_prompt_ids(tokenizer, p, settings.chat_template) for p in prompts]
-    record = recording(model) if settings.router_replay else nullcontext(None)
-    with record as routes:
+    with recording(model) as routes:  # the experts' loads; with routing replay, the training forward's routes
         completion_ids, logprobs = generate(model, prompt_ids, settings.max_new_tokens, settings.temperature,
-                                            settings.top_p, [tokenizer.eos_id], generator, return_logprobs=True)
+                                            settings.top_p, [tokenizer.eos_id], generator, return_logprobs=True,
+                                            run_all_steps=settings.run_all_steps)
     texts = [tokenizer.decode([t for t in c if t != tokenizer.eos_id]) for c in completion_ids]
     fields = {k: [ex[k] for ex in examples for _ in range(G)] for k in examples[0] if k != "prompt"}
-    rewards_B = torch.tensor(score(reward_fn, reward_name, prompts, texts, fields), dtype=torch.float32)
+    parts = {name: torch.tensor(score(fn, name, prompts, texts, fields), dtype=torch.float32)
+             for name, fn in rewards.items()}
+    rewards_B = torch.stack(list(parts.values())).sum(dim=0)
     advantages_B = group_advantages(rewards_B.view(len(examples), G)).flatten()
 
     B, L = len(prompts), max(len(p) for p in prompt_ids)
@@ -94,15 +103,20 @@ def rollout(model: nn.Module, tokenizer, examples: list[dict], settings: Rollout
     targets_BN = valid_BN.clone()
     targets_BN[:, :L] = False
     device = next(p.device for p in model.parameters() if not p.is_meta)
-    if routes is not None:
-        routes = {name: chosen.to(device) for name, chosen in routes.items()}
+    loads = rollout_loads(model, routes, valid_BN[:, :-1])
+    # the sampler ran the inputs (and more forwards when it ran every step): their routes replay
+    replayed = {name: chosen[:, :L + T - 1].to(device) for name, chosen in routes.items()} \
+        if settings.router_replay else None
     return Rollout(sequences_BN[:, :-1], positions_BN[:, :-1], valid_BN[:, :-1], sequences_BN[:, 1:],
-                   targets_BN[:, 1:], logp_BN[:, 1:], rewards_B, advantages_B, settings.temperature, routes, texts)
+                   targets_BN[:, 1:], logp_BN[:, 1:], rewards_B, advantages_B, settings.temperature, replayed, texts,
+                   parts, loads)
 
 
-def policy_logprobs(model: nn.Module, batch: Rollout, rows: Optional[slice] = None) -> torch.Tensor:
+def policy_logprobs(model: nn.Module, batch: Rollout, rows: Optional[slice] = None,
+                    with_entropy: bool = False):
     """[B, S] log-probabilities of the labels under the model now (0 off the targets), its routers
-    replaying the sampled routes when the batch has them; `rows`: a micro-batch of the rollout."""
+    replaying the sampled routes when the batch has them; `rows`: a micro-batch of the rollout.
+    `with_entropy`: also [B, S] the entropy of each predicted distribution (no gradient; 0 off targets)."""
     rows = rows or slice(None)
     device = next(p.device for p in model.parameters() if not p.is_meta)
     inputs_BS = batch.inputs_BS[rows].to(device)
@@ -110,5 +124,14 @@ def policy_logprobs(model: nn.Module, batch: Rollout, rows: Optional[slice] = No
     routes = None if batch.routes is None else {name: chosen[rows] for name, chosen in batch.routes.items()}
     with replaying(model, routes) if routes is not None else nullcontext():
         logits_BSV = model(inputs_BS, samples=samples)
-    logp_BS = token_logprobs(logits_BSV, batch.labels_BS[rows].to(device), batch.temperature)
-    return logp_BS * batch.targets_BS[rows].to(device)
+    targets_BS = batch.targets_BS[rows].to(device)
+    logp_BS = token_logprobs(logits_BSV, batch.labels_BS[rows].to(device), batch.temperature) * targets_BS
+    if not with_entropy:
+        return logp_BS
+    return logp_BS, entropy(logits_BSV.detach(), batch.temperature) * targets_BS
+
+
+def entropy(logits_BSV: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, S] entropy (nats) of the softmax of logits / temperature, in float32."""
+    logp_BSV = torch.log_softmax(logits_BSV.float() / (temperature or 1.0), dim=-1)
+    return -(logp_BSV.exp() * logp_BSV).sum(dim=-1)

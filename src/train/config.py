@@ -194,6 +194,28 @@ class LoggingConfig:
 
 
 @dataclass
+class RLConfig:
+    """Reinforcement learning with GRPO (moetron.rl; `stage=grpo` sets the algorithm and its settings).
+    One training step: a rollout (G completions per prompt, sampled with the policy's own weights and
+    scored) and `inner_steps` optimizer steps on it."""
+    algorithm: Optional[str] = None  # grpo: train on rollouts instead of token data; None: pre-training / SFT
+    # {"prompt": ..., other fields the reward reads} per line of a .jsonl file, or "sums": the arithmetic
+    # task that ships with moetron (moetron.rl.task)
+    prompts: str = "sums"
+    # module:function, or a list of them (the reward is their sum; each one's mean is logged)
+    reward: Any = "moetron.rl.task:exact_answer"
+    group_size: int = 8  # G completions per prompt (the group whose mean reward is the baseline)
+    prompts_per_step: int = 8  # prompts per rollout, over all data ranks
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    clip_eps: float = 0.2  # the importance ratio is clipped to [1 - eps, 1 + eps]
+    beta: float = 0.0  # weight of the KL to the frozen reference (the run's starting weights); 0: no reference
+    inner_steps: int = 1  # optimizer steps per rollout, each on the whole rollout (DeepSeekMath's mu)
+    router_replay: bool = True  # MoE: the training forward uses the experts each token took while sampling
+    chat_template: bool = True  # render each prompt as a user turn with data.tokenizer's chat template
+
+
+@dataclass
 class RootConfig:
     # Python modules imported before the model is built: a module of your own registers its
     # architecture there (moetron.models.register_model), e.g. imports=[my_models.dense]
@@ -208,6 +230,7 @@ class RootConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 def schema_name(arch: str) -> str:

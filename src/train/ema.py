@@ -20,11 +20,14 @@ import torch
 from torch import nn
 
 from moetron.parallel.materialize import expert_rows
-from moetron.parallel.row_shards import EMA_PREFIX, RowShard
+from moetron.parallel.row_shards import EMA_PREFIX, REF_PREFIX, RowShard
 
 
 
 class ParameterEMA:
+    prefix = EMA_PREFIX  # its names in checkpoints
+    description = "parameter average (train.ema_decay)"
+
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.model, self.decay = model, decay
         self.params = {name: p for name, p in model.named_parameters() if not p.is_meta}
@@ -78,16 +81,14 @@ class ParameterEMA:
         for name, value in self.shadow.items():
             first, total = rows.get(name, (0, value.shape[0] if value.ndim else 0))
             whole = not value.ndim or value.shape[0] == total
-            state[EMA_PREFIX + name] = value if whole else RowShard(value, first, total)
+            state[self.prefix + name] = value if whole else RowShard(value, first, total)
         return state
 
     @contextmanager
     def swapped_in(self):
         """The model's parameters replaced by the average inside the block (evaluation), then back."""
         self.wait()
-        # the parameters to restore: the pinned copy of the last update on GPUs (no second copy on the
-        # device; a skipped step changed nothing since), a clone on CPUs
-        saved = self._staging or {name: p.detach().clone() for name, p in self.params.items()}
+        saved = self._restore_point()
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(self.shadow[name])
@@ -98,6 +99,35 @@ class ParameterEMA:
                 for name, p in self.params.items():
                     p.copy_(saved[name])
 
+    def _restore_point(self) -> dict:
+        """The parameters to restore after a swap: the pinned copy of the last update on GPUs (no
+        second copy on the device; a skipped step changed nothing since), a clone on CPUs."""
+        return self._staging or {name: p.detach().clone() for name, p in self.params.items()}
+
     def close(self) -> None:
         self.wait()
         self._worker.shutdown()
+
+
+class FrozenReference(ParameterEMA):
+    """GRPO's reference model (rl.beta > 0): the weights the run started from, kept in host memory
+    like the average (an average with decay 1, never updated), saved in checkpoints as `ref/<name>`
+    and swapped in for the reference's forwards."""
+    prefix = REF_PREFIX
+    description = "GRPO reference model (rl.beta > 0)"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, decay=1.0)
+
+    def update(self) -> None:
+        raise RuntimeError("the GRPO reference model does not move")
+
+    @torch.no_grad()
+    def _restore_point(self) -> dict:
+        """The parameters as they are now: never updated, the pinned buffers would still hold the
+        starting weights (on a GPU, the policy came back as the reference after every swap)."""
+        if self._staging is None:
+            return super()._restore_point()
+        for name, p in self.params.items():
+            self._staging[name].copy_(p.detach())  # device to pinned host: returns once copied
+        return self._staging

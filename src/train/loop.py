@@ -56,6 +56,11 @@ class Built:
     optimizer: Any
     ema: Any  # moetron.train.ema.ParameterEMA or None
     progress: Any  # moetron.checkpoint.run_state.Progress: tokens and skipped steps so far
+    reference: Any = None  # GRPO's frozen reference model (moetron.train.ema.FrozenReference) or None
+
+    def copies(self) -> list:
+        """The parameter copies saved with checkpoints (moetron.train.ema)."""
+        return [c for c in (self.ema, self.reference) if c is not None]
 
 
 @dataclass
@@ -168,13 +173,13 @@ class TrainingLoop:
         summed = all_reduce_packed(parts, world_size=self.world.size)
         stop_now = float(summed.pop("stop")) > 0
         extra = self.spec.after_step(self.b.model, summed, self.cfg.train, self.b.progress.tokens, update=finite)
-        self.b.progress.tokens += inputs.batch * self.cfg.train.seq_len
+        self.b.progress.tokens += self._step_tokens(inputs)
         return summed, stop_now, extra
 
     def record(self, inputs: StepInput, grad_norm: float, summed: dict, extra: dict) -> dict:
         """The step's logged values (an evaluation when due), written by rank 0; a timeline and a
         profile when asked for."""
-        cfg, tcfg, step = self.cfg, self.cfg.train, inputs.step
+        tcfg, step = self.cfg.train, inputs.step
         tokens_per_step = inputs.batch * tcfg.seq_len
         metrics = self._throughput(step + 1, inputs.lr, grad_norm, time.perf_counter() - inputs.started,
                                    tokens_per_step)
@@ -189,6 +194,13 @@ class TrainingLoop:
             metrics.update(self._evaluate())
         gib = self.optimizer_gib if self.optimizer_gib is not None else optimizer_state_gib(self.b.optimizer)
         metrics.update({"memory/optimizer_state_gib": gib, "train/skipped_steps": self.b.progress.skipped_steps})
+        self._write(metrics, step)
+        return metrics
+
+    def _write(self, metrics: dict, step: int) -> None:
+        """Rank 0 writes the step's values (jsonl and W&B on logged steps, the console each step); a
+        timeline and a profile when asked for."""
+        cfg, tcfg = self.cfg, self.cfg.train
         if self.world.is_main:
             if (step + 1) % tcfg.log_every == 0 or step + 1 == self.end_step:
                 self.jsonl.log(metrics)
@@ -203,7 +215,6 @@ class TrainingLoop:
         trace = self.profiler.end(step + 1)
         if trace is not None:
             self._note(f"rank {self.world.rank}: profile of {self.profiler.steps} in {trace}")
-        return metrics
 
     def checkpoint_if_due(self, step: int, stop_now: bool) -> None:
         self.phase = "checkpoint"
@@ -211,9 +222,13 @@ class TrainingLoop:
         if (step + 1) % tcfg.ckpt_every == 0 or step + 1 == self.end_step or stop_now:
             b.finalizer.finish_gather()  # ZeRO-1: the parameters as the optimizer left them
             save(self.run_dir, step + 1, b.progress, b.model, b.optimizer, b.finalizer, self.config_dict,
-                 tcfg.ckpt_keep, self.world, self.groups, b.ema)
+                 tcfg.ckpt_keep, self.world, self.groups, b.copies())
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _step_tokens(self, inputs: StepInput) -> int:
+        """Tokens the step trained on, over all ranks (the count schedules in tokens follow)."""
+        return inputs.batch * self.cfg.train.seq_len
+
     def _step_parts(self, inputs: StepInput) -> dict:
         """This rank's metrics of the step, to be summed over all ranks in one collective."""
         parts = {"losses": inputs.loss_sums}

@@ -71,14 +71,19 @@ class LocalMicroBatches(_MicroBatches):
             with self._autocast(), self.meter.saving(i):
                 out = self.model(inputs, labels, samples=samples, **loss_options)
             self.meter.sample()
-            last = i == len(micro_batches) - 1 and self.grads is not None
-            if last:
-                self.grads.expect_final(self._params)
-            (out.loss / len(micro_batches)).backward()
-            if last:
-                self.grads.mark_final(self._params)
+            self._backward(out.loss / len(micro_batches), last=i == len(micro_batches) - 1)
             logged += out.logged()
         return logged
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """`loss.backward()`; around the step's last one, the step finalizer is told that it makes
+        every parameter's gradient final."""
+        final = last and self.grads is not None
+        if final:
+            self.grads.expect_final(self._params)
+        loss.backward()
+        if final:
+            self.grads.mark_final(self._params)
 
     @torch.no_grad()
     def evaluate(self, micro_batches, loss_options: dict) -> torch.Tensor:

@@ -40,7 +40,9 @@ from moetron.precision.convert import FP8Recipe
 from moetron.precision.dtypes import compute_dtype, param_dtype
 from moetron.precision.fp8_gemm import resolve_backend
 from moetron.train.distributed import init_process_group, pick_device, world_from_env
-from moetron.train.ema import ParameterEMA
+from moetron.train.ema import FrozenReference, ParameterEMA
+from moetron.train.grpo_loop import GRPOLoop, grpo_inputs
+from moetron.train.grpo_micro_batches import GRPOMicroBatches
 from moetron.train.loop import Built, TrainingLoop
 from moetron.train.micro_batches import LocalMicroBatches, PipelinedMicroBatches, stage_parameters
 from moetron.train.optim import build_optimizer, param_groups
@@ -54,8 +56,9 @@ class Checked:
     topology: Topology
     spec: Any
     model_cfg: Any
-    sampler: Any
+    sampler: Any  # None under rl.algorithm
     valid: Any
+    rl: Any = None  # moetron.train.grpo_loop.GRPOInputs under rl.algorithm=grpo
 
 
 def check(cfg, run_dir: Optional[Path], world_size: int) -> Checked:
@@ -74,14 +77,18 @@ def check(cfg, run_dir: Optional[Path], world_size: int) -> Checked:
         if model_cfg.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the {cfg.data.tokenizer!r} "
                              f"tokenizer's {tokenizer.vocab_size} tokens; raise model.vocab_size")
-        sampler, valid = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, tokenizer, model_cfg.vocab_size)
-        _steps_from_data(cfg, sampler)
+        sampler = valid = rl = None
+        if cfg.rl.algorithm is not None:  # rollouts instead of token data
+            rl = grpo_inputs(cfg, tokenizer)
+        else:
+            sampler, valid = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, tokenizer, model_cfg.vocab_size)
+            _steps_from_data(cfg, sampler)
         if not cfg.train.resume and held:
             raise ValueError(f"train.resume=false, but {run_dir} holds checkpoints of an earlier run: starting over "
                              "there would mix the two runs' metrics and checkpoints; use a new hydra.run.dir")
     except (ValueError, FileNotFoundError) as err:
         raise UserInputError(str(err)) from err
-    return Checked(dims, topology, spec, model_cfg, sampler, valid)
+    return Checked(dims, topology, spec, model_cfg, sampler, valid, rl)
 
 
 def _steps_from_data(cfg, sampler) -> None:
@@ -129,7 +136,8 @@ def train(cfg, run_dir: Path) -> dict:
             if lanes > 1:
                 how = "in turns, one order on every rank" if groups.order else "as each half reaches them"
                 print(f"F&B pairs overlap; their collectives are issued {how}", flush=True)
-        return _train_loop(cfg, config, run_dir, world, groups, device, spec, checked.sampler, checked.valid)
+        return _train_loop(cfg, config, run_dir, world, groups, device, spec, checked.sampler, checked.valid,
+                           checked.rl)
     finally:
         if lock is not None:
             lock.release()
@@ -200,7 +208,8 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
         finalizer = StepFinalizer(model, made.expert_params, groups, cfg.optim.grad_clip, zero1=_zero1(cfg, dims),
                                   overlap_param_gather=_on_gpus(par.overlap_param_gather, device),
                                   overlap_grad_reduce=overlap_reduce, param_dtype=param_dtype(prec, device))
-        micro = LocalMicroBatches(model, device, compute_dtype(cfg.precision, device), finalizer if overlap_reduce else None)
+        runner = GRPOMicroBatches if cfg.rl.algorithm else LocalMicroBatches
+        micro = runner(model, device, compute_dtype(cfg.precision, device), finalizer if overlap_reduce else None)
         return model, made, micro, finalizer
     schedule = build_schedule(par.schedule, dims.pp, num_microbatches)
     layout = [list(ids) for ids in par.layout] if par.layout else None
@@ -262,9 +271,10 @@ def _zero1(cfg, dims) -> bool:
     return cfg.parallel.zero1 if cfg.parallel.zero1 is not None else dims.dp > 1
 
 
-def _train_loop(cfg, config_dict: dict, run_dir, world, groups, device, spec, sampler, valid) -> dict:
-    """Seed, build, resume, then the loop (moetron.train.loop). `cfg`: the typed settings;
-    `config_dict`: the composed config as a dict (saved with checkpoints, sent to W&B)."""
+def _train_loop(cfg, config_dict: dict, run_dir, world, groups, device, spec, sampler, valid, rl_inputs) -> dict:
+    """Seed, build, resume, then the loop (moetron.train.loop; GRPO's, moetron.train.grpo_loop, with
+    `rl_inputs`). `cfg`: the typed settings; `config_dict`: the composed config as a dict (saved with
+    checkpoints, sent to W&B)."""
     tcfg = cfg.train
     deterministic = tcfg.deterministic if tcfg.deterministic is not None else device.type == "cpu"
     torch.use_deterministic_algorithms(deterministic)
@@ -275,15 +285,20 @@ def _train_loop(cfg, config_dict: dict, run_dir, world, groups, device, spec, sa
     model, made, micro, finalizer = _build(cfg, groups, device, spec, cfg.model, num_microbatches)
     optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay, finalizer.stepped_on), cfg.optim, device)
     ema = ParameterEMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
-    progress = resume(run_dir, config_dict, spec, cfg.model, model, optimizer, finalizer, ema)  # step, tokens, skips
+    reference = FrozenReference(model) if cfg.rl.algorithm and cfg.rl.beta > 0 else None  # the starting weights
+    built = Built(model, made, micro, finalizer, optimizer, ema, None, reference)
+    progress = built.progress = resume(run_dir, config_dict, spec, cfg.model, model, optimizer, finalizer,
+                                       built.copies())  # step, tokens, skips
     if world.is_main and progress.step:
         print(f"resuming from {run_dir / 'checkpoints'} at step {progress.step}", flush=True)
-    if world.is_main and sampler.packed:
+    if world.is_main and sampler is not None and sampler.packed:
         print(_packing_note(sampler, cfg), flush=True)
     if progress.step >= tcfg.max_steps:
         if world.is_main:
             print(f"nothing to do: {run_dir} already reached train.max_steps={tcfg.max_steps} "
                   "(raise train.max_steps to train on)", flush=True)
         return {}
-    built = Built(model, made, micro, finalizer, optimizer, ema, progress)
+    if rl_inputs is not None:
+        return GRPOLoop(cfg, config_dict, run_dir, world, groups, device, spec, None, None, built,
+                        inputs=rl_inputs).run()
     return TrainingLoop(cfg, config_dict, run_dir, world, groups, device, spec, sampler, valid, built).run()

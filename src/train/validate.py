@@ -129,7 +129,7 @@ def validate(cfg, world_size: int) -> ParallelDims:
     problems += spec.problems(model, dims, topology, train.seq_len)
     if par.dispatcher == "deepep" and dims.ep > 1:
         problems += deepep_problems(min(dims.ep, topology.gpus_per_node), dims.ep_nodes(topology))
-    problems += _batch_problems(cfg, dims)
+    problems += _rl_problems(cfg, dims) if cfg.rl.algorithm is not None else _batch_problems(cfg, dims)
     for key, v in (("precision.compute_dtype", cfg.precision.compute_dtype),
                    ("precision.param_dtype", cfg.precision.param_dtype),
                    ("optim.moments_dtype", cfg.optim.moments_dtype)):
@@ -198,6 +198,38 @@ def _defers_weight_grads(cfg, dims: ParallelDims) -> bool:
                                                   train.global_batch // (train.micro_batch * dims.dp * dims.ep)))
     except (MinimumMicrobatches, ZeroDivisionError, ValueError):
         return False  # said by the batch checks
+
+
+def _rl_problems(cfg, dims: ParallelDims) -> list[str]:
+    """rl.*: the algorithm, its numbers, and how a rollout splits over the data ranks and micro-batches."""
+    rl, train = cfg.rl, cfg.train
+    if rl.algorithm != "grpo":
+        return [f"rl.algorithm={rl.algorithm!r}: choose grpo (or null: pre-training and SFT on token data)"]
+    problems = []
+    for key, lowest in (("group_size", 2), ("prompts_per_step", 1), ("max_new_tokens", 1), ("inner_steps", 1)):
+        if getattr(rl, key) < lowest:
+            problems.append(f"rl.{key}={getattr(rl, key)} must be at least {lowest}")
+    if not rl.temperature > 0:
+        problems.append(f"rl.temperature={rl.temperature}: GRPO samples (0 is greedy: a group's completions would "
+                        "all be the same, with no advantage between them); use a positive temperature, e.g. 1.0")
+    if not rl.clip_eps > 0 or rl.beta < 0:
+        problems.append(f"rl.clip_eps={rl.clip_eps} must be positive and rl.beta={rl.beta} at least 0")
+    if dims.pp > 1:
+        problems.append(f"rl.algorithm=grpo samples its rollouts with the whole model on each rank: parallel.pp="
+                        f"{dims.pp} must be 1 (use parallel.ep and data parallelism)")
+    data_ranks = dims.dp * dims.ep
+    if rl.prompts_per_step % data_ranks:
+        problems.append(f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of dp x ep = {data_ranks} "
+                        "(each data rank samples the groups of its own prompts)")
+    elif (rl.prompts_per_step // data_ranks * rl.group_size) % train.micro_batch:
+        per_rank = rl.prompts_per_step // data_ranks * rl.group_size
+        problems.append(f"a data rank's {per_rank} completions (rl.prompts_per_step / (dp x ep) x rl.group_size) must "
+                        f"be a multiple of train.micro_batch={train.micro_batch}; change one of them")
+    for key, why in (("eval_every", "0 (a rollout's rewards are its evaluation)"),
+                     ("epochs", "null (give train.max_steps: rollouts per run)"), ("batch_ramp", "null")):
+        if getattr(train, key):
+            problems.append(f"train.{key}={getattr(train, key)} with rl.algorithm=grpo: set it to {why}")
+    return problems
 
 
 def _data_problems(data) -> list[str]:

@@ -112,11 +112,12 @@ def test_a_rollout_scores_groups_and_replays_to_the_sampled_policy():
     model = build_model(load_preset("tiny"))
     examples = sums(3, seed=1)
     settings = RolloutSettings(group_size=4, max_new_tokens=7)
-    batch = rollout(model, ByteTokenizer(), examples, settings, exact_answer, "exact_answer",
+    batch = rollout(model, ByteTokenizer(), examples, settings, {"exact_answer": exact_answer},
                     torch.Generator().manual_seed(0))
+    length = lambda prompts, completions, **f: [float(len(c)) for c in completions]  # noqa: E731
     by_length = rollout(model, ByteTokenizer(), examples, settings,  # a reward that varies within groups
-                        lambda prompts, completions, **f: [float(len(c)) for c in completions], "length",
-                        torch.Generator().manual_seed(0))
+                        {"length": length, "exact_answer": exact_answer}, torch.Generator().manual_seed(0))
+    assert torch.equal(by_length.reward_parts["length"], by_length.rewards_B)  # the sum of the parts
     rewards = by_length.rewards_B.view(3, 4)
     expected = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, unbiased=False, keepdim=True) + 1e-6)
     assert torch.allclose(by_length.advantages_B, expected.flatten()) and by_length.advantages_B.abs().sum() > 0
