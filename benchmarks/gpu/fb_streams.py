@@ -66,7 +66,7 @@ def run_pipeline(chunks, inputs, targets, overlap: bool, device, steps: int):
             chunk.zero_grad(set_to_none=True)
         sync(device)
         started = time.perf_counter()
-        losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / len(inputs))
+        losses = runner.step(inputs, targets, F.mse_loss, loss_scale=1.0 / len(inputs)).losses
         sync(device)
         times.append(time.perf_counter() - started)
     return losses, times

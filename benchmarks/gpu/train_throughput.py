@@ -151,14 +151,21 @@ def main(argv=None) -> int:
            "gflop_per_token": flops / 1e9, "gemm_tflops": peak, "runs": {}}
     makers = {"transformers": (theirs, _hf_loss), "eager": (ours, _ours_loss),
               "compiled": (lambda: ours(compiled=True), _ours_loss), "fp8": (lambda: ours(fp8=True), _ours_loss)}
+    failed = out["failed"] = {}
     for name in args.candidates:
         make, loss_fn = makers[name]
-        result = train_rate(make(), loss_fn, batches, args.warmup, device, autocast_dtype)
+        try:
+            result = train_rate(make(), loss_fn, batches, args.warmup, device, autocast_dtype)
+        except RuntimeError as err:  # one candidate's failure (a GEMM this torch refuses) is a result too
+            failed[name] = str(err).splitlines()[0][:300]
+            print(f"{name}: failed: {failed[name]}", file=sys.stderr)
+            continue
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         result["tflops"] = result["tokens_per_s"] * flops / 1e12
         result["mfu_vs_gemm"] = result["tflops"] / peak
         out["runs"][name] = result
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     runs = out["runs"]
     if "transformers" in runs:
         out["ratios_vs_transformers"] = {k: v["tokens_per_s"] / runs["transformers"]["tokens_per_s"]

@@ -279,8 +279,10 @@ class PipelineRunner:
     def _side_thread(self) -> ThreadPoolExecutor:
         if self._pool is None:
             # the current device is per thread: the side thread's would otherwise be GPU 0 on every rank
+            # (a device given without its index, "cuda", is the caller's current one)
+            device = self.device if self.device.index is not None else self._device_module.current_device()
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetron-fb",
-                                            initializer=self._device_module.set_device, initargs=(self.device,))
+                                            initializer=self._device_module.set_device, initargs=(device,))
         return self._pool
 
     def _with_callers_autocast(self, fn: Callable, *args):
