@@ -70,13 +70,21 @@ class LayerCache:
 
 
 @contextmanager
-def kv_caches(model: nn.Module, state: DecodeState):
-    """Give every attention module of `model` (a `kv_cache` slot) a fresh cache for the block."""
+def key_slots(model: nn.Module, make):
+    """Every attention module of `model` (its `kv_cache` slot: where keys beyond its own tokens come
+    from) gets `make()` for the block: a generation cache, or context parallelism's gather."""
     modules = [m for m in model.modules() if hasattr(m, "kv_cache")]
     for module in modules:
-        module.kv_cache = LayerCache(state)
+        module.kv_cache = make()
     try:
-        yield state
+        yield
     finally:
         for module in modules:
             module.kv_cache = None
+
+
+@contextmanager
+def kv_caches(model: nn.Module, state: DecodeState):
+    """Give every attention module of `model` a fresh cache for the block."""
+    with key_slots(model, lambda: LayerCache(state)):
+        yield state

@@ -1,0 +1,42 @@
+"""Collectives along the sequence for context parallelism: every rank of a context-parallel group
+holds some tokens of each sequence, and attention needs what the others hold.
+
+    k_BKTD = gather_sequence(k_BKSD, dim=2, group=cp_group)   # every rank's tokens, rank-major
+    # backward: each rank gets the sum, over the ranks, of the gradient of its own tokens
+
+The gather's backward is a reduce-scatter: the keys a rank sent were read by every rank's queries.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    front = x.movedim(dim, 0).contiguous()
+    out = front.new_empty((world * front.shape[0], *front.shape[1:]))
+    dist.all_gather_into_tensor(out, front, group=group)
+    return out.movedim(0, dim)
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim: int, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size(ctx.group)
+        front = grad.movedim(ctx.dim, 0).contiguous()
+        mine = front.new_empty((front.shape[0] // world, *front.shape[1:]))
+        dist.reduce_scatter_tensor(mine, front, group=ctx.group)  # the sum over the ranks that read them
+        return mine.movedim(0, ctx.dim), None, None
+
+
+def gather_sequence(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's `x` joined along `dim` in rank order (autograd: the backward reduce-scatters)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _GatherSequence.apply(x, dim, group)
+    return _gather(x, dim, group)

@@ -1,0 +1,89 @@
+"""Context parallelism: each sequence split over the ranks of a context-parallel group, every rank
+running every layer on its own tokens; attention alone reads across ranks.
+
+    local_BS = shard_sequence(ids_BS, rank, cp)             # chunks r and 2cp - 1 - r of each row
+    positions_BS = shard_sequence(positions_BS, rank, cp)
+    with context_parallel(model, ContextState(positions_BS, cp_group)):
+        logits_BSV = model(local_BS, samples=PackedSamples(positions_BS))   # this rank's rows of the whole
+
+Balance: the row is cut into 2 x cp chunks and rank r holds chunk r and chunk 2cp - 1 - r, so every
+rank holds as many early (cheap) as late (dear) queries of causal attention.
+
+What crosses ranks, per token and layer, through the attention module's key slot (the one
+generation's KV cache uses: moetron.models.common.kv_cache): MLA gathers what DeepSeek's inference
+caches, the normalised compressed latent c^KV and the rotated decoupled key k^R (kv_lora_rank +
+qk_rope_head_dim values: 512 + 64 = 576 at DeepSeek-V3), and up-projects keys and values locally;
+grouped-query attention gathers its rotated keys and values (2 x kv heads x head dim). Gathering all
+of them, rather than passing them around a ring, keeps one collective per layer and lets each rank
+attend with one kernel; the backward reduce-scatters their gradients (moetron.comm.sequence).
+
+Shape legend: B batch, S local tokens, T tokens of the whole row, K kv heads, D head dim.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moetron.comm.sequence import gather_sequence
+from moetron.models.common.kv_cache import key_slots
+
+
+def chunk_bounds(seq_len: int, rank: int, cp: int) -> list[tuple[int, int]]:
+    """[start, end) of the two chunks rank `rank` of `cp` holds of a row of `seq_len` tokens."""
+    if seq_len % (2 * cp):
+        raise ValueError(f"a sequence of {seq_len} tokens cannot be cut into 2 x cp = {2 * cp} equal chunks; "
+                         f"make train.seq_len a multiple of {2 * cp}")
+    size = seq_len // (2 * cp)
+    return [(rank * size, (rank + 1) * size), ((2 * cp - 1 - rank) * size, (2 * cp - rank) * size)]
+
+
+def shard_sequence(x_BS: torch.Tensor, rank: int, cp: int, dim: int = 1) -> torch.Tensor:
+    """This rank's tokens of `x` along `dim`: its head chunk, then its tail chunk."""
+    return torch.cat([x_BS.narrow(dim, a, b - a) for a, b in chunk_bounds(x_BS.shape[dim], rank, cp)], dim=dim)
+
+
+class ContextState:
+    """Where this rank's queries and every rank's keys lie in their rows, shared by every layer."""
+
+    def __init__(self, query_positions_BS: torch.Tensor, group, sample_ids_BS: Optional[torch.Tensor] = None) -> None:
+        """`query_positions_BS`: the positions of this rank's tokens in their rows; `sample_ids_BS`:
+        for packed rows, which sample each token belongs to (numbered over the whole row)."""
+        self.group = group
+        self.query_positions_BS, self.query_samples_BS = query_positions_BS, sample_ids_BS
+        with torch.no_grad():
+            self.key_positions_BT = gather_sequence(query_positions_BS, 1, group)
+            self.key_samples_BT = None if sample_ids_BS is None else gather_sequence(sample_ids_BS, 1, group)
+        self._visible: dict = {}
+
+    def visible(self, window: Optional[int] = None) -> torch.Tensor:
+        """[B, 1, S, T]: a query sees the keys at or before its position (within `window`), of its sample."""
+        if window not in self._visible:
+            q_BS1, k_B1T = self.query_positions_BS[:, :, None], self.key_positions_BT[:, None, :]
+            seen = k_B1T <= q_BS1
+            if window is not None:
+                seen = seen & (k_B1T > q_BS1 - window)
+            if self.query_samples_BS is not None:
+                seen = seen & (self.query_samples_BS[:, :, None] == self.key_samples_BT[:, None, :])
+            self._visible[window] = seen.unsqueeze(1)
+        return self._visible[window]
+
+
+class ContextGather:
+    """One attention layer's key slot under context parallelism: `extend` returns every rank's
+    tensors along the token dim (-2), gathered with autograd."""
+
+    def __init__(self, state: ContextState) -> None:
+        self.state = state
+
+    def extend(self, *local: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(gather_sequence(t, t.dim() - 2, self.state.group) for t in local)
+
+
+@contextmanager
+def context_parallel(model: nn.Module, state: ContextState):
+    """Every attention module of `model` reads its keys across the context-parallel group in the block."""
+    with key_slots(model, lambda: ContextGather(state)):
+        yield state

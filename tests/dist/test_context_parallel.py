@@ -1,0 +1,72 @@
+"""Context parallelism, its first layer (issue 29): a sequence split over cp ranks, each holding a
+head and a tail chunk, every attention module gathering the keys of the others (MLA its compressed
+latent and rotated RoPE key, GQA its keys and values). The whole model's logits on each rank equal
+its rows of the one-process forward, and the gradients summed over the ranks equal one process's,
+for cp = 2 and 4, with MLA (DeepSeek-V3), GQA with q/k norms (Qwen3-MoE) and GQA with sinks and a
+sliding window (GPT-OSS)."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from moetron.models import build_model, load_preset
+from moetron.models.common.context_parallel import ContextState, chunk_bounds, context_parallel, shard_sequence
+from moetron.models.common.packed import PackedSamples
+from tests.dist.harness import run_ranks
+
+B, S = 2, 32
+
+
+def _model_and_batch(preset: str):
+    torch.manual_seed(0)
+    model = build_model(load_preset(preset)).train()
+    V = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids_BS = torch.randint(0, V, (B, S), generator=g)
+    cotangent_BSV = torch.randn(B, S, V, generator=g)  # what the loss's gradient would send back
+    return model, ids_BS, cotangent_BSV
+
+
+PACKED = [[12, 20], [5, 11, 16]]  # samples per row: each attends only to itself
+
+
+def _cp_rank(rank, world, preset, packed=False):
+    model, ids_BS, cotangent_BSV = _model_and_batch(preset)
+    positions_BS, sample_ids_BS = torch.arange(S).expand(B, S), None
+    if packed:  # positions restart at each sample; the sample ids are the whole row's
+        whole = PackedSamples.of_lengths(PACKED)
+        positions_BS, sample_ids_BS = whole.position_ids_BS, shard_sequence(whole.sample_ids_BS, rank, world)
+    positions_BS = shard_sequence(positions_BS, rank, world)
+    with context_parallel(model, ContextState(positions_BS, group=None, sample_ids_BS=sample_ids_BS)):
+        logits_BSV = model(shard_sequence(ids_BS, rank, world), samples=PackedSamples(positions_BS))
+    (logits_BSV * shard_sequence(cotangent_BSV, rank, world)).sum().backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)  # the parameters are replicated over cp: their gradients sum
+            grads[name] = p.grad
+    return {"logits": logits_BSV.detach(), "grads": grads}
+
+
+def test_chunks_pair_early_and_late_tokens():
+    assert chunk_bounds(16, 0, 2) == [(0, 4), (12, 16)] and chunk_bounds(16, 1, 2) == [(4, 8), (8, 12)]
+    rows = torch.arange(16).view(1, 16)
+    assert sorted(torch.cat([shard_sequence(rows, r, 4) for r in range(4)], dim=1)[0].tolist()) == list(range(16))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        chunk_bounds(20, 0, 4)
+
+
+@pytest.mark.parametrize("preset,packed", [("tiny", False), ("qwen3_moe_tiny", False), ("gpt_oss_tiny", False),
+                                           ("tiny", True)])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_forward_and_backward_equal_one_process(preset, packed, cp):
+    model, ids_BS, cotangent_BSV = _model_and_batch(preset)
+    logits_BSV = model(ids_BS, samples=PackedSamples.of_lengths(PACKED) if packed else None)
+    (logits_BSV * cotangent_BSV).sum().backward()
+    results = run_ranks(cp, _cp_rank, preset, packed)
+    for rank, got in enumerate(results):
+        torch.testing.assert_close(got["logits"], shard_sequence(logits_BSV.detach(), rank, cp), rtol=1e-5, atol=1e-5)
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(results[0]["grads"]) == set(expected)
+    for name, grad in expected.items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        assert float((results[0]["grads"][name] - grad).abs().max() / scale) < 1e-5, name
