@@ -5,7 +5,8 @@ a rollout in place of token data. One step:
    G completions each sampled with the policy's weights (moetron.rl.rollout; experts' routes
    recorded), scored by the reward functions, group advantages; the reference model's
    log-probabilities (rl.beta > 0); then `rl.inner_steps` passes over the rollout, each an
-   optimizer step (the last one is the loop's own `apply_gradients`);
+   optimizer step (the last one is the loop's own `apply_gradients`; each one counts as a step
+   of the parameter average, train.ema_decay, and in train/skipped_steps);
 2. - 5. as for token data: gradients, metrics summed over all ranks (with the rewards and the
    experts' loads while sampling), the logged values, checkpoints.
 
@@ -27,10 +28,10 @@ import torch
 from moetron.data.chat import ChatError, ChatTemplate
 from moetron.models.common.moe_step import routers
 from moetron.rl.prompts import load_prompts, step_prompts
-from moetron.rl.rewards import load_reward
+from moetron.rl.rewards import RewardError, load_reward, score
 from moetron.rl.rollout import Rollout, RolloutSettings, rollout
 from moetron.train.grpo_micro_batches import GRPO_SUMS, micro_rows
-from moetron.train.loop import StepInput, TrainingLoop
+from moetron.train.loop import StepInput, TrainingLoop, comm_metrics
 from moetron.train.lr_schedule import lr_at
 
 REWARD_SUMS = ("reward", "reward_sq", "completions", "response_tokens", "no_signal")
@@ -53,6 +54,13 @@ def grpo_inputs(cfg, tokenizer) -> GRPOInputs:
         raise ValueError(f"rl.reward={rl.reward}: give a module:function, or a list of distinct ones")
     rewards = {name: load_reward(name) for name in names}
     examples = load_prompts(rl.prompts, cfg.train.seed)
+    fields = {k: [v] for k, v in examples[0].items() if k != "prompt"}
+    for name, fn in rewards.items():  # the prompts' fields are what each reward reads: try one
+        try:
+            score(fn, name, [examples[0]["prompt"]], [""], fields)
+        except RewardError as err:
+            raise RewardError(f"{err} (tried on rl.prompts={rl.prompts}'s first example, with the fields "
+                              f"{sorted(fields)}, and an empty completion)") from err
     template = None
     if rl.chat_template:
         try:
@@ -136,8 +144,9 @@ class GRPOLoop(TrainingLoop):
         parts = super()._step_parts(inputs)
         batch = self.batch
         rewards_B = batch.rewards_B.double()
+        flat_G = rewards_B.view(-1, self.cfg.rl.group_size).std(dim=1) == 0  # groups whose rewards are all equal
         sums = [rewards_B.sum(), (rewards_B ** 2).sum(), float(rewards_B.numel()), float(batch.targets_BS.sum()),
-                float((batch.advantages_B == 0).sum())]
+                float(flat_G.sum()) * self.cfg.rl.group_size]
         sums += [part.double().sum() for part in batch.reward_parts.values()]
         parts["rewards"] = torch.tensor([float(v) for v in sums], dtype=torch.float64, device=self.device)
         all_routers = routers(self.b.model)
@@ -168,12 +177,14 @@ class GRPOLoop(TrainingLoop):
         for name, total in zip(self.inputs.rewards, rewards[len(REWARD_SUMS):]):
             metrics[f"rl/reward/{name}"] = total / n
         metrics.update(self._load_metrics(summed))
+        metrics.update(comm_metrics(summed, self.world.size))
         metrics["train/global_batch"] = inputs.batch
         metrics.update(extra)
         metrics.update({"memory/optimizer_state_gib": self.optimizer_gib or 0.0,
                         "train/skipped_steps": self.b.progress.skipped_steps})
         self.first_reward = mean if self.first_reward is None else self.first_reward
         self._write(metrics, step)
+        self.batch = None  # the next rollout samples without this one's tensors alive
         return metrics
 
     def _load_metrics(self, summed: dict) -> dict:
@@ -198,4 +209,6 @@ class GRPOLoop(TrainingLoop):
     def _close(self, metrics: dict, first_loss) -> None:
         if metrics and self.first_reward is not None:
             self._note(f"rl/reward_mean {self.first_reward:.4f} -> {metrics['rl/reward_mean']:.4f}", main_only=True)
+        if self.b.reference is not None:
+            self.b.reference.close()
         super()._close(metrics, first_loss)

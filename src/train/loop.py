@@ -307,7 +307,12 @@ def _reduced_metrics(summed: dict, loss_names: dict, loss_count: int, world_size
     """The loop's own parts of the step's summed metrics (`_step_parts`), as logged values."""
     # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x ep)
     losses = summed.pop("losses") / loss_count
-    metrics = named_losses(losses, loss_names)
+    return {**named_losses(losses, loss_names), **comm_metrics(summed, world_size)}
+
+
+def comm_metrics(summed: dict, world_size: int) -> dict:
+    """The all-to-all bytes and the pipeline bubble of the step's summed metrics, as logged values."""
+    metrics = {}
     if "a2a_bytes" in summed:
         ib, nvlink = summed.pop("a2a_bytes").tolist()
         metrics.update({"comm/a2a_bytes/ib": int(ib), "comm/a2a_bytes/nvlink": int(nvlink)})

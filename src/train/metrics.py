@@ -87,7 +87,7 @@ class WandbLogger:
             return
         logged = {}
         for key, value in metrics.items():
-            if key.startswith("moe/load/"):  # tokens per expert as a histogram over expert ids
+            if key.startswith(("moe/load/", "moe/rollout_load/")):  # tokens per expert: a histogram over expert ids
                 import numpy as np
 
                 logged[key] = self.wandb.Histogram(np_histogram=(np.asarray(value), np.arange(len(value) + 1)))

@@ -157,7 +157,9 @@ def validate(cfg, world_size: int) -> ParallelDims:
         problems.append(f"data.overlong={cfg.data.overlong!r}: choose one of {OVERLONG}")
     if train.epochs is not None and not (isinstance(train.epochs, (int, float)) and train.epochs > 0):
         problems.append(f"train.epochs={train.epochs} must be positive (or null: train.max_steps)")
-    if train.max_steps is None and train.epochs is None:
+    if train.max_steps is None and cfg.rl.algorithm is not None:
+        problems.append("train.max_steps=null with rl.algorithm: give train.max_steps, the rollouts of the run")
+    elif train.max_steps is None and train.epochs is None:
         problems.append("train.max_steps=null needs train.epochs (the steps then follow from the data): set one")
     if train.epochs is not None and train.batch_ramp:
         problems.append("train.epochs with train.batch_ramp: the steps of an epoch depend on the batch; set "

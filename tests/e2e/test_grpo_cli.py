@@ -59,9 +59,11 @@ def test_a_stopped_grpo_run_resumes_bitwise(tmp_path):
 
 
 @pytest.mark.parametrize("fn,says", [("raises", "raised KeyError: 'no such answer'"),
-                                     ("too_few", "returned 15 rewards for 16 completions"),
+                                     ("too_few", "returned 0 rewards for 1 completions"),
                                      ("nan", "reward nan for completion 0")])
 def test_a_reward_function_that_fails_stops_the_run_naming_it(tmp_path, fn, says):
+    """Tried on the first example before any process group starts (the unit tests hold the same
+    checks on every rollout's scores)."""
     proc = _run(tmp_path, fn, f"rl.reward=tests.fakes.rewards:{fn}", check=False)
     assert proc.returncode != 0
     assert f"rl.reward=tests.fakes.rewards:{fn}: {says}" in proc.stderr

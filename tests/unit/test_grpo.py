@@ -115,9 +115,11 @@ def test_a_rollout_scores_groups_and_replays_to_the_sampled_policy():
     batch = rollout(model, ByteTokenizer(), examples, settings, {"exact_answer": exact_answer},
                     torch.Generator().manual_seed(0))
     length = lambda prompts, completions, **f: [float(len(c)) for c in completions]  # noqa: E731
+    half = lambda prompts, completions, **f: [0.5] * len(completions)  # noqa: E731
     by_length = rollout(model, ByteTokenizer(), examples, settings,  # a reward that varies within groups
-                        {"length": length, "exact_answer": exact_answer}, torch.Generator().manual_seed(0))
-    assert torch.equal(by_length.reward_parts["length"], by_length.rewards_B)  # the sum of the parts
+                        {"length": length, "half": half}, torch.Generator().manual_seed(0))
+    assert torch.equal(by_length.rewards_B, by_length.reward_parts["length"] + 0.5)  # the sum of the parts
+    assert float(by_length.reward_parts["length"].sum()) > 0  # both parts count
     rewards = by_length.rewards_B.view(3, 4)
     expected = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, unbiased=False, keepdim=True) + 1e-6)
     assert torch.allclose(by_length.advantages_B, expected.flatten()) and by_length.advantages_B.abs().sum() > 0

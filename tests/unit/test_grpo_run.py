@@ -2,6 +2,8 @@
 not depend on the batch they are drawn in, the shipped task's rewards, and the settings checked
 before any process group starts."""
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +19,16 @@ from moetron.train.preflight import compose_config
 from moetron.train.trainer import check
 
 register_configs()
+_NO_ANSWERS = Path(tempfile.mkdtemp()) / "questions.jsonl"
+_NO_ANSWERS.write_text(json.dumps({"prompt": "What is 1 + 1?"}) + "\n")
 
 
 def _config(*overrides):
     cfg = compose_config(["model=tiny", "stage=grpo", "rl.group_size=4", "rl.prompts_per_step=8",
                           "train.micro_batch=4", *overrides])
+    if "rl.reward=moetron.rl.task:exact_answer" in overrides:  # prompts without the answer it reads
+        with open_dict(cfg):
+            cfg.rl.prompts = str(_NO_ANSWERS)
     with open_dict(cfg):
         del cfg["hydra"]  # Hydra's own node, which the CLI removes before checking
     return cfg
@@ -90,6 +97,8 @@ def test_the_shipped_task_rewards_exact_close_and_well_written_answers():
     ("rl.reward=nowhere_module:fn", "rl.reward='nowhere_module:fn': cannot import"),
     ("rl.prompts=missing.jsonl", "rl.prompts='missing.jsonl': no such file"),
     ("parallel.pp=2", "parallel.pp=2 must be 1"),
+    ("train.max_steps=null", "train.max_steps=null with rl.algorithm: give train.max_steps"),
+    ("rl.reward=moetron.rl.task:exact_answer", "rl.reward=moetron.rl.task:exact_answer: raised TypeError"),
 ])
 def test_grpo_settings_that_cannot_work_are_named_before_any_process_group(override, says):
     cfg = _config(override)
