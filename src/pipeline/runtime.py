@@ -280,7 +280,9 @@ class PipelineRunner:
         if self._pool is None:
             # the current device is per thread: the side thread's would otherwise be GPU 0 on every rank
             # (a device given without its index, "cuda", is the caller's current one)
-            device = self.device if self.device.index is not None else self._device_module.current_device()
+            device = self.device
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetron-fb",
                                             initializer=self._device_module.set_device, initargs=(device,))
         return self._pool

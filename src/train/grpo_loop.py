@@ -92,7 +92,7 @@ class GRPOLoop(TrainingLoop):
         self.first_reward: Optional[float] = None
 
     def forward_backward(self, step: int) -> StepInput:
-        self.phase = "forward_backward"
+        self.phase = "rollout"
         rl, tcfg, b = self.cfg.rl, self.cfg.train, self.b
         started = time.perf_counter()
         lr = lr_at(step, b.progress.tokens, self.cfg.optim)
@@ -106,6 +106,11 @@ class GRPOLoop(TrainingLoop):
             torch.distributed.all_reduce(counts)
         targets, tokens = counts.tolist()
         self.step_tokens = int(tokens) * rl.inner_steps
+        # FLOPs per trained token at the rollout's length, the sampler's forward (a third of a
+        # training token's) included, for throughput/tflops and /mfu
+        self.flops_per_token = (self.spec.flops_per_token(self.cfg.model, batch.inputs_BS.shape[1])
+                                * (rl.inner_steps + 1 / 3) / rl.inner_steps)
+        self.phase = "forward_backward"
         rows = len(micro_rows(batch, tcfg.micro_batch))
         denominator = max(targets, 1.0) / (rows * self.data_ranks)  # the global mean over completion tokens
         if rl.beta > 0:

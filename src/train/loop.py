@@ -43,7 +43,8 @@ from moetron.train.optim import optimizer_state_gib
 PHASES = {"forward_backward": ("the forward and backward passes", ["ep", "pp"]),
           "gradients": ("the gradient reduction", ["dp_ep", "edp", "ep", "pp"]),
           "metrics": ("the metrics reduction", ["world"]),
-          "checkpoint": ("writing a checkpoint", ["world"])}
+          "checkpoint": ("writing a checkpoint", ["world"]),
+          "rollout": ("sampling the rollout (GRPO)", ["ep", "world"])}
 
 
 @dataclass
