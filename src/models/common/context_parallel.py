@@ -13,9 +13,14 @@ What crosses ranks, per token and layer, through the attention module's key slot
 generation's KV cache uses: moetron.models.common.kv_cache): MLA gathers what DeepSeek's inference
 caches, the normalised compressed latent c^KV and the rotated decoupled key k^R (kv_lora_rank +
 qk_rope_head_dim values: 512 + 64 = 576 at DeepSeek-V3), and up-projects keys and values locally;
-grouped-query attention gathers its rotated keys and values (2 x kv heads x head dim). Gathering all
-of them, rather than passing them around a ring, keeps one collective per layer and lets each rank
-attend with one kernel; the backward reduce-scatters their gradients (moetron.comm.sequence).
+grouped-query attention gathers its rotated keys and values (2 x kv heads x head dim: 1,024 values at
+Qwen3-30B-A3B and GPT-OSS-120B, 2,048 at Mixtral-8x7B). In BF16 that is 1,152 bytes per token and
+layer for MLA against 2,048-4,096 for GQA, and against 128 heads x (192 + 128) x 2 = 81,920 had MLA
+sent its up-projected keys and values. Gathering them all, rather than passing them around a ring,
+keeps one collective per layer and lets each rank attend with one kernel (a ring's step-by-step
+exchange pays off when the gathered keys no longer fit: at 128K tokens MLA's latent is 144 MiB per
+layer and sequence, well within a GPU); the backward reduce-scatters their gradients
+(moetron.comm.sequence).
 
 Shape legend: B batch, S local tokens, T tokens of the whole row, K kv heads, D head dim.
 """
