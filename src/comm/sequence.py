@@ -5,6 +5,8 @@ holds some tokens of each sequence, and attention needs what the others hold.
     # backward: each rank gets the sum, over the ranks, of the gradient of its own tokens
 
 The gather's backward is a reduce-scatter: the keys a rank sent were read by every rank's queries.
+`sum_for_mean` sums a statistic over the ranks (a sequence's expert counts and mean affinities for
+the sequence-wise balance loss) with the gradient scaled for ranks whose gradients are averaged.
 """
 from __future__ import annotations
 
@@ -40,3 +42,23 @@ def gather_sequence(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return _GatherSequence.apply(x, dim, group)
     return _gather(x, dim, group)
+
+
+class _SumForMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * dist.get_world_size(ctx.group), None
+
+
+def sum_for_mean(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum of `x` over the ranks of `group`, for a term every rank then computes alike and whose
+    gradients the ranks average afterwards (as data-parallel ranks do): the backward hands each rank
+    the world size times the gradient, so that the average is the gradient of the whole."""
+    return _SumForMean.apply(x, group)

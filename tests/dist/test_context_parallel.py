@@ -1,9 +1,10 @@
-"""Context parallelism, its first layer (issue 29): a sequence split over cp ranks, each holding a
-head and a tail chunk, every attention module gathering the keys of the others (MLA its compressed
-latent and rotated RoPE key, GQA its keys and values). The whole model's logits on each rank equal
-its rows of the one-process forward, and the gradients summed over the ranks equal one process's,
-for cp = 2 and 4, with MLA (DeepSeek-V3), GQA with q/k norms (Qwen3-MoE) and GQA with sinks and a
-sliding window (GPT-OSS)."""
+"""Context parallelism in the model (issue 29): a sequence split over cp ranks, each holding a head
+and a tail chunk, every attention module gathering the keys of the others (MLA its compressed latent
+and rotated RoPE key, GQA its keys and values). The whole model's logits on each rank equal its rows
+of the one-process forward, and the gradients summed over the ranks equal one process's, for cp = 2
+and 4, with MLA (DeepSeek-V3), GQA with q/k norms (Qwen3-MoE) and GQA with sinks and a sliding window
+(GPT-OSS); the training forward's LM, MTP and balance losses, averaged over the ranks as data ranks
+average, equal one process's, and so do the averaged gradients."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -70,3 +71,62 @@ def test_context_parallel_forward_and_backward_equal_one_process(preset, packed,
     for name, grad in expected.items():
         scale = grad.abs().max().clamp_min(1e-12)
         assert float((results[0]["grads"][name] - grad).abs().max() / scale) < 1e-5, name
+
+
+# -- the training forward: losses and gradients, as data-parallel ranks average them ---------------
+BOOSTED = {"tiny": {"seq_aux_alpha": 0.1}, "qwen3_moe_tiny": {"router_aux_loss_coef": 0.1}}  # visible balance grads
+
+
+def _training_model(preset: str):
+    torch.manual_seed(0)
+    model = build_model(load_preset(preset, **BOOSTED[preset])).train()
+    g = torch.Generator().manual_seed(2)
+    ids_BS = torch.randint(0, model.cfg.vocab_size, (B, S), generator=g)
+    labels_BS = torch.randint(0, model.cfg.vocab_size, (B, S), generator=g)
+    return model, ids_BS, labels_BS
+
+
+def _options(preset: str) -> dict:
+    return {"mtp_weight": 0.3} if preset == "tiny" else {}
+
+
+def _terms(out) -> dict:
+    return {k: float(getattr(out, k).detach()) for k in ("loss", "loss_lm", "loss_mtp", "loss_balance")
+            if getattr(out, k) is not None}
+
+
+def _cp_training_rank(rank, world, preset):
+    model, ids_BS, labels_BS = _training_model(preset)
+    state = ContextState(shard_sequence(torch.arange(S).expand(B, S), rank, world), group=None)
+    with context_parallel(model, state):
+        out = model(shard_sequence(ids_BS, rank, world), shard_sequence(labels_BS, rank, world),
+                    samples=state.samples(), loss_denominator=B * S / world, **_options(preset))
+    out.loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            grads[name] = p.grad / world  # cp ranks average their gradients, as data ranks do
+    return {"terms": _terms(out), "grads": grads}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen3_moe_tiny"])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_losses_and_gradients_equal_one_process(preset, cp):
+    """MTP's shifted tokens and targets cross the chunks, the balance losses count whole rows (the
+    sequence-wise loss of DeepSeek-V3, the classic one of Qwen3-MoE), the LM loss is normalised
+    over the whole batch: the mean over the cp ranks of their losses and gradients is one process's."""
+    model, ids_BS, labels_BS = _training_model(preset)
+    out = model(ids_BS, labels_BS, loss_denominator=B * S, **_options(preset))
+    out.loss.backward()
+    expected = _terms(out)
+    assert expected["loss_balance"] > 1e-3 and ("loss_mtp" in expected) == (preset == "tiny")
+    results = run_ranks(cp, _cp_training_rank, preset)
+    for key, value in expected.items():
+        mean = sum(r["terms"][key] for r in results) / cp
+        assert mean == pytest.approx(value, rel=1e-5), (key, [r["terms"][key] for r in results], value)
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        scale = p.grad.abs().max().clamp_min(1e-12)
+        assert float((results[0]["grads"][name] - p.grad).abs().max() / scale) < 1e-5, name

@@ -19,13 +19,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+
+from moetron.comm.sequence import sum_for_mean
 
 
 def sequence_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor,
-                          counted_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          counted_BS: Optional[torch.Tensor] = None, context_group=None) -> torch.Tensor:
     """sum_i f_i P_i per sequence, averaged over the B sequences (eqs. 17-20, without alpha); with
     `counted_BS`, each sequence's T is its counted tokens (a packed row's padding left out), and a
-    sequence without any is left out of the average."""
+    sequence without any is left out of the average. `context_group`: the rows' tokens are split over
+    these ranks (context parallelism): each sequence's counts and affinities are summed over them."""
+    if context_group is not None:
+        return _split_sequence_balance_loss(scores_BSE, topk_idx_BSK, counted_BS, context_group)
     B, S, E = scores_BSE.shape
     K = topk_idx_BSK.shape[-1]
     probs_BSE = scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)
@@ -45,9 +51,29 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor,
     return ((frac_BE * mean_prob_BE).sum(dim=-1) * rows_B).sum() / rows_B.sum().clamp(min=1)
 
 
-def batch_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
-    """sum_i f_i P_i over all T tokens at once (the classic auxiliary loss, without alpha)."""
-    return sequence_balance_loss(scores_TE.unsqueeze(0), topk_idx_TK.unsqueeze(0))
+def _split_sequence_balance_loss(scores_BSE, topk_idx_BSK, counted_BS, group) -> torch.Tensor:
+    """`sequence_balance_loss` of rows whose tokens lie on the ranks of `group`: every rank gets the
+    loss of the whole rows (its gradient scaled for ranks that average theirs: comm.sequence)."""
+    B, S, E = scores_BSE.shape
+    K = topk_idx_BSK.shape[-1]
+    probs_BSE = scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)
+    weight_BS1 = (counted_BS.unsqueeze(-1).to(scores_BSE.dtype) if counted_BS is not None
+                  else scores_BSE.new_ones(B, S, 1))
+    chosen_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
+    chosen_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), weight_BS1.expand(B, S, K).reshape(B, S * K))
+    counts_BE1 = torch.cat([chosen_BE, weight_BS1.sum(dim=1)], dim=-1)  # no gradient: one plain sum
+    dist.all_reduce(counts_BE1, group=group)
+    chosen_BE, tokens_B1 = counts_BE1[:, :E], counts_BE1[:, E:]
+    mean_prob_BE = sum_for_mean((probs_BSE * weight_BS1).sum(dim=1), group) / tokens_B1.clamp(min=1)
+    frac_BE = chosen_BE * (E / K) / tokens_B1.clamp(min=1)
+    rows_B = (tokens_B1.squeeze(-1) > 0).to(scores_BSE.dtype)
+    return ((frac_BE * mean_prob_BE).sum(dim=-1) * rows_B).sum() / rows_B.sum().clamp(min=1)
+
+
+def batch_balance_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, context_group=None) -> torch.Tensor:
+    """sum_i f_i P_i over all T tokens at once (the classic auxiliary loss, without alpha; under
+    context parallelism over the tokens of every rank of `context_group`)."""
+    return sequence_balance_loss(scores_TE.unsqueeze(0), topk_idx_TK.unsqueeze(0), None, context_group)
 
 
 def global_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, tokens, top_k: int) -> torch.Tensor:

@@ -3,8 +3,18 @@ running every layer on its own tokens; attention alone reads across ranks.
 
     local_BS = shard_sequence(ids_BS, rank, cp)             # chunks r and 2cp - 1 - r of each row
     positions_BS = shard_sequence(positions_BS, rank, cp)
-    with context_parallel(model, ContextState(positions_BS, cp_group)):
-        logits_BSV = model(local_BS, samples=PackedSamples(positions_BS))   # this rank's rows of the whole
+    state = ContextState(positions_BS, cp_group)
+    with context_parallel(model, state):
+        logits_BSV = model(local_BS, samples=state.samples())      # this rank's rows of the whole
+        out = model(local_BS, shard_sequence(labels_BS, rank, cp), samples=state.samples(),
+                    loss_denominator=counted_targets / cp)       # the cp ranks then average, as data ranks
+
+Beyond attention, what crosses a row: MTP depth k's tokens and targets k positions ahead
+(`ContextState.ahead`, from the row's ids gathered: a few bytes per token), which positions count in
+its routers (the last k of the whole row do not), and the balance losses, whose per-row (sequence-
+wise) or per-batch (classic) statistics are summed over the ranks (moetron.models.common.balance;
+their gradient scaled for ranks that average theirs). The LM loss needs only its denominator: the
+whole batch's counted targets, divided by cp since the ranks' losses are averaged.
 
 Balance: the row is cut into 2 x cp chunks and rank r holds chunk r and chunk 2cp - 1 - r, so every
 rank holds as many early (cheap) as late (dear) queries of causal attention.
@@ -30,6 +40,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moetron.comm.sequence import gather_sequence
@@ -56,12 +67,50 @@ class ContextState:
     def __init__(self, query_positions_BS: torch.Tensor, group, sample_ids_BS: Optional[torch.Tensor] = None) -> None:
         """`query_positions_BS`: the positions of this rank's tokens in their rows; `sample_ids_BS`:
         for packed rows, which sample each token belongs to (numbered over the whole row)."""
-        self.group = group
+        self.group = group if group is not None else dist.group.WORLD  # None: every rank
+        self.rank, self.cp = dist.get_rank(group), dist.get_world_size(group)
         self.query_positions_BS, self.query_samples_BS = query_positions_BS, sample_ids_BS
+        B, S = query_positions_BS.shape
+        self.row_len = S * self.cp
+        # where this rank's tokens, and (gathered in rank order) every rank's, lie in the whole row
+        self.row_index_S = shard_sequence(torch.arange(self.row_len, device=query_positions_BS.device)[None],
+                                          self.rank, self.cp)[0]
         with torch.no_grad():
             self.key_positions_BT = gather_sequence(query_positions_BS, 1, group)
             self.key_samples_BT = None if sample_ids_BS is None else gather_sequence(sample_ids_BS, 1, group)
+            self.gathered_index_T = gather_sequence(self.row_index_S, 0, group)
         self._visible: dict = {}
+
+    def whole_rows(self, x_BS: torch.Tensor) -> torch.Tensor:
+        """[B, row_len] every rank's `x` in row order (no gradient)."""
+        with torch.no_grad():
+            gathered_BT = gather_sequence(x_BS, 1, self.group)
+        rows_BT = torch.empty_like(gathered_BT)
+        rows_BT[:, self.gathered_index_T] = gathered_BT
+        return rows_BT
+
+    def ahead(self, x_BS: torch.Tensor, k: int, fill: Optional[int] = None) -> torch.Tensor:
+        """The value k positions further along each whole row at each of this rank's tokens (the
+        last k of a row get `fill`, or wrap around): `shift_left` of rows split over the ranks."""
+        rows_BT = self.whole_rows(x_BS)
+        index_S = self.row_index_S + k
+        ahead_BS = rows_BT[:, index_S % self.row_len]
+        if fill is not None:
+            ahead_BS = ahead_BS.masked_fill((index_S >= self.row_len)[None], fill)
+        return ahead_BS
+
+    def samples(self, real_BS: Optional[torch.Tensor] = None):
+        """The PackedSamples this rank's forward takes: its tokens' positions (for RoPE), which of
+        them are real, and this state for what crosses the rows (MTP's shifts)."""
+        from moetron.models.common.packed import PackedSamples
+
+        return PackedSamples(self.query_positions_BS, real_BS, context=self)
+
+    def same_sample_ahead(self, k: int) -> torch.Tensor:
+        """[B, S] True where the token k further along the whole row exists and is of the same sample."""
+        ids_BS = self.query_samples_BS if self.query_samples_BS is not None else torch.zeros_like(
+            self.query_positions_BS)
+        return self.ahead(ids_BS, k, fill=-1) == ids_BS
 
     def visible(self, window: Optional[int] = None) -> torch.Tensor:
         """[B, 1, S, T]: a query sees the keys at or before its position (within `window`), of its sample."""
@@ -90,5 +139,12 @@ class ContextGather:
 @contextmanager
 def context_parallel(model: nn.Module, state: ContextState):
     """Every attention module of `model` reads its keys across the context-parallel group in the block."""
-    with key_slots(model, lambda: ContextGather(state)):
-        yield state
+    routers = [m for m in model.modules() if hasattr(m, "context_group")]
+    for router in routers:  # the sequence-wise balance loss sums each row's statistics over the ranks
+        router.context_group = state.group
+    try:
+        with key_slots(model, lambda: ContextGather(state)):
+            yield state
+    finally:
+        for router in routers:
+            router.context_group = None

@@ -26,12 +26,15 @@ import torch.nn.functional as F
 class PackedSamples:
     """The sample structure of a micro-batch, from its positions [B, S] (0 where a sample starts)."""
 
-    def __init__(self, position_ids_BS: torch.Tensor, real_BS: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, position_ids_BS: torch.Tensor, real_BS: Optional[torch.Tensor] = None,
+                 context=None) -> None:
         """`real_BS`: True on the tokens of samples, False on a row's padding (None: no padding); the
-        routers count only real tokens in their loads and balance losses."""
+        routers count only real tokens in their loads and balance losses. `context`: the rows are
+        split over context-parallel ranks (moetron.models.common.context_parallel.ContextState),
+        which answers what crosses a row (MTP's shifts)."""
         if position_ids_BS.dim() != 2:
             raise ValueError(f"position_ids must be [batch, sequence], got {tuple(position_ids_BS.shape)}")
-        self.position_ids_BS, self.real_BS = position_ids_BS, real_BS
+        self.position_ids_BS, self.real_BS, self.context = position_ids_BS, real_BS, context
         self.sample_ids_BS = (position_ids_BS == 0).cumsum(dim=-1)  # the k-th sample of its row
         self._visible: dict = {}
         self._block_masks: dict = {}
@@ -83,6 +86,8 @@ class PackedSamples:
 
     def same_sample_ahead(self, k: int) -> torch.Tensor:
         """[B, S] True where position i + k lies in the sample of position i (MTP depth k's target)."""
+        if self.context is not None:
+            return self.context.same_sample_ahead(k)
         ids_BS = self.sample_ids_BS
         ahead_BS = torch.full_like(ids_BS, -1)
         ahead_BS[:, :-k] = ids_BS[:, k:]

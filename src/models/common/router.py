@@ -158,6 +158,7 @@ class TopKRouter(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(E))
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.balance_group = None  # the data-parallel ranks of global_aux_loss (None: this process alone)
+        self.context_group = None  # context parallelism: the ranks holding the other tokens of my rows
         # routing replay (moetron.rl.replay): a list the chosen experts [B, S, K] of each forward are
         # appended to, and experts [B, S, K] the next forward uses instead of choosing
         self.recorded: Optional[list] = None
@@ -239,12 +240,12 @@ class TopKRouter(nn.Module):
         if cfg.balance_mode in ("loss_free", "seq_aux") and cfg.seq_aux_alpha > 0:
             # f_i counts the top-K of the raw affinities, not the biased choice (eq. 18)
             raw_topk_BVK = scores_BVE.detach().topk(cfg.top_k, dim=-1, sorted=False).indices
-            return cfg.seq_aux_alpha * sequence_balance_loss(scores_BVE, raw_topk_BVK, counted_BV)
+            return cfg.seq_aux_alpha * sequence_balance_loss(scores_BVE, raw_topk_BVK, counted_BV, self.context_group)
         scores_TE, chosen_TK = scores_BVE.reshape(-1, E), chosen_BVK.reshape(-1, K)
         if counted_BV is not None:
             scores_TE, chosen_TK = scores_TE[counted_BV.reshape(-1)], chosen_TK[counted_BV.reshape(-1)]
         if cfg.balance_mode == "aux_loss" and cfg.aux_loss_alpha > 0:
-            return cfg.aux_loss_alpha * batch_balance_loss(scores_TE, chosen_TK)
+            return cfg.aux_loss_alpha * batch_balance_loss(scores_TE, chosen_TK, self.context_group)
         if cfg.balance_mode == "global_aux_loss" and cfg.aux_loss_alpha > 0:
             counts_E, tokens = global_counts(chosen_TK, E, self.balance_group)
             return cfg.aux_loss_alpha * global_balance_loss(scores_TE, counts_E, tokens, K)

@@ -61,11 +61,16 @@ def mtp_depths(depths, embed_tokens: nn.Module, h_BSH: torch.Tensor, input_ids_B
     """Run the MTP depths in order; per depth k yield (normed h^k for the shared head, its targets
     t_{i+k+1} with the last k positions ignored, the block's balance loss or None). With packed
     `samples`, a target whose token t_{i+k} lies in another sample is ignored too."""
+    context = samples.context if samples is not None else None  # rows split over ranks: shifts cross them
+    shift = context.ahead if context is not None else shift_left
     for k, depth in enumerate(depths, start=1):
-        emb_next_BSH = embed_tokens(shift_left(input_ids_BS, k))  # Emb(t_{i+k})
-        h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2, input_ids_BS.shape[1] - k,
+        emb_next_BSH = embed_tokens(shift(input_ids_BS, k))  # Emb(t_{i+k})
+        # the last k positions of a row do not count in the routers (under context parallelism the
+        # samples' `ahead` says which they are on this rank)
+        valid_len = input_ids_BS.shape[1] - k if context is None else None
+        h_BSH, normed_BSH, balance = depth(h_BSH, emb_next_BSH, cos_SR2, sin_SR2, valid_len,
                                            samples.ahead(k) if samples is not None else None)
-        labels_k_BS = shift_left(labels_BS, k, fill=IGNORE_INDEX)
+        labels_k_BS = shift(labels_BS, k, fill=IGNORE_INDEX)
         if samples is not None:
             labels_k_BS = labels_k_BS.masked_fill(~samples.same_sample_ahead(k), IGNORE_INDEX)
         yield normed_BSH, labels_k_BS, balance
