@@ -4,7 +4,8 @@ and rotated RoPE key, GQA its keys and values). The whole model's logits on each
 of the one-process forward, and the gradients summed over the ranks equal one process's, for cp = 2
 and 4, with MLA (DeepSeek-V3), GQA with q/k norms (Qwen3-MoE) and GQA with sinks and a sliding window
 (GPT-OSS); the training forward's LM, MTP and balance losses, averaged over the ranks as data ranks
-average, equal one process's, and so do the averaged gradients."""
+average, equal one process's, and so do the averaged gradients (packed rows included: MTP counts
+no target in another sample, wherever the chunks cut)."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,12 +33,9 @@ PACKED = [[12, 20], [5, 11, 16]]  # samples per row: each attends only to itself
 
 def _cp_rank(rank, world, preset, packed=False):
     model, ids_BS, cotangent_BSV = _model_and_batch(preset)
-    positions_BS, sample_ids_BS = torch.arange(S).expand(B, S), None
-    if packed:  # positions restart at each sample; the sample ids are the whole row's
-        whole = PackedSamples.of_lengths(PACKED)
-        positions_BS, sample_ids_BS = whole.position_ids_BS, shard_sequence(whole.sample_ids_BS, rank, world)
-    positions_BS = shard_sequence(positions_BS, rank, world)
-    with context_parallel(model, ContextState(positions_BS, group=None, sample_ids_BS=sample_ids_BS)):
+    positions_BS = PackedSamples.of_lengths(PACKED).position_ids_BS if packed else torch.arange(S).expand(B, S)
+    positions_BS = shard_sequence(positions_BS, rank, world)  # packed: they restart at each sample
+    with context_parallel(model, ContextState(positions_BS, group=None)):
         logits_BSV = model(shard_sequence(ids_BS, rank, world), samples=PackedSamples(positions_BS))
     (logits_BSV * shard_sequence(cotangent_BSV, rank, world)).sum().backward()
     grads = {}
@@ -95,9 +93,10 @@ def _terms(out) -> dict:
             if getattr(out, k) is not None}
 
 
-def _cp_training_rank(rank, world, preset):
+def _cp_training_rank(rank, world, preset, packed=False):
     model, ids_BS, labels_BS = _training_model(preset)
-    state = ContextState(shard_sequence(torch.arange(S).expand(B, S), rank, world), group=None)
+    positions_BS = PackedSamples.of_lengths(PACKED).position_ids_BS if packed else torch.arange(S).expand(B, S)
+    state = ContextState(shard_sequence(positions_BS, rank, world), group=None)
     with context_parallel(model, state):
         out = model(shard_sequence(ids_BS, rank, world), shard_sequence(labels_BS, rank, world),
                     samples=state.samples(), loss_denominator=B * S / world, **_options(preset))
@@ -110,18 +109,19 @@ def _cp_training_rank(rank, world, preset):
     return {"terms": _terms(out), "grads": grads}
 
 
-@pytest.mark.parametrize("preset", ["tiny", "qwen3_moe_tiny"])
+@pytest.mark.parametrize("preset,packed", [("tiny", False), ("qwen3_moe_tiny", False), ("tiny", True)])
 @pytest.mark.parametrize("cp", [2, 4])
-def test_context_parallel_losses_and_gradients_equal_one_process(preset, cp):
+def test_context_parallel_losses_and_gradients_equal_one_process(preset, packed, cp):
     """MTP's shifted tokens and targets cross the chunks, the balance losses count whole rows (the
     sequence-wise loss of DeepSeek-V3, the classic one of Qwen3-MoE), the LM loss is normalised
     over the whole batch: the mean over the cp ranks of their losses and gradients is one process's."""
     model, ids_BS, labels_BS = _training_model(preset)
-    out = model(ids_BS, labels_BS, loss_denominator=B * S, **_options(preset))
+    out = model(ids_BS, labels_BS, loss_denominator=B * S, **_options(preset),
+                samples=PackedSamples.of_lengths(PACKED) if packed else None)
     out.loss.backward()
     expected = _terms(out)
     assert expected["loss_balance"] > 1e-3 and ("loss_mtp" in expected) == (preset == "tiny")
-    results = run_ranks(cp, _cp_training_rank, preset)
+    results = run_ranks(cp, _cp_training_rank, preset, packed)
     for key, value in expected.items():
         mean = sum(r["terms"][key] for r in results) / cp
         assert mean == pytest.approx(value, rel=1e-5), (key, [r["terms"][key] for r in results], value)

@@ -29,8 +29,11 @@ layer for MLA against 2,048-4,096 for GQA, and against 128 heads x (192 + 128) x
 sent its up-projected keys and values. Gathering them all, rather than passing them around a ring,
 keeps one collective per layer and lets each rank attend with one kernel (a ring's step-by-step
 exchange pays off when the gathered keys no longer fit: at 128K tokens MLA's latent is 144 MiB per
-layer and sequence, well within a GPU); the backward reduce-scatters their gradients
-(moetron.comm.sequence).
+layer and sequence); the backward reduce-scatters their gradients (moetron.comm.sequence). Not yet:
+each rank up-projects the whole row's keys and values from the latent and keeps them for the
+backward (80 KiB per token and layer at V3, whatever cp is: `recompute.mla_up_proj` does not reach
+this path yet), and the mask is a dense [B, 1, S, T] one for SDPA (FlexAttention's block mask on
+GPUs is to come).
 
 Shape legend: B batch, S local tokens, T tokens of the whole row, K kv heads, D head dim.
 """
@@ -64,12 +67,12 @@ def shard_sequence(x_BS: torch.Tensor, rank: int, cp: int, dim: int = 1) -> torc
 class ContextState:
     """Where this rank's queries and every rank's keys lie in their rows, shared by every layer."""
 
-    def __init__(self, query_positions_BS: torch.Tensor, group, sample_ids_BS: Optional[torch.Tensor] = None) -> None:
-        """`query_positions_BS`: the positions of this rank's tokens in their rows; `sample_ids_BS`:
-        for packed rows, which sample each token belongs to (numbered over the whole row)."""
+    def __init__(self, query_positions_BS: torch.Tensor, group) -> None:
+        """`query_positions_BS`: the positions of this rank's tokens (its `shard_sequence` of the
+        rows' positions; packed rows restart them at 0 where each sample starts)."""
         self.group = group if group is not None else dist.group.WORLD  # None: every rank
         self.rank, self.cp = dist.get_rank(group), dist.get_world_size(group)
-        self.query_positions_BS, self.query_samples_BS = query_positions_BS, sample_ids_BS
+        self.query_positions_BS = query_positions_BS
         B, S = query_positions_BS.shape
         self.row_len = S * self.cp
         # where this rank's tokens, and (gathered in rank order) every rank's, lie in the whole row
@@ -77,8 +80,10 @@ class ContextState:
                                           self.rank, self.cp)[0]
         with torch.no_grad():
             self.key_positions_BT = gather_sequence(query_positions_BS, 1, group)
-            self.key_samples_BT = None if sample_ids_BS is None else gather_sequence(sample_ids_BS, 1, group)
             self.gathered_index_T = gather_sequence(self.row_index_S, 0, group)
+            # the sample of each token, counted over its whole row (a sample starts at position 0)
+            self.query_samples_BS = (self.whole_rows(query_positions_BS) == 0).cumsum(dim=1)[:, self.row_index_S]
+            self.key_samples_BT = gather_sequence(self.query_samples_BS, 1, group)
         self._visible: dict = {}
 
     def whole_rows(self, x_BS: torch.Tensor) -> torch.Tensor:
@@ -108,19 +113,15 @@ class ContextState:
 
     def same_sample_ahead(self, k: int) -> torch.Tensor:
         """[B, S] True where the token k further along the whole row exists and is of the same sample."""
-        ids_BS = self.query_samples_BS if self.query_samples_BS is not None else torch.zeros_like(
-            self.query_positions_BS)
-        return self.ahead(ids_BS, k, fill=-1) == ids_BS
+        return self.ahead(self.query_samples_BS, k, fill=-1) == self.query_samples_BS
 
     def visible(self, window: Optional[int] = None) -> torch.Tensor:
         """[B, 1, S, T]: a query sees the keys at or before its position (within `window`), of its sample."""
         if window not in self._visible:
             q_BS1, k_B1T = self.query_positions_BS[:, :, None], self.key_positions_BT[:, None, :]
-            seen = k_B1T <= q_BS1
+            seen = (k_B1T <= q_BS1) & (self.query_samples_BS[:, :, None] == self.key_samples_BT[:, None, :])
             if window is not None:
                 seen = seen & (k_B1T > q_BS1 - window)
-            if self.query_samples_BS is not None:
-                seen = seen & (self.query_samples_BS[:, :, None] == self.key_samples_BT[:, None, :])
             self._visible[window] = seen.unsqueeze(1)
         return self._visible[window]
 
