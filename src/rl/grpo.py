@@ -34,11 +34,17 @@ def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
     return (rewards_PG - mean_P1) / (std_P1 + eps)
 
 
-def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False):
     """[B, T] log-probability of each token under the softmax of the logits that predict it over
-    `temperature` (in float32; 0 means greedy and is taken as 1)."""
-    scaled_BTV = logits_BTV.float() / (temperature or 1.0)
-    return torch.log_softmax(scaled_BTV, dim=-1).gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1)
+    `temperature` (in float32; 0 means greedy and is taken as 1); `with_entropy`: also [B, T] the
+    entropy (nats) of each of those distributions, without gradient, from the same log-softmax."""
+    logp_BTV = torch.log_softmax(logits_BTV.float() / (temperature or 1.0), dim=-1)
+    chosen_BT = logp_BTV.gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return chosen_BT
+    with torch.no_grad():
+        return chosen_BT, -(logp_BTV.exp() * logp_BTV).sum(dim=-1)
 
 
 @dataclass

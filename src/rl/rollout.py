@@ -125,13 +125,8 @@ def policy_logprobs(model: nn.Module, batch: Rollout, rows: Optional[slice] = No
     with replaying(model, routes) if routes is not None else nullcontext():
         logits_BSV = model(inputs_BS, samples=samples)
     targets_BS = batch.targets_BS[rows].to(device)
-    logp_BS = token_logprobs(logits_BSV, batch.labels_BS[rows].to(device), batch.temperature) * targets_BS
+    labels_BS = batch.labels_BS[rows].to(device)
     if not with_entropy:
-        return logp_BS
-    return logp_BS, entropy(logits_BSV.detach(), batch.temperature) * targets_BS
-
-
-def entropy(logits_BSV: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[B, S] entropy (nats) of the softmax of logits / temperature, in float32."""
-    logp_BSV = torch.log_softmax(logits_BSV.float() / (temperature or 1.0), dim=-1)
-    return -(logp_BSV.exp() * logp_BSV).sum(dim=-1)
+        return token_logprobs(logits_BSV, labels_BS, batch.temperature) * targets_BS
+    logp_BS, entropy_BS = token_logprobs(logits_BSV, labels_BS, batch.temperature, with_entropy=True)
+    return logp_BS * targets_BS, entropy_BS * targets_BS

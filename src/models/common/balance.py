@@ -29,42 +29,29 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor,
     """sum_i f_i P_i per sequence, averaged over the B sequences (eqs. 17-20, without alpha); with
     `counted_BS`, each sequence's T is its counted tokens (a packed row's padding left out), and a
     sequence without any is left out of the average. `context_group`: the rows' tokens are split over
-    these ranks (context parallelism): each sequence's counts and affinities are summed over them."""
-    if context_group is not None:
-        return _split_sequence_balance_loss(scores_BSE, topk_idx_BSK, counted_BS, context_group)
+    these ranks (context parallelism): each sequence's counts and affinities are summed over them, and
+    every rank gets the loss of the whole rows (its gradient scaled for ranks that average theirs)."""
     B, S, E = scores_BSE.shape
     K = topk_idx_BSK.shape[-1]
     probs_BSE = scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)
     ones_BSK = torch.ones_like(topk_idx_BSK, dtype=scores_BSE.dtype)
-    if counted_BS is not None:
-        weight_BS1 = counted_BS.unsqueeze(-1).to(scores_BSE.dtype)
-        ones_BSK = ones_BSK * weight_BS1
-    chosen_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
-    chosen_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), ones_BSK.reshape(B, S * K))
-    if counted_BS is None:
+    if counted_BS is None and context_group is None:
+        chosen_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
+        chosen_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), ones_BSK.reshape(B, S * K))
         frac_BE = chosen_BE * (E / (K * S))
         return (frac_BE * probs_BSE.mean(dim=1)).sum(dim=-1).mean()
-    tokens_B1 = weight_BS1.sum(dim=1)
-    mean_prob_BE = (probs_BSE * weight_BS1).sum(dim=1) / tokens_B1.clamp(min=1)
-    frac_BE = chosen_BE * (E / K) / tokens_B1.clamp(min=1)
-    rows_B = (tokens_B1.squeeze(-1) > 0).to(scores_BSE.dtype)
-    return ((frac_BE * mean_prob_BE).sum(dim=-1) * rows_B).sum() / rows_B.sum().clamp(min=1)
-
-
-def _split_sequence_balance_loss(scores_BSE, topk_idx_BSK, counted_BS, group) -> torch.Tensor:
-    """`sequence_balance_loss` of rows whose tokens lie on the ranks of `group`: every rank gets the
-    loss of the whole rows (its gradient scaled for ranks that average theirs: comm.sequence)."""
-    B, S, E = scores_BSE.shape
-    K = topk_idx_BSK.shape[-1]
-    probs_BSE = scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)
     weight_BS1 = (counted_BS.unsqueeze(-1).to(scores_BSE.dtype) if counted_BS is not None
                   else scores_BSE.new_ones(B, S, 1))
     chosen_BE = torch.zeros(B, E, dtype=scores_BSE.dtype, device=scores_BSE.device)
-    chosen_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), weight_BS1.expand(B, S, K).reshape(B, S * K))
-    counts_BE1 = torch.cat([chosen_BE, weight_BS1.sum(dim=1)], dim=-1)  # no gradient: one plain sum
-    dist.all_reduce(counts_BE1, group=group)
-    chosen_BE, tokens_B1 = counts_BE1[:, :E], counts_BE1[:, E:]
-    mean_prob_BE = sum_for_mean((probs_BSE * weight_BS1).sum(dim=1), group) / tokens_B1.clamp(min=1)
+    chosen_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), (ones_BSK * weight_BS1).reshape(B, S * K))
+    tokens_B1 = weight_BS1.sum(dim=1)
+    prob_sum_BE = (probs_BSE * weight_BS1).sum(dim=1)
+    if context_group is not None:
+        counts_BE1 = torch.cat([chosen_BE, tokens_B1], dim=-1)  # no gradient: one plain sum
+        dist.all_reduce(counts_BE1, group=context_group)
+        chosen_BE, tokens_B1 = counts_BE1[:, :E], counts_BE1[:, E:]
+        prob_sum_BE = sum_for_mean(prob_sum_BE, context_group)
+    mean_prob_BE = prob_sum_BE / tokens_B1.clamp(min=1)
     frac_BE = chosen_BE * (E / K) / tokens_B1.clamp(min=1)
     rows_B = (tokens_B1.squeeze(-1) > 0).to(scores_BSE.dtype)
     return ((frac_BE * mean_prob_BE).sum(dim=-1) * rows_B).sum() / rows_B.sum().clamp(min=1)

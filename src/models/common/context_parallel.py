@@ -48,6 +48,7 @@ from torch import nn
 
 from moetron.comm.sequence import gather_sequence
 from moetron.models.common.kv_cache import key_slots
+from moetron.models.common.packed import PackedSamples
 
 
 def chunk_bounds(seq_len: int, rank: int, cp: int) -> list[tuple[int, int]]:
@@ -107,8 +108,6 @@ class ContextState:
     def samples(self, real_BS: Optional[torch.Tensor] = None):
         """The PackedSamples this rank's forward takes: its tokens' positions (for RoPE), which of
         them are real, and this state for what crosses the rows (MTP's shifts)."""
-        from moetron.models.common.packed import PackedSamples
-
         return PackedSamples(self.query_positions_BS, real_BS, context=self)
 
     def same_sample_ahead(self, k: int) -> torch.Tensor:
