@@ -185,7 +185,7 @@ def changed_run_settings(saved: dict, current: dict, spec, ignore: tuple[str, ..
 def layout_of(groups, zero1: bool) -> dict:
     """The layout that wrote a checkpoint, kept in trainer.pt for the record (it loads into any other)."""
     dims = groups.dims
-    return {"pp": dims.pp, "dp": dims.dp, "ep": dims.ep, "zero1": zero1}
+    return {"pp": dims.pp, "dp": dims.dp, "ep": dims.ep, "cp": dims.cp, "zero1": zero1}
 
 
 def save(run_dir: Path, step: int, progress: Progress, model, optimizer, finalizer, config_dict: dict, keep: int,

@@ -7,18 +7,33 @@ holds some tokens of each sequence, and attention needs what the others hold.
 The gather's backward is a reduce-scatter: the keys a rank sent were read by every rank's queries.
 `sum_for_mean` sums a statistic over the ranks (a sequence's expert counts and mean affinities for
 the sequence-wise balance loss) with the gradient scaled for ranks whose gradients are averaged.
+
+`group` may be a LaneGroup (moetron.comm.lanes): a forward's collectives go over lane 0, a
+backward's over lane 1, so that DualPipe's overlapped F&B pairs keep one order per lane. The
+collectives run eagerly inside a compiled block (`torch.compiler.disable`).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from moetron.comm.lanes import GroupLike, issuing, resolve
 
-def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    world = dist.get_world_size(group)
+# torch 2.13 names them *_single (the *_tensor names warn); older torch has only those
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def group_size(group: GroupLike) -> int:
+    """Ranks in `group` (a process group, its lanes, or None: the world)."""
+    return dist.get_world_size(resolve(group))
+
+
+def _gather(x: torch.Tensor, dim: int, group: GroupLike) -> torch.Tensor:
     front = x.movedim(dim, 0).contiguous()
-    out = front.new_empty((world * front.shape[0], *front.shape[1:]))
-    dist.all_gather_into_tensor(out, front, group=group)
+    with issuing(group) as process_group:
+        out = front.new_empty((dist.get_world_size(process_group) * front.shape[0], *front.shape[1:]))
+        all_gather_single(out, front, group=process_group)
     return out.movedim(0, dim)
 
 
@@ -30,14 +45,15 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        world = dist.get_world_size(ctx.group)
         front = grad.movedim(ctx.dim, 0).contiguous()
-        mine = front.new_empty((front.shape[0] // world, *front.shape[1:]))
-        dist.reduce_scatter_tensor(mine, front, group=ctx.group)  # the sum over the ranks that read them
+        with issuing(ctx.group) as process_group:
+            mine = front.new_empty((front.shape[0] // dist.get_world_size(process_group), *front.shape[1:]))
+            reduce_scatter_single(mine, front, group=process_group)  # the sum over the ranks that read them
         return mine.movedim(0, ctx.dim), None, None
 
 
-def gather_sequence(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+@torch.compiler.disable
+def gather_sequence(x: torch.Tensor, dim: int, group: GroupLike) -> torch.Tensor:
     """Every rank's `x` joined along `dim` in rank order (autograd: the backward reduce-scatters)."""
     if x.requires_grad and torch.is_grad_enabled():
         return _GatherSequence.apply(x, dim, group)
@@ -48,16 +64,23 @@ class _SumForMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return sum_over(x.clone(), group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * dist.get_world_size(ctx.group), None
+        return grad * group_size(ctx.group), None
 
 
-def sum_for_mean(x: torch.Tensor, group) -> torch.Tensor:
+@torch.compiler.disable
+def sum_over(x: torch.Tensor, group: GroupLike) -> torch.Tensor:
+    """`x` summed over the ranks of `group`, in place, without a gradient."""
+    with issuing(group) as process_group:
+        dist.all_reduce(x, group=process_group)
+    return x
+
+
+@torch.compiler.disable
+def sum_for_mean(x: torch.Tensor, group: GroupLike) -> torch.Tensor:
     """The sum of `x` over the ranks of `group`, for a term every rank then computes alike and whose
     gradients the ranks average afterwards (as data-parallel ranks do): the backward hands each rank
     the world size times the gradient, so that the average is the gradient of the whole."""

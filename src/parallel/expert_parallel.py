@@ -26,16 +26,17 @@ def make_dispatcher(name: str, num_experts: int, groups: ParallelGroups, traffic
     ep_group, nvl_group, ib_group = groups.lanes("ep"), groups.lanes("nvl"), groups.lanes("ib")
     if name == "alltoall":
         first_rank = groups.rank - ep_rank
-        nodes = [topo.node_of(first_rank + e) for e in range(dims.ep)]
-        return AllToAllDispatcher(num_experts, ep_rank, dims.ep, ep_group, nodes, traffic=traffic, codec=codec)
+        nodes = [topo.node_of(first_rank + e) for e in range(dims.expert_ranks)]
+        return AllToAllDispatcher(num_experts, ep_rank, dims.expert_ranks, ep_group, nodes, traffic=traffic,
+                                  codec=codec)
     if name == "hierarchical":
-        return HierarchicalDispatcher(num_experts, ep_rank, dims.ep, groups.ep_ranks_per_node, ib_group, nvl_group,
-                                      traffic=traffic, codec=codec)
+        return HierarchicalDispatcher(num_experts, ep_rank, dims.expert_ranks, groups.ep_ranks_per_node, ib_group,
+                                      nvl_group, traffic=traffic, codec=codec)
     if name == "deepep":
         if codec is not None:
             raise ValueError("parallel.dispatcher=deepep does not take a codec (FP8 dispatch): set "
                              "precision.fp8_dispatch=false, or use the alltoall or hierarchical dispatcher")
-        return DeepEPDispatcher(num_experts, ep_rank, dims.ep, deepep_buffers or DeepEPBuffers(ep_group),
+        return DeepEPDispatcher(num_experts, ep_rank, dims.expert_ranks, deepep_buffers or DeepEPBuffers(ep_group),
                                 groups.ep_ranks_per_node, traffic=traffic)
     raise ValueError(f"parallel.dispatcher={name!r}: choose one of {DISPATCHERS}")
 

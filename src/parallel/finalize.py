@@ -71,11 +71,11 @@ class StepFinalizer:
         shared_sets = sorted({ranks for ranks in (pp_holders or {}).values() if len(ranks) > 1})
         self._shared_groups = (pipeline_subgroups(groups.dims, groups.rank, shared_sets, groups.timeout)
                                if shared_sets else {})
-        _, dp_idx, _ = groups.dims.coords(groups.rank)
+        dims, at = groups.dims, groups.dims.coords(groups.rank)
         self.overlap_reduce = overlap_grad_reduce
         # (parameters, the group holding copies of them, its size, this rank's place in it)
-        parts = [(self.replicated, groups.dp_ep_group, self.data_ranks, groups.dp_ep_rank),
-                 (self.experts, groups.edp_group, groups.dims.dp, dp_idx)]
+        parts = [(self.replicated, groups.dp_ep_group, dims.stage_ranks, groups.stage_rank),
+                 (self.experts, groups.edp_group, dims.dp, at.dp)]
         self.sharded: list[ShardedParams] = []  # the master weights, in model order (checkpoints list them so)
         if zero1 or param_dtype != torch.float32:
             self.sharded = [ShardedParams(params, group, size, rank) if zero1 else ShardedParams(params, None, 1, 0)
@@ -97,11 +97,6 @@ class StepFinalizer:
         self.overlap_gather = zero1 and overlap_param_gather
         for sharded in self.sharded if self.overlap_gather else []:
             sharded.wait_before_forward(model)
-
-    @property
-    def data_ranks(self) -> int:
-        """Ranks of a pipeline stage that read their own sequences (dp x ep)."""
-        return self.groups.dims.dp * self.groups.dims.ep
 
     def stepped_on(self, p: nn.Parameter) -> torch.Tensor:
         """What the optimizer steps on for parameter `p`: itself, or under ZeRO-1 its master shard."""
@@ -128,11 +123,11 @@ class StepFinalizer:
 
     # -- the step ----------------------------------------------------------------------------------
     def finish_gradients(self) -> float:
-        """Average over data- and expert-data-parallel ranks, sum over pipeline ranks sharing a
+        """Average over data- and expert-data-parallel ranks (cp ranks as data ranks), sum over pipeline ranks sharing a
         parameter, clip by the whole model's norm (optim.grad_clip; 0: no clipping); return the norm."""
         g = self.groups
         for buffer in self.buffers:
-            buffer.finish(1.0 / self.data_ranks)
+            buffer.finish(1.0 / self.groups.dims.stage_ranks)
         if self.pp_shared:  # averaging and summing commute: the pipeline's copies sum what their groups reduced
             reduced = {pp_set: [self._reduced[id(p)] for p in params] for pp_set, params in self.pp_shared.items()}
             sum_shared_gradients(reduced, self._shared_groups)

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from moetron.comm.sequence import reduce_scatter_single as _reduce_scatter
 
 BUCKET_NUMEL = 1 << 24  # elements of one collective's buffer (64 MiB of float32), all ranks' rows
 # ZeRO-1: reduce-scatters in flight at once, each holding its bucket packed rank-major; a start beyond

@@ -32,9 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moetron.comm.sequence import all_gather_single as _all_gather
 from moetron.parallel.grad_buffer import BUCKET_NUMEL, split_buckets
-
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class ShardedParams:

@@ -30,7 +30,7 @@ from moetron.plan.estimate import Estimate, Problem, estimate, memory_parts
 from moetron.plan.hardware import Efficiency, Hardware
 from moetron.plan.launch import launch_lines, planned_run
 from moetron.plan.memory import MemorySettings, bytes_by_kind, measure, memory_table, with_activations
-from moetron.plan.search import Fixed, layouts
+from moetron.plan.search import Fixed, context_sizes, layouts
 from moetron.precision.dtypes import param_dtype
 
 
@@ -53,7 +53,7 @@ def fixed_from(overrides: list[str], cfg) -> Fixed:
     fixed = Fixed()
     for item in overrides:
         key, _, value = item.lstrip("+~").partition("=")
-        if key in ("parallel.pp", "parallel.ep", "parallel.dp"):
+        if key in ("parallel.pp", "parallel.ep", "parallel.dp", "parallel.cp"):
             setattr(fixed, key.split(".")[1], int(value))
         elif key == "parallel.schedule":
             if value not in BUILDERS:
@@ -145,11 +145,15 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
 
     decoders = sum(1 for c in problem(False, False).costs if c.kind in ("dense", "moe"))
     fits, misfits = [], []
-    for layout in layouts(hw.gpus, decoders, spec.routed_experts(model_cfg) or 1,
-                          int(cfg.train.global_batch), fixed, tuple(cfg.plan.micro_batches)):
-        p = problem(layout.recompute, layout.fp8)
-        memory = sum(memory_parts(p, layout).values())
-        (fits if memory <= hw.memory_gib else misfits).append((memory, layout, p))
+    # context parallelism is for sequences no layout without it holds: tried when none fits (or fixed)
+    for cps in [(fixed.cp,)] if fixed.cp else [(1,), tuple(context_sizes(hw.gpus, seq))]:
+        for layout in layouts(hw.gpus, decoders, spec.routed_experts(model_cfg) or 1, int(cfg.train.global_batch),
+                              fixed, tuple(cfg.plan.micro_batches), cps):
+            p = problem(layout.recompute, layout.fp8)
+            memory = sum(memory_parts(p, layout).values())
+            (fits if memory <= hw.memory_gib else misfits).append((memory, layout, p))
+        if fits:
+            break
     if fits:
         rows = sorted((estimate(p, lay) for _, lay, p in fits), key=lambda e: e.gpu_hours_per_trillion_tokens)
     else:

@@ -15,6 +15,13 @@
   and lone actions expose their all-to-all.
 - The pipeline simulator (moetron.pipeline.simulate) runs the schedule with these costs: makespan,
   bubble, and the peak of micro-batches in flight on each rank, for activation memory.
+- Context parallelism (cp): each rank runs 1/cp of every sequence's tokens; per layer and
+  micro-batch the attention gathers every other rank's share of the row (MLA its latent and RoPE
+  key, GQA keys and values: the layer's `context_bytes` per token) and reduce-scatters their
+  gradients in backward, communication that DualPipe's pairs hide as they hide the all-to-all; MLA
+  up-projects the whole row's keys and values on every rank (`context_flops`), again in backward,
+  and keeps the gathered latent. A cp group's ranks are consecutive; the routed experts are sharded
+  over EP groups of ep x cp ranks (they fold over cp: moetron.parallel.dims).
 - Data parallelism: ZeRO-1's reduce-scatter of gradients and all-gather of updated parameters over
   rings (NVLink inside a node, else InfiniBand); the gather overlaps the next step's forward, the
   reduce-scatter is exposed.
@@ -41,16 +48,27 @@ OVERLAPPED = ("dualpipe", "dualpipev")
 class Layout:
     pp: int
     ep: int
-    dp: int  # data-parallel copies beyond ep (world = pp x ep x dp)
+    dp: int  # data-parallel copies beyond ep (world = pp x ep x dp x cp)
     schedule: str
     micro_batch: int  # sequences
     num_microbatches: int  # per pipeline, per step
     recompute: bool
     fp8: bool
     zero1: bool = True
+    cp: int = 1  # context-parallel ranks per sequence
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.ep * self.dp * self.cp
+
+    @property
+    def expert_ranks(self) -> int:
+        """Ranks the routed experts are sharded over (an EP group: ep x cp)."""
+        return self.ep * self.cp
 
     def describe(self) -> str:
-        return (f"pp{self.pp} ep{self.ep} dp{self.dp} {self.schedule if self.pp > 1 else '-'} mb{self.micro_batch}"
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
+        return (f"pp{self.pp} ep{self.ep} dp{self.dp}{cp} {self.schedule if self.pp > 1 else '-'} mb{self.micro_batch}"
                 f"x{self.num_microbatches} {'fp8' if self.fp8 else 'bf16'}{' recompute' if self.recompute else ''}")
 
 
@@ -200,13 +218,30 @@ def link_gbps(hw: Hardware, ranks_spanned: int) -> float:
     return hw.nvlink_gbps if ranks_spanned <= hw.gpus_per_node or hw.nodes == 1 else hw.ib_gbps
 
 
+def _context_seconds(stage: list, layout: Layout, problem, hw: Hardware, eff: Efficiency) -> tuple[float, float, float]:
+    """Context parallelism's costs on one rank per micro-batch: (forward compute, backward compute,
+    one direction's communication: the gather's, or its backward's reduce-scatter)."""
+    if layout.cp == 1:
+        return 0.0, 0.0, 0.0
+    row = layout.micro_batch * problem.seq_len  # tokens of the micro-batch's whole rows
+    mine, others = row / layout.cp, row * (layout.cp - 1) / layout.cp
+    rate = hw.bf16_tflops * eff.gemm_bf16 * 1e12
+    flops = sum(c.context_flops for c in stage)
+    # the up-projection of the others' tokens; in backward all of it again, and its backward (2x)
+    # beyond the 2x its own tokens would cost anyway
+    forward, backward = others * flops / rate, (row + 2 * others) * flops / rate
+    gbps = link_gbps(hw, layout.cp)  # a cp group's ranks are consecutive
+    comm = others * sum(c.context_bytes for c in stage) / (gbps * 1e9 * eff.a2a_nvlink) if mine else 0.0
+    return forward, backward, comm
+
+
 def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware, eff: Efficiency) -> _StageTimes:
     fp8_rate = (hw.fp8_tflops * eff.gemm_fp8 if layout.fp8 else hw.bf16_tflops * eff.gemm_bf16) * 1e12
     bf16_rate = hw.bf16_tflops * eff.gemm_bf16 * 1e12
     attn_rate = hw.bf16_tflops * eff.attention * 1e12
     gemm = attn = again = traffic = a2a_f = a2a_b = 0.0
     for c in stage:
-        imbalance = (c.routed_flops * (eff.expert_imbalance - 1.0)) if layout.ep > 1 else 0.0
+        imbalance = (c.routed_flops * (eff.expert_imbalance - 1.0)) if layout.expert_ranks > 1 else 0.0
         gemm += (c.fp8_flops + imbalance) / fp8_rate + c.bf16_flops / bf16_rate
         attn += c.attention_flops / attn_rate
         again += c.recompute_flops / fp8_rate
@@ -214,14 +249,15 @@ def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware
         if c.routed_copies:
             H, groups = problem.hidden_size, problem.route_groups
             dispatch_bytes = 1.0 + 4.0 / 128 if layout.fp8 and problem.fp8_dispatch else 2.0
-            dispatch = _a2a_seconds(c.routed_copies, tokens, H, dispatch_bytes, layout.ep, hw, eff, groups)
-            combine = _a2a_seconds(c.routed_copies, tokens, H, 2.0, layout.ep, hw, eff, groups)
+            dispatch = _a2a_seconds(c.routed_copies, tokens, H, dispatch_bytes, layout.expert_ranks, hw, eff, groups)
+            combine = _a2a_seconds(c.routed_copies, tokens, H, 2.0, layout.expert_ranks, hw, eff, groups)
             a2a_f += dispatch + combine
             a2a_b += dispatch + combine  # the combine's backward sends gradients as dispatch sends rows
     memory_bound = eff.memory_bound_passes * traffic * tokens / (hw.hbm_tbps * 1e12)
-    return _StageTimes(f=tokens * (gemm + attn) + memory_bound / 2,
-                       b=tokens * (gemm + ATTENTION_BACKWARD * attn + again) + memory_bound / 2, w=tokens * gemm,
-                       a2a_f=a2a_f, a2a_b=a2a_b)
+    context_f, context_b, context_comm = _context_seconds(stage, layout, problem, hw, eff)
+    return _StageTimes(f=tokens * (gemm + attn) + memory_bound / 2 + context_f,
+                       b=tokens * (gemm + ATTENTION_BACKWARD * attn + again) + memory_bound / 2 + context_b,
+                       w=tokens * gemm, a2a_f=a2a_f + context_comm, a2a_b=a2a_b + context_comm)
 
 
 def _exposed_a2a(sched, t: _StageTimes, costs: Costs, pair_compute: float,
@@ -288,29 +324,37 @@ def _held_params(place: _Placement, ids: list, ep: int) -> tuple[float, float]:
     return sum(c.params - c.routed_params for c in layers), sum(c.routed_params for c in layers) / ep
 
 
-def _kept(stage: list, tokens: int, ep: int) -> tuple[float, float]:
+def _kept(stage: list, tokens: int, ep: int, gathered: float = 0.0) -> tuple[float, float]:
     """(activation bytes, weight-copy bytes) one micro-batch keeps in a stage: measured per token
-    and per micro-batch (moetron.plan.memory), the routed experts' copies of this rank's 1/ep."""
-    return (tokens * sum(c.act_bytes for c in stage),
+    and per micro-batch (moetron.plan.memory), the routed experts' copies of this rank's 1/ep;
+    `gathered`: other cp ranks' tokens whose gathered keys (MLA: latent) each layer keeps, and,
+    where attention takes one (GQA), whose mask (a bool per query and key, shared by the layers)
+    the micro-batch keeps."""
+    mask = tokens * (tokens + gathered) if gathered and any(c.context_mask for c in stage) else 0.0
+    return (tokens * sum(c.act_bytes for c in stage) + gathered * sum(c.context_bytes for c in stage) + mask,
             sum(c.weight_copy_bytes + c.routed_copy_bytes / ep for c in stage))
 
 
 def memory_parts(problem: Problem, layout: Layout, place: Optional[_Placement] = None) -> dict:
     """GiB per part on the pipeline rank that holds the most: the working weights (BF16 or float32),
     float32 gradients, float32 master weights (with BF16 working weights or ZeRO-1) and AdamW
-    moments, both sharded by ZeRO-1 (dense parameters over dp x ep ranks, routed experts over dp),
-    the activations and weight copies (measured: moetron.plan.memory) of its peak of
+    moments, both sharded by ZeRO-1 (dense parameters over dp x ep x cp ranks, routed experts over
+    dp), the activations (of 1/cp of each sequence, and the keys gathered from the rest) and
+    weight copies (measured: moetron.plan.memory) of its peak of
     micro-batch-stages in flight (the copies made once per step counted once, for every stage it
     holds), and a reserve."""
     place = place or _place(problem, layout)
-    tokens = layout.micro_batch * problem.seq_len
+    row = layout.micro_batch * problem.seq_len
+    tokens, gathered = row / layout.cp, row * (layout.cp - 1) / layout.cp
     peaks = peak_in_flight(layout.schedule, layout.pp, layout.num_microbatches)
-    shard_dense, shard_routed = (layout.dp * layout.ep, layout.dp) if layout.zero1 else (1, 1)
+    experts = layout.expert_ranks
+    shard_dense, shard_routed = (layout.dp * experts, layout.dp) if layout.zero1 else (1, 1)
     per_rank = []
     for rank, ids in enumerate(place.held):
-        dense, routed = _held_params(place, ids, layout.ep)
-        acts, copies = max((_kept(place.stages[place.positions[s]], tokens, layout.ep) for s in ids), key=sum)
-        shared = sum(c.shared_copy_bytes + c.shared_routed_copy_bytes / layout.ep
+        dense, routed = _held_params(place, ids, experts)
+        acts, copies = max((_kept(place.stages[place.positions[s]], tokens, experts, gathered) for s in ids),
+                           key=sum)
+        shared = sum(c.shared_copy_bytes + c.shared_routed_copy_bytes / experts
                      for s in ids for c in place.stages[place.positions[s]])
         sharded = dense / shard_dense + routed / shard_routed  # parameters this rank steps on
         masters = 4.0 * sharded if layout.zero1 or problem.param_bytes < 4 else 0.0
@@ -326,9 +370,10 @@ def _zero1_seconds(problem: Problem, layout: Layout, place: _Placement) -> float
     """ZeRO-1's reduce-scatter of float32 gradients over InfiniBand rings (the all-gather of updated
     parameters overlaps the next step's forward)."""
     hw, seconds = problem.hw, 0.0
-    held = [_held_params(place, ids, layout.ep) for ids in place.held]
-    gbps = link_gbps(hw, layout.dp * layout.ep)  # both groups lie within one stage's dp x ep ranks
-    for count, group in ((max(h[0] for h in held), layout.dp * layout.ep), (max(h[1] for h in held), layout.dp)):
+    held = [_held_params(place, ids, layout.expert_ranks) for ids in place.held]
+    stage = layout.dp * layout.expert_ranks
+    gbps = link_gbps(hw, stage)  # both groups lie within one stage's dp x ep x cp ranks
+    for count, group in ((max(h[0] for h in held), stage), (max(h[1] for h in held), layout.dp)):
         if group > 1:
             seconds += 4.0 * count * (group - 1) / group / (gbps * 1e9)
     return seconds
@@ -337,11 +382,11 @@ def _zero1_seconds(problem: Problem, layout: Layout, place: _Placement) -> float
 def estimate(problem: Problem, layout: Layout) -> Estimate:
     """Step time, memory and cost of `layout` (see the module docstring)."""
     hw, eff = problem.hw, problem.eff
-    world, tokens = layout.pp * layout.ep * layout.dp, layout.micro_batch * problem.seq_len
+    world, tokens = layout.world, layout.micro_batch * problem.seq_len / layout.cp  # this rank's of a micro-batch
     place = _place(problem, layout)
     times = [_stage_times(s, tokens, layout, problem, hw, eff) for s in place.stages]
     slowest = max(times, key=lambda t: t.f + t.b + t.w + t.a2a_f + t.a2a_b)
-    p2p_gbps = link_gbps(hw, 2 * layout.dp * layout.ep)  # neighbouring stages' ranks
+    p2p_gbps = link_gbps(hw, 2 * layout.dp * layout.cp * layout.ep)  # neighbouring stages' ranks
     p2p = tokens * problem.hidden_size * 2.0 / (p2p_gbps * 1e9) + eff.p2p_latency_us * 1e-6 if layout.pp > 1 else 0.0
     step_costs, pair_compute = _costs(slowest, layout, hw, eff, p2p)
     if place.sched is not None:
@@ -354,7 +399,7 @@ def estimate(problem: Problem, layout: Layout) -> Estimate:
     exposed, slowdown = _exposed_a2a(place.sched, slowest, step_costs, pair_compute, layout.num_microbatches)
     dp_time = _zero1_seconds(problem, layout, place)
     step = makespan + dp_time
-    tokens_per_s = layout.num_microbatches * layout.dp * layout.ep * tokens / step
+    tokens_per_s = layout.num_microbatches * layout.dp * layout.cp * layout.ep * tokens / step
     gpu_hours = 1e12 / (tokens_per_s * eff.goodput) * world / 3600.0
     return Estimate(layout=layout, step_time_s=step, tokens_per_s=tokens_per_s,
                     mfu=problem.flops_per_token * tokens_per_s / (world * hw.bf16_tflops * 1e12),

@@ -1,9 +1,10 @@
 """The exact lines that launch a planned layout under SLURM, and where its ranks sit, without
 starting anything (`moetron-plan ... --launch-script`).
 
-Ranks follow moetron.parallel.dims: the grid arange(world).view(pp, dp, ep), EP innermost, ranks
-filling nodes in order; so an EP group is a run of consecutive ranks and spans ep / gpus_per_node
-nodes, and a pipeline stage's dp x ep ranks sit on consecutive nodes.
+Ranks follow moetron.parallel.dims: the grid arange(world).view(pp, dp, ep, cp), ranks filling
+nodes in order; so an EP group (ep x cp ranks: the experts fold over context parallelism) is a run
+of consecutive ranks and spans ep x cp / gpus_per_node nodes, and a pipeline stage's dp x ep x cp
+ranks sit on consecutive nodes.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from omegaconf import OmegaConf
 from moetron.plan.estimate import Layout
 from moetron.plan.hardware import Hardware
 
-LAYOUT_KEYS = ("parallel.pp=", "parallel.ep=", "parallel.dp=", "parallel.schedule=", "train.micro_batch=",
-               "precision=", "plan.")
+LAYOUT_KEYS = ("parallel.pp=", "parallel.ep=", "parallel.dp=", "parallel.cp=", "parallel.schedule=",
+               "train.micro_batch=", "precision=", "plan.")
 PLANNED_KEYS = ("train.seq_len", "train.global_batch", "optim.moments_dtype", "precision.compute_dtype",
                 "precision.fp8_cache_activations")
 
@@ -47,6 +48,8 @@ def train_overrides(layout: Layout, hw: Hardware, overrides: list[str], planned:
     out = [*planned, *kept, f"cluster={hw.name}" if not any(o.startswith("cluster=") for o in kept) else None,
            f"parallel.pp={layout.pp}", f"parallel.ep={layout.ep}", f"parallel.dp={layout.dp}",
            f"train.micro_batch={layout.micro_batch}", f"precision={'fp8' if layout.fp8 else 'bf16'}"]
+    if layout.cp > 1:
+        out.append(f"parallel.cp={layout.cp}")
     if layout.pp > 1:
         out.append(f"parallel.schedule={layout.schedule}")
         if stage_layout:  # the planner's balanced split (the head and MTP ride with the last stage)
@@ -60,19 +63,22 @@ def placement(layout: Layout, hw: Hardware) -> list[str]:
     """One line per node: its ranks, their pipeline stage, dp index and EP ranks; then which nodes
     each EP group spans."""
     g, lines = hw.gpus_per_node, []
+    size = layout.ep * layout.cp  # an EP group's ranks
     for node in range(hw.nodes):
         ranks = range(node * g, (node + 1) * g)
-        coords = [(r // (layout.dp * layout.ep), r // layout.ep % layout.dp, r % layout.ep) for r in ranks]
+        coords = [(r // (layout.dp * size), r // size % layout.dp, r % size) for r in ranks]
         pps, dps = sorted({c[0] for c in coords}), sorted({c[1] for c in coords})
         eps = [c[2] for c in coords]
         lines.append(f"node {node:4d}: ranks {ranks[0]:5d}-{ranks[-1]:5d} | pp stage {','.join(map(str, pps))} | "
                      f"dp {','.join(map(str, dps))} | ep ranks {min(eps)}-{max(eps)}")
-    span = max(layout.ep // g, 1)
+    span = max(size // g, 1)
     groups = layout.pp * layout.dp
-    lines.append(f"{groups} EP groups of {layout.ep} ranks, each on {span} node(s): EP group i = ranks "
-                 f"{layout.ep}*i .. {layout.ep}*i+{layout.ep - 1}, nodes {span}*i .. {span}*i+{span - 1}"
-                 if layout.ep >= g else
-                 f"{groups} EP groups of {layout.ep} ranks, {g // layout.ep} per node (NVLink only)")
+    lines.append(f"{groups} EP groups of {size} ranks, each on {span} node(s): EP group i = ranks "
+                 f"{size}*i .. {size}*i+{size - 1}, nodes {span}*i .. {span}*i+{span - 1}"
+                 if size >= g else
+                 f"{groups} EP groups of {size} ranks, {g // size} per node (NVLink only)")
+    if layout.cp > 1:
+        lines.append(f"cp groups of {layout.cp} consecutive ranks: each sequence split over one")
     return lines
 
 

@@ -54,7 +54,10 @@ class TrainSettings:
 class ParallelConfig:
     pp: int = 1
     ep: int = 1
-    dp: Optional[int] = None  # None: world size / (pp * ep)
+    dp: Optional[int] = None  # None: world size / (pp * cp * ep)
+    # context parallelism: each sequence split over cp ranks, which gather attention's keys (MLA: its
+    # latent) from each other (moetron.models.common.context_parallel); for sequences one rank cannot hold
+    cp: int = 1
     schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zb1p | dualpipe | dualpipev (used when pp > 1)
     layout: Optional[list[Any]] = None  # decoder layers per stage module, e.g. [[0, 1], [2]]; None: even
     dispatcher: str = "hierarchical"  # alltoall | hierarchical | deepep (expert-parallel token exchange)

@@ -129,14 +129,14 @@ class GRPOLoop(TrainingLoop):
     def _rollout(self, step: int) -> Rollout:
         rl, seed = self.cfg.rl, self.cfg.train.seed
         per_rank = rl.prompts_per_step // self.data_ranks
-        rank = self.groups.dp_ep_rank
+        rank = self.groups.data_rank
         examples = step_prompts(self.inputs.examples, step, rl.prompts_per_step, seed)[rank * per_rank:
                                                                                        (rank + 1) * per_rank]
         first_row = rank * per_rank * rl.group_size
         generators = [torch.Generator(device=self.device).manual_seed(completion_seed(seed, step, first_row + i))
                       for i in range(per_rank * rl.group_size)]
         settings = RolloutSettings(rl.group_size, rl.max_new_tokens, rl.temperature, 1.0, rl.router_replay,
-                                   self.inputs.template, run_all_steps=self.groups.dims.ep > 1)
+                                   self.inputs.template, run_all_steps=self.groups.dims.expert_ranks > 1)
         self.b.finalizer.finish_gather()  # ZeRO-1: the updated parameters, whole, before sampling
         self.b.micro.weights_changed()
         with self.b.micro.autocast():

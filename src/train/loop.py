@@ -87,7 +87,8 @@ class TrainingLoop:
         self.start_step = built.progress.step
         self.end_step = (tcfg.max_steps if not tcfg.exit_after_steps
                          else min(tcfg.max_steps, self.start_step + tcfg.exit_after_steps))
-        self.data_ranks = groups.dims.dp * groups.dims.ep  # every dp x ep rank of a stage reads its own sequences
+        self.data_ranks = groups.dims.data_ranks  # every dp x ep rank of a stage reads its own sequences
+        self.loss_ranks = groups.dims.stage_ranks  # and its cp ranks each a share of them: the losses' mean
         self.flops_per_token = spec.flops_per_token(cfg.model, tcfg.seq_len)  # from the config: any layout
         self.loss_names = spec.loss_metrics(cfg.model)
         self.phase = "forward_backward"  # named if a peer stops answering (PHASES)
@@ -135,11 +136,11 @@ class TrainingLoop:
             group["lr"] = lr
         batch = global_batch_at(progress.tokens, tcfg.global_batch, tcfg.batch_ramp)  # sequences in this step
         first = progress.tokens // tcfg.seq_len
-        micro_batches = list(self.sampler.micro_batches(first, batch, tcfg.micro_batch, self.groups.dp_ep_rank,
+        micro_batches = list(self.sampler.micro_batches(first, batch, tcfg.micro_batch, self.groups.data_rank,
                                                         self.data_ranks))
         inputs = StepInput(step, lr, batch, first, micro_batches, started)
         options = loss_options(self.spec, self.cfg.model, tcfg, progress.tokens, self.sampler, first, batch,
-                               len(micro_batches) * self.data_ranks)
+                               len(micro_batches) * self.loss_ranks)
         inputs.loss_sums = self.b.micro.run(micro_batches, options)
         return inputs
 
@@ -184,7 +185,7 @@ class TrainingLoop:
         tokens_per_step = inputs.batch * tcfg.seq_len
         metrics = self._throughput(step + 1, inputs.lr, grad_norm, time.perf_counter() - inputs.started,
                                    tokens_per_step)
-        metrics.update(_reduced_metrics(summed, self.loss_names, len(inputs.micro_batches) * self.data_ranks,
+        metrics.update(_reduced_metrics(summed, self.loss_names, len(inputs.micro_batches) * self.loss_ranks,
                                         self.world.size))
         metrics["train/global_batch"] = inputs.batch
         metrics.update(extra)
@@ -209,7 +210,7 @@ class TrainingLoop:
             self.console.update(metrics)
         dims = self.groups.dims
         if cfg.logging.timeline and dims.pp > 1 and step + 1 == cfg.logging.timeline_step \
-                and self.groups.dp_ep_rank == 0:  # one pipeline's ranks
+                and self.groups.stage_rank == 0:  # one pipeline's ranks
             runner = self.b.micro.last_runner
             save_rank_timeline(self.run_dir / "timeline" / f"rank{self.groups.pp_rank}.json", runner.action_spans,
                                runner.step_started, runner.sched, step + 1, self.groups.pp_rank)
@@ -257,7 +258,7 @@ class TrainingLoop:
         with ema.swapped_in() if tcfg.eval_ema else nullcontext():
             return evaluate(self.b.micro, self.world.size, self.valid,
                             functools.partial(loss_options, self.spec, self.cfg.model, tcfg, self.b.progress.tokens),
-                            self.loss_names, tcfg, self.groups.dp_ep_rank, self.data_ranks)
+                            self.loss_names, tcfg, self.groups.data_rank, self.groups.dims)
 
     def _note(self, line: str, main_only: bool = False) -> None:
         if main_only and not self.world.is_main:
@@ -293,20 +294,22 @@ class TrainingLoop:
 
 
 def loss_options(spec, model_cfg, tcfg, tokens: int, sampler, first: int, batch: int, loss_count: int) -> dict:
-    """The model's loss options for a step (the spec's: MTP weight); for packed chat data also the
-    denominator that normalises the loss over the counted targets of the whole global batch: each
-    micro-batch's summed cross entropy / (counted targets / micro-batches x data ranks), so that the
-    trainer's mean over micro-batches and ranks is the global batch's sum / its counted targets, the
-    same in every layout and micro-batch split."""
+    """The model's loss options for a step (the spec's: MTP weight) and the denominator that
+    normalises the loss over the counted targets of the whole global batch: each micro-batch's
+    summed cross entropy / (counted targets / `loss_count`: micro-batches x dp x cp x ep ranks), so
+    that the trainer's mean over micro-batches and ranks is the global batch's sum / its counted
+    targets, the same in every layout, micro-batch split and context-parallel cut. Packed chat data
+    counts its assistant targets; token windows count every position. MTP's depths divide by the
+    same (eq. 24: each L^k is a sum over the sequence / T)."""
     options = spec.loss_options(model_cfg, tcfg, tokens)
-    if sampler.packed:
-        options["loss_denominator"] = max(sampler.counted_targets(first, batch), 1) / loss_count
+    counted = sampler.counted_targets(first, batch) if sampler.packed else batch * tcfg.seq_len
+    options["loss_denominator"] = max(counted, 1) / loss_count
     return options
 
 
 def _reduced_metrics(summed: dict, loss_names: dict, loss_count: int, world_size: int) -> dict:
     """The loop's own parts of the step's summed metrics (`_step_parts`), as logged values."""
-    # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x ep)
+    # each pipeline rank summed its part of its micro-batches' losses: / (micro-batches x dp x cp x ep)
     losses = summed.pop("losses") / loss_count
     return {**named_losses(losses, loss_names), **comm_metrics(summed, world_size)}
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from moetron.core.saved_tensors import SavedTensorMeter, module_state
+from moetron.models.common.context_parallel import SequenceSplit
 from moetron.models.common.packed import PackedSamples
 from moetron.models.outputs import LOSS_TERMS
 from moetron.pipeline.runtime import PipelineRunner
@@ -30,6 +31,7 @@ class _MicroBatches:
     """What both share: the device, the compute dtype (autocast) and the loss sum's shape."""
 
     idle: torch.Tensor | None = None  # pipelines: this rank's idle share of the last step, on the device
+    split: Optional[SequenceSplit] = None  # parallel.cp > 1: this rank's share of every row (the trainer's)
 
     def __init__(self, device: torch.device, compute_dtype: torch.dtype, params) -> None:
         self.device, self.dtype = device, compute_dtype
@@ -43,8 +45,11 @@ class _MicroBatches:
         return torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
 
     def _on_device(self, micro_batch) -> tuple[torch.Tensor, torch.Tensor, Optional[PackedSamples]]:
-        """(input ids, labels, packed samples or None) of a micro-batch, on the device."""
+        """(input ids, labels, packed samples or None) of a micro-batch, on the device; under context
+        parallelism this rank's share of its rows, with the rows' ContextState in the samples."""
         inputs, labels, *packing = (t.to(self.device) for t in micro_batch)  # positions, real tokens
+        if self.split is not None:
+            return self.split.shard(inputs, labels, *packing)
         return inputs, labels, PackedSamples(*packing) if packing else None
 
     def _new_weights(self, modules) -> None:

@@ -29,6 +29,7 @@ from moetron.checkpoint.run_state import resume
 from moetron.core.errors import UserInputError
 from moetron.data.tokenizers import get_tokenizer
 from moetron.data.windows import build_data
+from moetron.models.common.context_parallel import SequenceSplit
 from moetron.parallel.dims import Topology, build_groups
 from moetron.parallel.finalize import StepFinalizer
 from moetron.parallel.materialize import materialize
@@ -210,13 +211,14 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
                                   overlap_grad_reduce=overlap_reduce, param_dtype=param_dtype(prec, device))
         runner = GRPOMicroBatches if cfg.rl.algorithm else LocalMicroBatches
         micro = runner(model, device, compute_dtype(cfg.precision, device), finalizer if overlap_reduce else None)
+        micro.split = _sequence_split(groups)
         return model, made, micro, finalizer
     schedule = build_schedule(par.schedule, dims.pp, num_microbatches)
     layout = [list(ids) for ids in par.layout] if par.layout else None
     parts = spec.pipeline_split(model, schedule, groups.pp_rank, layout, num_microbatches)
     materialize(model, parts.held_modules, device, cfg.train.seed)
     _init_from(spec, model_cfg, model, groups)
-    p2p_shape = spec.activation_shape(model_cfg, cfg.train.micro_batch, cfg.train.seq_len)
+    p2p_shape = spec.activation_shape(model_cfg, cfg.train.micro_batch, cfg.train.seq_len // dims.cp)  # my tokens
     schedule_for = functools.partial(build_schedule, par.schedule, dims.pp)  # a batch-size ramp changes the count
     stage_params = stage_parameters(schedule, parts)
     deferred = deferred_parameters(model, made.weight_grad_store)
@@ -231,7 +233,15 @@ def _build(cfg, groups, device, spec, model_cfg, num_microbatches: int):
                                   compute_dtype(cfg.precision, device), par.overlap_fb, made.weight_grad_store,
                                   finalizer if overlap_reduce else None, stage_params, deferred,
                                   p2p_dtype=param_dtype(prec, device))
+    micro.split = _sequence_split(groups)
     return model, made, micro, finalizer
+
+
+def _sequence_split(groups) -> Optional[SequenceSplit]:
+    """parallel.cp > 1: how this rank takes its share of every row (its cp group's lanes, as the
+    pipeline's and EP's, so that DualPipe's overlapped halves keep one order per lane)."""
+    cp = groups.dims.cp
+    return SequenceSplit(groups.lanes("cp"), groups.cp_rank, cp) if cp > 1 else None
 
 
 def _init_from(spec, model_cfg, model, groups) -> None:
@@ -281,7 +291,7 @@ def _train_loop(cfg, config_dict: dict, run_dir, world, groups, device, spec, sa
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
-    num_microbatches = tcfg.global_batch // (tcfg.micro_batch * groups.dims.dp * groups.dims.ep)  # at the full batch
+    num_microbatches = tcfg.global_batch // (tcfg.micro_batch * groups.dims.data_ranks)  # at the full batch
     model, made, micro, finalizer = _build(cfg, groups, device, spec, cfg.model, num_microbatches)
     optimizer = build_optimizer(param_groups(model, cfg.optim.weight_decay, finalizer.stepped_on), cfg.optim, device)
     ema = ParameterEMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None

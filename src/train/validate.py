@@ -34,7 +34,7 @@ WANDB_MODES = ("auto", "disabled", "offline", "online")
 
 # (key, lowest allowed value) per numeric setting; a None value is "unset" and skips the check
 AT_LEAST = [
-    ("parallel.pp", 1), ("parallel.ep", 1), ("parallel.dp", 1),
+    ("parallel.pp", 1), ("parallel.ep", 1), ("parallel.dp", 1), ("parallel.cp", 1),
     ("train.max_steps", 1), ("train.global_batch", 1), ("train.micro_batch", 1), ("train.seq_len", 2),
     ("train.ckpt_every", 1), ("train.ckpt_keep", 1), ("train.exit_after_steps", 0), ("train.log_every", 1),
     ("train.collective_timeout_s", 1.0), ("train.eval_every", 0), ("train.eval_batches", 1),
@@ -122,13 +122,16 @@ def validate(cfg, world_size: int) -> ParallelDims:
         problems.append(f"parallel.schedule={par.schedule!r}: choose one of {sorted(BUILDERS)}")
     if par.dispatcher not in DISPATCHERS:
         problems.append(f"parallel.dispatcher={par.dispatcher!r}: choose one of {DISPATCHERS}")
-    dp = par.dp if par.dp is not None else max(world_size // (par.pp * par.ep), 1)
-    dims = ParallelDims(pp=par.pp, dp=dp, ep=par.ep)
+    dp = par.dp if par.dp is not None else max(world_size // (par.pp * par.cp * par.ep), 1)
+    dims = ParallelDims(pp=par.pp, dp=dp, ep=par.ep, cp=par.cp)
+    if train.seq_len % (2 * par.cp):
+        problems.append(f"train.seq_len={train.seq_len} cannot be cut into 2 x parallel.cp = {2 * par.cp} equal chunks "
+                        f"(each cp rank holds an early and a late one): make it a multiple of {2 * par.cp}")
     topology = Topology.from_config(cfg.cluster, world_size)
     problems += dims.problems(world_size, topology)
     problems += spec.problems(model, dims, topology, train.seq_len)
-    if par.dispatcher == "deepep" and dims.ep > 1:
-        problems += deepep_problems(min(dims.ep, topology.gpus_per_node), dims.ep_nodes(topology))
+    if par.dispatcher == "deepep" and dims.expert_ranks > 1:
+        problems += deepep_problems(min(dims.expert_ranks, topology.gpus_per_node), dims.ep_nodes(topology))
     problems += _rl_problems(cfg, dims) if cfg.rl.algorithm is not None else _batch_problems(cfg, dims)
     for key, v in (("precision.compute_dtype", cfg.precision.compute_dtype),
                    ("precision.param_dtype", cfg.precision.param_dtype),
@@ -147,7 +150,7 @@ def validate(cfg, world_size: int) -> ParallelDims:
             problems.append(f"precision.backend=te with parallel.schedule={par.schedule}: transformer-engine computes "
                             "weight gradients inside its backward, so the schedule's W actions cannot defer them; use "
                             "parallel.schedule=1f1b or interleaved_1f1b, or precision.backend=torch")
-        if cfg.precision.fp8_dispatch and par.dispatcher == "deepep" and dims.ep > 1:
+        if cfg.precision.fp8_dispatch and par.dispatcher == "deepep" and dims.expert_ranks > 1:
             problems.append("precision.fp8_dispatch=true: parallel.dispatcher=deepep sends BF16 only here; set "
                             "precision.fp8_dispatch=false or parallel.dispatcher=hierarchical")
     problems += _data_problems(cfg.data)
@@ -216,9 +219,10 @@ def _rl_problems(cfg, dims: ParallelDims) -> list[str]:
                         "all be the same, with no advantage between them); use a positive temperature, e.g. 1.0")
     if not rl.clip_eps > 0 or rl.beta < 0:
         problems.append(f"rl.clip_eps={rl.clip_eps} must be positive and rl.beta={rl.beta} at least 0")
-    if dims.pp > 1:
-        problems.append(f"rl.algorithm=grpo samples its rollouts with the whole model on each rank: parallel.pp="
-                        f"{dims.pp} must be 1 (use parallel.ep and data parallelism)")
+    split = " and ".join(f"parallel.{key}={size}" for key, size in (("pp", dims.pp), ("cp", dims.cp)) if size > 1)
+    if split:
+        problems.append(f"rl.algorithm=grpo samples its rollouts with the whole model and sequence on each rank: "
+                        f"{split} must be 1 (use parallel.ep and data parallelism)")
     data_ranks = dims.dp * dims.ep
     if rl.prompts_per_step % data_ranks:
         problems.append(f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of dp x ep = {data_ranks} "

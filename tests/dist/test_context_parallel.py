@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moetron.core.saved_tensors import SavedTensorMeter, module_state
 from moetron.models import build_model, load_preset
-from moetron.models.common.context_parallel import ContextState, chunk_bounds, context_parallel, shard_sequence
+from moetron.models.common.context_parallel import SequenceSplit, chunk_bounds, context_parallel, shard_sequence
 from moetron.models.common.packed import PackedSamples
 from tests.dist.harness import run_ranks
 
@@ -33,10 +34,11 @@ PACKED = [[12, 20], [5, 11, 16]]  # samples per row: each attends only to itself
 
 def _cp_rank(rank, world, preset, packed=False):
     model, ids_BS, cotangent_BSV = _model_and_batch(preset)
-    positions_BS = PackedSamples.of_lengths(PACKED).position_ids_BS if packed else torch.arange(S).expand(B, S)
-    positions_BS = shard_sequence(positions_BS, rank, world)  # packed: they restart at each sample
-    with context_parallel(model, ContextState(positions_BS, group=None)):
-        logits_BSV = model(shard_sequence(ids_BS, rank, world), samples=PackedSamples(positions_BS))
+    positions_BS = PackedSamples.of_lengths(PACKED).position_ids_BS if packed else None  # restart at each sample
+    local_BS, _, samples = SequenceSplit(dist.group.WORLD, rank, world).shard(ids_BS, ids_BS, positions_BS)
+    assert samples.context.plain == (not packed)  # MLA's chunked causal attention, or the dense mask
+    with context_parallel(model, dist.group.WORLD):
+        logits_BSV = model(local_BS, samples=samples)
     (logits_BSV * shard_sequence(cotangent_BSV, rank, world)).sum().backward()
     grads = {}
     for name, p in model.named_parameters():
@@ -72,16 +74,22 @@ def test_context_parallel_forward_and_backward_equal_one_process(preset, packed,
 
 
 # -- the training forward: losses and gradients, as data-parallel ranks average them ---------------
-BOOSTED = {"tiny": {"seq_aux_alpha": 0.1}, "qwen3_moe_tiny": {"router_aux_loss_coef": 0.1}}  # visible balance grads
+BOOSTED = {"tiny": {"seq_aux_alpha": 0.1, "router_z_loss_coef": 0.01},  # visible balance grads; MTP: unequal counts
+           "qwen3_moe_tiny": {"router_aux_loss_coef": 0.1}}
+
+
+STEPS, LR = 8, 0.1  # plain SGD: every step's weights follow from the gradients before it
 
 
 def _training_model(preset: str):
     torch.manual_seed(0)
-    model = build_model(load_preset(preset, **BOOSTED[preset])).train()
-    g = torch.Generator().manual_seed(2)
+    return build_model(load_preset(preset, **BOOSTED[preset])).train()
+
+
+def _batch(model, step: int):
+    g = torch.Generator().manual_seed(2 + step)
     ids_BS = torch.randint(0, model.cfg.vocab_size, (B, S), generator=g)
-    labels_BS = torch.randint(0, model.cfg.vocab_size, (B, S), generator=g)
-    return model, ids_BS, labels_BS
+    return ids_BS, torch.randint(0, model.cfg.vocab_size, (B, S), generator=g)
 
 
 def _options(preset: str) -> dict:
@@ -94,19 +102,26 @@ def _terms(out) -> dict:
 
 
 def _cp_training_rank(rank, world, preset, packed=False):
-    model, ids_BS, labels_BS = _training_model(preset)
-    positions_BS = PackedSamples.of_lengths(PACKED).position_ids_BS if packed else torch.arange(S).expand(B, S)
-    state = ContextState(shard_sequence(positions_BS, rank, world), group=None)
-    with context_parallel(model, state):
-        out = model(shard_sequence(ids_BS, rank, world), shard_sequence(labels_BS, rank, world),
-                    samples=state.samples(), loss_denominator=B * S / world, **_options(preset))
-    out.loss.backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            grads[name] = p.grad / world  # cp ranks average their gradients, as data ranks do
-    return {"terms": _terms(out), "grads": grads}
+    model = _training_model(preset)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    positions_BS = PackedSamples.of_lengths(PACKED).position_ids_BS if packed else None
+    split, steps = SequenceSplit(dist.group.WORLD, rank, world), []
+    for step in range(STEPS):
+        local_BS, local_labels_BS, samples = split.shard(*_batch(model, step), positions_BS)
+        with context_parallel(model, dist.group.WORLD):
+            out = model(local_BS, local_labels_BS, samples=samples, loss_denominator=B * S / world,
+                        **_options(preset))
+        out.loss.backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world  # cp ranks average their gradients, as data ranks do
+                grads[name] = p.grad.clone()
+        steps.append({"terms": _terms(out), "grads": grads})
+        optimizer.step()
+        optimizer.zero_grad()
+    return steps
 
 
 @pytest.mark.parametrize("preset,packed", [("tiny", False), ("qwen3_moe_tiny", False), ("tiny", True)])
@@ -114,19 +129,56 @@ def _cp_training_rank(rank, world, preset, packed=False):
 def test_context_parallel_losses_and_gradients_equal_one_process(preset, packed, cp):
     """MTP's shifted tokens and targets cross the chunks, the balance losses count whole rows (the
     sequence-wise loss of DeepSeek-V3, the classic one of Qwen3-MoE), the LM loss is normalised
-    over the whole batch: the mean over the cp ranks of their losses and gradients is one process's."""
-    model, ids_BS, labels_BS = _training_model(preset)
-    out = model(ids_BS, labels_BS, loss_denominator=B * S, **_options(preset),
-                samples=PackedSamples.of_lengths(PACKED) if packed else None)
-    out.loss.backward()
-    expected = _terms(out)
-    assert expected["loss_balance"] > 1e-3 and ("loss_mtp" in expected) == (preset == "tiny")
+    over the whole batch: over 8 SGD steps, the mean over the cp ranks of their losses, and their
+    averaged gradients, are one process's (every gradient, every step)."""
+    model = _training_model(preset)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     results = run_ranks(cp, _cp_training_rank, preset, packed)
-    for key, value in expected.items():
-        mean = sum(r["terms"][key] for r in results) / cp
-        assert mean == pytest.approx(value, rel=1e-5), (key, [r["terms"][key] for r in results], value)
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        scale = p.grad.abs().max().clamp_min(1e-12)
-        assert float((results[0]["grads"][name] - p.grad).abs().max() / scale) < 1e-5, name
+    for step in range(STEPS):
+        ids_BS, labels_BS = _batch(model, step)
+        out = model(ids_BS, labels_BS, loss_denominator=B * S, **_options(preset),
+                    samples=PackedSamples.of_lengths(PACKED) if packed else None)
+        out.loss.backward()
+        expected = _terms(out)
+        assert expected["loss_balance"] > 1e-3 and ("loss_mtp" in expected) == (preset == "tiny")
+        for key, value in expected.items():
+            ranks = [r[step]["terms"][key] for r in results]
+            assert sum(ranks) / cp == pytest.approx(value, rel=1e-5), (step, key, ranks, value)
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            scale = p.grad.abs().max().clamp_min(1e-12)
+            assert float((results[0][step]["grads"][name] - p.grad).abs().max() / scale) < 1e-5, (step, name)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+# -- memory: what each rank keeps for its backward -------------------------------------------------
+LONG = 512  # tokens of one row: the attention scores (S x T per head on CPU) dominate a short one less
+
+
+def _saved_bytes_rank(rank, world, preset):
+    """Bytes autograd keeps from this rank's forward (the trainer's saved-tensor accounting)."""
+    torch.manual_seed(0)
+    model = build_model(load_preset(preset)).train()
+    ids_BS = torch.randint(0, model.cfg.vocab_size, (1, LONG), generator=torch.Generator().manual_seed(1))
+    local_BS, labels_BS, samples = SequenceSplit(dist.group.WORLD, rank, world).shard(ids_BS, ids_BS)
+    meter = SavedTensorMeter(module_state([model]))
+    meter.ignore((local_BS, labels_BS))
+    with context_parallel(model, dist.group.WORLD), meter.saving(0):
+        model(local_BS, labels_BS, samples=samples, loss_denominator=LONG / world, **_options(preset))
+    meter.sample()
+    gathered = sum(m.core_cost(LONG).context_bytes for m in model.modules() if hasattr(m, "kv_cache"))
+    return meter.take_peak(), gathered / 2 * 4 * LONG  # BF16 bytes -> float32 values here, the whole row
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen3_moe_tiny"])
+def test_activation_bytes_per_rank_fall_as_one_over_cp(preset):
+    """Everything a rank keeps for its backward is of its own tokens, and falls as 1/cp, but for
+    the keys gathered from the whole row (MLA: the latent and RoPE key, 576 values a token at V3;
+    GQA: keys and values), the same at every cp: measured at cp = 1, 2, 4 on the same path."""
+    kept = {cp: run_ranks(cp, _saved_bytes_rank, preset)[0] for cp in (1, 2, 4)}
+    gathered = kept[1][1]
+    assert 0 < gathered < 0.05 * kept[1][0]
+    for cp in (2, 4):
+        assert (kept[cp][0] - gathered) / (kept[1][0] - gathered) == pytest.approx(1 / cp, rel=1e-3), (cp, kept)

@@ -94,7 +94,7 @@ def pp_ep(rank, world, pp, dp, ep, schedule, overlap, n, dispatcher="alltoall", 
 
     a2a_module._exchange = recording_exchange
     try:
-        mine = ids[groups.dp_ep_rank]
+        mine = ids[groups.data_rank]
         micro.run([(b[:, :-1], b[:, 1:]) for b in mine], {"mtp_weight": cfg.mtp_loss_weight})
     finally:
         a2a_module._exchange = real_exchange
@@ -178,7 +178,7 @@ def _bf16_recompute_grads(rank, world, overlap):
     ids = torch.randint(0, cfg.vocab_size, (2, 4, ROWS, SEQ + 1))
     groups, micro, _ = _pipelined(model, rank, world, ParallelDims(pp=2, dp=1, ep=2), "dualpipev", overlap,
                                   torch.bfloat16, 4)
-    sums = micro.run([(b[:, :-1], b[:, 1:]) for b in ids[groups.dp_ep_rank]], {"mtp_weight": 0.3})
+    sums = micro.run([(b[:, :-1], b[:, 1:]) for b in ids[groups.data_rank]], {"mtp_weight": 0.3})
     return sums, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -211,7 +211,7 @@ def _reduced_grads(rank, world, schedule, zero1, dp, ep, overlap_reduce):
     PipelineRunner._run = lambda self, a: (events.append(("begin", str(a.kind))), real_run(self, a),
                                            events.append(("end", str(a.kind))))
     try:
-        micro.run([(b[:, :-1], b[:, 1:]) for b in ids[groups.dp_ep_rank]], {"mtp_weight": 0.3})
+        micro.run([(b[:, :-1], b[:, 1:]) for b in ids[groups.data_rank]], {"mtp_weight": 0.3})
         events.append(("finish", None))
         finalizer.finish_gradients()
     finally:

@@ -42,7 +42,9 @@ def test_export_from_a_pipelined_expert_parallel_run_and_start_from_it(tmp_path)
     # a run that starts from the folder: its first loss is the exported weights' loss on the first batch
     sampler = BatchSampler.of_tokens(load_source("builtin", ByteTokenizer()), 64, 0)
     ours.train()  # the balance loss counts in training (with gradients on), as in the run
-    expected = float(torch.stack([ours(x, y).loss.detach() for x, y in sampler.micro_batches(0, 16, 8, 0, 1)]).mean())
+    # the trainer divides each depth's summed loss by the batch's tokens (eq. 24's 1/T, MTP's too)
+    expected = float(torch.stack([ours(x, y, loss_denominator=x.numel()).loss.detach()
+                                  for x, y in sampler.micro_batches(0, 16, 8, 0, 1)]).mean())
     one = run_cli([*RUN, "train.micro_batch=8", "train.max_steps=1", f"model.init_from={hf_dir}",
                    f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     ep2 = torchrun(2, [*RUN, "train.max_steps=1", "parallel.ep=2", f"model.init_from={hf_dir}",
@@ -78,7 +80,9 @@ def test_a_zoo_family_exports_from_an_expert_parallel_run_and_starts_from_its_fo
         torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids), rtol=1e-5, atol=1e-5)
     sampler = BatchSampler.of_tokens(load_source("builtin", ByteTokenizer()), 64, 0)
     ours.train()
-    expected = float(torch.stack([ours(x, y).loss.detach() for x, y in sampler.micro_batches(0, 16, 8, 0, 1)]).mean())
+    # the trainer divides each depth's summed loss by the batch's tokens (eq. 24's 1/T, MTP's too)
+    expected = float(torch.stack([ours(x, y, loss_denominator=x.numel()).loss.detach()
+                                  for x, y in sampler.micro_batches(0, 16, 8, 0, 1)]).mean())
     run_cli([*run, "train.micro_batch=8", "train.max_steps=1", f"model.init_from={hf_dir}",
              f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert read_metrics(tmp_path / "one")[0]["loss"] == pytest.approx(expected, rel=1e-5)

@@ -27,6 +27,7 @@ SKIP = {  # command prefix -> why this machine cannot run it, or which test runs
     # run elsewhere in the suite
     "bash launch/train.sh ": "the quick start's script with an override: `bash launch/train.sh` runs above",
     "python benchmarks/gpu/train_throughput.py": "tests/e2e/test_train_throughput.py runs it and reads its output",
+    "moetron-plan stage=long_context_128k": "tests/unit/test_plan.py runs it and reads the layout it finds",
 }
 
 

@@ -1,7 +1,7 @@
 """Supervised fine-tuning as a user runs it: `moetron-data --chat` on the shipped conversations, then
 `moetron-train stage=sft`. The loss counts assistant tokens only, normalised over the whole global
 batch's counted targets: every layout and micro-batch split gives the same losses (1 rank x 4
-micro-batches, 1 x 2 larger ones, 2 data ranks, EP=2, PP=2 under DualPipeV), and the first step's
+micro-batches, 1 x 2 larger ones, 2 data ranks, EP=2, PP=2 under DualPipeV, CP=2), and the first step's
 loss is the hand-computed one."""
 import pytest
 import torch
@@ -48,6 +48,8 @@ def test_every_layout_gives_the_same_sft_losses(tmp_path, chat):
         "ep2": _run(tmp_path, "ep2", chat, "train.micro_batch=2", "parallel.ep=2", ranks=2),
         "pp2_dualpipev": _run(tmp_path, "pp2", chat, "train.micro_batch=2", "parallel.pp=2",
                               "parallel.schedule=dualpipev", ranks=2),
+        # each packed row split over 2 ranks: its samples' masks, padding and MTP targets cross the chunks
+        "cp2": _run(tmp_path, "cp2", chat, "train.micro_batch=2", "parallel.cp=2", ranks=2),
     }
     for name, rows in layouts.items():
         for a, b in zip(reference, rows, strict=True):

@@ -64,7 +64,7 @@ def test_deepseek_v3_on_its_own_layout_costs_under_the_reports_gpu_hours_by_less
     memory-bound passes): less than a quarter under across that factor's range."""
     out = _json(capsys, V3_LAYOUT)
     assert out["layout"] == {"pp": 16, "ep": 64, "dp": 2, "schedule": "dualpipe", "micro_batch": 1,
-                             "num_microbatches": 120, "recompute": True, "fp8": True, "zero1": True}
+                             "num_microbatches": 120, "recompute": True, "fp8": True, "zero1": True, "cp": 1}
     assert 0.75 < out["gpu_hours_per_trillion_tokens"] / 180e3 < 1.0, out["gpu_hours_per_trillion_tokens"]
     assert abs(out["params_total"] / 671e9 - 1) < 0.01
     # 36.63B activated per token: the output head counted, the input embedding table not (the
@@ -82,7 +82,7 @@ def test_deepseek_v3_on_its_own_layout_costs_under_the_reports_gpu_hours_by_less
     # tokens and the combine's gradients in BF16 instead of E4M3 tiles: more all-to-all, exposed
     bf16_dispatch = _json(capsys, [*V3_LAYOUT, "precision.fp8_dispatch=false"])
     assert bf16_dispatch["exposed_comm_s"] > out["exposed_comm_s"]
-    float32 = _json(capsys, [*V3_LAYOUT, "precision.param_dtype=float32"])
+    float32 = _json(capsys, [*V3_LAYOUT, "precision.param_dtype=float32", "parallel.cp=1"])  # the same layout
     assert float32["memory_parts_gib"]["weights"] == pytest.approx(parts["gradients"])
     assert float32["memory_parts_gib"]["activations"] > parts["activations"]  # a float32 residual stream
     assert not float32["fits"]
@@ -118,7 +118,7 @@ def test_the_table_and_its_errors(capsys):
     assert "GPU-h/T" in table and "h200_8: 8 GPUs" in table
     assert plan_main(["model=mini", "cluster=h200", "train.global_batch=64"]) == 2
     assert "cluster.nodes is not set" in capsys.readouterr().err
-    assert plan_main(["model=mini", "cluster=h200_8", "train.global_batch=7"]) == 2
+    assert plan_main(["model=mini", "cluster=h200_8", "train.global_batch=7", "parallel.cp=1"]) == 2
     assert "no layout divides" in capsys.readouterr().err
     assert plan_main(["model=mini", "cluster=h200_8", "cluster.hbm_tbps=0"]) == 2
     assert "cluster.hbm_tbps=0.0: the planner needs it" in capsys.readouterr().err
@@ -222,7 +222,7 @@ def test_the_launch_lines_pass_the_trainers_own_checks_for_2048_ranks(capsys):
     register_configs()
     with initialize_config_module(config_module="moetron.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=args)
-    assert validate(cfg, 2048).__dict__ == {"pp": 16, "dp": 2, "ep": 64}
+    assert validate(cfg, 2048).__dict__ == {"pp": 16, "dp": 2, "ep": 64, "cp": 1}
     assert cfg.precision.fp8 and cfg.precision.fp8_cache_activations and cfg.optim.moments_dtype == "bfloat16"
     assert cfg.train.global_batch == 15360 and cfg.model.num_hidden_layers == 61
 
@@ -286,3 +286,27 @@ def test_the_launch_lines_of_a_gqa_family_turn_on_only_the_recompute_switches_it
     out = capsys.readouterr().out
     assert "recompute.norm=true" in out and "recompute.swiglu=true" in out
     assert "recompute.mla_up_proj" not in out  # no MLA: the trainer would refuse the switch
+
+
+def test_deepseek_v3_at_128k_tokens_fits_its_cluster_with_context_parallelism(capsys):
+    """Issue 29's command: 480 sequences of 131,072 tokens on 2,048 H800s. Without cp no layout
+    fits (nor does one divide the batch: 480 sequences over 2,048 ranks needs pp >= 64); with cp the
+    planner finds one that does, each rank holding 1/cp of a sequence, with the experts folded over
+    the cp ranks."""
+    assert plan_main(["stage=long_context_128k", "model=v3_671b", "cluster=h800_2048", "parallel.cp=1"]) == 2
+    assert "no layout divides the cluster and train.global_batch" in capsys.readouterr().err
+    out = _json(capsys, ["stage=long_context_128k", "model=v3_671b", "cluster=h800_2048"])
+    layout = out["layout"]
+    assert out["seq_len"] == 131072 and out["global_batch"] == 480 and out["fits"]
+    assert layout["cp"] > 1 and out["memory_per_gpu_gib"] <= 79.0
+    assert layout["pp"] * layout["dp"] * layout["ep"] * layout["cp"] == 2048
+    assert 480 % (layout["dp"] * layout["ep"]) == 0  # the data ranks share the batch, the cp ranks each sequence
+    # what one rank keeps of a micro-batch's sequence falls with cp: the same layout at half the cp
+    # (twice the dp) keeps more activations
+    half = {**layout, "cp": layout["cp"] // 2, "dp": layout["dp"] * 2}
+    fixed = [f"parallel.{k}={half[k]}" for k in ("pp", "dp", "ep", "cp")] + [
+        f"parallel.schedule={half['schedule']}", f"train.micro_batch={half['micro_batch']}",
+        f"plan.recompute={str(half['recompute']).lower()}", f"precision={'fp8' if half['fp8'] else 'bf16'}"]
+    wider = _json(capsys, ["stage=long_context_128k", "model=v3_671b", "cluster=h800_2048", *fixed])
+    assert wider["layout"]["cp"] == half["cp"]
+    assert wider["memory_parts_gib"]["activations"] > 1.5 * out["memory_parts_gib"]["activations"]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.models.common.costs import CoreCost
+from moetron.models.common.kv_cache import key_slot
 from moetron.models.common.norm import RMSNorm
 from moetron.models.common.packed import PackedSamples, packed_attention
 from moetron.models.common.rope import apply_rotary
@@ -97,7 +98,8 @@ class GroupedQueryAttention(nn.Module):
     def core_cost(self, seq_len: int, recompute: bool = False) -> CoreCost:
         """Per token: 2 x the mean keys seen x heads x (q.k and p.v) head dims; nothing recomputed."""
         s = self.settings
-        return CoreCost(2.0 * s.mean_keys(seq_len) * s.num_heads * 2 * s.head_dim)
+        return CoreCost(2.0 * s.mean_keys(seq_len) * s.num_heads * 2 * s.head_dim,
+                        context_bytes=2.0 * 2 * s.num_kv_heads * s.head_dim, context_mask=True)
 
     def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor,
                 samples: Optional[PackedSamples] = None) -> torch.Tensor:
@@ -112,9 +114,10 @@ class GroupedQueryAttention(nn.Module):
         q_BNSD = apply_rotary(q_BSND.transpose(1, 2), cos_SR2, sin_SR2, interleave=False)
         k_BKSD = apply_rotary(k_BSKD.transpose(1, 2), cos_SR2, sin_SR2, interleave=False)
         scale = s.head_dim ** -0.5
-        if self.kv_cache is not None:  # generation: the new queries over every cached key
-            k_BKSD, v_BKSD = self.kv_cache.extend(k_BKSD, v_BKSD)
-            visible = self.kv_cache.state.visible(s.sliding_window)
+        slot = key_slot(self, samples)
+        if slot is not None:  # generation's cache or context parallelism's gather: keys beyond these tokens
+            k_BKSD, v_BKSD = slot.extend(k_BKSD, v_BKSD)
+            visible = slot.state.visible(s.sliding_window)
             if self.sinks is not None:
                 out_BNSD = attention_with_sinks(q_BNSD, k_BKSD, v_BKSD, scale, self.sinks, s.sliding_window, visible)
             else:

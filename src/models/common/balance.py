@@ -19,9 +19,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from moetron.comm.sequence import sum_for_mean
+from moetron.comm.sequence import sum_for_mean, sum_over
 
 
 def sequence_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor,
@@ -48,7 +47,7 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor,
     prob_sum_BE = (probs_BSE * weight_BS1).sum(dim=1)
     if context_group is not None:
         counts_BE1 = torch.cat([chosen_BE, tokens_B1], dim=-1)  # no gradient: one plain sum
-        dist.all_reduce(counts_BE1, group=context_group)
+        sum_over(counts_BE1, context_group)
         chosen_BE, tokens_B1 = counts_BE1[:, :E], counts_BE1[:, E:]
         prob_sum_BE = sum_for_mean(prob_sum_BE, context_group)
     mean_prob_BE = prob_sum_BE / tokens_B1.clamp(min=1)
@@ -72,9 +71,15 @@ def global_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, tokens,
     return (frac_E * probs_TE.mean(dim=0)).sum()
 
 
-def router_z_loss(logits_BVE: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of logsumexp over experts of the router logits, squared (without alpha)."""
-    return torch.logsumexp(logits_BVE.float(), dim=-1).square().mean()
+def router_z_loss(logits_BVE: torch.Tensor, context_group=None) -> torch.Tensor:
+    """Mean over tokens of logsumexp over experts of the router logits, squared (without alpha);
+    `context_group`: the mean over the tokens of every rank of it (their counts may differ: MTP's
+    last positions of a row lie on one rank), its gradient scaled for ranks that average theirs."""
+    z = torch.logsumexp(logits_BVE.float(), dim=-1).square()
+    if context_group is None:
+        return z.mean()
+    count = sum_over(torch.tensor([float(z.numel())], device=z.device), context_group)
+    return (sum_for_mean(z.sum().reshape(1), context_group) / count.clamp(min=1)).squeeze(0)
 
 
 def max_violation(load_E: torch.Tensor) -> float:

@@ -1,13 +1,15 @@
 """Context parallelism: each sequence split over the ranks of a context-parallel group, every rank
 running every layer on its own tokens; attention alone reads across ranks.
 
-    local_BS = shard_sequence(ids_BS, rank, cp)             # chunks r and 2cp - 1 - r of each row
-    positions_BS = shard_sequence(positions_BS, rank, cp)
-    state = ContextState(positions_BS, cp_group)
-    with context_parallel(model, state):
-        logits_BSV = model(local_BS, samples=state.samples())      # this rank's rows of the whole
-        out = model(local_BS, shard_sequence(labels_BS, rank, cp), samples=state.samples(),
-                    loss_denominator=counted_targets / cp)       # the cp ranks then average, as data ranks
+    split = SequenceSplit(cp_group, rank, cp)               # the trainer's (its lanes under DualPipe)
+    local_BS, labels_BS, samples = split.shard(ids_BS, labels_BS)   # chunks r and 2cp - 1 - r of each row
+    with context_parallel(model, split.group):              # routers sum balance statistics over cp
+        out = model(local_BS, labels_BS, samples=samples, loss_denominator=counted_targets / cp)
+        # the cp ranks then average their gradients, as data ranks do
+
+The rows' `ContextState` travels with the micro-batch in `samples.context` (so a pipeline's
+micro-batches in flight each carry their own); every attention module reads its keys through it
+(`moetron.models.common.kv_cache.key_slot`).
 
 Beyond attention, what crosses a row: MTP depth k's tokens and targets k positions ahead
 (`ContextState.ahead`, from the row's ids gathered: a few bytes per token), which positions count in
@@ -29,11 +31,15 @@ layer for MLA against 2,048-4,096 for GQA, and against 128 heads x (192 + 128) x
 sent its up-projected keys and values. Gathering them all, rather than passing them around a ring,
 keeps one collective per layer and lets each rank attend with one kernel (a ring's step-by-step
 exchange pays off when the gathered keys no longer fit: at 128K tokens MLA's latent is 144 MiB per
-layer and sequence); the backward reduce-scatters their gradients (moetron.comm.sequence). Not yet:
-each rank up-projects the whole row's keys and values from the latent and keeps them for the
-backward (80 KiB per token and layer at V3, whatever cp is: `recompute.mla_up_proj` does not reach
-this path yet), and the mask is a dense [B, 1, S, T] one for SDPA (FlexAttention's block mask on
-GPUs is to come).
+layer and sequence); the backward reduce-scatters their gradients (moetron.comm.sequence). MLA
+recomputes its up-projection and attention in backward rather than keep the whole row's keys and
+values (80 KiB per token and layer at V3, whatever cp is); what each rank keeps of other ranks' tokens
+is their latent. The price: every rank up-projects the whole row's keys and values, twice (forward
+and backward; kv_b_proj's 33.5 MFLOP per token at V3, x cp per local token). Grouped-query attention
+keeps the gathered keys and values (SDPA saves them). MLA attends each of its two chunks over the
+row's keys up to the chunk's end, causal from the lower right (no mask); packed samples, sliding
+windows and GQA take a dense [B, 1, S, T] mask for SDPA (S x T bytes per row; FlexAttention's block
+mask on GPUs is to come).
 
 Shape legend: B batch, S local tokens, T tokens of the whole row, K kv heads, D head dim.
 """
@@ -44,10 +50,12 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
+from moetron.comm.lanes import GroupLike, resolve
 from moetron.comm.sequence import gather_sequence
-from moetron.models.common.kv_cache import key_slots
 from moetron.models.common.packed import PackedSamples
 
 
@@ -68,11 +76,14 @@ def shard_sequence(x_BS: torch.Tensor, rank: int, cp: int, dim: int = 1) -> torc
 class ContextState:
     """Where this rank's queries and every rank's keys lie in their rows, shared by every layer."""
 
-    def __init__(self, query_positions_BS: torch.Tensor, group) -> None:
+    def __init__(self, query_positions_BS: torch.Tensor, group: GroupLike) -> None:
         """`query_positions_BS`: the positions of this rank's tokens (its `shard_sequence` of the
-        rows' positions; packed rows restart them at 0 where each sample starts)."""
-        self.group = group if group is not None else dist.group.WORLD  # None: every rank
-        self.rank, self.cp = dist.get_rank(group), dist.get_world_size(group)
+        rows' positions; packed rows restart them at 0 where each sample starts); `group`: the cp
+        ranks (a process group, its lanes, or None: every rank)."""
+        self.group = group
+        self.rank, self.cp = dist.get_rank(resolve(group)), dist.get_world_size(resolve(group))
+        self.gather = ContextGather(self)  # every attention layer's key slot
+        self._rows: dict = {}  # id(tensor) -> (tensor, its whole rows): `whole_rows`
         self.query_positions_BS = query_positions_BS
         B, S = query_positions_BS.shape
         self.row_len = S * self.cp
@@ -82,17 +93,24 @@ class ContextState:
         with torch.no_grad():
             self.key_positions_BT = gather_sequence(query_positions_BS, 1, group)
             self.gathered_index_T = gather_sequence(self.row_index_S, 0, group)
+            # one sequence per row (each position its index in the row): causal attention needs no mask
+            self.plain = torch.equal(self.key_positions_BT, self.gathered_index_T.expand_as(self.key_positions_BT))
             # the sample of each token, counted over its whole row (a sample starts at position 0)
             self.query_samples_BS = (self.whole_rows(query_positions_BS) == 0).cumsum(dim=1)[:, self.row_index_S]
             self.key_samples_BT = gather_sequence(self.query_samples_BS, 1, group)
         self._visible: dict = {}
 
     def whole_rows(self, x_BS: torch.Tensor) -> torch.Tensor:
-        """[B, row_len] every rank's `x` in row order (no gradient)."""
+        """[B, row_len] every rank's `x` in row order (no gradient); gathered once per tensor (MTP
+        shifts the same ids, labels and sample ids at every depth)."""
+        known = self._rows.get(id(x_BS))
+        if known is not None and known[0] is x_BS:
+            return known[1]
         with torch.no_grad():
             gathered_BT = gather_sequence(x_BS, 1, self.group)
         rows_BT = torch.empty_like(gathered_BT)
         rows_BT[:, self.gathered_index_T] = gathered_BT
+        self._rows[id(x_BS)] = (x_BS, rows_BT)
         return rows_BT
 
     def ahead(self, x_BS: torch.Tensor, k: int, fill: Optional[int] = None) -> torch.Tensor:
@@ -114,6 +132,23 @@ class ContextState:
         """[B, S] True where the token k further along the whole row exists and is of the same sample."""
         return self.ahead(self.query_samples_BS, k, fill=-1) == self.query_samples_BS
 
+    def attend(self, q_BNSD: torch.Tensor, k_BNTD: torch.Tensor, v_BNTV: torch.Tensor, scale: float) -> torch.Tensor:
+        """Causal attention of this rank's queries over the gathered keys (as many heads). Rows of
+        one sequence each: per chunk, its queries over the row's keys up to the chunk's end, causal
+        from the lower right (torch's CausalBias: fused kernels on GPUs, no [S, T] mask); else the
+        dense mask of `visible` (packed samples)."""
+        if not self.plain:
+            return F.scaled_dot_product_attention(q_BNSD, k_BNTD, v_BNTV, attn_mask=self.visible(), scale=scale)
+        order_T = torch.argsort(self.gathered_index_T)  # gathered (rank-major) -> row order
+        k_BNTD, v_BNTV = k_BNTD.index_select(-2, order_T), v_BNTV.index_select(-2, order_T)
+        size = q_BNSD.shape[-2] // 2
+        outs = []
+        for i, (_, end) in enumerate(chunk_bounds(self.row_len, self.rank, self.cp)):
+            q_chunk = q_BNSD.narrow(-2, i * size, size)
+            outs.append(F.scaled_dot_product_attention(q_chunk, k_BNTD[..., :end, :], v_BNTV[..., :end, :],
+                                                       attn_mask=causal_lower_right(size, end), scale=scale))
+        return torch.cat(outs, dim=-2)
+
     def visible(self, window: Optional[int] = None) -> torch.Tensor:
         """[B, 1, S, T]: a query sees the keys at or before its position (within `window`), of its sample."""
         if window not in self._visible:
@@ -126,8 +161,10 @@ class ContextState:
 
 
 class ContextGather:
-    """One attention layer's key slot under context parallelism: `extend` returns every rank's
+    """The attention layers' key slot under context parallelism: `extend` returns every rank's
     tensors along the token dim (-2), gathered with autograd."""
+
+    recompute = True  # MLA up-projects the gathered latent again in backward (see the module docstring)
 
     def __init__(self, state: ContextState) -> None:
         self.state = state
@@ -136,15 +173,32 @@ class ContextGather:
         return tuple(gather_sequence(t, t.dim() - 2, self.state.group) for t in local)
 
 
+class SequenceSplit:
+    """This rank's share of each micro-batch's rows, for the cp ranks of `group` (its lanes)."""
+
+    def __init__(self, group: GroupLike, rank: int, cp: int) -> None:
+        self.group, self.rank, self.cp = group, rank, cp
+
+    def shard(self, inputs_BS: torch.Tensor, labels_BS: torch.Tensor, positions_BS: Optional[torch.Tensor] = None,
+              real_BS: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, PackedSamples]:
+        """(my tokens, my labels, their samples: positions for RoPE and the rows' ContextState) of
+        whole rows; `positions_BS` None: one sequence per row."""
+        if positions_BS is None:
+            positions_BS = torch.arange(inputs_BS.shape[1], device=inputs_BS.device).expand_as(inputs_BS)
+        mine = lambda x_BS: shard_sequence(x_BS, self.rank, self.cp)  # noqa: E731
+        state = ContextState(mine(positions_BS), self.group)
+        return mine(inputs_BS), mine(labels_BS), state.samples(mine(real_BS) if real_BS is not None else None)
+
+
 @contextmanager
-def context_parallel(model: nn.Module, state: ContextState):
-    """Every attention module of `model` reads its keys across the context-parallel group in the block."""
+def context_parallel(model: nn.Module, group: GroupLike):
+    """Every router of `model` sums its rows' balance statistics over the cp ranks of `group` in the
+    block (the trainer sets them once: moetron.models.common.parallelize.connect_context)."""
     routers = [m for m in model.modules() if hasattr(m, "context_group")]
-    for router in routers:  # the sequence-wise balance loss sums each row's statistics over the ranks
-        router.context_group = state.group
+    for router in routers:
+        router.context_group = group
     try:
-        with key_slots(model, lambda: ContextGather(state)):
-            yield state
+        yield
     finally:
         for router in routers:
             router.context_group = None

@@ -29,6 +29,12 @@ class CoreCost:
 
     flops: float  # forward FLOPs: 2 x mean keys seen x heads x (qk dim + v dim)
     recompute_flops: float = 0.0  # forward FLOPs the backward runs again (under the recompute policy)
+    # context parallelism (moetron.models.common.context_parallel): BF16 bytes per token its gather
+    # moves (MLA: latent + RoPE key; GQA: keys + values), and forward FLOPs per token of the whole
+    # row that every cp rank runs (MLA's key/value up-projection; again in backward, then its backward)
+    context_bytes: float = 0.0
+    context_flops: float = 0.0
+    context_mask: bool = False  # under cp it attends with a dense [S, T] mask (MLA's causal chunks need none)
 
 
 @dataclass
@@ -49,6 +55,9 @@ class LayerCost:
     shared_copy_bytes: float = 0.0  # copies of (non-routed) weights made once per step for every micro-batch
     shared_routed_copy_bytes: float = 0.0  # the same of the routed experts' weights, all experts
     traffic_bytes: float = 0.0  # activations the layer writes, bytes per token (recomputed or not)
+    context_bytes: float = 0.0  # per token: what context parallelism gathers (CoreCost)
+    context_flops: float = 0.0  # per token of the whole row: what every cp rank runs (CoreCost)
+    context_mask: bool = False  # under cp: a dense [S, T] mask per micro-batch (CoreCost)
 
     def forward_flops(self) -> float:
         return self.fp8_flops + self.bf16_flops + self.attention_flops
@@ -79,7 +88,8 @@ def _decoder_layer_cost(layer: nn.Module, seq_len: int, recompute: bool) -> Laye
         copies = K
     core = layer.self_attn.core_cost(seq_len, recompute)
     return LayerCost("moe" if moe is not None else "dense", fp8_flops, bf16_flops, core.flops, _numel(layer),
-                     routed_params, copies, core.recompute_flops, routed_flops)
+                     routed_params, copies, core.recompute_flops, routed_flops, context_bytes=core.context_bytes,
+                     context_flops=core.context_flops, context_mask=core.context_mask)
 
 
 def layer_costs(model: nn.Module, seq_len: int, recompute: bool = False) -> list[LayerCost]:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -42,6 +43,10 @@ class DecodeState:
         self.query_positions_BS, self._visible = positions_BS, {}
         return PackedSamples(positions_BS, valid_BS)
 
+    def attend(self, q_BNSD: torch.Tensor, k_BNTD: torch.Tensor, v_BNTV: torch.Tensor, scale: float) -> torch.Tensor:
+        """The new queries over every cached key (as many heads), each seeing those `visible` to it."""
+        return F.scaled_dot_product_attention(q_BNSD, k_BNTD, v_BNTV, attn_mask=self.visible(), scale=scale)
+
     def visible(self, window: Optional[int] = None) -> torch.Tensor:
         """[B, 1, S, T]: query i sees real key j at or before its position (and within `window`)."""
         if window not in self._visible:
@@ -56,6 +61,8 @@ class DecodeState:
 class LayerCache:
     """One attention layer's cached tensors, grown along their token dim (dim -2)."""
 
+    recompute = False  # what attends over the slot keeps its keys (no backward runs in generation)
+
     def __init__(self, state: DecodeState) -> None:
         self.state = state
         self.tensors: Optional[tuple[torch.Tensor, ...]] = None
@@ -67,6 +74,17 @@ class LayerCache:
         else:
             self.tensors = tuple(torch.cat([old, t], dim=-2) for old, t in zip(self.tensors, new))
         return self.tensors
+
+
+def key_slot(module: nn.Module, samples):
+    """Where an attention module's keys beyond its own tokens come from: its generation cache, or
+    the gather of context parallelism (`samples.context`, moetron.models.common.context_parallel);
+    None: its own tokens only. A slot has `extend(*local) -> every key's tensors`, `state.visible(window)`
+    and `recompute` (whether the attention over it recomputes in backward rather than keep its keys)."""
+    if module.kv_cache is not None:
+        return module.kv_cache
+    context = getattr(samples, "context", None)
+    return context.gather if context is not None else None
 
 
 @contextmanager

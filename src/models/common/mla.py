@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetron.models.common.costs import CoreCost
+from moetron.models.common.kv_cache import key_slot
 from moetron.models.common.norm import RMSNorm
 from moetron.models.common.packed import PackedSamples, packed_attention
 from moetron.models.common.rope import apply_rotary, softmax_scale_factor
@@ -56,7 +57,9 @@ class MLA(nn.Module):
         N, q_lat = cfg.num_attention_heads, cfg.q_lora_rank or 0
         up_proj = cfg.kv_lora_rank * N * (cfg.qk_nope_head_dim + cfg.v_head_dim) + q_lat * N * cfg.qk_head_dim
         flops = 2.0 * seq_len / 2 * N * (cfg.qk_head_dim + cfg.v_head_dim)
-        return CoreCost(flops, 2.0 * up_proj if recompute else 0.0)
+        kv_up_proj = 2.0 * cfg.kv_lora_rank * N * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        return CoreCost(flops, 2.0 * up_proj if recompute else 0.0, context_bytes=2.0 * (cfg.kv_lora_rank +
+                        cfg.qk_rope_head_dim), context_flops=kv_up_proj)
 
     def _up_project(self, q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, norm_regions=None):
         """Eqs. 1-8 after the down-projections: latents -> q, k, v of shape [B, N, S, D].
@@ -93,10 +96,14 @@ class MLA(nn.Module):
         k_BNSD = torch.cat([k_nope_BNSP, k_rope_B1SR.expand(B, N, S, R)], dim=-1)
         return q_BNSD, k_BNSD, v_BNSV.contiguous()
 
-    def _decode(self, q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2) -> torch.Tensor:
-        """Generation: eqs. 1-11 for the new tokens over every cached one. The cache holds the
-        normalised latent c^KV [B, T, C] and the rotated k^R [B, 1, T, R] per token (DeepSeek's
-        inference cache); keys and values are up-projected from them at each step."""
+    def _attend_over_slot(self, q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, slot) -> torch.Tensor:
+        """Eqs. 1-11 for these tokens' queries over the keys of a slot (moetron.models.common.kv_cache):
+        generation's cache, or context parallelism's gather of every rank's tokens. What crosses is
+        what DeepSeek's inference caches, the normalised latent c^KV [B, T, C] and the rotated k^R
+        [B, 1, T, R] per token; keys and values are up-projected from them here. Where the slot says
+        `recompute` (context parallelism), the up-projection and attention run again in backward
+        rather than keep the whole row's keys and values (80 KiB per token at DeepSeek-V3, whatever
+        the cp): what stays is the gathered latent, 1,152 bytes per token."""
         cfg = self.cfg
         B, S, _ = kv_lat_BSC.shape
         N, P, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -104,14 +111,18 @@ class MLA(nn.Module):
         q_nope_BNSP, q_rope_BNSR = q_BSND.view(B, S, N, P + R).transpose(1, 2).split([P, R], dim=-1)
         q_rope_BNSR = apply_rotary(q_rope_BNSR, cos_SR2, sin_SR2, cfg.rope_interleave)
         k_rope_B1SR = apply_rotary(k_rope_BSR.unsqueeze(1), cos_SR2, sin_SR2, cfg.rope_interleave)
-        latent_BTC, k_rope_B1TR = self.kv_cache.extend(self.kv_a_layernorm(kv_lat_BSC), k_rope_B1SR)
-        T = latent_BTC.shape[1]
-        k_nope_BNTP, v_BNTV = self.kv_b_proj(latent_BTC).view(B, T, N, P + V).transpose(1, 2).split([P, V], dim=-1)
+        latent_BTC, k_rope_B1TR = slot.extend(self.kv_a_layernorm(kv_lat_BSC), k_rope_B1SR)
         q_BNSD = torch.cat([q_nope_BNSP, q_rope_BNSR], dim=-1)
-        k_BNTD = torch.cat([k_nope_BNTP, k_rope_B1TR.expand(B, N, T, R)], dim=-1)
         scale = q_BNSD.shape[-1] ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
-        attn_BNSV = F.scaled_dot_product_attention(q_BNSD, k_BNTD, v_BNTV, attn_mask=self.kv_cache.state.visible(),
-                                                   scale=scale)
+
+        def attend(q_BNSD, latent_BTC, k_rope_B1TR):
+            T = latent_BTC.shape[1]
+            kv_BNT_PV = self.kv_b_proj(latent_BTC).view(B, T, N, P + V).transpose(1, 2)
+            k_nope_BNTP, v_BNTV = kv_BNT_PV.split([P, V], dim=-1)
+            k_BNTD = torch.cat([k_nope_BNTP, k_rope_B1TR.expand(B, N, T, R)], dim=-1)
+            return slot.state.attend(q_BNSD, k_BNTD, v_BNTV, scale)
+
+        attn_BNSV, _ = maybe_recompute(slot.recompute, attend, q_BNSD, latent_BTC, k_rope_B1TR)
         return self.o_proj(attn_BNSV.transpose(1, 2).reshape(B, S, -1))
 
     def forward(self, x_BSH: torch.Tensor, cos_SR2: torch.Tensor, sin_SR2: torch.Tensor,
@@ -121,8 +132,9 @@ class MLA(nn.Module):
         B, S, _ = x_BSH.shape
         q_lat = self.q_proj(x_BSH) if cfg.q_lora_rank is None else self.q_a_proj(x_BSH)
         kv_lat_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSH).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        if self.kv_cache is not None:
-            return self._decode(q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2)
+        slot = key_slot(self, samples)
+        if slot is not None:  # generation's cache or context parallelism's gather: keys beyond these tokens
+            return self._attend_over_slot(q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, slot)
 
         regions = []
         if self.recompute_mla_up_proj:

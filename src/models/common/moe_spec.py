@@ -44,9 +44,10 @@ class MoEDecoderSpec(ModelSpec):
     def problems(self, cfg, dims, topology, seq_len: int) -> list[str]:
         out = super().problems(cfg, dims, topology, seq_len)
         experts = self.routed_experts(cfg)
-        if experts % dims.ep:
-            out.append(f"{self.experts_key}={experts} is not divisible by parallel.ep={dims.ep}: "
-                       "choose an ep that divides it")
+        if experts % dims.expert_ranks:
+            group = f"parallel.ep={dims.ep}" if dims.cp == 1 else \
+                f"the EP group's parallel.ep x parallel.cp = {dims.expert_ranks} ranks"
+            out.append(f"{self.experts_key}={experts} is not divisible by {group}: choose an ep that divides it")
         init_from = getattr(cfg, "init_from", None)
         if init_from and not (Path(init_from) / "config.json").is_file():
             out.append(f"model.init_from={init_from}: no Hugging Face folder there (config.json is missing); "

@@ -30,7 +30,7 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
     """Shard every MoE layer's routed experts over the EP group and plug an EP dispatcher (`codec`:
     how token rows travel; None: as they are); record what was made (traffic counter, expert
     parameters, DeepEP buffers) in `made`."""
-    if groups is None or groups.dims.ep == 1:  # None: one process
+    if groups is None or groups.dims.expert_ranks == 1:  # None: one process
         for module in model.modules() if codec is not None else []:
             if isinstance(module, MoE):  # nothing travels, but the rows are rounded as they would be
                 module.dispatcher = LocalDispatcher(module.experts.global_experts, codec)
@@ -40,7 +40,7 @@ def shard_moe_layers(model: nn.Module, groups: ParallelGroups, dispatcher: str, 
         made.dispatcher_buffers = DeepEPBuffers(groups.lanes("ep"))
     for module in model.modules():
         if isinstance(module, MoE):
-            shard_experts(module.experts, groups.ep_rank, groups.dims.ep)
+            shard_experts(module.experts, groups.ep_rank, groups.dims.expert_ranks)
             module.dispatcher = make_dispatcher(dispatcher, module.experts.global_experts, groups, made.traffic,
                                                 made.dispatcher_buffers, codec)
             made.expert_params += list(module.experts.parameters())
@@ -55,6 +55,16 @@ def connect_global_balance(model: nn.Module, groups: ParallelGroups) -> None:
     group = data_parallel_copy(groups)
     for router in routers:
         router.balance_group = group
+
+
+def connect_context(model: nn.Module, groups: ParallelGroups) -> None:
+    """Context parallelism: routers sum each row's balance statistics over the cp group (its lanes:
+    a forward's sums go over lane 0 while a backward's gathers use lane 1)."""
+    if groups is None or groups.dims.cp == 1:
+        return
+    for router in model.modules():
+        if isinstance(router, TopKRouter):
+            router.context_group = groups.lanes("cp")
 
 
 def decoder_and_mtp_blocks(model: nn.Module) -> list[nn.Module]:
@@ -77,4 +87,5 @@ def parallelize(model: nn.Module, groups: ParallelGroups, dispatcher: str = "hie
                    high_precision_inputs=("o_proj",), memory=memory)
     shard_moe_layers(model, groups, dispatcher, made, FP8DispatchCodec() if fp8 and fp8.dispatch else None)
     connect_global_balance(model, groups)
+    connect_context(model, groups)
     return made

@@ -229,7 +229,7 @@ class TopKRouter(nn.Module):
         if cfg.z_loss_alpha > 0 and self.training and torch.is_grad_enabled():
             logits_BVE = logits_TE.view(B, S, E)[:, :V]
             balance = add_optional(balance, cfg.z_loss_alpha * router_z_loss(
-                logits_BVE if counted_BV is None else logits_BVE[counted_BV]))
+                logits_BVE if counted_BV is None else logits_BVE[counted_BV], self.context_group))
         return Routing(topk_idx_TK, gate_TK, balance)
 
     def _balance_loss(self, scores_BVE, chosen_BVK, counted_BV=None) -> Optional[torch.Tensor]:

@@ -15,6 +15,13 @@ from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.models.deepseek_v3.params import _attention, _block
 
 
+def _context(cfg: DeepSeekV3Config) -> dict:
+    """What context parallelism costs per token: the BF16 latent and RoPE key its gather moves, and
+    the key/value up-projection every cp rank runs for every token of the row."""
+    kv_up_proj = 2.0 * cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return {"context_bytes": 2.0 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim), "context_flops": kv_up_proj}
+
+
 def _mla(cfg: DeepSeekV3Config, S: int, recompute: bool) -> tuple[float, float, float]:
     """(projection FLOPs, attention FLOPs, recomputed FLOPs) per token."""
     H, N = cfg.hidden_size, cfg.num_attention_heads
@@ -29,12 +36,13 @@ def _decoder(cfg: DeepSeekV3Config, moe: bool, S: int, recompute: bool) -> Layer
     proj, attn, again = _mla(cfg, S, recompute)
     H = cfg.hidden_size
     if not moe:
-        return LayerCost("dense", proj + 2.0 * 3 * H * cfg.intermediate_size, 0.0, attn, block.total, 0, 0, again)
+        return LayerCost("dense", proj + 2.0 * 3 * H * cfg.intermediate_size, 0.0, attn, block.total, 0, 0, again,
+                         **_context(cfg))
     E, K, I = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     routed = 3 * E * H * I
     experts = 2.0 * 3 * H * (K * I + cfg.n_shared_experts * I)
     return LayerCost("moe", proj + experts, 2.0 * E * H, attn, block.total, routed, K, again,
-                     routed_flops=2.0 * 3 * H * K * I)
+                     routed_flops=2.0 * 3 * H * K * I, **_context(cfg))
 
 
 def layer_costs(cfg: DeepSeekV3Config, seq_len: int, recompute: bool = False) -> list[LayerCost]:
