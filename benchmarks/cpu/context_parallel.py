@@ -24,9 +24,9 @@ LAYOUTS = {"1 rank": (1, []), "cp=2 (2 ranks, each half of every row)": (2, ["pa
 
 
 def run(nproc: int, overrides: list[str], seq: int, steps: int, run_dir: Path) -> dict:
-    common = ["model=tiny", f"train.seq_len={seq}", "train.global_batch=4", "train.micro_batch=1",
-              f"train.max_steps={steps}", "logging.progress=false", "logging.wandb.mode=disabled",
-              "train.ckpt_every=1000", f"hydra.run.dir={run_dir}"]
+    common = ["model=tiny", f"train.seq_len={seq}", f"model.max_position_embeddings={seq}", "train.global_batch=4",
+              "train.micro_batch=1", f"train.max_steps={steps}", "logging.progress=false",
+              "logging.wandb.mode=disabled", "train.ckpt_every=1000", f"hydra.run.dir={run_dir}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
            "moetron.train", *common, *overrides]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -14,6 +14,9 @@
 # 5. Overlapped gradient reduction under NCCL (issue 23): `mini` bf16 at dp4 (all-reduce), dp4 with
 #    ZeRO-1 (reduce-scatter) and pp2 x dp2 zb1p, each with parallel.overlap_grad_reduce off and on:
 #    the same losses bit for bit, and the median step time of each (steps 6-20) in overlap.txt.
+# 6. Context parallelism under NCCL (issue 29): cp=2, cp=4 and cp=2 x ep=2 (experts folded over
+#    4 ranks) against one GPU, float32 (1e-4 relative); `mini` bf16 on rows of 8,192 tokens at cp=1
+#    (one GPU) and cp=4: memory/activations_gib, peak memory and tokens/s of each in context.txt.
 # Without a GPU the same rows 1-2 run on 4 gloo ranks of the CPU (a dry run of the script).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -87,6 +90,24 @@ t = {o: statistics.median(json.loads(l)['step_time_s'] for l in list(open(f'$OUT
      for o in ('false', 'true')}
 print('$name', 'off', round(t['false'], 4), 'on', round(t['true'], 4), 'on/off', round(t['true'] / t['false'], 3))" \
             | tee -a "$OUT/overlap.txt"
+    done
+fi
+if [ "$cpu_only" = 0 ]; then
+    for layout in "cp2 2 parallel.cp=2" "cp4 4 parallel.cp=4" "cp2ep2 4 parallel.cp=2 parallel.ep=2"; do
+        read -r name nproc extra <<< "$layout"
+        train "$name" "$nproc" "${SMALL[@]}" $extra
+        check one "$name" 1e-4
+    done
+    LONG=(model=mini precision=bf16 train.max_steps=12 train.seq_len=8192 model.max_position_embeddings=8192
+          train.global_batch=4 train.micro_batch=1 train.ckpt_every=1000000 logging.progress=false cluster=h200)
+    train long_cp1 1 "${LONG[@]}"
+    train long_cp4 4 "${LONG[@]}" parallel.cp=4
+    for name in long_cp1 long_cp4; do
+        python -c "import json, statistics
+rows = [json.loads(l) for l in list(open('$OUT/$name/metrics.jsonl'))[4:]]
+print('$name', {k: round(statistics.median(r[k] for r in rows), 3) for k in
+      ('memory/activations_gib', 'memory/peak_gib', 'throughput/tokens_per_s', 'step_time_s')})" \
+            | tee -a "$OUT/context.txt"
     done
 fi
 echo "checks: $OUT/checks.jsonl (status $status)"
