@@ -59,11 +59,11 @@ class Topology:
         return rank // self.gpus_per_node
 
 
-class Coords(NamedTuple):
+class Coords(NamedTuple):  # in the grid's order
     pp: int
     dp: int
-    cp: int
     ep: int
+    cp: int
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,11 @@ class ParallelDims:
         return torch.arange(self.world_size).view(self.pp, self.dp, self.ep, self.cp)
 
     def coords(self, rank: int) -> Coords:
-        """(pp, dp, cp, ep) index of a rank."""
+        """(pp, dp, ep, cp) index of a rank."""
         pp_idx, rest = divmod(rank, self.stage_ranks)
         dp_idx, rest = divmod(rest, self.expert_ranks)
         ep_idx, cp_idx = divmod(rest, self.cp)
-        return Coords(pp_idx, dp_idx, cp_idx, ep_idx)
+        return Coords(pp_idx, dp_idx, ep_idx, cp_idx)
 
     def problems(self, world_size: int, topology: Topology) -> list[str]:
         """What is inconsistent, each naming the key and the fix (empty when all is well)."""
@@ -220,7 +220,7 @@ def _make_groups(rank_lists: list[list[int]], rank: int, timeout: Optional[timed
 def build_groups(dims: ParallelDims, topology: Topology, rank: int, lanes: int = 1,
                  ordered: bool = False, timeout: Optional[timedelta] = None) -> ParallelGroups:
     """All process groups, from the rank grid; call on every rank after init_process_group. `lanes` > 1
-    adds copies of the ep, nvl, ib and pp groups, so a backward can communicate while a forward does;
+    adds copies of the ep, nvl, ib, pp and cp groups, so a backward can communicate while a forward does;
     `ordered` makes the lanes take turns issuing while both are busy (NCCL needs it); `timeout`: how
     long their collectives wait on a peer (train.collective_timeout_s)."""
     grid = dims.grid()  # [pp, dp, ep, cp]

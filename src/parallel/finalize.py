@@ -5,15 +5,16 @@ model's norm and clipping.
 It owns the split of this rank's parameters, each part with one gradient buffer
 (`moetron.parallel.grad_buffer.GradBuffer`):
 - *replicated* (attention, dense layers, shared experts, routers, embedding, head): copies on every
-  dp x ep rank of a pipeline stage; gradients averaged over that group;
-- *expert* (routed experts, sharded over EP): copies on the expert-data-parallel ranks; an EP rank's
-  experts already received every EP peer's tokens' gradients through the all-to-all, so their
-  gradients average over the expert-data-parallel group, divided by dp x ep all the same;
+  dp x ep x cp rank of a pipeline stage; gradients averaged over that group;
+- *expert* (routed experts, sharded over EP groups of ep x cp ranks): copies on the expert-data-
+  parallel ranks (dp); an EP rank's experts already received every EP peer's tokens' gradients
+  through the all-to-all, so their gradients sum over the expert-data-parallel group, divided by
+  dp x ep x cp all the same;
 - *pipeline-shared* (DualPipe's mirrored stages, an embedding the loss tail reads on another rank):
   held by several pipeline ranks, whose reduced gradients are then summed over those ranks.
 
 With `zero1` (`moetron.parallel.zero1`), the optimizer steps on FP32 master shards instead of the
-parameters: replicated parameters are sharded over the dp x ep group, expert parameters over the
+parameters: replicated parameters are sharded over the dp x ep x cp group, expert parameters over the
 expert-data-parallel group; the buffers reduce-scatter instead of all-reducing, the norm is summed
 from the shards, and the updated shards are all-gathered back into the parameters.
 

@@ -1,7 +1,7 @@
 """Sums, norms and clipping on gradients that the gradient buffers (moetron.parallel.grad_buffer)
 have reduced over data- and expert-parallel ranks.
 
-The objective is the mean of the per-rank losses over the dp x ep ranks of a stage; a parameter
+The objective is the mean of the per-rank losses over the dp x ep x cp ranks of a stage; a parameter
 held by several pipeline ranks (DualPipe's mirrors, the embedding a loss tail reads) sums its
 gradients over them, and counts once in the whole model's norm.
 """

@@ -15,6 +15,7 @@ plan.recompute fix those parts of the layout; the rest is searched.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from typing import Optional
@@ -26,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moetron.pipeline.builders import BUILDERS
 from moetron.plan.calibrate import calibrate
-from moetron.plan.estimate import Estimate, Problem, estimate, memory_parts
+from moetron.plan.estimate import Estimate, Layout, Problem, estimate, memory_parts
 from moetron.plan.hardware import Efficiency, Hardware
 from moetron.plan.launch import launch_lines, planned_run
 from moetron.plan.memory import MemorySettings, bytes_by_kind, measure, memory_table, with_activations
@@ -103,11 +104,17 @@ def measured_costs(spec, model_cfg, seq: int, recompute: bool, fp8: bool, fp8_ca
     """The spec's layer costs with the activations each layer keeps, measured (moetron.plan.memory)
     under the report's recompute policy (every switch the model has) or none, the memory switches
     `memory` (moetron.parallel.memory) and working weights in `param_dtype`."""
-    switches = spec.recompute_switches(model_cfg) if recompute else ()
-    common = dict(fp8=fp8, fp8_cache=fp8_cache, memory=memory, param_dtype=param_dtype)
-    kept = measure(spec, model_cfg, MemorySettings(seq, recompute=switches, **common))
-    written = kept if not switches else measure(spec, model_cfg, MemorySettings(seq, **common))
-    return with_activations(spec.layer_costs(model_cfg, seq, recompute), kept, written)
+    key = (type(spec).__name__, repr(model_cfg), seq, recompute, fp8, fp8_cache, tuple(memory), param_dtype)
+    if key not in _MEASURED:  # a measurement of a long sequence takes seconds: once per process
+        switches = spec.recompute_switches(model_cfg) if recompute else ()
+        common = dict(fp8=fp8, fp8_cache=fp8_cache, memory=memory, param_dtype=param_dtype)
+        kept = measure(spec, model_cfg, MemorySettings(seq, recompute=switches, **common))
+        written = kept if not switches else measure(spec, model_cfg, MemorySettings(seq, **common))
+        _MEASURED[key] = with_activations(spec.layer_costs(model_cfg, seq, recompute), kept, written)
+    return copy.deepcopy(_MEASURED[key])
+
+
+_MEASURED: dict = {}  # measured_costs's, by their arguments
 
 
 def planned_param_dtype(cfg) -> str:
@@ -144,11 +151,22 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
         return problems[key]
 
     decoders = sum(1 for c in problem(False, False).costs if c.kind in ("dense", "moe"))
+    expert_groups, _ = spec.routing_groups(model_cfg)
+    nodes_limited = getattr(spec, "groups_span", None) == "nodes" and expert_groups
+
+    def routable(layout: Layout) -> bool:
+        """Node-limited routing maps expert groups to nodes: an EP group across nodes spans as many
+        nodes as the routing has groups (the trainer's check, moetron.models.common.moe_spec)."""
+        ep_nodes = max(layout.expert_ranks // hw.gpus_per_node, 1)
+        return not (nodes_limited and ep_nodes > 1 and ep_nodes != expert_groups)
+
     fits, misfits = [], []
     # context parallelism is for sequences no layout without it holds: tried when none fits (or fixed)
     for cps in [(fixed.cp,)] if fixed.cp else [(1,), tuple(context_sizes(hw.gpus, seq))]:
         for layout in layouts(hw.gpus, decoders, spec.routed_experts(model_cfg) or 1, int(cfg.train.global_batch),
                               fixed, tuple(cfg.plan.micro_batches), cps):
+            if not routable(layout):
+                continue
             p = problem(layout.recompute, layout.fp8)
             memory = sum(memory_parts(p, layout).values())
             (fits if memory <= hw.memory_gib else misfits).append((memory, layout, p))

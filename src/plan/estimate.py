@@ -218,21 +218,25 @@ def link_gbps(hw: Hardware, ranks_spanned: int) -> float:
     return hw.nvlink_gbps if ranks_spanned <= hw.gpus_per_node or hw.nodes == 1 else hw.ib_gbps
 
 
-def _context_seconds(stage: list, layout: Layout, problem, hw: Hardware, eff: Efficiency) -> tuple[float, float, float]:
+def _context_seconds(stage: list, layout: Layout, problem, hw: Hardware,
+                     eff: Efficiency) -> tuple[float, float, float]:
     """Context parallelism's costs on one rank per micro-batch: (forward compute, backward compute,
     one direction's communication: the gather's, or its backward's reduce-scatter)."""
     if layout.cp == 1:
         return 0.0, 0.0, 0.0
     row = layout.micro_batch * problem.seq_len  # tokens of the micro-batch's whole rows
     mine, others = row / layout.cp, row * (layout.cp - 1) / layout.cp
-    rate = hw.bf16_tflops * eff.gemm_bf16 * 1e12
+    rate, attn_rate = hw.bf16_tflops * eff.gemm_bf16 * 1e12, hw.bf16_tflops * eff.attention * 1e12
     flops = sum(c.context_flops for c in stage)
-    # the up-projection of the others' tokens; in backward all of it again, and its backward (2x)
-    # beyond the 2x its own tokens would cost anyway
-    forward, backward = others * flops / rate, (row + 2 * others) * flops / rate
-    gbps = link_gbps(hw, layout.cp)  # a cp group's ranks are consecutive
-    comm = others * sum(c.context_bytes for c in stage) / (gbps * 1e9 * eff.a2a_nvlink) if mine else 0.0
-    return forward, backward, comm
+    # the up-projection of the others' tokens; in backward again (its own tokens' too, unless the
+    # recompute policy counts them already) with the attention forward it feeds, then its backward
+    # (2x) beyond the 2x its own tokens would cost anyway
+    again = (others if layout.recompute else row) * flops / rate + \
+        mine * sum(c.attention_flops for c in stage if c.context_flops) / attn_rate
+    forward, backward = others * flops / rate, again + 2 * others * flops / rate
+    within_node = layout.cp <= hw.gpus_per_node or hw.nodes == 1  # a cp group's ranks are consecutive
+    gbps = link_gbps(hw, layout.cp) * 1e9 * (eff.a2a_nvlink if within_node else eff.a2a_ib)
+    return forward, backward, others * sum(c.context_bytes for c in stage) / gbps
 
 
 def _stage_times(stage: list, tokens: int, layout: Layout, problem, hw: Hardware, eff: Efficiency) -> _StageTimes:
@@ -324,14 +328,14 @@ def _held_params(place: _Placement, ids: list, ep: int) -> tuple[float, float]:
     return sum(c.params - c.routed_params for c in layers), sum(c.routed_params for c in layers) / ep
 
 
-def _kept(stage: list, tokens: int, ep: int, gathered: float = 0.0) -> tuple[float, float]:
+def _kept(stage: list, tokens: int, ep: int, gathered: float = 0.0, mask: float = 0.0) -> tuple[float, float]:
     """(activation bytes, weight-copy bytes) one micro-batch keeps in a stage: measured per token
     and per micro-batch (moetron.plan.memory), the routed experts' copies of this rank's 1/ep;
-    `gathered`: other cp ranks' tokens whose gathered keys (MLA: latent) each layer keeps, and,
-    where attention takes one (GQA), whose mask (a bool per query and key, shared by the layers)
-    the micro-batch keeps."""
-    mask = tokens * (tokens + gathered) if gathered and any(c.context_mask for c in stage) else 0.0
-    return (tokens * sum(c.act_bytes for c in stage) + gathered * sum(c.context_bytes for c in stage) + mask,
+    `gathered`: other cp ranks' tokens whose gathered keys (MLA: latent) each layer keeps; `mask`:
+    the bytes of a cp attention mask (a bool per query and key), kept where attention takes one
+    (GQA)."""
+    masked = mask if any(c.context_mask for c in stage) else 0.0
+    return (tokens * sum(c.act_bytes for c in stage) + gathered * sum(c.context_bytes for c in stage) + masked,
             sum(c.weight_copy_bytes + c.routed_copy_bytes / ep for c in stage))
 
 
@@ -346,13 +350,14 @@ def memory_parts(problem: Problem, layout: Layout, place: Optional[_Placement] =
     place = place or _place(problem, layout)
     row = layout.micro_batch * problem.seq_len
     tokens, gathered = row / layout.cp, row * (layout.cp - 1) / layout.cp
+    mask = tokens * problem.seq_len if layout.cp > 1 else 0.0  # B x S x T
     peaks = peak_in_flight(layout.schedule, layout.pp, layout.num_microbatches)
     experts = layout.expert_ranks
     shard_dense, shard_routed = (layout.dp * experts, layout.dp) if layout.zero1 else (1, 1)
     per_rank = []
     for rank, ids in enumerate(place.held):
         dense, routed = _held_params(place, ids, experts)
-        acts, copies = max((_kept(place.stages[place.positions[s]], tokens, experts, gathered) for s in ids),
+        acts, copies = max((_kept(place.stages[place.positions[s]], tokens, experts, gathered, mask) for s in ids),
                            key=sum)
         shared = sum(c.shared_copy_bytes + c.shared_routed_copy_bytes / experts
                      for s in ids for c in place.stages[place.positions[s]])

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from moetron.plan.estimate import Layout
 from moetron.plan.hardware import Hardware
 
-LAYOUT_KEYS = ("parallel.pp=", "parallel.ep=", "parallel.dp=", "parallel.cp=", "parallel.schedule=",
-               "train.micro_batch=", "precision=", "plan.")
+LAYOUT_KEYS = ("parallel.pp=", "parallel.ep=", "parallel.dp=", "parallel.cp=", "parallel.zero1=",
+               "parallel.schedule=", "train.micro_batch=", "precision=", "plan.")
 PLANNED_KEYS = ("train.seq_len", "train.global_batch", "optim.moments_dtype", "precision.compute_dtype",
                 "precision.fp8_cache_activations")
 
@@ -47,7 +47,8 @@ def train_overrides(layout: Layout, hw: Hardware, overrides: list[str], planned:
     kept = [o for o in overrides if not o.lstrip("+~").startswith(LAYOUT_KEYS) and _key(o) not in planned_keys]
     out = [*planned, *kept, f"cluster={hw.name}" if not any(o.startswith("cluster=") for o in kept) else None,
            f"parallel.pp={layout.pp}", f"parallel.ep={layout.ep}", f"parallel.dp={layout.dp}",
-           f"train.micro_batch={layout.micro_batch}", f"precision={'fp8' if layout.fp8 else 'bf16'}"]
+           f"train.micro_batch={layout.micro_batch}", f"precision={'fp8' if layout.fp8 else 'bf16'}",
+           f"parallel.zero1={str(layout.zero1).lower()}"]  # as planned (the trainer's default: on when dp > 1)
     if layout.cp > 1:
         out.append(f"parallel.cp={layout.cp}")
     if layout.pp > 1:

@@ -209,6 +209,11 @@ def test_calibration_reads_this_projects_benchmark_and_metrics(tmp_path, capsys)
 def test_the_launch_lines_pass_the_trainers_own_checks_for_2048_ranks(capsys):
     """What --launch-script prints is what moetron-train accepts: composed and validated as the
     trainer does before any process group starts (world 2048, cluster h800_2048)."""
+    assert _validated_launch(capsys, V3_LAYOUT) == {"pp": 16, "dp": 2, "ep": 64, "cp": 1}
+
+
+def _validated_launch(capsys, overrides: list[str]) -> dict:
+    """The dims moetron-train's checks find in the srun line of `moetron-plan ... --launch-script`."""
     import shlex
 
     from hydra import compose, initialize_config_module
@@ -216,13 +221,13 @@ def test_the_launch_lines_pass_the_trainers_own_checks_for_2048_ranks(capsys):
     from moetron.train.config import register_configs
     from moetron.train.validate import validate
 
-    assert plan_main([*V3_LAYOUT, "--launch-script"]) == 0
+    assert plan_main([*overrides, "--launch-script"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("srun --kill-on-bad-exit=1 python"))
     args = shlex.split(line)[5:]
     register_configs()
     with initialize_config_module(config_module="moetron.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=args)
-    assert validate(cfg, 2048).__dict__ == {"pp": 16, "dp": 2, "ep": 64, "cp": 1}
+    return validate(cfg, 2048).__dict__
     assert cfg.precision.fp8 and cfg.precision.fp8_cache_activations and cfg.optim.moments_dtype == "bfloat16"
     assert cfg.train.global_batch == 15360 and cfg.model.num_hidden_layers == 61
 
@@ -301,12 +306,15 @@ def test_deepseek_v3_at_128k_tokens_fits_its_cluster_with_context_parallelism(ca
     assert layout["cp"] > 1 and out["memory_per_gpu_gib"] <= 79.0
     assert layout["pp"] * layout["dp"] * layout["ep"] * layout["cp"] == 2048
     assert 480 % (layout["dp"] * layout["ep"]) == 0  # the data ranks share the batch, the cp ranks each sequence
-    # what one rank keeps of a micro-batch's sequence falls with cp: the same layout at half the cp
-    # (twice the dp) keeps more activations
-    half = {**layout, "cp": layout["cp"] // 2, "dp": layout["dp"] * 2}
+    # what one rank keeps of a micro-batch's sequence falls with cp: the same EP groups at half the
+    # cp (twice the ep: twice the data ranks) keep more activations
+    half = {**layout, "cp": layout["cp"] // 2, "ep": layout["ep"] * 2}
     fixed = [f"parallel.{k}={half[k]}" for k in ("pp", "dp", "ep", "cp")] + [
         f"parallel.schedule={half['schedule']}", f"train.micro_batch={half['micro_batch']}",
         f"plan.recompute={str(half['recompute']).lower()}", f"precision={'fp8' if half['fp8'] else 'bf16'}"]
     wider = _json(capsys, ["stage=long_context_128k", "model=v3_671b", "cluster=h800_2048", *fixed])
     assert wider["layout"]["cp"] == half["cp"]
     assert wider["memory_parts_gib"]["activations"] > 1.5 * out["memory_parts_gib"]["activations"]
+    # and the trainer takes the lines that launch it (node-limited routing: its EP groups span 8 nodes)
+    assert _validated_launch(capsys, ["stage=long_context_128k", "model=v3_671b", "cluster=h800_2048"]) == \
+        {k: layout[k] for k in ("pp", "dp", "ep", "cp")}

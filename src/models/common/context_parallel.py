@@ -45,6 +45,7 @@ Shape legend: B batch, S local tokens, T tokens of the whole row, K kv heads, D 
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Optional
 
@@ -98,7 +99,9 @@ class ContextState:
             # the sample of each token, counted over its whole row (a sample starts at position 0)
             self.query_samples_BS = (self.whole_rows(query_positions_BS) == 0).cumsum(dim=1)[:, self.row_index_S]
             self.key_samples_BT = gather_sequence(self.query_samples_BS, 1, group)
-        self._visible: dict = {}
+        # masks by window, held only while autograd keeps them for a backward (or one forward uses
+        # them): a pipeline's micro-batches keep their states for the whole step
+        self._visible: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     def whole_rows(self, x_BS: torch.Tensor) -> torch.Tensor:
         """[B, row_len] every rank's `x` in row order (no gradient); gathered once per tensor (MTP
@@ -151,13 +154,14 @@ class ContextState:
 
     def visible(self, window: Optional[int] = None) -> torch.Tensor:
         """[B, 1, S, T]: a query sees the keys at or before its position (within `window`), of its sample."""
-        if window not in self._visible:
+        mask_B1ST = self._visible.get(window)
+        if mask_B1ST is None:
             q_BS1, k_B1T = self.query_positions_BS[:, :, None], self.key_positions_BT[:, None, :]
             seen = (k_B1T <= q_BS1) & (self.query_samples_BS[:, :, None] == self.key_samples_BT[:, None, :])
             if window is not None:
                 seen = seen & (k_B1T > q_BS1 - window)
-            self._visible[window] = seen.unsqueeze(1)
-        return self._visible[window]
+            mask_B1ST = self._visible[window] = seen.unsqueeze(1)
+        return mask_B1ST
 
 
 class ContextGather:
