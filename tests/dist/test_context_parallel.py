@@ -2,7 +2,7 @@
 and a tail chunk, every attention module gathering the keys of the others (MLA its compressed latent
 and rotated RoPE key, GQA its keys and values). The whole model's logits on each rank equal its rows
 of the one-process forward, and the gradients summed over the ranks equal one process's, for cp = 2
-and 4, with MLA (DeepSeek-V3), GQA with q/k norms (Qwen3-MoE) and GQA with sinks and a sliding window
+and 4, with MLA (DeepSeek-V3, also under YaRN), GQA with q/k norms (Qwen3-MoE) and GQA with sinks and a sliding window
 (GPT-OSS); the training forward's LM, MTP and balance losses, averaged over the ranks as data ranks
 average, equal one process's, and so do the averaged gradients (packed rows included: MTP counts
 no target in another sample, wherever the chunks cut)."""
@@ -19,9 +19,15 @@ from tests.dist.harness import run_ranks
 B, S = 2, 32
 
 
+# DeepSeek-V3's context extension (report section 4.3): YaRN positions and its softmax scale
+YARN = {"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 8, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+
+
 def _model_and_batch(preset: str):
     torch.manual_seed(0)
-    model = build_model(load_preset(preset)).train()
+    model = build_model(load_preset(preset.removesuffix("+yarn"), **(YARN if preset.endswith("+yarn") else {})))
+    model.train()
     V = model.cfg.vocab_size
     g = torch.Generator().manual_seed(1)
     ids_BS = torch.randint(0, V, (B, S), generator=g)
@@ -57,7 +63,7 @@ def test_chunks_pair_early_and_late_tokens():
 
 
 @pytest.mark.parametrize("preset,packed", [("tiny", False), ("qwen3_moe_tiny", False), ("gpt_oss_tiny", False),
-                                           ("tiny", True)])
+                                           ("tiny", True), ("tiny+yarn", False)])
 @pytest.mark.parametrize("cp", [2, 4])
 def test_context_parallel_forward_and_backward_equal_one_process(preset, packed, cp):
     model, ids_BS, cotangent_BSV = _model_and_batch(preset)
