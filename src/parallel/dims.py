@@ -106,7 +106,7 @@ class ParallelDims:
         """What is inconsistent, each naming the key and the fix (empty when all is well)."""
         out = []
         if self.world_size != world_size:
-            keys = ("pp", "dp", "cp", "ep") if self.cp > 1 else ("pp", "dp", "ep")
+            keys = ("pp", "dp", "ep", "cp") if self.cp > 1 else ("pp", "dp", "ep")
             product = "*".join(f"parallel.{k}" for k in keys)
             sizes = "*".join(str(getattr(self, k)) for k in keys)
             out.append(f"world size {world_size} != {product} = {sizes}: launch {self.world_size} ranks or change "
@@ -131,7 +131,7 @@ class ParallelDims:
     def placement(self, topology: Topology) -> str:
         """A table of where every rank sits, printed at start."""
         cp = f" cp={self.cp}" if self.cp > 1 else ""
-        lines = [f"placement: pp={self.pp} dp={self.dp}{cp} ep={self.ep} on {topology.nodes} node(s) x "
+        lines = [f"placement: pp={self.pp} dp={self.dp} ep={self.ep}{cp} on {topology.nodes} node(s) x "
                  f"{topology.gpus_per_node} rank(s); EP groups span {self.ep_nodes(topology)} node(s)"]
         if self.cp > 1:
             nodes = len({topology.node_of(r) for r in self.grid()[0, 0, 0, :].tolist()})
@@ -141,7 +141,7 @@ class ParallelDims:
             at = self.coords(rank)
             cp_idx = f" cp {at.cp}" if self.cp > 1 else ""
             lines.append(f"  rank {rank:4d}: node {topology.node_of(rank):3d} local {rank % topology.gpus_per_node:2d}"
-                         f" | pp {at.pp} dp {at.dp}{cp_idx} ep {at.ep}")
+                         f" | pp {at.pp} dp {at.dp} ep {at.ep}{cp_idx}")
         return "\n".join(lines)
 
 

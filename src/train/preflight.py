@@ -146,7 +146,7 @@ def preflight(overrides: list[str], world_size: int, full: bool, probe_lock: boo
     checked = check(cfg, run_dir, world_size)
     dims = checked.dims
     return (f"config ok for {world_size} rank{'s' if world_size > 1 else ''}: pp={dims.pp} x dp={dims.dp} x "
-            f"{f'cp={dims.cp} x ' if dims.cp > 1 else ''}ep={dims.ep}, model.arch={cfg.model.arch}, "
+            f"ep={dims.ep}{f' x cp={dims.cp}' if dims.cp > 1 else ''}, model.arch={cfg.model.arch}, "
             f"{cfg.train.max_steps} steps, run dir "
             f"{run_dir if run_dir is not None else '(named by Hydra as the run starts)'}")
 
