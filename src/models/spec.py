@@ -145,6 +145,10 @@ class ModelSpec:
         """(expert groups, groups a token may reach) of group-limited routing; (0, 0) without."""
         return (0, 0)
 
+    def ep_nodes_problem(self, cfg, ep_nodes: int) -> Optional[str]:
+        """What is wrong with an EP group spanning `ep_nodes` nodes for this model's routing (None: nothing)."""
+        return None
+
     # -- parallelism -----------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, groups, dispatcher: str, defer_weights: bool,
                     fp8: Optional[FP8Recipe] = None, recompute: Optional[dict] = None,

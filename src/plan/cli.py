@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moetron.pipeline.builders import BUILDERS
 from moetron.plan.calibrate import calibrate
-from moetron.plan.estimate import Estimate, Layout, Problem, estimate, memory_parts
+from moetron.plan.estimate import Estimate, Problem, estimate, memory_parts
 from moetron.plan.hardware import Efficiency, Hardware
 from moetron.plan.launch import launch_lines, planned_run
 from moetron.plan.memory import MemorySettings, bytes_by_kind, measure, memory_table, with_activations
@@ -151,22 +151,13 @@ def plan(cfg, fixed: Fixed, eff: Efficiency) -> tuple[list[Estimate], dict]:
         return problems[key]
 
     decoders = sum(1 for c in problem(False, False).costs if c.kind in ("dense", "moe"))
-    expert_groups, _ = spec.routing_groups(model_cfg)
-    nodes_limited = getattr(spec, "groups_span", None) == "nodes" and expert_groups
-
-    def routable(layout: Layout) -> bool:
-        """Node-limited routing maps expert groups to nodes: an EP group across nodes spans as many
-        nodes as the routing has groups (the trainer's check, moetron.models.common.moe_spec)."""
-        ep_nodes = max(layout.expert_ranks // hw.gpus_per_node, 1)
-        return not (nodes_limited and ep_nodes > 1 and ep_nodes != expert_groups)
-
     fits, misfits = [], []
     # context parallelism is for sequences no layout without it holds: tried when none fits (or fixed)
     for cps in [(fixed.cp,)] if fixed.cp else [(1,), tuple(context_sizes(hw.gpus, seq))]:
         for layout in layouts(hw.gpus, decoders, spec.routed_experts(model_cfg) or 1, int(cfg.train.global_batch),
                               fixed, tuple(cfg.plan.micro_batches), cps):
-            if not routable(layout):
-                continue
+            if spec.ep_nodes_problem(model_cfg, max(layout.expert_ranks // hw.gpus_per_node, 1)):
+                continue  # the trainer would refuse its EP groups (node-limited routing)
             p = problem(layout.recompute, layout.fp8)
             memory = sum(memory_parts(p, layout).values())
             (fits if memory <= hw.memory_gib else misfits).append((memory, layout, p))

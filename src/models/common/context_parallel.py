@@ -194,15 +194,19 @@ class SequenceSplit:
         return mine(inputs_BS), mine(labels_BS), state.samples(mine(real_BS) if real_BS is not None else None)
 
 
+def set_context_group(model: nn.Module, group: GroupLike) -> None:
+    """Every router of `model` sums its rows' balance statistics over the cp ranks of `group` (None: off)."""
+    for module in model.modules():
+        if hasattr(module, "context_group"):
+            module.context_group = group
+
+
 @contextmanager
 def context_parallel(model: nn.Module, group: GroupLike):
-    """Every router of `model` sums its rows' balance statistics over the cp ranks of `group` in the
-    block (the trainer sets them once: moetron.models.common.parallelize.connect_context)."""
-    routers = [m for m in model.modules() if hasattr(m, "context_group")]
-    for router in routers:
-        router.context_group = group
+    """`set_context_group` for the block (the trainer sets it once:
+    moetron.models.common.parallelize.connect_context)."""
+    set_context_group(model, group)
     try:
         yield
     finally:
-        for router in routers:
-            router.context_group = None
+        set_context_group(model, None)

@@ -24,6 +24,13 @@ from moetron.models.common.rope import apply_rotary, softmax_scale_factor
 from moetron.parallel.recompute import discard_all, maybe_recompute
 
 
+def context_costs(cfg) -> dict:
+    """What context parallelism costs MLA per token (CoreCost's fields): the BF16 latent and RoPE key
+    its gather moves, and the key/value up-projection every cp rank runs for every token of the row."""
+    kv_up_proj = 2.0 * cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return {"context_bytes": 2.0 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim), "context_flops": kv_up_proj}
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention; parameter names follow transformers' DeepseekV3Attention. `cfg` is
     any config with transformers' MLA fields (DeepSeek-V2's and V3's): hidden_size,
@@ -57,9 +64,7 @@ class MLA(nn.Module):
         N, q_lat = cfg.num_attention_heads, cfg.q_lora_rank or 0
         up_proj = cfg.kv_lora_rank * N * (cfg.qk_nope_head_dim + cfg.v_head_dim) + q_lat * N * cfg.qk_head_dim
         flops = 2.0 * seq_len / 2 * N * (cfg.qk_head_dim + cfg.v_head_dim)
-        kv_up_proj = 2.0 * cfg.kv_lora_rank * N * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-        return CoreCost(flops, 2.0 * up_proj if recompute else 0.0, context_bytes=2.0 * (cfg.kv_lora_rank +
-                        cfg.qk_rope_head_dim), context_flops=kv_up_proj)
+        return CoreCost(flops, 2.0 * up_proj if recompute else 0.0, **context_costs(cfg))
 
     def _up_project(self, q_lat, kv_lat_BSC, k_rope_BSR, cos_SR2, sin_SR2, norm_regions=None):
         """Eqs. 1-8 after the down-projections: latents -> q, k, v of shape [B, N, S, D].

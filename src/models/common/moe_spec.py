@@ -52,12 +52,17 @@ class MoEDecoderSpec(ModelSpec):
         if init_from and not (Path(init_from) / "config.json").is_file():
             out.append(f"model.init_from={init_from}: no Hugging Face folder there (config.json is missing); "
                        "moetron-export RUN_DIR --hf OUT_DIR writes one")
+        routing = self.ep_nodes_problem(cfg, dims.ep_nodes(topology))
+        return out + ([routing] if routing else [])
+
+    def ep_nodes_problem(self, cfg, ep_nodes: int) -> Optional[str]:
+        """Node-limited routing maps expert groups to nodes: an EP group across nodes spans as many
+        nodes as the routing has groups (the planner skips layouts this refuses)."""
         n_group, _ = self.routing_groups(cfg)
-        ep_nodes = dims.ep_nodes(topology)
         if self.groups_span == "nodes" and ep_nodes > 1 and n_group and n_group != ep_nodes:
-            out.append(f"node-limited routing maps expert groups to nodes: the EP group spans {ep_nodes} nodes, "
-                       f"so set {self.groups_key}={ep_nodes} ({self.group_limit_key} = M, the most nodes per token)")
-        return out
+            return (f"node-limited routing maps expert groups to nodes: the EP group spans {ep_nodes} nodes, "
+                    f"so set {self.groups_key}={ep_nodes} ({self.group_limit_key} = M, the most nodes per token)")
+        return None
 
     # -- counts and costs, read off the modules on the meta device (moetron.models.common.costs) -----
     def parameter_counts(self, cfg) -> tuple[int, int]:

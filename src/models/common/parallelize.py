@@ -16,6 +16,7 @@ from torch import nn
 from moetron.comm.dispatch.deepep import DeepEPBuffers
 from moetron.comm.dispatch.local import LocalDispatcher
 from moetron.comm.traffic import TrafficCounter
+from moetron.models.common.context_parallel import set_context_group
 from moetron.models.common.moe import MoE
 from moetron.models.common.router import TopKRouter
 from moetron.models.spec import Parallelized, run_converters
@@ -60,11 +61,8 @@ def connect_global_balance(model: nn.Module, groups: ParallelGroups) -> None:
 def connect_context(model: nn.Module, groups: ParallelGroups) -> None:
     """Context parallelism: routers sum each row's balance statistics over the cp group (its lanes:
     a forward's sums go over lane 0 while a backward's gathers use lane 1)."""
-    if groups is None or groups.dims.cp == 1:
-        return
-    for router in model.modules():
-        if isinstance(router, TopKRouter):
-            router.context_group = groups.lanes("cp")
+    if groups is not None and groups.dims.cp > 1:
+        set_context_group(model, groups.lanes("cp"))
 
 
 def decoder_and_mtp_blocks(model: nn.Module) -> list[nn.Module]:

@@ -11,15 +11,9 @@ weights included, as there), attention 2 * S * heads * (qk_head + v_head) / 2 pe
 from __future__ import annotations
 
 from moetron.models.common.costs import LayerCost
+from moetron.models.common.mla import context_costs
 from moetron.models.deepseek_v3.config import DeepSeekV3Config
 from moetron.models.deepseek_v3.params import _attention, _block
-
-
-def _context(cfg: DeepSeekV3Config) -> dict:
-    """What context parallelism costs per token: the BF16 latent and RoPE key its gather moves, and
-    the key/value up-projection every cp rank runs for every token of the row."""
-    kv_up_proj = 2.0 * cfg.kv_lora_rank * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return {"context_bytes": 2.0 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim), "context_flops": kv_up_proj}
 
 
 def _mla(cfg: DeepSeekV3Config, S: int, recompute: bool) -> tuple[float, float, float]:
@@ -37,12 +31,12 @@ def _decoder(cfg: DeepSeekV3Config, moe: bool, S: int, recompute: bool) -> Layer
     H = cfg.hidden_size
     if not moe:
         return LayerCost("dense", proj + 2.0 * 3 * H * cfg.intermediate_size, 0.0, attn, block.total, 0, 0, again,
-                         **_context(cfg))
+                         **context_costs(cfg))
     E, K, I = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     routed = 3 * E * H * I
     experts = 2.0 * 3 * H * (K * I + cfg.n_shared_experts * I)
     return LayerCost("moe", proj + experts, 2.0 * E * H, attn, block.total, routed, K, again,
-                     routed_flops=2.0 * 3 * H * K * I, **_context(cfg))
+                     routed_flops=2.0 * 3 * H * K * I, **context_costs(cfg))
 
 
 def layer_costs(cfg: DeepSeekV3Config, seq_len: int, recompute: bool = False) -> list[LayerCost]:
